@@ -1,0 +1,247 @@
+"""The harvest loop: model + text -> activation store.
+
+:func:`harvest` runs a loaded ``HookedTransformer`` over fixed-length contexts and writes the activations of
+one or more hooks (one forward pass, ``stop_at_layer`` just above the deepest hook) into a resumable
+:class:`~pipeline.activation_store.StoreWriter`. :func:`harvest_to_store` does the loading too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .activation_store import DTYPES, StoreWriter, check_disk_space, dtype_name, heldout_mask
+from .models import cache_root, describe_model, load_model
+from .text import TextSource, describe_source, iter_contexts, iter_documents
+
+log = logging.getLogger(__name__)
+
+STORES_SUBDIR = "stores"
+""":func:`harvest_to_store` without ``out_dir`` writes to ``<cache root>/stores/<identity hash>/``."""
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+FP16_MAX = 65504.0
+
+
+@dataclass
+class MaskingOptions:
+    """Which token positions are left out of the store (recorded in the manifest)."""
+
+    mask_bos: bool = True
+    """Drop BOS positions (the first token of each context and document separators)."""
+    mask_special_tokens: bool = True
+    """Drop every special token of the tokenizer (BOS, EOS, PAD, UNK, ...)."""
+    outlier_norm_factor: float | None = None
+    """Drop rows whose norm exceeds this multiple of the batch's median row norm (per hook); None = off."""
+
+
+def hook_names(layers: Sequence[int], hook_point: str = "hook_resid_post") -> list[str]:
+    """``[3, 5], "hook_resid_post"`` -> ``["blocks.3.hook_resid_post", "blocks.5.hook_resid_post"]``."""
+    return [f"blocks.{int(layer)}.{hook_point}" for layer in layers]
+
+
+def hook_layer(hook: str) -> int | None:
+    m = _BLOCK_HOOK.match(hook)
+    return int(m.group(1)) if m else None
+
+
+def stop_layer(hooks: Sequence[str]) -> int | None:
+    """The ``stop_at_layer`` that still computes every hook (None when one lies past the blocks)."""
+    layers = [hook_layer(h) for h in hooks]
+    if all(h in ("hook_embed", "hook_pos_embed") for h in hooks):
+        return 0
+    if any(layer is None and h not in ("hook_embed", "hook_pos_embed") for h, layer in zip(hooks, layers)):
+        return None
+    return max(layer for layer in layers if layer is not None) + 1
+
+
+def validate(model: Any, hooks: Sequence[str], context_length: int) -> None:
+    """Fail early (ValueError) on an unknown hook or a context longer than the model's window."""
+    if not hooks:
+        raise ValueError("no hook given; set harvest.layers (or harvest.hooks)")
+    unknown = [h for h in hooks if h not in model.hook_dict]
+    if unknown:
+        layers = model.cfg.n_layers
+        raise ValueError(f"hook(s) {unknown} do not exist in {model.cfg.model_name} ({layers} layers: "
+                         f"valid layers 0..{layers - 1}, e.g. blocks.{layers // 2}.hook_resid_post)")
+    if context_length > model.cfg.n_ctx:
+        raise ValueError(f"harvest.context_length={context_length} exceeds the model's n_ctx={model.cfg.n_ctx}; "
+                         "lower it (the paper uses 128) or load the model with a larger model.n_ctx")
+    if model.tokenizer is None:
+        raise ValueError(f"{model.cfg.model_name} has no tokenizer; load it with one")
+
+
+def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], out_dir: str | os.PathLike, *,
+            hooks: Sequence[str], n_tokens: int, context_length: int = 128, batch_size: int = 8,
+            dtype: str = "float32", shard_rows: int = 65536, heldout_fraction: float = 0.05,
+            masking: MaskingOptions | None = None, identity: dict[str, Any] | None = None,
+            meta: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """Harvest ``ceil(n_tokens / context_length)`` contexts of ``documents`` into a store at ``out_dir``.
+
+    Every hook's rows are (tokens, d) with masked positions left out; contexts are split between ``train``
+    and ``heldout`` by :func:`~pipeline.activation_store.heldout_mask`. ``identity`` (default: built from the
+    model, hooks and settings; pass the text's identity in ``meta["text"]``) decides resume vs refusal when
+    ``out_dir`` already has a store. Returns ``out_dir``; a complete identical store is returned untouched.
+    """
+    masking = masking or MaskingOptions()
+    if dtype not in DTYPES:
+        raise ValueError(f"harvest.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if n_tokens < context_length:
+        raise ValueError(f"harvest.n_tokens={n_tokens} is less than one context ({context_length} tokens)")
+    validate(model, hooks, context_length)
+    store_dtype, tok = DTYPES[dtype], model.tokenizer
+    bos = tok.bos_token_id if model.cfg.default_prepend_bos else None
+    masked_ids = sorted({*(tok.all_special_ids if masking.mask_special_tokens else []),
+                         *([bos] if masking.mask_bos and bos is not None else [])})
+    n_contexts = math.ceil(n_tokens / context_length)
+    per_shard = max(batch_size, shard_rows // context_length // batch_size * batch_size)
+    n_shards = math.ceil(n_contexts / per_shard)
+    meta = dict(meta or {})
+    meta.setdefault("model", describe_model(model, model.cfg.model_name))
+    settings = {"hooks": list(hooks), "n_tokens": n_tokens, "context_length": context_length,
+                "batch_size": batch_size, "dtype": dtype, "shard_rows": shard_rows,
+                "heldout_fraction": heldout_fraction, "masking": asdict(masking)}
+    identity = identity or {"model": meta["model"], "text": meta.get("text"), **settings}
+    header = {"identity": identity, **meta, **settings, "contexts_per_shard": per_shard,
+              "prepend_bos": bos is not None, "bos_token_id": bos,
+              "masking": {**asdict(masking), "masked_token_ids": masked_ids,
+                          "masked_tokens": tok.convert_ids_to_tokens(masked_ids)}}
+    d_of = {h: _hook_width(model, h) for h in hooks}
+    writer = StoreWriter(out_dir, header=header, dtype=store_dtype,
+                         hooks={h: {"layer": hook_layer(h), "d": d_of[h]} for h in hooks})
+    if writer.complete:
+        log.info("store %s is complete; nothing to do", out_dir)
+        return Path(out_dir)
+    start = writer.done_shards
+    item = torch.finfo(store_dtype).bits // 8
+    check_disk_space(Path(out_dir), (n_contexts - start * per_shard) * context_length * sum(d_of.values()) * item)
+
+    docs = documents() if callable(documents) else documents
+    contexts = iter_contexts(docs, tok, context_length, bos)
+    skipped = sum(1 for _ in itertools.islice(contexts, start * per_shard))
+    if skipped < start * per_shard:
+        raise ValueError(f"the text now yields fewer contexts ({skipped}) than the store already holds; "
+                         "the text source changed since the interrupted harvest: use a fresh output folder")
+    ids_masked = torch.tensor(masked_ids, dtype=torch.long)
+    bar = tqdm(total=n_contexts * context_length, initial=start * per_shard * context_length, unit="tok",
+               unit_scale=True, desc="harvest", disable=not progress)
+    done, t0 = start * per_shard, time.perf_counter()
+    for index in range(start, n_shards):
+        want = min(per_shard, n_contexts - index * per_shard)
+        batch_ctx = list(itertools.islice(contexts, want))
+        if not batch_ctx:
+            if index == 0:
+                raise ValueError("the text source yielded no complete context of "
+                                 f"{context_length} tokens (empty text?); check data.* or lower context_length")
+            break
+        rows, counts = _harvest_shard(model, batch_ctx, index * per_shard, hooks, batch_size, heldout_fraction,
+                                      ids_masked, masking.outlier_norm_factor, store_dtype, bar)
+        writer.add_shard(index, rows, (index * per_shard, index * per_shard + len(batch_ctx)), counts)
+        done = index * per_shard + len(batch_ctx)
+        if len(batch_ctx) < want:
+            break
+    bar.close()
+    if done < n_contexts:
+        log.warning("the text ran out: harvested %d of %d contexts (%d tokens)", done, n_contexts,
+                    done * context_length)
+    elapsed = time.perf_counter() - t0
+    log.info("harvested %d tokens in %.1f s (%.0f tok/s) into %s", (done - start * per_shard) * context_length,
+             elapsed, (done - start * per_shard) * context_length / max(elapsed, 1e-9), out_dir)
+    return writer.finish(n_contexts=done, n_tokens_harvested=done * context_length)
+
+
+@torch.inference_mode()
+def _harvest_shard(model: Any, contexts: list[list[int]], first: int, hooks: Sequence[str], batch_size: int,
+                   heldout_fraction: float, ids_masked: torch.Tensor, outlier: float | None,
+                   store_dtype: torch.dtype, bar: Any) -> tuple[dict, dict]:
+    """Run ``contexts`` (global index from ``first``) through the model; rows per hook and split."""
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {"train": [], "heldout": []} for h in hooks}
+    counts = {h: {"positions": 0, "masked_special": 0, "masked_outlier": 0} for h in hooks}
+    stop = stop_layer(hooks)
+    for b in range(0, len(contexts), batch_size):
+        tokens = torch.tensor(contexts[b:b + batch_size], dtype=torch.long)
+        held = torch.from_numpy(heldout_mask(np.arange(first + b, first + b + len(tokens)), heldout_fraction))
+        keep_tok = ~torch.isin(tokens, ids_masked)
+        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=list(hooks), stop_at_layer=stop)
+        for h in hooks:
+            acts = cache[h].detach().to("cpu", torch.float32)
+            keep = keep_tok.clone()
+            if outlier is not None:
+                norms = acts.norm(dim=-1)
+                if keep_tok.any():
+                    keep &= norms <= outlier * norms[keep_tok].median()
+            if store_dtype == torch.float16 and acts[keep].abs().max() > FP16_MAX:
+                raise ValueError(f"activations of {h} exceed the float16 range; use harvest.dtype=bfloat16")
+            c = counts[h]
+            c["positions"] += tokens.numel()
+            c["masked_special"] += int((~keep_tok).sum())
+            c["masked_outlier"] += int((keep_tok & ~keep).sum())
+            for split, sel in (("train", ~held), ("heldout", held)):
+                parts[h][split].append(acts[sel][keep[sel]].to(store_dtype))
+        bar.update(tokens.numel())
+    rows = {h: {s: torch.cat(v) for s, v in per.items()} for h, per in parts.items()}
+    return rows, counts
+
+
+def _hook_width(model: Any, hook: str) -> int:
+    """Width d of a (batch, pos, d) hook, from a one-token forward pass."""
+    with torch.inference_mode():
+        tokens = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop_layer([hook]))
+    shape = tuple(cache[hook].shape)
+    if len(shape) != 3:
+        raise ValueError(f"hook {hook} has activations of shape {shape}; only (batch, pos, d) hooks can be "
+                         "stored (e.g. hook_resid_post, hook_mlp_out, hook_attn_out)")
+    return shape[-1]
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    """Short stable hash of an identity dict (folder names)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def harvest_to_store(model: str = "smollm2-135m", *, layer: int | None = None, hooks: Sequence[str] | None = None,
+                     text: TextSource | str = "austen", n_tokens: int = 200_000,
+                     out_dir: str | os.PathLike | None = None, model_path: str | None = None,
+                     device: str = "cpu", model_dtype: str = "float32", **harvest_kwargs: Any) -> Path:
+    """Load ``model`` and ``text``, harvest, return the store path (reused when already complete).
+
+    ``text`` is a :class:`~pipeline.text.TextSource` or one of ``"austen"``, ``"hub"``. ``hooks`` default to
+    ``blocks.<layer>.hook_resid_post`` (``layer`` default: the offline model's usual layer, else n_layers//2).
+    Other keyword arguments go to :func:`harvest` (context_length, batch_size, dtype, shard_rows, ...).
+
+    >>> from pipeline.activation_store import ActivationStore
+    >>> Y = ActivationStore(harvest_to_store("smollm2-135m", layer=15, n_tokens=200_000)).load_all()
+    """
+    from .models import OFFLINE_MODELS
+
+    source = TextSource(kind=text) if isinstance(text, str) else text
+    lm = load_model(model, path=model_path, device=device, dtype=model_dtype)
+    if hooks is None:
+        if layer is None:
+            layer = OFFLINE_MODELS[model].default_layer if model in OFFLINE_MODELS else lm.cfg.n_layers // 2
+        hooks = hook_names([layer])
+    meta = {"model": describe_model(lm, model, model_path), "text": describe_source(source)}
+    settings = {k: harvest_kwargs.get(k) for k in sorted(harvest_kwargs)}
+    identity = {"model": meta["model"], "text": meta["text"], "hooks": list(hooks), "n_tokens": n_tokens,
+                "settings": settings}
+    out = Path(out_dir) if out_dir is not None else cache_root() / STORES_SUBDIR / identity_hash(identity)
+    return harvest(lm, lambda: iter_documents(source), out, hooks=hooks, n_tokens=n_tokens, identity=identity,
+                   meta=meta, **harvest_kwargs)
+
+
+__all__ = ["MaskingOptions", "harvest", "harvest_to_store", "hook_names", "stop_layer", "validate",
+           "identity_hash", "dtype_name"]
