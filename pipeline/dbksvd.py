@@ -1,0 +1,438 @@
+"""DB-KSVD: double-batch K-SVD dictionary learning (sample batches × atom batches), in pure PyTorch.
+
+Each iteration takes a sample batch, codes it with the current atoms (matching pursuit by default), refits
+every used atom by its best rank-1 fit in shuffled atom batches (:mod:`pipeline.atom_update`), then replaces
+dead atoms and near-duplicates. Codes are not carried between iterations. With a tensor that fits in one
+batch this is classic (batched) K-SVD iterated to convergence; with the paper's options
+(:data:`PAPER_SCHEDULE`) it is DB-KSVD's 65,536-sample batches, one update per batch, 3 epochs.
+
+    >>> D = learn_dictionary(Y, n_atoms=4096, k=32)     # Y: (n, d) tensor or an iterable of (b, d) batches
+    >>> codes = D.encode(Y_test); D.fvu(Y_test)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pipeline.atom_update import Reduce, identity_reduce, update_atoms
+from pipeline.codes import Codes
+from pipeline.dictionary import CoderSettings, Dictionary
+from pipeline.matryoshka import Group, matryoshka_groups
+from pipeline.sparse_coding import encode, gram
+from pipeline.validation import check_samples, check_sparsity
+
+log = logging.getLogger(__name__)
+
+#: The paper's schedule (arXiv 2505.18441; KSVD.jl's ksvd_gemma.jl): one update per 65,536-sample batch,
+#: 3 epochs, no convergence stop, the reference's uniform init and random re-seeding, no centring.
+PAPER_SCHEDULE: dict[str, Any] = dict(batch_size=65_536, epochs=3, max_iters=None, tol=None,
+                                      init="uniform", reseed="random", duplicate_threshold=None,
+                                      center=False)
+
+
+@dataclass
+class LearnerConfig:
+    """Options of :func:`learn_dictionary` (each field's docstring is its documentation)."""
+
+    n_atoms: int
+    """K, the number of atoms."""
+    k: int
+    """Non-zeros per sample (for Matryoshka: split over the groups)."""
+    method: str = "mp"
+    """Coder used during training: "mp" (matching pursuit, the reference) or "omp" (Batch-OMP)."""
+    nonnegative: bool = True
+    """Non-negative codes (SAE convention). False: the reference's signed codes."""
+    rtol: float = 0.05
+    """Coder's relative-residual stop (reference 0.05)."""
+    refit: bool = False
+    """Least-squares refit of codes during training (the reference trains without it)."""
+    candidates: int | None = None
+    """Restrict MP to each sample's top correlations (GPU speed option; see sparse_coding)."""
+    precision: str = "fp32"
+    """Matmul precision of the coder's correlations: fp32, tf32 or bf16."""
+    atom_batch_size: int | None = None
+    """Atoms refitted in parallel against one residual; 1 = sequential K-SVD, n_atoms = fully parallel
+    (converges much worse). None: ``max(1, n_atoms // 32)``, the benchmarked default (BENCHMARKS.md)."""
+    rank1_tol: float = 1e-6
+    """Convergence threshold (1 − cos between successive atoms) of each rank-1 refit."""
+    rank1_max_iters: int = 30
+    """Cap on alternating steps of a rank-1 refit."""
+    approximate: bool = False
+    """One alternating step per atom (Rubinstein's approximate K-SVD) instead of iterating to rank1_tol."""
+    batch_size: int = 65_536
+    """Samples per iteration; a tensor with fewer rows is used whole each iteration."""
+    max_iters: int | None = 200
+    """Iteration cap (None: no cap)."""
+    epochs: int | None = None
+    """Passes over the data (None: no cap)."""
+    time_budget: float | None = None
+    """Stop after this many seconds."""
+    tol: float | None = 1e-4
+    """Stop once the FVU improved by less than this fraction over ``patience`` iterations (None: never)."""
+    patience: int = 5
+    """Iterations over which ``tol`` is judged."""
+    center: bool = False
+    """Subtract the data mean before fitting (exported later as the SAE's b_dec). The paper does not."""
+    init: str = "data"
+    """"data": random distinct samples; "uniform": uniform(−0.5, 0.5) columns, normalised (the reference)."""
+    reseed: str | None = "worst"
+    """Dead atoms: "worst" (residuals of the worst-reconstructed samples), "random" (the reference), None."""
+    duplicate_threshold: float | None = 0.95
+    """Replace the less used of two atoms whose |cos| exceeds this (the K-SVD paper replaces near-duplicate
+    atoms too); 0.95 lifts planted recovery from ~88% to ~95% (BENCHMARKS.md). None: off."""
+    matryoshka: int | None = None
+    """log2 of the smallest Matryoshka group (the paper uses 8); None: a plain dictionary."""
+    seed: int = 0
+    """Seed of every random choice (init, shuffles, re-seeding, sample order)."""
+    device: str | None = None
+    """Where to fit; default the tensor's device, else CUDA when available."""
+    chunk_size: int | None = None
+    """Coder chunk size (default from free memory)."""
+    checkpoint_path: str | None = None
+    """File to checkpoint into (atomically); with ``resume`` a fit continues from it."""
+    checkpoint_every: int = 10
+    """Iterations between checkpoints."""
+    resume: bool = False
+    """Continue from ``checkpoint_path`` when it exists."""
+    progress: bool = True
+    """Show a tqdm bar with FVU, mean L0 and dead fraction."""
+
+    def coder_settings(self) -> CoderSettings:
+        return CoderSettings(k=self.k, method=self.method, nonnegative=self.nonnegative, rtol=self.rtol,
+                             refit=self.refit, candidates=self.candidates, precision=self.precision)
+
+    def validate(self, d: int) -> None:
+        check_sparsity(self.k, self.n_atoms, d)
+        choices = dict(method=("mp", "omp"), init=("data", "uniform"), reseed=("worst", "random", None),
+                       precision=("fp32", "tf32", "bf16"))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} = {getattr(self, key)!r} is not one of {allowed}.")
+        positive = dict(batch_size=self.batch_size, rank1_max_iters=self.rank1_max_iters,
+                        atom_batch_size=self.atom_batch_size or 1, checkpoint_every=self.checkpoint_every)
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key} = {value} must be >= 1.")
+        if self.resume and not self.checkpoint_path:
+            raise ValueError("resume=True needs checkpoint_path (the file to resume from).")
+        if self.max_iters is None and self.epochs is None and self.time_budget is None and self.tol is None:
+            raise ValueError("no stopping rule: set max_iters, epochs, time_budget or tol.")
+
+
+def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
+                     reduce: Reduce = identity_reduce, callback=None, **options) -> Dictionary:
+    """Learn a dictionary of ``n_atoms`` unit-norm atoms for ``k``-sparse codes of ``data``.
+
+    Args:
+        data: a (n, d) tensor, or an iterable of (b, d) tensors (re-iterated once per epoch; each pass must
+            yield the same batches for resume to be exact), e.g. an activation-store reader.
+        n_atoms: K.
+        k: non-zeros per sample.
+        reduce: applied to per-atom sums over samples (an all-reduce for data-parallel fits).
+        callback: called as ``callback(iteration, record, dictionary_atoms)`` after every iteration.
+        **options: any field of :class:`LearnerConfig`.
+
+    Returns:
+        the :class:`~pipeline.dictionary.Dictionary` (on the fitting device), with its per-iteration history.
+    """
+    unknown = set(options) - {f.name for f in fields(LearnerConfig)}
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are the fields of LearnerConfig.")
+    cfg = LearnerConfig(n_atoms=n_atoms, k=k, **options)
+    source = _BatchSource(data, cfg)
+    cfg.validate(source.d)
+    device = source.device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    groups = matryoshka_groups(n_atoms, k, cfg.matryoshka) if cfg.matryoshka is not None else None
+    atom_batch = cfg.atom_batch_size or max(1, n_atoms // 32)
+
+    state = _load_checkpoint(cfg, device) if cfg.resume else None
+    if state is not None:
+        D, centre = state["atoms"], state["centre"]
+        history, it, epoch, batch_pos = state["history"], state["iteration"], state["epoch"], state["batch_pos"]
+        gen.set_state(state["generator"])
+        elapsed0 = history[-1]["seconds"] if history else 0.0
+        log.info("resuming from %s at iteration %d", cfg.checkpoint_path, it)
+    else:
+        first = source.first_batch()
+        centre = source.mean() if cfg.center else None
+        D = _init_atoms(first if centre is None else first - centre, n_atoms, cfg.init, gen)
+        history, it, epoch, batch_pos, elapsed0 = [], 0, 0, 0, 0.0
+    G = gram(D)
+    t0 = time.perf_counter() - elapsed0
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=not cfg.progress, desc="DB-KSVD", unit="it")
+    stop = _stop_reason(cfg, history, it, epoch, 0.0)
+    while stop is None:
+        for Yb in source.epoch(epoch, skip=batch_pos):
+            Yb = Yb if centre is None else Yb - centre
+            rec = _iteration(Yb, D, G, cfg, groups, atom_batch, gen, reduce)
+            G = rec.pop("G")
+            it += 1
+            batch_pos += 1
+            rec.update(iteration=it, epoch=epoch, seconds=time.perf_counter() - t0)
+            history.append(rec)
+            bar.update(1)
+            bar.set_postfix(fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.3f}")
+            if callback is not None:
+                callback(it, rec, D)
+            stop = _stop_reason(cfg, history, it, epoch, rec["seconds"])
+            if cfg.checkpoint_path and (it % cfg.checkpoint_every == 0 or stop is not None):
+                _save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
+            if stop is not None:
+                break
+        else:
+            epoch += 1
+            batch_pos = 0
+            stop = _stop_reason(cfg, history, it, epoch, time.perf_counter() - t0)
+            if cfg.checkpoint_path:
+                _save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
+    bar.close()
+    log.info("DB-KSVD stopped after %d iterations: %s", it, stop)
+    meta = {"learner": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress",)},
+            "stop_reason": stop, "iterations": it, "atom_batch_size": atom_batch}
+    coder = cfg.coder_settings()
+    return Dictionary(D, coder, centre, groups, history, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one iteration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: list[Group] | None,
+               atom_batch: int, gen: torch.Generator, reduce: Reduce) -> dict[str, Any]:
+    """Code one sample batch, update the atoms in place, re-seed; returns the iteration record + new G."""
+    coder = dict(method=cfg.method, nonnegative=cfg.nonnegative, rtol=cfg.rtol, refit=cfg.refit,
+                 candidates=cfg.candidates, precision=cfg.precision, chunk_size=cfg.chunk_size,
+                 validate=False)
+    update = dict(nonnegative=cfg.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
+                  approximate=cfg.approximate, generator=gen, reduce=reduce)
+    denom = float((Yb - Yb.mean(0)).pow(2).sum().clamp(min=1e-30))
+    usage = torch.zeros(D.shape[0], device=D.device)
+    err_before, iters, l0 = 0.0, [], torch.zeros(Yb.shape[0], device=D.device)
+    if groups is None:
+        codes = encode(Yb, D, cfg.k, G=G, **coder)
+        R = Yb - codes.decode(D)
+        err_before = float(R.pow(2).sum())
+        stats = update_atoms(R, D, codes, atom_batch, **update)
+        iters.append(stats.mean_rank1_iters)
+        _count_usage(usage, codes)
+        l0 += codes.l0()
+    else:  # residual cascade: code group g on what groups < g left, update it, move on
+        R = Yb
+        for g in groups:
+            Dg = D[g.start:g.end]
+            codes = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=G[g.start:g.end, g.start:g.end],
+                           **coder)
+            R = R - codes.decode(Dg)
+            stats = update_atoms(R, Dg, codes, atom_batch, **update)
+            D[g.start:g.end] = Dg
+            iters.append(stats.mean_rank1_iters)
+            _count_usage(usage[g.start:g.end], codes)
+            l0 += codes.l0()
+        err_before = float("nan")
+    err_after = float(R.pow(2).sum())
+    dead = usage == 0
+    n_dead = int(dead.sum())
+    G = gram(D)
+    n_dup = 0
+    if cfg.duplicate_threshold is not None:
+        dup = _duplicates(G, usage, cfg.duplicate_threshold)
+        n_dup = int(dup.sum())
+        dead = dead | dup
+    if cfg.reseed is not None and bool(dead.any()):
+        _reseed(D, dead, R, cfg.reseed, gen)
+        ids = dead.nonzero().squeeze(1)
+        rows = D[ids] @ D.T
+        G[ids] = rows
+        G[:, ids] = rows.T
+    fvu_after = err_after / denom
+    return dict(fvu=(err_before / denom) if err_before == err_before else fvu_after, fvu_after_update=fvu_after,
+                l0=float(l0.float().mean()), dead_fraction=n_dead / D.shape[0], n_duplicates=n_dup,
+                rank1_iters=sum(iters) / len(iters), G=G)
+
+
+def _count_usage(usage: Tensor, codes: Codes) -> None:
+    usage.index_add_(0, codes.indices.reshape(-1), (codes.values.reshape(-1) != 0).float())
+
+
+def _duplicates(G: Tensor, usage: Tensor, threshold: float) -> Tensor:
+    """Atoms to replace: of each pair with |cos| > threshold, the less used one (ties: the later index)."""
+    A = G.abs()
+    A.fill_diagonal_(0)
+    best, partner = A.max(dim=1)
+    K = G.shape[0]
+    ids = torch.arange(K, device=G.device)
+    less_used = (usage < usage[partner]) | ((usage == usage[partner]) & (ids > partner))
+    return (best > threshold) & less_used
+
+
+def _reseed(D: Tensor, mask: Tensor, R: Tensor, how: str, gen: torch.Generator) -> None:
+    """Give the atoms in ``mask`` new directions: worst-reconstructed residuals or random."""
+    ids = mask.nonzero().squeeze(1)
+    m = int(ids.numel())
+    if how == "worst":
+        err = R.pow(2).sum(dim=1)
+        take = min(m, int((err > 0).sum()))
+        rows = err.topk(take).indices if take > 0 else err[:0].long()
+        new = R[rows]
+        if take < m:
+            new = torch.cat([new, torch.randn(m - take, D.shape[1], generator=gen).to(D)])
+    else:
+        new = torch.randn(m, D.shape[1], generator=gen).to(D)
+    D[ids] = new / new.norm(dim=1, keepdim=True).clamp(min=1e-30)
+
+
+def _init_atoms(Y: Tensor, n_atoms: int, how: str, gen: torch.Generator) -> Tensor:
+    d = Y.shape[1]
+    if how == "uniform":
+        D = torch.rand(n_atoms, d, generator=gen) - 0.5
+    else:
+        rows = torch.randperm(Y.shape[0], generator=gen)[:n_atoms].to(Y.device)
+        D = Y[rows].float().cpu()
+        zero = D.norm(dim=1) == 0
+        if bool(zero.any()):
+            D[zero] = torch.rand(int(zero.sum()), d, generator=gen) - 0.5
+    D = D.to(Y.device, torch.float32)
+    return D / D.norm(dim=1, keepdim=True)
+
+
+def _stop_reason(cfg: LearnerConfig, history: list[dict], it: int, epoch: int, seconds: float) -> str | None:
+    if cfg.max_iters is not None and it >= cfg.max_iters:
+        return f"max_iters={cfg.max_iters}"
+    if cfg.epochs is not None and epoch >= cfg.epochs:
+        return f"epochs={cfg.epochs}"
+    if cfg.time_budget is not None and seconds >= cfg.time_budget:
+        return f"time_budget={cfg.time_budget}s"
+    if cfg.tol is not None and len(history) > cfg.patience:
+        old = min(h["fvu"] for h in history[:-cfg.patience])
+        new = min(h["fvu"] for h in history[-cfg.patience:])
+        if old - new < cfg.tol * max(old, 1e-12):
+            return f"converged (FVU improved < {cfg.tol:g} over {cfg.patience} iterations)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _BatchSource:
+    """Sample batches from a tensor (seeded per-epoch permutation) or from a re-iterable of batches."""
+
+    def __init__(self, data: Tensor | Iterable[Tensor], cfg: LearnerConfig):
+        self.cfg = cfg
+        self.tensor = data if isinstance(data, Tensor) else None
+        self.iterable = None if isinstance(data, Tensor) else data
+        if self.tensor is not None:
+            check_samples(self.tensor, "data")
+            if self.tensor.shape[0] < cfg.n_atoms:
+                raise ValueError(f"data has {self.tensor.shape[0]} samples, fewer than n_atoms = "
+                                 f"{cfg.n_atoms}; use more samples or fewer atoms.")
+            self.d = self.tensor.shape[1]
+            default = self.tensor.device if self.tensor.device.type != "cpu" else None
+        else:
+            if not isinstance(data, Iterable):
+                raise ValueError(f"data must be a (n, d) tensor or an iterable of (b, d) tensors, "
+                                 f"got {type(data).__name__}.")
+            self.d = self.first_batch().shape[1]
+            default = None
+        dev = cfg.device or (default or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(dev)
+
+    def first_batch(self) -> Tensor:
+        if self.tensor is not None:
+            return self.tensor[: max(self.cfg.batch_size, self.cfg.n_atoms)].to(self._dev(), torch.float32)
+        first = next(iter(self.iterable), None)
+        if first is None:
+            raise ValueError("data yielded no batches; check the activation store or iterable.")
+        first = first[0] if isinstance(first, (tuple, list)) else first
+        check_samples(first, "data batch")
+        if first.shape[0] < self.cfg.n_atoms and self.cfg.init == "data":
+            raise ValueError(f"the first batch has {first.shape[0]} samples, fewer than n_atoms = "
+                             f"{self.cfg.n_atoms}, so atoms cannot be initialised from data; use a larger batch "
+                             f"size or init='uniform'.")
+        return first.to(self._dev(), torch.float32)
+
+    def _dev(self) -> torch.device:
+        return getattr(self, "device", None) or torch.device("cpu")
+
+    def mean(self) -> Tensor:
+        if self.tensor is not None:
+            return self.tensor.float().mean(0).to(self.device)
+        return self.first_batch().mean(0)
+
+    def epoch(self, e: int, skip: int = 0) -> Iterator[Tensor]:
+        if self.tensor is not None:
+            n, bs = self.tensor.shape[0], self.cfg.batch_size
+            if bs >= n:
+                if skip == 0:
+                    yield self.tensor.to(self.device, torch.float32)
+                return
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e)
+            perm = torch.randperm(n, generator=g)
+            n_batches = n // bs + (1 if n % bs >= bs // 2 else 0)
+            for b in range(skip, n_batches):
+                idx = perm[b * bs:(b + 1) * bs].to(self.tensor.device)
+                yield self.tensor[idx].to(self.device, torch.float32)
+            return
+        for b, batch in enumerate(self.iterable):
+            if b < skip:
+                continue
+            batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+            check_samples(batch, "data batch", d=self.d)
+            yield batch.to(self.device, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(cfg: LearnerConfig, D: Tensor, centre: Tensor | None, history: list, it: int,
+                     epoch: int, batch_pos: int, gen: torch.Generator) -> None:
+    path = Path(cfg.checkpoint_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = dict(atoms=D.cpu(), centre=None if centre is None else centre.cpu(), history=history,
+                 iteration=it, epoch=epoch, batch_pos=batch_pos, generator=gen.get_state(),
+                 config={k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress", "resume")})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+_RESUME_KEYS = ("n_atoms", "k", "method", "nonnegative", "matryoshka", "seed", "batch_size", "center", "init")
+
+
+def _load_checkpoint(cfg: LearnerConfig, device: torch.device) -> dict | None:
+    path = Path(cfg.checkpoint_path)
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state.get("config", {})
+    clash = {k_: (saved.get(k_), getattr(cfg, k_)) for k_ in _RESUME_KEYS if saved.get(k_) != getattr(cfg, k_)}
+    if clash:
+        raise ValueError(f"checkpoint {path} was written with different settings {clash} (saved, now); "
+                         f"use a new checkpoint_path or the original settings.")
+    state["atoms"] = state["atoms"].to(device)
+    if state["centre"] is not None:
+        state["centre"] = state["centre"].to(device)
+    return state
+
+
+__all__ = ["learn_dictionary", "LearnerConfig", "PAPER_SCHEDULE"]

@@ -1,0 +1,175 @@
+"""The learned dictionary: atoms plus the coder settings that encode with them, saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from pipeline.codes import Codes
+from pipeline.matryoshka import Group, encode_cascade, groups_from_list, groups_to_list
+from pipeline.sparse_coding import encode, gram
+from pipeline.validation import check_atoms, check_samples
+
+#: Tensors of a saved dictionary (atoms, optional centre).
+DICTIONARY_WEIGHTS = "dictionary.safetensors"
+#: Settings, fit history and metadata of a saved dictionary.
+DICTIONARY_META = "dictionary.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CoderSettings:
+    """How a dictionary encodes (see :func:`pipeline.sparse_coding.encode`)."""
+
+    k: int
+    """Maximum atoms per sample (per Matryoshka group: its budget)."""
+    method: str = "mp"
+    """"mp" (matching pursuit, the reference) or "omp" (Batch-OMP)."""
+    nonnegative: bool = True
+    """Codes >= 0 (SAE convention); False gives the reference's signed codes."""
+    rtol: float = 0.05
+    """Stop a sample once ‖residual‖ <= rtol ‖y‖."""
+    refit: bool = False
+    """Least-squares refit on the final support."""
+    max_iter: int | None = None
+    """MP step cap (default 4k)."""
+    candidates: int | None = None
+    """Restrict MP's greedy loop to this many top initial correlations (speed; approximate)."""
+    precision: str = "fp32"
+    """Matmul precision of the correlations: fp32, tf32 or bf16."""
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(method=self.method, nonnegative=self.nonnegative, rtol=self.rtol, refit=self.refit,
+                    max_iter=self.max_iter, candidates=self.candidates, precision=self.precision)
+
+
+@dataclass
+class Dictionary:
+    """A sparse dictionary ``atoms: (K, d)`` (unit-norm rows) with its coder, centre and fit history."""
+
+    atoms: Tensor
+    coder: CoderSettings
+    centre: Tensor | None = None
+    groups: list[Group] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_atoms(self.atoms, "atoms")
+        self._gram: Tensor | None = None
+
+    @property
+    def n_atoms(self) -> int:
+        return self.atoms.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.atoms.shape[1]
+
+    @property
+    def signed(self) -> bool:
+        return not self.coder.nonnegative
+
+    @property
+    def gram(self) -> Tensor:
+        """(K, K) ``D Dᵀ``, computed once."""
+        if self._gram is None or self._gram.device != self.atoms.device:
+            self._gram = gram(self.atoms.float())
+        return self._gram
+
+    def to(self, device: torch.device | str) -> "Dictionary":
+        out = Dictionary(self.atoms.to(device), self.coder,
+                         None if self.centre is None else self.centre.to(device),
+                         self.groups, self.history, self.metadata)
+        return out
+
+    def encode(self, Y: Tensor, **overrides) -> Codes:
+        """Codes of ``Y: (n, d)`` with this dictionary's coder (``overrides`` replace settings)."""
+        check_samples(Y, d=self.d)
+        Y = Y.to(self.atoms.device, torch.float32 if Y.dtype != torch.float64 else Y.dtype)
+        if self.centre is not None:
+            Y = Y - self.centre.to(Y.dtype)
+        kw = self.coder.kwargs() | overrides
+        k = kw.pop("k", self.coder.k)
+        D = self.atoms.to(Y.dtype)
+        G = self.gram.to(Y.dtype)
+        if self.groups is not None and not kw.pop("plain", False):
+            codes, _ = encode_cascade(Y, D, self.groups, G=G, validate=False, **kw)
+            return codes
+        kw.pop("plain", None)
+        return encode(Y, D, k, G=G, validate=False, **kw)
+
+    def decode(self, codes: Codes) -> Tensor:
+        """(n, d) reconstruction, centre added back."""
+        out = codes.decode(self.atoms.to(codes.values.dtype))
+        return out if self.centre is None else out + self.centre.to(out.dtype)
+
+    def reconstruct(self, Y: Tensor) -> Tensor:
+        return self.decode(self.encode(Y))
+
+    def fvu(self, Y: Tensor) -> float:
+        """Fraction of variance unexplained ‖Y − Ŷ‖² / ‖Y − mean(Y)‖² on ``Y: (n, d)``."""
+        Y = Y.to(self.atoms.device, torch.float32)
+        err = (Y - self.reconstruct(Y)).pow(2).sum()
+        return float(err / (Y - Y.mean(0)).pow(2).sum().clamp(min=1e-30))
+
+    # ---------------------------------------------------------------------------------------------- I/O
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/dictionary.safetensors`` and ``path/dictionary.json`` (each atomically)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"atoms": self.atoms.detach().float().cpu().contiguous()}
+        if self.centre is not None:
+            tensors["centre"] = self.centre.detach().float().cpu().contiguous()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "n_atoms": self.n_atoms,
+            "d": self.d,
+            "coder": asdict(self.coder),
+            "groups": groups_to_list(self.groups),
+            "history": self.history,
+            "metadata": self.metadata,
+        }
+        _atomic_write(path / DICTIONARY_WEIGHTS, lambda p: save_file(tensors, str(p)))
+        _atomic_write(path / DICTIONARY_META,
+                      lambda p: p.write_text(json.dumps(meta, indent=2, default=_json_default)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "Dictionary":
+        path = Path(path)
+        if not (path / DICTIONARY_WEIGHTS).exists() or not (path / DICTIONARY_META).exists():
+            raise FileNotFoundError(f"no dictionary at {path}: expected {DICTIONARY_WEIGHTS} and "
+                                    f"{DICTIONARY_META} there (written by Dictionary.save).")
+        meta = json.loads((path / DICTIONARY_META).read_text())
+        tensors = load_file(str(path / DICTIONARY_WEIGHTS), device=str(device))
+        return cls(tensors["atoms"], CoderSettings(**meta["coder"]), tensors.get("centre"),
+                   groups_from_list(meta.get("groups")), meta.get("history", []), meta.get("metadata", {}))
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _json_default(o):
+    if isinstance(o, float) and o != o:
+        return None
+    if isinstance(o, Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
