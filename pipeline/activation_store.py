@@ -105,6 +105,7 @@ class StoreWriter:
                  dtype: torch.dtype) -> None:
         self.path = Path(path)
         self.dtype = dtype
+        header = json.loads(json.dumps(header))  # the form it takes in the manifest (lists, str keys)
         manifest_path = self.path / MANIFEST_NAME
         if manifest_path.is_file():
             old = json.loads(manifest_path.read_text())
@@ -343,7 +344,7 @@ class _SafetensorsRows:
 
 def _read_rows(array: Any, lo: int, hi: int) -> torch.Tensor:
     block = array[lo:hi]
-    return block if isinstance(block, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(block))
+    return block if isinstance(block, torch.Tensor) else torch.from_numpy(np.array(block))
 
 
 def iter_shard_paths(path: str | os.PathLike) -> Iterator[Path]:

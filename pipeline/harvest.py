@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,7 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     n_shards = math.ceil(n_contexts / per_shard)
     meta = dict(meta or {})
     meta.setdefault("model", describe_model(model, model.cfg.model_name))
+    meta.setdefault("text", {"kind": "documents passed in by the caller"})
     settings = {"hooks": list(hooks), "n_tokens": n_tokens, "context_length": context_length,
                 "batch_size": batch_size, "dtype": dtype, "shard_rows": shard_rows,
                 "heldout_fraction": heldout_fraction, "masking": asdict(masking)}
@@ -235,7 +236,7 @@ def harvest_to_store(model: str = "smollm2-135m", *, layer: int | None = None, h
             layer = OFFLINE_MODELS[model].default_layer if model in OFFLINE_MODELS else lm.cfg.n_layers // 2
         hooks = hook_names([layer])
     meta = {"model": describe_model(lm, model, model_path), "text": describe_source(source)}
-    settings = {k: harvest_kwargs.get(k) for k in sorted(harvest_kwargs)}
+    settings = {k: asdict(v) if is_dataclass(v) else v for k, v in sorted(harvest_kwargs.items())}
     identity = {"model": meta["model"], "text": meta["text"], "hooks": list(hooks), "n_tokens": n_tokens,
                 "settings": settings}
     out = Path(out_dir) if out_dir is not None else cache_root() / STORES_SUBDIR / identity_hash(identity)

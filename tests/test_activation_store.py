@@ -1,0 +1,107 @@
+"""The activation store: import, reader (exactly-once shuffled epochs), checksums, dtypes, disk check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.activation_store import (MANIFEST_NAME, ActivationStore, ChecksumError, check_disk_space,
+                                       heldout_mask, import_array)
+
+N, D = 1000, 8
+
+
+@pytest.fixture(scope="module")
+def rows() -> np.ndarray:
+    """(N, D) float32 rows whose first column is the row index (to track identity)."""
+    x = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
+    x[:, 0] = np.arange(N)
+    return x
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, rows):
+    src = tmp_path_factory.mktemp("src") / "emb.npy"
+    np.save(src, rows)
+    return import_array(src, tmp_path_factory.mktemp("store") / "s", shard_rows=128, heldout_fraction=0.1)
+
+
+def test_import_splits_rows(store_path, rows):
+    store = ActivationStore(store_path)
+    held = heldout_mask(np.arange(N), 0.1)
+    assert store.n_rows("heldout") == held.sum() == 100 and store.n_rows() == 900
+    np.testing.assert_array_equal(store.load_all().numpy(), rows[~held])
+    np.testing.assert_array_equal(store.heldout().numpy(), rows[held])
+    assert store.mean_norm() == pytest.approx(float(np.linalg.norm(rows[~held], axis=1).mean()), rel=1e-6)
+
+
+def test_every_row_once_per_epoch_shuffled(store_path):
+    store = ActivationStore(store_path)
+    loader = store.loader(64, seed=3, shuffle_shards=2)
+    assert len(loader) == 15
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        assert all(b.shape == (64, D) and b.dtype == torch.float32 for b in batches[:-1])
+        assert batches[-1].shape == (900 - 14 * 64, D)
+        ids = torch.cat(batches)[:, 0].long()
+        assert sorted(ids.tolist()) == sorted(store.load_all()[:, 0].long().tolist())  # exactly once
+        assert not torch.equal(ids, ids.sort().values)  # shuffled
+        epochs.append(ids)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled per epoch
+    again = torch.cat(list(store.loader(64, seed=3, shuffle_shards=2, prefetch=0)))[:, 0].long()
+    assert torch.equal(again, epochs[0])  # seeded; prefetching does not change the order
+
+
+def test_loader_options(store_path):
+    store = ActivationStore(store_path)
+    ordered = torch.cat(list(store.loader(100, shuffle=False)))
+    assert torch.equal(ordered, store.load_all())
+    dropped = list(store.loader(64, drop_last=True, dtype=torch.bfloat16))
+    assert len(dropped) == 14 and all(b.shape == (64, D) and b.dtype == torch.bfloat16 for b in dropped)
+    held = torch.cat(list(store.loader(32, split="heldout")))
+    assert held.shape == (100, D)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_storage(tmp_path, rows, dtype):
+    src = tmp_path / "emb.safetensors"
+    save_file({"emb": torch.from_numpy(rows), "other": torch.zeros(2)}, src)
+    with pytest.raises(ValueError, match="key="):
+        import_array(src, tmp_path / "bad")
+    store = ActivationStore(import_array(src, tmp_path / "s", key="emb", dtype=dtype, shard_rows=300))
+    assert store.dtype == getattr(torch, dtype) and store.n_rows() == N
+    torch.testing.assert_close(store.load_all(), torch.from_numpy(rows).to(store.dtype).float())
+    assert len(list((tmp_path / "s" / "emb").glob(".*tmp*"))) == 0  # no temp files left behind
+
+
+def test_corrupted_shard_is_named(tmp_path, rows):
+    src = tmp_path / "emb.npy"
+    np.save(src, rows)
+    path = import_array(src, tmp_path / "s", shard_rows=256)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    bad = manifest["hooks"]["emb"]["train"]["shards"][2]["file"]
+    data = bytearray((path / bad).read_bytes())
+    data[-5] ^= 0xFF
+    (path / bad).write_bytes(bytes(data))
+    store = ActivationStore(path)
+    with pytest.raises(ChecksumError, match=bad):
+        store.verify_all()
+    with pytest.raises(ChecksumError, match=bad):
+        list(store.loader(100))
+
+
+def test_bad_inputs_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an activation store"):
+        ActivationStore(tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros((3, 4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"\(n, d\)"):
+        import_array(tmp_path / "x.npy", tmp_path / "s")
+    with pytest.raises(OSError, match="not enough disk"):
+        check_disk_space(tmp_path, 1 << 62)
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        heldout_mask(np.arange(3), 1.0)
