@@ -27,6 +27,8 @@ _DONE = object()
 class ActivationLoader:
     """Iterable over (b, d) batches; each ``iter()`` is the next epoch (reshuffled).
 
+    ``epoch_batches(e)`` gives epoch ``e`` directly (deterministic), for callers that resume mid-fit.
+
     Args:
         store: the store to read.
         batch_size: rows per batch; the last batch of an epoch is smaller unless ``drop_last``.
@@ -68,6 +70,10 @@ class ActivationLoader:
         epoch = self.epoch
         self.epoch += 1
         return self.epoch_batches(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` yield epoch ``epoch`` (e.g. when resuming a fit mid-way)."""
+        self.epoch = epoch
 
     def epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
         """The batches of epoch ``epoch`` (deterministic given seed and epoch)."""
