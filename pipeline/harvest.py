@@ -178,20 +178,21 @@ def _harvest_shard(model: Any, contexts: list[list[int]], first: int, hooks: Seq
         keep_tok = ~torch.isin(tokens, ids_masked)
         _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=list(hooks), stop_at_layer=stop)
         for h in hooks:
-            acts = cache[h].detach().to("cpu", torch.float32)
-            keep = keep_tok.clone()
-            if outlier is not None:
-                norms = acts.norm(dim=-1)
-                if keep_tok.any():
-                    keep &= norms <= outlier * norms[keep_tok].median()
-            if store_dtype == torch.float16 and acts[keep].abs().max() > FP16_MAX:
+            acts = cache[h]  # (b, L, d) on the model's device
+            keep = keep_tok.to(acts.device)
+            if outlier is not None and bool(keep.any()):
+                norms = acts.float().norm(dim=-1)
+                keep = keep & (norms <= outlier * norms[keep].median())
+            if store_dtype == torch.float16 and bool(keep.any()) and float(acts[keep].abs().max()) > FP16_MAX:
                 raise ValueError(f"activations of {h} exceed the float16 range; use harvest.dtype=bfloat16")
+            keep = keep.cpu()
             c = counts[h]
             c["positions"] += tokens.numel()
             c["masked_special"] += int((~keep_tok).sum())
             c["masked_outlier"] += int((keep_tok & ~keep).sum())
             for split, sel in (("train", ~held), ("heldout", held)):
-                parts[h][split].append(acts[sel][keep[sel]].to(store_dtype))
+                rows_mask = (keep & sel[:, None]).to(acts.device)
+                parts[h][split].append(acts[rows_mask].to(store_dtype).cpu())
         bar.update(tokens.numel())
     rows = {h: {s: torch.cat(v) for s, v in per.items()} for h, per in parts.items()}
     return rows, counts

@@ -269,8 +269,12 @@ def _load_tl_name(name: str, *, device: str, dtype: torch.dtype, n_ctx: int | No
         kwargs["n_ctx"] = n_ctx
     try:
         return HookedTransformer.from_pretrained_no_processing(name, **kwargs)
-    except OSError as exc:  # transformers' "couldn't connect" / LocalEntryNotFoundError
-        raise HubUnreachableError(_unreachable_message(name, repo)) from exc
+    except OSError as exc:  # transformers' "couldn't connect" / LocalEntryNotFoundError / gated repo
+        if not hub_reachable():
+            raise HubUnreachableError(_unreachable_message(name, repo)) from exc
+        raise OSError(f"loading {name!r} ({repo}) from the Hugging Face hub failed: {exc}. Gated models (the "
+                      "Gemma family) need their licence accepted on the hub and a token (HF_TOKEN or "
+                      "`huggingface-cli login`); or pass model.path=<local HF directory>.") from exc
 
 
 def describe_model(model: Any, name: str, path: str | os.PathLike | None = None) -> dict[str, Any]:

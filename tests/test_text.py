@@ -80,3 +80,21 @@ def test_austen_from_debian_package():
     docs = list(iter_documents(TextSource(kind="austen")))
     assert len(docs) == 6 and sum(map(len, docs)) > 3_900_000
     assert "It is a truth universally acknowledged" in docs[1]
+
+
+def test_hub_streaming_reads_the_text_field(monkeypatch):
+    """``datasets.load_dataset`` is replaced by a stand-in here (the hub is unreachable in tests)."""
+    import datasets
+
+    calls = {}
+
+    def fake_load_dataset(path, name=None, split=None, revision=None, streaming=False):
+        calls.update(path=path, name=name, split=split, revision=revision, streaming=streaming)
+        return iter([{"text": "first doc", "meta": {}}, {"text": ""}, {"text": "second doc"}])
+
+    monkeypatch.setattr(text, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = list(iter_documents(TextSource(kind="hub", revision="abc123")))
+    assert docs == ["first doc", "second doc"]
+    assert calls == {"path": "monology/pile-uncopyrighted", "name": None, "split": "train", "revision": "abc123",
+                     "streaming": True}
