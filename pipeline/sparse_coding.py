@@ -111,7 +111,7 @@ def encode(
         Yc = Y[start:start + chunk_size].to(device=device, dtype=dtype)
         C0 = correlations(Yc, Dc, precision)
         if method == "mp":
-            codes = _mp_chunk(Yc, C0, G, k, nonnegative, rtol, refit, max_iter, candidates)
+            codes = _mp_chunk(Yc, C0, Dc, G, k, nonnegative, rtol, refit, max_iter, candidates)
         else:
             codes = _omp_chunk(Yc, C0, G, k, nonnegative, rtol)
         parts.append(codes)
@@ -178,7 +178,7 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _mp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, refit: bool,
+def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, refit: bool,
               max_iter: int, candidates: int | None) -> Codes:
     """Matching pursuit on one chunk. ``C0: (m, K)`` initial correlations, consumed in place."""
     m, K = C0.shape
@@ -203,7 +203,6 @@ def _mp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol:
     live = torch.arange(m, device=device)  # chunk rows still in the working set
     out_idx = torch.zeros(m, k + 1, dtype=torch.long, device=device)
     out_val = torch.zeros(m, k + 1, dtype=dtype, device=device)
-    out_cs = torch.zeros(m, k + 1, dtype=dtype, device=device) if refit else None
     slot_ids = torch.arange(k + 1, device=device)
     Gflat = G.reshape(-1)
 
@@ -212,8 +211,6 @@ def _mp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol:
         pos = slot_pos[sel]
         out_idx[live[sel]] = pos if S is None else S[sel].gather(1, pos)
         out_val[live[sel]] = slot_val[sel]
-        if refit:
-            out_cs[live[sel]] = C[sel].gather(1, pos)
 
     for step in range(max_iter):
         if step % _CHECK_EVERY == 0 and step > 0:
@@ -260,7 +257,7 @@ def _mp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol:
     flush(torch.ones_like(done))
     indices, values = out_idx[:, :k], out_val[:, :k]
     if refit:
-        values = refit_coefficients(G, indices, values, out_cs[:, :k], nonnegative)
+        values = refit_coefficients(G, indices, values, support_correlations(Y, D, indices), nonnegative)
     return Codes(indices, values)
 
 
@@ -276,15 +273,23 @@ def support_gram(G: Tensor, indices: Tensor) -> Tensor:
     return G.reshape(-1).take(flat)
 
 
-def refit_coefficients(G: Tensor, indices: Tensor, values: Tensor, c_now: Tensor,
+def support_correlations(Y: Tensor, D: Tensor, indices: Tensor, block: int = 1024) -> Tensor:
+    """(m, k) ``⟨y_i, d_j⟩`` for each row's support ``indices: (m, k)``, in row blocks (bounded memory)."""
+    out = torch.empty(indices.shape, dtype=Y.dtype, device=Y.device)
+    for s in range(0, Y.shape[0], block):
+        atoms = D[indices[s:s + block]]  # (b, k, d)
+        out[s:s + block] = torch.bmm(atoms, Y[s:s + block].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def refit_coefficients(G: Tensor, indices: Tensor, values: Tensor, c0: Tensor,
                        nonnegative: bool, max_rounds: int = 8) -> Tensor:
     """Least-squares coefficients on each row's support (slots with value 0 are unused).
 
     Args:
         G: (K, K) Gram matrix.
         indices, values: (m, k) current support and coefficients.
-        c_now: (m, k) current correlations of the residual with the support atoms, so that the initial
-            correlations are ``c0 = c_now + G[S, S] values`` (no atoms or samples need re-reading).
+        c0: (m, k) correlations ``⟨y, d_j⟩`` of each sample with its support atoms.
         nonnegative: drop atoms whose least-squares coefficient is negative and re-solve (active set).
 
     Returns:
@@ -292,7 +297,6 @@ def refit_coefficients(G: Tensor, indices: Tensor, values: Tensor, c_now: Tensor
     """
     valid = values != 0
     Gs = support_gram(G, indices)
-    c0 = c_now + (Gs @ values.unsqueeze(-1)).squeeze(-1)
     x = values
     for _ in range(max_rounds):
         x = _masked_solve(Gs, c0, valid)
@@ -391,7 +395,4 @@ def _nonneg_from_ls(G: Tensor, idx: Tensor, values: Tensor, C0: Tensor) -> Tenso
     """Project least-squares codes to >= 0 with the active-set refit."""
     if not bool((values < 0).any()):
         return values
-    c0 = C0.gather(1, idx)
-    Gs = support_gram(G, idx)
-    c_now = c0 - (Gs @ values.unsqueeze(-1)).squeeze(-1)
-    return refit_coefficients(G, idx, values, c_now, nonnegative=True)
+    return refit_coefficients(G, idx, values, C0.gather(1, idx), nonnegative=True)
