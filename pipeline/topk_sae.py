@@ -82,11 +82,13 @@ class TopKSAE(nn.Module):
     def pre_acts(self, x: Tensor) -> Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
 
+    @torch.no_grad()
     def encode_sparse(self, x: Tensor) -> Codes:
         """Codes ``(n, k)`` of ``x: (n, d)``."""
         vals, idx = self.pre_acts(x).topk(self.k, dim=-1)
         return Codes(idx, vals)
 
+    @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Dense (…, K) activations of ``x: (…, d)``."""
         codes = self.encode_sparse(x.reshape(-1, x.shape[-1]))

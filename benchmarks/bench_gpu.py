@@ -1,0 +1,203 @@
+"""Benchmark (d): coder and fit-iteration throughput at Gemma-2-2B size on one GPU.
+
+d = 2304, K = 16384, k = 40 (the paper's layer-12 setting). Data: activation-like synthetic samples (sparse
+non-negative combinations of a hidden dictionary plus noise plus a shared mean direction), since real Gemma
+activations need the hub; throughput depends on shapes and step counts, which these reproduce.
+
+Measures, each in tokens (samples) per second:
+  * the matmul Y Dᵀ alone in fp32, tf32 and bf16 (the ceiling of any correlation-based coder);
+  * the MP coder: exact (fp32 correlations, all K atoms) and the fast settings (bf16/tf32 correlations,
+    candidate restriction), with the relative change of the reconstruction error against exact fp32 MP;
+  * one full DB-KSVD iteration on 65,536 samples (coding + atom update + re-seeding + Gram), split by phase;
+  * a TopK SAE training step at the same width and k (our trainer), the baseline to beat.
+
+Usage: python benchmarks/bench_gpu.py [--out results.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.atom_update import update_atoms  # noqa: E402
+from pipeline.dbksvd import _iteration, LearnerConfig  # noqa: E402
+from pipeline.sparse_coding import correlations, encode, gram  # noqa: E402
+from pipeline.topk_sae import TopKSAE, _step_loss, TopKConfig, _remove_parallel_grad  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat=3, warmup=1):
+    for _ in range(warmup):
+        out = fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    sync()
+    return (time.perf_counter() - t) / repeat, out
+
+
+def activation_like(n, d, K_true=32768, k_true=64, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    H = torch.randn(K_true, d, device=device, generator=g)
+    H /= H.norm(dim=1, keepdim=True)
+    Y = torch.empty(n, d, device=device)
+    mean = torch.randn(d, device=device, generator=g) * 2
+    for s in range(0, n, 16384):
+        m = min(16384, n - s)
+        idx = torch.randint(0, K_true, (m, k_true), device=device, generator=g)
+        val = torch.rand(m, k_true, device=device, generator=g) ** 4 * 10
+        Y[s:s + m] = torch.nn.functional.embedding_bag(idx, H, per_sample_weights=val, mode="sum")
+    Y += 0.3 * torch.randn(n, d, device=device, generator=g) + mean
+    return Y
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_results.json")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--small", action="store_true", help="tiny sizes on CPU (a dry run of the script)")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds; later sections are skipped past it")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    dev = "cpu" if args.small else "cuda"
+    d, K, k = (64, 1024, 8) if args.small else (2304, 16384, 40)
+    n_code = 2048 if args.small else 32768 if args.quick else 65536
+    name = "cpu" if args.small else torch.cuda.get_device_name(0)
+    res = {"device": name, "torch": torch.__version__, "d": d, "K": K, "k": k}
+    print(res, flush=True)
+
+    def save():
+        Path(args.out).write_text(json.dumps(res, indent=2))
+
+    def over():
+        return time.perf_counter() - t_start > args.budget
+
+    Y = activation_like(n_code, d, device=dev)
+    D = activation_like(K, d, seed=1, device=dev)
+    D = D - D.mean(0)
+    D /= D.norm(dim=1, keepdim=True)
+    G = gram(D)
+    res["matmul"] = {}
+    for p in ("fp32", "tf32", "bf16"):
+        s, _ = timed(lambda: correlations(Y, D, p))
+        res["matmul"][p] = n_code / s
+    print("matmul tokens/s", res["matmul"], flush=True)
+    save()
+
+    # exact fp32 MP reference (also the error reference)
+    res["coder"] = {}
+    s, ref = timed(lambda: encode(Y, D, k, G=G, validate=False), repeat=1)
+    err_ref = float((Y - ref.decode(D)).norm() / Y.norm())
+    res["coder"]["mp exact fp32"] = {"tokens_per_s": n_code / s, "rel_err": err_ref, "l0": float(ref.l0().float().mean())}
+    print("mp exact", res["coder"]["mp exact fp32"], flush=True)
+    save()
+    variants = {
+        "mp tf32": dict(precision="tf32"),
+        "mp bf16": dict(precision="bf16"),
+        "mp bf16 cand256": dict(precision="bf16", candidates=256),
+        "mp bf16 cand512": dict(precision="bf16", candidates=512),
+        "mp bf16 cand1024": dict(precision="bf16", candidates=min(1024, K - 1)),
+        "mp tf32 cand512": dict(precision="tf32", candidates=512),
+        "mp fp32 cand512": dict(precision="fp32", candidates=512),
+    }
+    for name, kw in variants.items():
+        if over():
+            break
+        s, c = timed(lambda: encode(Y, D, k, G=G, validate=False, **kw), repeat=2)
+        err = float((Y - c.decode(D)).norm() / Y.norm())
+        same = float((c.to_dense(K) != 0).eq(ref.to_dense(K) != 0).all(dim=1).float().mean()) if n_code <= 65536 else -1
+        res["coder"][name] = {"tokens_per_s": n_code / s, "rel_err": err, "err_change_vs_exact": (err - err_ref) / err_ref,
+                              "rows_same_support": same}
+        print(name, res["coder"][name], flush=True)
+        save()
+    # topk cost alone (candidate selection)
+    nt = min(32768, n_code)
+    C0 = correlations(Y[:nt], D, "bf16")
+    for M in (256, 1024):
+        s, _ = timed(lambda: C0.topk(min(M, K), dim=1), repeat=2)
+        res.setdefault("topk_select_tokens_per_s", {})[M] = nt / s
+    del C0
+    print("topk", res.get("topk_select_tokens_per_s"), flush=True)
+    if not over():
+        no = min(16384, n_code)
+        s, c = timed(lambda: encode(Y[:no], D, k, G=G, method="omp", validate=False), repeat=1)
+        err = float((Y[:no] - c.decode(D)).norm() / Y[:no].norm())
+        res["coder"]["omp fp32"] = {"tokens_per_s": no / s, "rel_err": err}
+        print("omp", res["coder"]["omp fp32"], flush=True)
+    save()
+
+    # one full fit iteration, with phases
+    res["fit_iteration"] = {}
+    n_fit = min(n_code, 65536)
+    Yf = Y[:n_fit]
+    for fast in (False, True):
+        if over():
+            break
+        for ab in ((512, 2048) if not args.small else (32, 256)):
+            if over():
+                break
+            cfg = LearnerConfig(n_atoms=K, k=k, atom_batch_size=ab, progress=False,
+                                **(dict(precision="bf16", candidates=min(512, K // 2)) if fast else {}))
+            Dw = D.clone()
+            gen = torch.Generator().manual_seed(0)
+            t_code, c = timed(lambda: encode(Yf, Dw, k, G=G, validate=False, precision=cfg.precision,
+                                             candidates=cfg.candidates), repeat=1)
+            R = Yf - c.decode(Dw)
+            sync()
+            t = time.perf_counter()
+            st = update_atoms(R, Dw, c, ab, generator=gen)
+            sync()
+            t_upd = time.perf_counter() - t
+            t = time.perf_counter()
+            gram(Dw)
+            sync()
+            t_gram = time.perf_counter() - t
+            Dw = D.clone()
+            s, rec = timed(lambda: _iteration(Yf, Dw, G, cfg, None, ab, gen, lambda x: x), repeat=2, warmup=1)
+            key = f"{'fast' if fast else 'exact'} coder, atom batch {ab}"
+            res["fit_iteration"][key] = {"tokens_per_s": n_fit / s, "seconds": s, "code_s": t_code, "update_s": t_upd,
+                                         "gram_s": t_gram, "rank1_iters": st.mean_rank1_iters,
+                                         "fvu": rec["fvu"], "fvu_after_update": rec["fvu_after_update"]}
+            print(key, res["fit_iteration"][key], flush=True)
+            save()
+
+    # TopK SAE training step at the same width / k
+    if not over():
+        sae = TopKSAE(d, K, k).to(dev)
+        with torch.no_grad():
+            sae.W_dec.copy_(D)
+            sae.W_enc.copy_(D.T)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+        tcfg = TopKConfig(n_latents=K, k=k)
+        dead = torch.zeros(K, dtype=torch.bool, device=dev)
+        bs = min(8192, n_code)
+
+        def step():
+            x = Y[:bs]
+            loss, _, _ = _step_loss(sae, x, dead, tcfg)
+            opt.zero_grad()
+            loss.backward()
+            _remove_parallel_grad(sae)
+            opt.step()
+
+        s, _ = timed(step, repeat=5, warmup=2)
+        res["topk_sae_step_tokens_per_s"] = bs / s
+        print("topk step tokens/s", bs / s, flush=True)
+    res["wall_s"] = time.perf_counter() - t_start
+    save()
+
+
+if __name__ == "__main__":
+    main()
