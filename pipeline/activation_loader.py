@@ -3,8 +3,9 @@
 Each epoch visits every row of the split exactly once. Shuffling is two-level and seeded by
 ``(seed, epoch)``: the shard order is permuted, shards are read ``shuffle_shards`` at a time into a buffer
 (plus the rows left over from the previous buffer), and batches are drawn from a random permutation of that
-buffer. A background thread reads (and checksums) shards and moves batches to the target device while the
-consumer computes, keeping ``prefetch`` batches ready.
+buffer. Worker threads read (and checksum) the next shards while a background thread gathers batches and
+moves them to the target device, keeping ``prefetch`` batches ready while the consumer computes. With a CUDA
+target, shards travel to the GPU once in the store dtype and batches are gathered and cast there.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,11 +43,12 @@ class ActivationLoader:
         prefetch: batches kept ready by the background thread (0: no thread).
         shuffle_shards: shards mixed together per buffer (more = better mixing, more memory).
         drop_last: drop the final incomplete batch of each epoch.
+        read_workers: threads reading + checksumming the next group's shards (up to two groups ahead).
     """
 
     def __init__(self, store: "ActivationStore", batch_size: int, *, split: str = "train", shuffle: bool = True,
                  seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 prefetch: int = 4, shuffle_shards: int = 4, drop_last: bool = False) -> None:
+                 prefetch: int = 4, shuffle_shards: int = 4, drop_last: bool = False, read_workers: int = 2) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if shuffle_shards < 1:
@@ -53,6 +57,7 @@ class ActivationLoader:
         self.shuffle, self.seed, self.dtype = shuffle, seed, dtype
         self.device = torch.device(device or "cpu")
         self.prefetch, self.shuffle_shards, self.drop_last = prefetch, shuffle_shards, drop_last
+        self.read_workers = max(1, read_workers)
         self.epoch = 0
         self.n_rows = store.n_rows(split)
         if self.n_rows == 0:
@@ -116,22 +121,62 @@ class ActivationLoader:
         shards = self.store.shards(self.split)
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(shards)) if self.shuffle else np.arange(len(shards))
-        carry = torch.empty(0, self.d, dtype=self.store.dtype)
+        # gather on the GPU when the target is one (the shards travel once, in the store dtype)
+        work = self.device if self.device.type == "cuda" else torch.device("cpu")
+        carry = torch.empty(0, self.d, dtype=self.store.dtype, device=work)
         b = self.batch_size
-        for g in range(0, len(order), self.shuffle_shards):
-            parts = [carry] + [self.store.read_shard(shards[i]) for i in order[g:g + self.shuffle_shards]]
-            buf = torch.cat(parts) if len(parts) > 1 else parts[0]
-            perm = torch.from_numpy(rng.permutation(len(buf))) if self.shuffle else torch.arange(len(buf))
-            last = g + self.shuffle_shards >= len(order)
-            n_full = len(buf) if last else len(buf) // b * b
-            for s in range(0, n_full, b):
-                idx = perm[s:min(s + b, n_full)]
-                if last and len(idx) < b and self.drop_last:
-                    break
-                yield self._to_target(buf[idx])
-            carry = buf[perm[n_full:]]
+        # shards of the next group are read and checksummed by worker threads while this one is served
+        pool = ThreadPoolExecutor(max_workers=self.read_workers, thread_name_prefix="shard-read")
+        pending: deque = deque()
+        upcoming = iter(order)
+
+        def read_ahead() -> None:
+            i = next(upcoming, None)
+            if i is not None:
+                pending.append(pool.submit(lambda s: self._to_work(self.store.read_shard(s), work), shards[i]))
+
+        try:
+            for _ in range(2 * self.shuffle_shards):
+                read_ahead()
+            for g in range(0, len(order), self.shuffle_shards):
+                parts = [carry]
+                for _ in order[g:g + self.shuffle_shards]:
+                    parts.append(pending.popleft().result())
+                    read_ahead()
+                offsets = np.cumsum([0] + [len(p) for p in parts])
+                n = int(offsets[-1])
+                perm = rng.permutation(n) if self.shuffle else np.arange(n)
+                part_of = np.searchsorted(offsets, perm, side="right") - 1
+                local = perm - offsets[part_of]
+                last = g + self.shuffle_shards >= len(order)
+                n_full = n if last else n // b * b
+                for s in range(0, n_full, b):
+                    e = min(s + b, n_full)
+                    if last and e - s < b and self.drop_last:
+                        break
+                    yield self._to_target(_gather(parts, part_of[s:e], local[s:e], work))
+                carry = _gather(parts, part_of[n_full:], local[n_full:], work)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _to_work(x: torch.Tensor, work: torch.device) -> torch.Tensor:
+        if work.type == "cuda":
+            return x.pin_memory().to(work, non_blocking=True)
+        return x
 
     def _to_target(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
         return x.to(device=self.device, dtype=self.dtype)
+
+
+def _gather(parts: list[torch.Tensor], part_of: np.ndarray, local: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Rows ``parts[part_of[i]][local[i]]`` for every i, in order: (len(local), d)."""
+    d, dtype = parts[-1].shape[1], parts[-1].dtype
+    used = np.unique(part_of)
+    if len(used) == 1:
+        return parts[used[0]][torch.from_numpy(local).to(device)]
+    out = torch.empty(len(local), d, dtype=dtype, device=device)
+    for p in used:
+        pos = np.flatnonzero(part_of == p)
+        out[torch.from_numpy(pos).to(device)] = parts[p][torch.from_numpy(local[pos]).to(device)]
+    return out

@@ -29,13 +29,13 @@ import logging
 import math
 import os
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,27 @@ class StoreWriter:
                            (json.dumps(self.manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _tensor_view(data: bytearray, path: Path) -> torch.Tensor:
+    """The :data:`SHARD_TENSOR` of a safetensors file's bytes, as a view (no copy)."""
+    try:
+        (n,) = struct.unpack_from("<Q", data, 0)
+        header = json.loads(bytes(data[8:8 + n]))
+        meta = header[SHARD_TENSOR]
+        dtype, shape = _ST_DTYPES[meta["dtype"]], meta["shape"]
+        start, end = meta["data_offsets"]
+    except (struct.error, ValueError, KeyError) as exc:
+        raise ChecksumError(f"{path} is not a readable activation shard ({exc})") from None
+    if 8 + n + end > len(data):
+        raise ChecksumError(f"{path} is truncated")
+    if end == start:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype, count=(end - start) // (torch.finfo(dtype).bits // 8),
+                            offset=8 + n + start).view(shape)
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
@@ -214,6 +235,7 @@ class ActivationStore:
         self.d: int = int(self.info["d"])
         self.dtype: torch.dtype = DTYPES[self.manifest["dtype"]]
         self.verify = verify
+        self._verified: set[str] = set()
 
     def __repr__(self) -> str:
         return (f"ActivationStore({str(self.path)!r}, hook={self.hook!r}, rows={self.n_rows()}, d={self.d}, "
@@ -229,18 +251,26 @@ class ActivationStore:
         return float(self._split(split)["mean_norm"])
 
     def read_shard(self, shard: dict[str, Any]) -> torch.Tensor:
-        """One shard as a (rows, d) tensor in the store dtype, checksum-verified when ``verify``."""
+        """One shard as a (rows, d) tensor in the store dtype.
+
+        With ``verify``, the sha256 is checked the first time this object reads the shard. The tensor is a
+        zero-copy view of the file's bytes (read once into memory).
+        """
         path = self.path / shard["file"]
         if not path.is_file():
             raise FileNotFoundError(f"shard {shard['file']} of {self.path} is missing; re-run the harvest")
-        data = path.read_bytes()
-        if self.verify and sha256_bytes(data) != shard["sha256"]:
-            raise ChecksumError(f"shard {shard['file']} of {self.path} is corrupted (sha256 mismatch); "
-                                "delete it and its manifest entry, or re-run the harvest into a fresh folder")
-        x = st_load(data)[SHARD_TENSOR]
-        if tuple(x.shape) != (shard["rows"], self.d):
-            raise ChecksumError(f"shard {shard['file']} has shape {tuple(x.shape)}, manifest says "
-                                f"({shard['rows']}, {self.d})")
+        data = bytearray(path.stat().st_size)
+        with open(path, "rb") as fh:
+            fh.readinto(data)
+        if self.verify and shard["file"] not in self._verified:
+            if sha256_bytes(data) != shard["sha256"]:
+                raise ChecksumError(f"shard {shard['file']} of {self.path} is corrupted (sha256 mismatch); "
+                                    "delete it and its manifest entry, or re-run the harvest into a fresh folder")
+            self._verified.add(shard["file"])
+        x = _tensor_view(data, path)
+        if tuple(x.shape) != (shard["rows"], self.d) or x.dtype != self.dtype:
+            raise ChecksumError(f"shard {shard['file']} holds {x.dtype} {tuple(x.shape)}, the manifest says "
+                                f"{self.dtype} ({shard['rows']}, {self.d})")
         return x
 
     def verify_all(self) -> None:

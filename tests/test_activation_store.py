@@ -105,3 +105,13 @@ def test_bad_inputs_are_clear(tmp_path):
         check_disk_space(tmp_path, 1 << 62)
     with pytest.raises(ValueError, match="heldout_fraction"):
         heldout_mask(np.arange(3), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_loader_matches_cpu(store_path):
+    store = ActivationStore(store_path)
+    cpu = torch.cat(list(store.loader(64, seed=5)))
+    gpu = list(store.loader(64, seed=5, device="cuda"))
+    assert gpu[0].device.type == "cuda" and gpu[0].dtype == torch.float32
+    assert torch.equal(torch.cat(gpu).cpu(), cpu)
