@@ -123,6 +123,10 @@ class StoreWriter:
                 self.manifest["hooks"][hook] = {**info, **{s: {"rows": 0, "shards": []} for s in SPLITS}}
         for hook in self.manifest["hooks"]:
             (self.path / hook).mkdir(parents=True, exist_ok=True)
+            for stale in (self.path / hook).glob(".*.tmp-*"):  # left by a killed write
+                stale.unlink()
+        for stale in self.path.glob(".*.tmp-*"):
+            stale.unlink()
 
     @property
     def done_shards(self) -> int:

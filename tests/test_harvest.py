@@ -79,6 +79,7 @@ def test_killed_then_resumed_is_byte_identical(tiny_hooked_model, text_files, tm
         if index == 3:
             # crash between a shard's rename and the manifest update: file there, not listed
             (self.path / HOOKS[0] / "train-00003.safetensors").write_bytes(b"half-written")
+            (self.path / HOOKS[1] / ".train-00003.safetensors.tmp-999").write_bytes(b"killed mid-write")
             raise KeyboardInterrupt("killed")
         return original(self, index, *args, **kwargs)
 
