@@ -386,7 +386,9 @@ class _BatchSource:
                 idx = perm[b * bs:(b + 1) * bs].to(self.tensor.device)
                 yield self.tensor[idx].to(self.device, torch.float32)
             return
-        for b, batch in enumerate(self.iterable):
+        # a loader that can replay a given epoch (e.g. ActivationLoader.epoch_batches) makes resume exact
+        batches = self.iterable.epoch_batches(e) if hasattr(self.iterable, "epoch_batches") else self.iterable
+        for b, batch in enumerate(batches):
             if b < skip:
                 continue
             batch = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -33,6 +33,7 @@ import os
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.codes import Codes
@@ -334,17 +335,21 @@ def _masked_solve(Gs: Tensor, c: Tensor, valid: Tensor) -> Tensor:
 
 
 def _omp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float) -> Codes:
-    """Batch-OMP on one chunk: progressive Cholesky of ``G`` on the support, correlations only."""
+    """Batch-OMP on one chunk: progressive Cholesky of ``G`` on the support, correlations only.
+
+    Each step recomputes ``c = C0 − G[S] x_S`` straight from the rows of G (an embedding-bag sum, no copies
+    of Gram rows), adds the best atom to the factor ``L L^T = G[S, S]`` and re-solves ``x_S``.
+    """
     m, K = C0.shape
     device, dtype = C0.device, C0.dtype
     norm2 = Y.pow(2).sum(dim=1)
     thresh = (rtol * rtol) * norm2
     idx = torch.zeros(m, k, dtype=torch.long, device=device)
     L = torch.zeros(m, k, k, dtype=dtype, device=device)
-    Grows = torch.empty(m, k, K, dtype=dtype, device=device)
     x_out = torch.zeros(m, k, dtype=dtype, device=device)
     active = (norm2 > 0) & (norm2 > thresh)
-    c = C0.clone()
+    c = C0
+    Gflat = G.reshape(-1)
     tiny = 1e-6 if dtype == torch.float32 else 1e-12
     for t in range(k):
         if not bool(active.any()):
@@ -355,40 +360,33 @@ def _omp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol
             a, j = c.max(dim=1)
             ok = a > 0
         else:
-            j = c.abs().argmax(dim=1)
-            ok = c.gather(1, j[:, None]).squeeze(1) != 0
-        Grows[:, t] = G.index_select(0, j)
+            hi, j_hi = c.max(dim=1)
+            lo, j_lo = c.min(dim=1)
+            j = torch.where(hi >= -lo, j_hi, j_lo)
+            ok = torch.maximum(hi, -lo) > 0
         if t > 0:
-            g = Grows[:, :t].gather(2, j[:, None, None].expand(m, t, 1))  # (m, t, 1) = G[S, j]
+            g = Gflat.take(idx[:, :t] * K + j[:, None]).unsqueeze(-1)  # (m, t, 1) = G[S, j]
             w = torch.linalg.solve_triangular(L[:, :t, :t], g, upper=False).squeeze(-1)
             diag2 = 1 - (w * w).sum(dim=1)
             ok = ok & (diag2 > tiny)
-            L[:, t, :t] = w
-            L[:, t, t] = diag2.clamp(min=tiny).sqrt()
+            L[:, t, :t] = torch.where((active & ok)[:, None], w, torch.zeros_like(w))
+            L[:, t, t] = torch.where(active & ok, diag2.clamp(min=tiny).sqrt(), torch.ones_like(diag2))
         else:
             L[:, 0, 0] = 1
         active = active & ok
         idx[:, t] = torch.where(active, j, idx[:, t])
-        # rows that stopped get an identity pivot so their factor stays well-posed
-        L[:, t, :t] = torch.where(active[:, None], L[:, t, :t], torch.zeros_like(L[:, t, :t]))
-        L[:, t, t] = torch.where(active, L[:, t, t], torch.ones_like(L[:, t, t]))
-        c0s = C0.gather(1, idx[:, :t + 1]) * _prefix_mask(active, x_out, t)
+        c0s = C0.gather(1, idx[:, :t + 1]) if t == 0 else torch.cat([c0s_prev, C0.gather(1, idx[:, t:t + 1])], 1)
+        c0s[:, t] = c0s[:, t] * active
+        c0s_prev = c0s
         x = torch.cholesky_solve(c0s.unsqueeze(-1), L[:, :t + 1, :t + 1]).squeeze(-1)
         x_out[:, :t + 1] = torch.where(active[:, None], x, x_out[:, :t + 1])
         energy = norm2 - (x * c0s).sum(dim=1)
-        c = torch.baddbmm(C0.unsqueeze(1), x.unsqueeze(1), Grows[:, :t + 1], alpha=-1).squeeze(1)
+        c = C0 - F.embedding_bag(idx[:, :t + 1], G, per_sample_weights=x, mode="sum")
         active = active & (energy > thresh)
     values = x_out
     if nonnegative:
         values = _nonneg_from_ls(G, idx, values, C0)
     return Codes(idx, values)
-
-
-def _prefix_mask(active: Tensor, x_out: Tensor, t: int) -> Tensor:
-    """(m, t+1) ones, with the newest slot zeroed for rows that did not add an atom this step."""
-    mask = torch.ones(active.shape[0], t + 1, dtype=x_out.dtype, device=x_out.device)
-    mask[:, t] = active.to(x_out.dtype)
-    return mask
 
 
 def _nonneg_from_ls(G: Tensor, idx: Tensor, values: Tensor, C0: Tensor) -> Tensor:

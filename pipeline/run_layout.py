@@ -1,0 +1,102 @@
+"""Where each stage of a run writes, and how a finished stage is recognised.
+
+Layout: ``<output_root>/<experiment_name>/<stage>-<hash>/`` where the hash covers exactly the configuration
+the stage depends on: its own config nodes and those of every stage before it. Runs that differ only after
+harvest therefore share one activation store, sweeps over ``dictionary.k`` share harvest, and so on.
+
+Each stage folder holds ``config.yaml`` (the resolved config it depends on) and, once finished,
+``DONE.json`` (the completion marker, written last and atomically). A folder without the marker is an
+unfinished stage: it is resumed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+#: The stages, in order.
+STAGES = ("harvest", "fit", "evaluate", "report")
+#: Config nodes each stage reads (beyond those of earlier stages).
+STAGE_NODES = {"harvest": ("model", "data", "harvest"), "fit": ("dictionary", "baseline"),
+               "evaluate": ("eval",), "report": ("report",)}
+#: Completion marker of a stage folder.
+DONE_MARKER = "DONE.json"
+#: The resolved config a stage folder depends on.
+STAGE_CONFIG = "config.yaml"
+
+
+def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:
+    """The config nodes ``stage`` depends on (its own and all earlier stages'), resolved to plain data."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}.")
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    out: dict[str, Any] = {}
+    for s in STAGES[: STAGES.index(stage) + 1]:
+        for node in STAGE_NODES[s]:
+            if node in container:
+                out[node] = _drop_volatile(container[node])
+    return out
+
+
+def _drop_volatile(node: Any) -> Any:
+    """Remove keys that change how a run looks, not what it computes (progress bars, devices for harvest
+    are kept since they change the bytes)."""
+    if isinstance(node, dict):
+        return {k: _drop_volatile(v) for k, v in node.items() if k not in ("progress",)}
+    return node
+
+
+def stage_hash(cfg: DictConfig | dict, stage: str) -> str:
+    blob = json.dumps(stage_config(cfg, stage), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def experiment_dir(cfg: DictConfig | dict) -> Path:
+    return Path(cfg["output_root"]) / str(cfg["experiment_name"])
+
+
+def stage_dir(cfg: DictConfig | dict, stage: str) -> Path:
+    """``<output_root>/<experiment_name>/<stage>-<hash>``."""
+    return experiment_dir(cfg) / f"{stage}-{stage_hash(cfg, stage)}"
+
+
+def is_done(folder: Path) -> bool:
+    return (Path(folder) / DONE_MARKER).is_file()
+
+
+def prepare(folder: Path, cfg: DictConfig | dict, stage: str) -> Path:
+    """Create the stage folder and write its config (kept if already there and identical)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(OmegaConf.create(stage_config(cfg, stage)))
+    path = folder / STAGE_CONFIG
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return folder
+
+
+def mark_done(folder: Path, **info: Any) -> None:
+    """Write the completion marker (last, atomically)."""
+    atomic_write_text(Path(folder) / DONE_MARKER,
+                      json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, indent=2,
+                                 default=str))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
