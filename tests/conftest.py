@@ -118,3 +118,98 @@ def text_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (root / "empty.jsonl").write_text("")
     return {"txt_glob": root / "txt" / "*.txt", "jsonl": root / "docs.jsonl", "parquet": root / "docs.parquet",
             "empty": root / "empty.jsonl", "docs": docs}
+
+
+# ======================================================================================================
+# Evaluate / report fixtures (owned by the evaluate-stage work): a tiny harvested store, a dictionary and a
+# TopK SAE fitted on it, labelled passages shaped like SAEBench's two-attribute data, and the eval config.
+# The model is the randomly initialised tiny Llama above, so metric values are meaningless; the tests check
+# that SAEBench's code runs end to end and what the stage records.
+# ======================================================================================================
+EVAL_CONTEXT = 32
+
+
+def make_labelled_documents(n_titles: int = 3, n_paragraphs: int = 96, seed: int = 5) -> list[dict[str, str]]:
+    """``n_titles`` generated "novels"; every other paragraph holds dialogue (a quotation)."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(n_titles):
+        sents = make_sentences(n_paragraphs * 3, seed=seed + t)
+        paras = []
+        for i in range(n_paragraphs):
+            body = " ".join(sents[3 * i:3 * i + 3])
+            if i % 2:
+                body = f'"{body}" said the {rng.choice(["sister", "friend", "visitor"])}.'
+            paras.append(body)
+        out.append({"title": f"book{t}", "text": "\n\n".join(paras)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path, text_files) -> dict[str, Any]:
+    """Store + dictionary + TopK baseline + labelled jsonl for the evaluate/report tests."""
+    from pipeline.dictionary import CoderSettings, Dictionary
+    from pipeline.harvest import harvest
+    from pipeline.models import load_model
+    from pipeline.topk_sae import train_topk_sae
+
+    root = tmp_path_factory.mktemp("eval_inputs")
+    model = load_model("tiny-local", path=tiny_hf_dir)
+    docs = make_documents(120, seed=3)
+    store = harvest(model, docs, root / "harvest" / "store", hooks=["blocks.1.hook_resid_post"], n_tokens=3200,
+                    context_length=EVAL_CONTEXT, batch_size=8, heldout_fraction=0.1, progress=False)
+    from pipeline.activation_store import ActivationStore
+
+    Y = ActivationStore(store).load_all()
+    g = torch.Generator().manual_seed(0)
+    atoms = Y[torch.randperm(Y.shape[0], generator=g)[:64]]
+    atoms = atoms / atoms.norm(dim=1, keepdim=True)
+    d = Dictionary(atoms, CoderSettings(k=4), history=[{"iteration": i, "fvu": 1.0 / (i + 1), "l0": 4.0,
+                                                         "dead_fraction": 0.0, "seconds": float(i)}
+                                                        for i in range(3)])
+    fit = root / "fit"
+    d.save(fit / "dictionary")
+    train_topk_sae(Y, 64, 4, max_steps=5, batch_size=256, progress=False).save(fit / "topk")
+    labelled = root / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in make_labelled_documents()))
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return {"root": root, "store": store, "fit": fit, "labelled": labelled, "corpus": corpus, "model": model,
+            "tiny_hf_dir": tiny_hf_dir}
+
+
+def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> Any:
+    """The config of a tiny evaluate run (SAEBench sizes shrunk to seconds)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "output_root": str(out), "experiment_name": "tiny",
+        "model": {"name": "tiny-local", "path": str(inputs["tiny_hf_dir"]), "device": "cpu", "dtype": "float32",
+                  "n_ctx": None, "layer": 1},
+        "data": {"kind": "files", "paths": [str(inputs["corpus"])]},
+        "harvest": {"n_tokens": 3200, "context_length": EVAL_CONTEXT, "heldout_fraction": 0.1, "progress": False},
+        "eval": {
+            "metrics": metrics, "saes": ["dictionary", "topk"], "llm_batch_size": 8,
+            "labelled": {"jsonl": str(inputs["labelled"]), "min_words": 5, "test_every": 3},
+            "core": {"context_size": EVAL_CONTEXT, "batch_size_prompts": 4, "n_eval_reconstruction_batches": 1,
+                     "n_eval_sparsity_variance_batches": 2},
+            "absorption": {"vocab_size": 120, "min_words_per_letter": 2, "config": {
+                "min_feats_for_eval": 1, "min_GT_probe_f1": 0.0, "max_k_value": 2, "k_sparse_probe_num_epochs": 2,
+                "llm_batch_size": 16}},
+            "sparse_probing": {"config": {"dataset_names": ["austen_labelled"], "probe_train_set_size": 40,
+                                          "probe_test_set_size": 20, "context_length": EVAL_CONTEXT,
+                                          "k_values": [1, 2], "sae_batch_size": 16}},
+            "scr": {"config": {"dataset_names": ["austen_labelled"], "train_set_size": 40, "test_set_size": 20,
+                               "column1_vals_lookup": {"austen_labelled": [["book0", "book1"]]},
+                               "context_length": EVAL_CONTEXT, "probe_epochs": 2, "n_values": [2, 5],
+                               "sae_batch_size": 16}},
+            "tpp": {"config": {"dataset_names": ["austen_labelled"], "train_set_size": 40, "test_set_size": 20,
+                               "context_length": EVAL_CONTEXT, "probe_epochs": 2, "n_values": [2, 5],
+                               "sae_batch_size": 16}},
+            "autointerp": {"config": {"n_latents": 3, "total_tokens": 4000, "llm_context_size": EVAL_CONTEXT,
+                                      "n_top_ex_for_generation": 2, "n_iw_sampled_ex_for_generation": 1,
+                                      "n_top_ex_for_scoring": 1, "n_random_ex_for_scoring": 2,
+                                      "n_iw_sampled_ex_for_scoring": 1, "buffer": 2}},
+            "ravel": {"config": {}}, "unlearning": {"config": {}},
+        },
+    })
