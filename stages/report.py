@@ -1,0 +1,46 @@
+"""Report stage: ``report.md`` (table of every metric, fit curve, SAEBench-style plots, config) in its folder.
+
+    python -m stages.report
+
+Gathers every finished or partial evaluate folder of the experiment (``<output_root>/<experiment>/evaluate-*``),
+so a sweep (Hydra multirun over dictionary settings) gets one combined table and plot.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.report import write_report
+from pipeline.run_layout import experiment_dir, mark_done, prepare, stage_dir
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig | dict, *, run_dir: str | Path | None = None,
+        eval_folders: list[str | Path] | None = None) -> Path:
+    """Write the report; returns its folder. ``eval_folders`` defaults to every ``evaluate-*`` folder of the
+    experiment."""
+    folder = Path(run_dir) if run_dir else stage_dir(cfg, "report")
+    prepare(folder, cfg, "report")
+    if eval_folders is None:
+        eval_folders = sorted(p for p in experiment_dir(cfg).glob("evaluate-*") if (p / "saes.json").exists())
+    cfg_yaml = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(OmegaConf.create(cfg))
+    path = write_report([Path(p) for p in eval_folders], folder, cfg_yaml,
+                        title=f"DB-KSVD report: experiment `{cfg['experiment_name']}`")
+    mark_done(folder, report=str(path), evaluations=[str(p) for p in eval_folders])
+    log.info("report: %s", path)
+    return folder
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    folder = run(cfg)
+    print(f"report: {folder / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
