@@ -33,8 +33,8 @@ from pipeline.codes import Codes
 
 Reduce = Callable[[Tensor], Tensor]
 
-#: Largest number of gathered residual entries (rows × d) held at once by one compute chunk.
-_GATHER_BUDGET = 1 << 26
+#: Largest number of gathered residual entries (rows × d) held at once by one compute chunk (CPU, CUDA).
+_GATHER_BUDGET = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 
 @dataclass
@@ -103,6 +103,7 @@ def update_atoms(
     rows_all = nz // codes.k
     starts = torch.searchsorted(ent_rank, torch.arange(0, n_used + 1, device=device)).tolist()
     iters_total, n_batches = 0, 0
+    budget = _GATHER_BUDGET.get(device.type, _GATHER_BUDGET["cpu"])
     for b0 in range(0, n_used, atom_batch_size):
         b1 = min(b0 + atom_batch_size, n_used)
         batch_atoms = order[b0:b1]
@@ -111,7 +112,7 @@ def update_atoms(
         a0 = b0
         while a0 < b1:
             a1 = a0 + 1
-            while a1 < b1 and (starts[a1 + 1] - starts[a0]) * d <= _GATHER_BUDGET:
+            while a1 < b1 and (starts[a1 + 1] - starts[a0]) * d <= budget:
                 a1 += 1
             e0, e1 = starts[a0], starts[a1]
             ent = nz[e0:e1]

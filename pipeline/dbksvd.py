@@ -168,7 +168,7 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
         centre = source.mean() if cfg.center else None
         D = _init_atoms(first if centre is None else first - centre, n_atoms, cfg.init, gen)
         history, it, epoch, batch_pos, elapsed0 = [], 0, 0, 0, 0.0
-    G = gram(D)
+    G = gram(D, cfg.precision)
     t0 = time.perf_counter() - elapsed0
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not cfg.progress, desc="DB-KSVD", unit="it")
     stop = _stop_reason(cfg, history, it, epoch, 0.0)
@@ -244,7 +244,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     err_after = float(R.pow(2).sum())
     dead = usage == 0
     n_dead = int(dead.sum())
-    G = gram(D)
+    G = gram(D, cfg.precision)
     n_dup = 0
     if cfg.duplicate_threshold is not None:
         dup = _duplicates(G, usage, cfg.duplicate_threshold)

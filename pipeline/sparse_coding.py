@@ -44,6 +44,8 @@ Precision = Literal["fp32", "tf32", "bf16"]
 
 #: How often (in greedy steps) the MP loop checks whether every row has stopped, and compacts.
 _CHECK_EVERY = 4
+#: With ``candidates``, greedy steps taken on all atoms before each sample's candidate list is drawn.
+_CANDIDATE_WARMUP = 2
 
 
 def encode(
@@ -122,18 +124,34 @@ def encode(
     return Codes.cat(parts)
 
 
-def gram(D: Tensor) -> Tensor:
-    """(K, K) Gram matrix ``D Dᵀ`` computed at full fp32 (no tf32) precision."""
-    with _matmul_precision("fp32"):
-        return D @ D.T
+def gram(D: Tensor, precision: Precision = "fp32") -> Tensor:
+    """(K, K) Gram matrix ``D Dᵀ``; fp32 by default, ``"tf32"``/``"bf16"`` use tf32 tensor cores (CUDA).
+
+    The diagonal is set to exactly 1 (the atoms are unit norm), so a picked atom's correlation drops to 0.
+    """
+    with _matmul_precision("tf32" if precision in ("tf32", "bf16") else "fp32"):
+        G = D @ D.T
+    return G.fill_diagonal_(1.0)
 
 
 def correlations(Y: Tensor, D: Tensor, precision: Precision = "fp32") -> Tensor:
-    """(n, K) ``Y Dᵀ`` in Y's dtype, with the matmul run at ``precision``."""
-    if precision == "bf16" and Y.dtype != torch.float64:
-        return (Y.to(torch.bfloat16) @ D.to(torch.bfloat16).T).to(Y.dtype)
-    with _matmul_precision(precision):
-        return Y @ D.T
+    """(n, K) ``Y Dᵀ`` in Y's dtype, with the matmul run at ``precision``.
+
+    At reduced precision the rows' mean ``μ`` is split off first: ``Y Dᵀ = (Y − μ) Dᵀ + μ Dᵀ`` with the
+    second term in full fp32, so the rounding error scales with the samples' spread, not with a large shared
+    direction (residual streams carry one whose norm dwarfs the rest).
+    """
+    if precision == "fp32" or Y.dtype == torch.float64:
+        with _matmul_precision("fp32"):
+            return Y @ D.T
+    mu = Y.mean(dim=0, keepdim=True)
+    with _matmul_precision("fp32"):
+        shared = mu @ D.T
+    if precision == "bf16":
+        C = (Y - mu).to(torch.bfloat16) @ D.to(torch.bfloat16).T
+        return C.to(Y.dtype).add_(shared)
+    with _matmul_precision("tf32"):
+        return ((Y - mu) @ D.T).add_(shared)
 
 
 @contextlib.contextmanager
@@ -181,23 +199,20 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
 
 def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, refit: bool,
               max_iter: int, candidates: int | None) -> Codes:
-    """Matching pursuit on one chunk. ``C0: (m, K)`` initial correlations, consumed in place."""
+    """Matching pursuit on one chunk. ``C0: (m, K)`` initial correlations, consumed in place.
+
+    With ``candidates``, the first :data:`_CANDIDATE_WARMUP` steps run on all K atoms (they remove the large
+    shared directions, e.g. a residual stream's mean, that would otherwise fill every sample's candidate list
+    with the same atoms); then each sample keeps its ``candidates`` largest current correlations.
+    """
     m, K = C0.shape
     device, dtype = C0.device, C0.dtype
-    if candidates is not None:
-        score = C0 if nonnegative else C0.abs()
-        S = score.topk(candidates, dim=1).indices  # (m, M) candidate atom ids
-        C = C0.gather(1, S)
-        del score
-    else:
-        S = None
-        C = C0
-    width = C.shape[1]
+    C, S = C0, None
     norm2 = Y.pow(2).sum(dim=1)
     energy = norm2.clone()
     thresh = (rtol * rtol) * norm2
-    # per-row support table: columns of C (positions) and accumulated coefficients, k+1 slots
-    slot_pos = torch.zeros(m, k + 1, dtype=torch.long, device=device)
+    # per-row support table: atom ids and accumulated coefficients, k+1 slots
+    slot_atom = torch.zeros(m, k + 1, dtype=torch.long, device=device)
     slot_val = torch.zeros(m, k + 1, dtype=dtype, device=device)
     count = torch.zeros(m, dtype=torch.long, device=device)
     done = (norm2 <= 0) | (energy <= thresh)
@@ -206,22 +221,19 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
     out_val = torch.zeros(m, k + 1, dtype=dtype, device=device)
     slot_ids = torch.arange(k + 1, device=device)
     Gflat = G.reshape(-1)
-
-    def flush(sel: Tensor) -> None:
-        """Write the finished rows ``sel`` (a mask over the working set) to the outputs."""
-        pos = slot_pos[sel]
-        out_idx[live[sel]] = pos if S is None else S[sel].gather(1, pos)
-        out_val[live[sel]] = slot_val[sel]
-
     for step in range(max_iter):
+        if candidates is not None and step == min(_CANDIDATE_WARMUP, max_iter - 1) and S is None:
+            S = (C if nonnegative else C.abs()).topk(candidates, dim=1).indices  # (m, M) atom ids
+            C = C.gather(1, S)
         if step % _CHECK_EVERY == 0 and step > 0:
             n_done = int(done.sum())
             if n_done == done.numel():
                 break
             if n_done > 0.5 * done.numel() and done.numel() > 64:
-                flush(done)
+                out_idx[live[done]] = slot_atom[done]
+                out_val[live[done]] = slot_val[done]
                 keep = ~done
-                live, C, slot_pos, slot_val = live[keep], C[keep], slot_pos[keep], slot_val[keep]
+                live, C, slot_atom, slot_val = live[keep], C[keep], slot_atom[keep], slot_val[keep]
                 count, energy, thresh, done = count[keep], energy[keep], thresh[keep], done[keep]
                 if S is not None:
                     S = S[keep]
@@ -230,32 +242,36 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
             a, p = C.max(dim=1)
             done = done | (a <= 0)
         else:
-            p = C.abs().argmax(dim=1)
-            a = C.gather(1, p[:, None]).squeeze(1)
+            hi, p_hi = C.max(dim=1)
+            lo, p_lo = C.min(dim=1)
+            p = torch.where(hi >= -lo, p_hi, p_lo)
+            a = torch.where(hi >= -lo, hi, lo)
         a = torch.where(done, torch.zeros_like(a), a)
-        atom = p if S is None else S.gather(1, p[:, None]).squeeze(1)
         if S is None:
+            atom = p
             C.addcmul_(G.index_select(0, atom), a[:, None], value=-1)
         else:
+            atom = S.gather(1, p[:, None]).squeeze(1)
             C.addcmul_(Gflat.take(atom[:, None] * K + S), a[:, None], value=-1)
         energy = energy - a * a
-        # add a to the slot holding p, or open a new slot
-        match = (slot_pos == p[:, None]) & (slot_ids[None, :] < count[:, None])
+        # add a to the slot holding this atom, or open a new slot
+        match = (slot_atom == atom[:, None]) & (slot_ids[None, :] < count[:, None])
         has = match.any(dim=1)
         pos = torch.where(has, match.to(torch.uint8).argmax(dim=1), count.clamp(max=k))
         slot_val[rows, pos] += a
-        slot_pos[rows, pos] = torch.where(done, slot_pos[rows, pos], p)
+        slot_atom[rows, pos] = torch.where(done, slot_atom[rows, pos], atom)
         count = count + (~has & ~done).long()
         # a (k+1)-th distinct atom: drop the smallest |coefficient| and stop the row
         over = count > k
         drop = slot_val.abs().argmin(dim=1)
-        last_val, last_pos = slot_val[:, k].clone(), slot_pos[:, k].clone()
+        last_val, last_atom = slot_val[:, k].clone(), slot_atom[:, k].clone()
         slot_val[rows, drop] = torch.where(over, last_val, slot_val[rows, drop])
-        slot_pos[rows, drop] = torch.where(over, last_pos, slot_pos[rows, drop])
+        slot_atom[rows, drop] = torch.where(over, last_atom, slot_atom[rows, drop])
         slot_val[:, k] = torch.where(over, torch.zeros_like(last_val), slot_val[:, k])
         count = torch.where(over, torch.full_like(count, k), count)
         done = done | over | (energy <= thresh)
-    flush(torch.ones_like(done))
+    out_idx[live] = slot_atom
+    out_val[live] = slot_val
     indices, values = out_idx[:, :k], out_val[:, :k]
     if refit:
         values = refit_coefficients(G, indices, values, support_correlations(Y, D, indices), nonnegative)

@@ -10,6 +10,7 @@ loss (top ``aux_k`` dead latents reconstruct the residual, weight 1/32) against 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -59,6 +60,8 @@ class TopKConfig:
     """Seed of init and sample order."""
     device: str | None = None
     """Where to train (default: the tensor's device, else CUDA when available)."""
+    precision: str = "fp32"
+    """Matmuls on CUDA: "fp32", "tf32" (tensor cores, fp32 storage) or "bf16" (autocast)."""
     progress: bool = True
     """Show a tqdm bar."""
 
@@ -135,6 +138,32 @@ def train_topk_sae(data: Tensor | Iterable[Tensor], n_latents: int, k: int, call
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are the fields of TopKConfig.")
     cfg = TopKConfig(n_latents=n_latents, k=k, **options)
+    if cfg.precision not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"precision = {cfg.precision!r} is not one of fp32, tf32, bf16.")
+    with _precision(cfg.precision):
+        return _train(data, cfg, callback)
+
+
+@contextlib.contextmanager
+def _precision(precision: str):
+    """tf32 matmuls or bf16 autocast on CUDA for the duration of training (no effect on CPU)."""
+    if not torch.cuda.is_available() or precision == "fp32":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        if precision == "bf16":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _train(data, cfg: TopKConfig, callback) -> TopKSAE:
+    n_latents, k = cfg.n_latents, cfg.k
     batches = _minibatches(data, cfg, epoch=0)
     first = next(batches)
     d = first.shape[1]
