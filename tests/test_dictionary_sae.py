@@ -1,0 +1,162 @@
+"""DictionarySAE: SAEBench's contract (decoder norms, test_sae-style forward, shapes, dtype), exact agreement
+with the library coder, the ± split of a signed dictionary, the code cache, and the sae-lens round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.dictionary import CoderSettings, Dictionary
+from pipeline.dictionary_sae import DictionarySAE, load_sae_lens, save_sae_lens
+from pipeline.matryoshka import matryoshka_groups
+
+D_IN, K, k = 32, 96, 5
+
+
+def _dictionary(nonnegative=True, centre=False, groups=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(K, D_IN, generator=g)
+    atoms = atoms / atoms.norm(dim=1, keepdim=True)
+    return Dictionary(atoms, CoderSettings(k=k, nonnegative=nonnegative),
+                      centre=torch.randn(D_IN, generator=g) if centre else None, groups=groups)
+
+
+def _x(*shape, seed=1):
+    return torch.randn(*shape, D_IN, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_encode_equals_library_coder(centre):
+    d = _dictionary(centre=centre)
+    sae = DictionarySAE(d, "m", 1)
+    x = _x(4, 7)
+    f = sae.encode(x)
+    assert f.shape == (4, 7, K) and bool((f >= 0).all())
+    ref = d.encode(x.reshape(-1, D_IN)).to_dense(K).reshape(4, 7, K)
+    assert torch.equal(f, ref)
+    assert torch.equal(sae.encode(x[0]), d.encode(x[0]).to_dense(K))  # (B, d) input
+    assert int((f != 0).sum(-1).max()) <= k
+    assert torch.allclose(sae.decode(f), d.decode(d.encode(x.reshape(-1, D_IN))).reshape(4, 7, D_IN), atol=1e-5)
+    assert torch.equal(sae.b_dec, d.centre if centre else torch.zeros(D_IN))
+    assert torch.equal(sae.W_enc, sae.W_dec.T) and not bool(sae.b_enc.any())
+    assert sae.cfg.architecture == "dbksvd"
+
+
+def test_matryoshka_encode_equals_library():
+    d = _dictionary(groups=matryoshka_groups(K, k, log2min=5))
+    sae = DictionarySAE(d, "m", 1)
+    x = _x(20)
+    assert torch.equal(sae.encode(x), d.encode(x).to_dense(K))
+
+
+def test_zero_rows_code_to_zero_exactly():
+    d = _dictionary()
+    sae = DictionarySAE(d, "m", 1)
+    x = _x(10)
+    x[[2, 5]] = 0
+    f = sae.encode(x)
+    assert not bool(f[[2, 5]].any())
+    # the other rows are coded in a smaller batch: same support, values equal up to matmul blocking
+    ref = d.encode(x).to_dense(K)
+    assert torch.equal(f != 0, ref != 0) and torch.allclose(f, ref, atol=1e-5)
+
+
+def test_signed_split_reconstructs_exactly():
+    d = _dictionary(nonnegative=False)
+    sae = DictionarySAE(d, "m", 1)
+    assert sae.cfg.d_sae == 2 * K and sae.signed
+    assert torch.equal(sae.W_dec, torch.cat([d.atoms, -d.atoms]))
+    x = _x(3, 6)
+    f = sae.encode(x)
+    assert f.shape == (3, 6, 2 * K) and bool((f >= 0).all())
+    codes = d.encode(x.reshape(-1, D_IN))
+    signed = codes.to_dense(K)
+    assert bool((signed < 0).any()), "the test needs negative coefficients"
+    assert torch.equal(f.reshape(-1, 2 * K)[:, :K] - f.reshape(-1, 2 * K)[:, K:], signed)
+    assert torch.equal((f != 0).sum(-1).reshape(-1), codes.l0())  # L0 unchanged by the split
+    assert torch.allclose(sae.decode(f).reshape(-1, D_IN), codes.decode(d.atoms), atol=1e-6)
+
+
+def test_saebench_checks_and_test_sae_style_forward(tiny_hooked_model):
+    """SAEBench's own decoder-norm checks and the body of BaseSAE.test_sae (whose from_pretrained needs the hub)."""
+    from sae_bench.sae_bench_utils.general_utils import check_decoder_norms, load_and_format_sae
+
+    model = tiny_hooked_model
+    d = _dictionary()
+    hook = "blocks.1.hook_resid_post"
+    sae = DictionarySAE(d, model.cfg.model_name, 1, hook)
+    assert sae.check_decoder_norms() and check_decoder_norms(sae.W_dec.data)
+    sae_id, std, _ = load_and_format_sae("dbksvd", sae, "cpu")
+    assert sae_id == "custom_sae" and std.cfg.metadata.hook_name == hook
+    _, cache = model.run_with_cache("the old house near the river", prepend_bos=True, names_filter=[hook],
+                                    stop_at_layer=2)
+    acts = cache[hook]
+    encoded = sae.encode(acts)
+    decoded = sae.decode(encoded)
+    recon = sae(acts.reshape(-1, acts.shape[-1])).reshape(acts.shape)
+    assert torch.allclose(recon, decoded)
+    assert float((encoded[:, 1:] > 0).float().sum(-1).mean()) <= k
+
+
+def test_buffers_follow_device_and_stay_fp32():
+    sae = DictionarySAE(_dictionary(), "m", 1)
+    assert {"atoms", "gram_matrix", "centre32"} <= {n for n, _ in sae.named_buffers()}
+    sae.to(device="cpu", dtype=torch.bfloat16)
+    assert sae.W_dec.dtype == torch.bfloat16 and sae.dtype == torch.bfloat16
+    assert sae.atoms.dtype == torch.float32 and sae.gram_matrix.dtype == torch.float32
+    assert torch.allclose(sae.gram_matrix, sae.atoms @ sae.atoms.T, atol=1e-6)
+    assert sae.check_decoder_norms()
+    x = _x(8).bfloat16()
+    f = sae.encode(x)
+    assert f.dtype == torch.bfloat16
+    assert torch.equal((f != 0), (DictionarySAE(_dictionary(), "m", 1).encode(x.float()) != 0))
+
+
+def test_cache_reuses_identical_batches():
+    sae = DictionarySAE(_dictionary(), "m", 1)
+    x = _x(50)
+    a = sae.encode(x)
+    hits = sae._cache.hits
+    b = sae.encode(x.clone())
+    assert sae._cache.hits == hits + 1 and torch.equal(a, b)
+    y = x.clone()
+    y[0, 0] += 1
+    sae.encode(y)
+    assert sae._cache.hits == hits + 1
+    off = DictionarySAE(_dictionary(), "m", 1, cache_bytes=0)
+    assert torch.equal(off.encode(x), a) and off._cache.hits == 0
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_sae_lens_round_trip(tmp_path, nonnegative):
+    from sae_lens import SAE
+
+    d = _dictionary(nonnegative=nonnegative, centre=True)
+    sae = DictionarySAE(d, "tiny-test", 1)
+    path = save_sae_lens(sae, tmp_path / "sae")
+    cfg = json.loads((path / "cfg.json").read_text())
+    assert cfg["k"] == k and cfg["architecture"] == "topk" and cfg["metadata"]["sae_lens_version"]
+    assert cfg["metadata"]["dbksvd_coder"]["method"] == "mp" and "approximation" in cfg["metadata"]["encoder_note"]
+    x = _x(30)
+    ours = sae.encode(x)
+    # exact: the registered "dbksvd" architecture runs the project's coder
+    exact = load_sae_lens(path)
+    assert type(exact).__name__ == "DBKSVDSAE"
+    f = exact.encode(x)
+    assert torch.allclose(f, ours, atol=1e-5)
+    assert torch.equal((f != 0).sum(-1), (ours != 0).sum(-1))
+    assert torch.allclose(exact.decode(f), sae(x), atol=1e-5)
+    # plain sae-lens: loads as topk (approximate encoder: top-k of correlations), same decoder
+    plain = SAE.load_from_disk(str(path))
+    assert type(plain).__name__ == "TopKSAE"
+    g = plain.encode(x)
+    assert int((g != 0).sum(-1).max()) <= k
+    assert torch.allclose(plain.decode(ours), sae.decode(ours), atol=1e-5)
+    err_exact = (x - exact.decode(f)).pow(2).sum()
+    err_plain = (x - plain.decode(g)).pow(2).sum()
+    assert float(err_exact.detach()) < float(err_plain.detach())  # MP reconstructs better than top-k of correlations
+    # a folder declaring the registered architecture loads with plain SAE.load_from_disk once imported
+    path2 = save_sae_lens(sae, tmp_path / "sae2", architecture="dbksvd")
+    assert type(SAE.load_from_disk(str(path2))).__name__ == "DBKSVDSAE"
