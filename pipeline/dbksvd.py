@@ -217,6 +217,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
                  validate=False)
     update = dict(nonnegative=cfg.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
                   approximate=cfg.approximate, generator=gen, reduce=reduce)
+    clock = _Clock(D.device)
     denom = float((Yb - Yb.mean(0)).pow(2).sum().clamp(min=1e-30))
     usage = torch.zeros(D.shape[0], device=D.device)
     err_before, iters, l0 = 0.0, [], torch.zeros(Yb.shape[0], device=D.device)
@@ -224,7 +225,9 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         codes = encode(Yb, D, cfg.k, G=G, **coder)
         R = Yb - codes.decode(D)
         err_before = float(R.pow(2).sum())
+        clock.lap("code")
         stats = update_atoms(R, D, codes, atom_batch, **update)
+        clock.lap("update")
         iters.append(stats.mean_rank1_iters)
         _count_usage(usage, codes)
         l0 += codes.l0()
@@ -235,13 +238,16 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
             codes = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=G[g.start:g.end, g.start:g.end],
                            **coder)
             R = R - codes.decode(Dg)
+            clock.lap("code")
             stats = update_atoms(R, Dg, codes, atom_batch, **update)
+            clock.lap("update")
             D[g.start:g.end] = Dg
             iters.append(stats.mean_rank1_iters)
             _count_usage(usage[g.start:g.end], codes)
             l0 += codes.l0()
         err_before = float("nan")
     err_after = float(R.pow(2).sum())
+    clock.lap("update")
     dead = usage == 0
     n_dead = int(dead.sum())
     G = gram(D, cfg.precision)
@@ -256,10 +262,31 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         rows = D[ids] @ D.T
         G[ids] = rows
         G[:, ids] = rows.T
+    clock.lap("reseed")
     fvu_after = err_after / denom
-    return dict(fvu=(err_before / denom) if err_before == err_before else fvu_after, fvu_after_update=fvu_after,
+    return dict(**clock.seconds, fvu=(err_before / denom) if err_before == err_before else fvu_after, fvu_after_update=fvu_after,
                 l0=float(l0.float().mean()), dead_fraction=n_dead / D.shape[0], n_duplicates=n_dup,
                 rank1_iters=sum(iters) / len(iters), G=G)
+
+
+class _Clock:
+    """Per-phase wall time of an iteration (synchronising CUDA so the phases are real)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.t = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = self._now()
+        key = f"{phase}_seconds"
+        self.seconds[key] = self.seconds.get(key, 0.0) + now - self.t
+        self.t = now
 
 
 def _count_usage(usage: Tensor, codes: Codes) -> None:
