@@ -258,10 +258,8 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         dead = dead | dup
     if cfg.reseed is not None and bool(dead.any()):
         _reseed(D, dead, R, cfg.reseed, gen)
-        ids = dead.nonzero().squeeze(1)
-        rows = D[ids] @ D.T
-        G[ids] = rows
-        G[:, ids] = rows.T
+        # recomputed whole (not patched): G must be a function of D alone, so a resumed fit sees the same G
+        G = gram(D, cfg.precision)
     clock.lap("reseed")
     fvu_after = err_after / denom
     return dict(**clock.seconds, fvu=(err_before / denom) if err_before == err_before else fvu_after, fvu_after_update=fvu_after,

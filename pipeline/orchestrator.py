@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.config_check import check_config
-from pipeline.run_layout import STAGES, is_done, stage_dir
+from pipeline.run_layout import DONE_MARKER, STAGES, is_done, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,16 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
     check_config(cfg)
     selected = STAGES if cfg.stage == "all" else (cfg.stage,)
     out: dict[str, Path] = {}
+    rerun_later = False
     for stage in selected:
         folder = stage_dir(cfg, stage)
+        if rerun_later:  # an earlier stage ran again: this one must follow (it resumes from what it has)
+            (folder / DONE_MARKER).unlink(missing_ok=True)
         if is_done(folder):
             log.info("%-8s done already: %s", stage, folder)
             out[stage] = folder
             continue
+        rerun_later = True
         t = time.perf_counter()
         log.info("%-8s running -> %s", stage, folder)
         if stage == "harvest":
