@@ -173,10 +173,10 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
     """Samples per chunk so that the coder's working set fits comfortably in free memory.
 
     Per sample the MP coder holds its correlation row (K or ``candidates`` values) plus one gathered Gram row;
-    OMP also keeps its k gathered Gram rows. CPU chunks are kept cache-sized.
+    OMP also keeps a k × k Cholesky factor. CPU chunks stay near the size of the last-level cache.
     """
     width = candidates if candidates is not None else K
-    per_row = bytes_per * (3 * width + (k * K if method == "omp" else 0)) + 8 * width + 64 * k
+    per_row = bytes_per * (3 * width + (k * k if method == "omp" else 0)) + 8 * width + 64 * k
     per_row += bytes_per * K  # the initial correlation block
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -187,7 +187,7 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             avail = 4 << 30
-        budget = min(avail // 4, 48 << 20)
+        budget = min(avail // 4, 96 << 20)
         cap = 4096
     return int(max(16, min(cap, budget // per_row)))
 
