@@ -222,7 +222,7 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
     slot_ids = torch.arange(k + 1, device=device)
     Gflat = G.reshape(-1)
     for step in range(max_iter):
-        if candidates is not None and step == min(_CANDIDATE_WARMUP, max_iter - 1) and S is None:
+        if candidates is not None and S is None and step == min(_CANDIDATE_WARMUP, max_iter - 1):
             S = (C if nonnegative else C.abs()).topk(candidates, dim=1).indices  # (m, M) atom ids
             C = C.gather(1, S)
         if step % _CHECK_EVERY == 0 and step > 0:

@@ -57,3 +57,16 @@ def test_unused_atoms_are_left_alone():
     stats = update_atoms(R, D, codes, 8, nonnegative=False)
     assert stats.n_used <= 50
     assert torch.equal(D[50:], before)
+
+
+def test_gpu_and_cpu_segment_sums_agree():
+    """The CUDA path (atomic index-add) and the CPU path (embedding bag) compute the same E_jᵀ x."""
+    from pipeline.atom_update import _Segments
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.sort(torch.randint(0, 20, (500,), generator=g)).values
+    Rg, w = torch.randn(500, 16, generator=g), torch.randn(500, generator=g)
+    seg = _Segments(pos, 20, Rg)
+    bags = seg.sum_rows(Rg, w)
+    seg.bags = False
+    torch.testing.assert_close(bags, seg.sum_rows(Rg, w), atol=1e-5, rtol=1e-5)
