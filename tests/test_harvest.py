@@ -164,20 +164,18 @@ def test_harvest_module_exports():
 # --------------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_smollm2_real_model_row_matches_forward(tmp_path):
-    """The real offline SmolLM2-135M (setup.sh) on Austen: a stored row equals the model's own forward pass."""
-    from pipeline.harvest import harvest_to_store
+    """The real offline SmolLM2-135M (setup.sh) on Austen: stored rows equal the model's own forward pass."""
     from pipeline.models import load_model
     from pipeline.text import TextSource, iter_documents
 
     hook = "blocks.15.hook_resid_post"
-    path = harvest_to_store("smollm2-135m", layer=15, text="austen", n_tokens=256, out_dir=tmp_path / "s",
-                            context_length=128, batch_size=2, heldout_fraction=0.0, progress=False,
-                            masking=NO_MASK)
+    model = load_model("smollm2-135m")
+    docs = list(iter_documents(TextSource(kind="austen")))[:1]
+    path = harvest(model, docs, tmp_path / "s", hooks=[hook], n_tokens=256, context_length=128, batch_size=2,
+                   heldout_fraction=0.0, masking=NO_MASK, progress=False)
     store = ActivationStore(path)
     assert store.hook == hook and store.d == 576 and store.n_rows() == 256
-    model = load_model("smollm2-135m")
-    ctx = next(iter(iter_contexts(iter_documents(TextSource(kind="austen")), model.tokenizer, 128,
-                                  model.tokenizer.bos_token_id)))
+    ctx = next(iter(iter_contexts(docs, model.tokenizer, 128, model.tokenizer.bos_token_id)))
     assert ctx[0] == model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with torch.inference_mode():
         _, cache = model.run_with_cache(torch.tensor([ctx]), names_filter=[hook])
