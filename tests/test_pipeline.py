@@ -117,3 +117,23 @@ def test_a_bad_key_fails_before_any_work(tmp_path):
         orchestrator.run_pipeline(_cfg(tmp_path, "+dictionary.colour=red"))
     assert time.perf_counter() - t < 10
     assert not any(tmp_path.iterdir())
+
+
+def test_a_hydra_multirun_sweep_is_gathered_into_one_report(smoke):
+    """`python -m pipeline -m dictionary.k=4,8`: two fits share the store; the last report lists both."""
+    import subprocess
+    import sys
+
+    cfg, folders, _ = smoke
+    root = Path(cfg.output_root)
+    cmd = [sys.executable, "-m", "pipeline", "-m", "experiment=smoke", f"output_root={root}", "dictionary.k=4,8"]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    experiment = root / "smoke"
+    assert len(list(experiment.glob("harvest-*"))) == 1  # one store for the whole sweep
+    fits = {Dictionary.load(f / "dictionary").coder.k for f in experiment.glob("fit-*") if (f / DONE_MARKER).exists()}
+    assert {4, 8} <= fits
+    latest = max((f for f in experiment.glob("report-*")), key=lambda f: (f / DONE_MARKER).stat().st_mtime)
+    text = (latest / "report.md").read_text()
+    assert "k=4" in text.replace(" ", "") or "K256_k4" in text
+    assert "K256_k8" in text or "k=8" in text.replace(" ", "")
