@@ -140,7 +140,7 @@ def train_topk_sae(data: Tensor | Iterable[Tensor], n_latents: int, k: int, call
     cfg = TopKConfig(n_latents=n_latents, k=k, **options)
     if cfg.precision not in ("fp32", "tf32", "bf16"):
         raise ValueError(f"precision = {cfg.precision!r} is not one of fp32, tf32, bf16.")
-    with _precision(cfg.precision):
+    with _precision(cfg.precision), torch.enable_grad():  # whatever a caller (e.g. SAEBench) left switched off
         return _train(data, cfg, callback)
 
 

@@ -172,8 +172,19 @@ def run(cfg: DictConfig | dict, *, run_dir: str | Path | None = None, fit_dir: s
     """Evaluate the configured experiment's dictionary (and baselines); returns the stage folder.
 
     ``run_dir``/``fit_dir``/``store_dir`` default to the run layout's stage folders; ``model`` may be passed
-    in already loaded (else it is loaded from ``cfg.model``).
+    in already loaded (else it is loaded from ``cfg.model``). SAEBench switches autograd off globally (SCR/TPP
+    call ``torch.set_grad_enabled(False)``); the caller's mode is restored, so later work in the same process
+    (the next job of a sweep) can still train.
     """
+    grad = torch.is_grad_enabled()
+    try:
+        return _run(cfg, run_dir=run_dir, fit_dir=fit_dir, store_dir=store_dir, model=model)
+    finally:
+        torch.set_grad_enabled(grad)
+
+
+def _run(cfg: DictConfig | dict, *, run_dir: str | Path | None, fit_dir: str | Path | None,
+         store_dir: str | Path | None, model: Any) -> Path:
     from pipeline.activation_store import ActivationStore
     from pipeline.harvest_config import parse_harvest_config
     from pipeline.harvest import hook_layer

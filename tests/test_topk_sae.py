@@ -25,3 +25,15 @@ def test_iterable_data_and_step_cap():
     batches = [p.Y[i:i + 500] for i in range(0, 2000, 500)]
     sae = train_topk_sae(batches, 32, 2, batch_size=100, max_steps=7, epochs=None, progress=False)
     assert len(sae.history) == 7
+
+
+def test_trains_even_when_the_caller_switched_autograd_off():
+    """SAEBench's SCR/TPP leave torch.set_grad_enabled(False) behind; the next fit of a sweep must still train."""
+    p = planted_problem(d=16, n_atoms=32, k=2, n=1000, seed=2)
+    previous = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        sae = train_topk_sae(p.Y, 32, 2, batch_size=100, max_steps=3, epochs=None, progress=False)
+        assert len(sae.history) == 3
+    finally:
+        torch.set_grad_enabled(previous)
