@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
+from .atomic import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -68,16 +70,6 @@ def heldout_mask(index: np.ndarray, fraction: float) -> np.ndarray:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def check_disk_space(path: Path, needed_bytes: int, what: str = "the activation store") -> None:

@@ -107,7 +107,6 @@ def update_atoms(
     budget = _GATHER_BUDGET.get(device.type, _GATHER_BUDGET["cpu"])
     for b0 in range(0, n_used, atom_batch_size):
         b1 = min(b0 + atom_batch_size, n_used)
-        batch_atoms = order[b0:b1]
         corrections = []
         # compute chunks inside the batch only bound memory; every chunk sees the same residual (Jacobi)
         a0 = b0
@@ -133,7 +132,6 @@ def update_atoms(
             R.index_add_(0, rows, delta.to(R.dtype))
             D[ids] = new_d
             flat_val[ent] = new_x
-        del batch_atoms
     codes.values.copy_(flat_val.view_as(codes.values))
     return UpdateStats(n_used, iters_total / max(n_batches, 1))
 

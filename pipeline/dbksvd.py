@@ -13,8 +13,6 @@ batch this is classic (batched) K-SVD iterated to convergence; with the paper's 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pipeline.atomic import atomic_write
 from pipeline.atom_update import Reduce, identity_reduce, update_atoms
 from pipeline.codes import Codes
 from pipeline.dictionary import CoderSettings, Dictionary
@@ -215,15 +214,13 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
 def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: list[Group] | None,
                atom_batch: int, gen: torch.Generator, reduce: Reduce) -> dict[str, Any]:
     """Code one sample batch, update the atoms in place, re-seed; returns the iteration record + new G."""
-    coder = dict(method=cfg.method, nonnegative=cfg.nonnegative, rtol=cfg.rtol, refit=cfg.refit,
-                 candidates=cfg.candidates, precision=cfg.precision, chunk_size=cfg.chunk_size,
-                 validate=False)
+    coder = cfg.coder_settings().kwargs() | dict(chunk_size=cfg.chunk_size, validate=False)
     update = dict(nonnegative=cfg.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
                   approximate=cfg.approximate, generator=gen, reduce=reduce)
     clock = _Clock(D.device)
     denom = float((Yb - Yb.mean(0)).pow(2).sum().clamp(min=1e-30))
     usage = torch.zeros(D.shape[0], device=D.device)
-    err_before, iters, l0 = 0.0, [], torch.zeros(Yb.shape[0], device=D.device)
+    err_before, iters, l0 = None, [], torch.zeros(Yb.shape[0], device=D.device)
     if groups is None:
         codes = encode(Yb, D, cfg.k, G=G, **coder)
         R = Yb - codes.decode(D)
@@ -248,7 +245,6 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
             iters.append(stats.mean_rank1_iters)
             _count_usage(usage[g.start:g.end], codes)
             l0 += codes.l0()
-        err_before = float("nan")
     err_after = float(R.pow(2).sum())
     clock.lap("update")
     dead = usage == 0
@@ -265,7 +261,9 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         G = gram(D, cfg.precision)
     clock.lap("reseed")
     fvu_after = err_after / denom
-    return dict(**clock.seconds, fvu=(err_before / denom) if err_before == err_before else fvu_after, fvu_after_update=fvu_after,
+    # a cascade interleaves coding and updating, so its only error is the one after the updates
+    fvu = fvu_after if err_before is None else err_before / denom
+    return dict(**clock.seconds, fvu=fvu, fvu_after_update=fvu_after,
                 l0=float(l0.float().mean()), dead_fraction=n_dead / D.shape[0], n_duplicates=n_dup,
                 rank1_iters=sum(iters) / len(iters), G=G)
 
@@ -436,14 +434,7 @@ def _save_checkpoint(cfg: LearnerConfig, D: Tensor, centre: Tensor | None, histo
     state = dict(atoms=D.cpu(), centre=None if centre is None else centre.cpu(), history=history,
                  iteration=it, epoch=epoch, batch_pos=batch_pos, generator=gen.get_state(),
                  config={k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress", "resume")})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 _RESUME_KEYS = ("n_atoms", "k", "method", "nonnegative", "matryoshka", "seed", "batch_size", "center", "init")

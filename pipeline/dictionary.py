@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.codes import Codes
 from pipeline.matryoshka import Group, encode_cascade, groups_from_list, groups_to_list
 from pipeline.sparse_coding import encode, gram
@@ -49,6 +49,17 @@ class CoderSettings:
     def kwargs(self) -> dict[str, Any]:
         return dict(method=self.method, nonnegative=self.nonnegative, rtol=self.rtol, refit=self.refit,
                     max_iter=self.max_iter, candidates=self.candidates, precision=self.precision)
+
+
+def apply_coder(Y: Tensor, atoms: Tensor, G: Tensor, coder: CoderSettings, groups: list[Group] | None = None,
+                **overrides) -> Codes:
+    """Codes of ``Y: (n, d)`` (already centred) over ``atoms: (K, d)`` with Gram ``G`` and ``coder``'s settings
+    (``overrides`` replace them): the Matryoshka cascade when ``groups`` are given, else the plain coder."""
+    kw = coder.kwargs() | overrides
+    k = kw.pop("k", coder.k)
+    if groups is not None:
+        return encode_cascade(Y, atoms, groups, G=G, validate=False, **kw)[0]
+    return encode(Y, atoms, k, G=G, validate=False, **kw)
 
 
 @dataclass
@@ -91,21 +102,15 @@ class Dictionary:
                          self.groups, self.history, self.metadata)
         return out
 
-    def encode(self, Y: Tensor, **overrides) -> Codes:
-        """Codes of ``Y: (n, d)`` with this dictionary's coder (``overrides`` replace settings)."""
+    def encode(self, Y: Tensor, *, plain: bool = False, **overrides) -> Codes:
+        """Codes of ``Y: (n, d)`` with this dictionary's coder (``overrides`` replace settings; ``plain=True``
+        codes a Matryoshka dictionary with the plain coder instead of its group cascade)."""
         check_samples(Y, d=self.d)
         Y = Y.to(self.atoms.device, torch.float32 if Y.dtype != torch.float64 else Y.dtype)
         if self.centre is not None:
             Y = Y - self.centre.to(Y.dtype)
-        kw = self.coder.kwargs() | overrides
-        k = kw.pop("k", self.coder.k)
-        D = self.atoms.to(Y.dtype)
-        G = self.gram.to(Y.dtype)
-        if self.groups is not None and not kw.pop("plain", False):
-            codes, _ = encode_cascade(Y, D, self.groups, G=G, validate=False, **kw)
-            return codes
-        kw.pop("plain", None)
-        return encode(Y, D, k, G=G, validate=False, **kw)
+        groups = None if plain else self.groups
+        return apply_coder(Y, self.atoms.to(Y.dtype), self.gram.to(Y.dtype), self.coder, groups, **overrides)
 
     def decode(self, codes: Codes) -> Tensor:
         """(n, d) reconstruction, centre added back."""
@@ -139,9 +144,8 @@ class Dictionary:
             "history": self.history,
             "metadata": self.metadata,
         }
-        _atomic_write(path / DICTIONARY_WEIGHTS, lambda p: save_file(tensors, str(p)))
-        _atomic_write(path / DICTIONARY_META,
-                      lambda p: p.write_text(json.dumps(meta, indent=2, default=_json_default)))
+        atomic_write(path / DICTIONARY_WEIGHTS, lambda p: save_file(tensors, str(p)))
+        atomic_write_text(path / DICTIONARY_META, json.dumps(meta, indent=2, default=_json_default))
         return path
 
     @classmethod
@@ -154,17 +158,6 @@ class Dictionary:
         tensors = load_file(str(path / DICTIONARY_WEIGHTS), device=str(device))
         return cls(tensors["atoms"], CoderSettings(**meta["coder"]), tensors.get("centre"),
                    groups_from_list(meta.get("groups")), meta.get("history", []), meta.get("metadata", {}))
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _json_default(o):

@@ -40,10 +40,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.codes import Codes
 from pipeline.dictionary import CoderSettings, Dictionary
-from pipeline.matryoshka import encode_cascade, groups_from_list, groups_to_list
-from pipeline.sparse_coding import encode as sparse_encode
+from pipeline.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
+from pipeline.matryoshka import groups_from_list, groups_to_list
 from pipeline.sparse_coding import gram
 
 from sae_bench.custom_saes.base_sae import BaseSAE  # noqa: E402  (third-party, after ours for clarity)
@@ -60,18 +61,6 @@ ENCODER_NOTE = ("DB-KSVD dictionary. Its real encoder is sparse coding (matching
 
 
 # ---------------------------------------------------------------------------------------------- coder
-def run_coder(Y: Tensor, atoms: Tensor, G: Tensor, coder: CoderSettings, groups=None) -> Codes:
-    """Codes of ``Y: (n, d)`` (already centred, fp32) over ``atoms: (K, d)`` with ``coder``'s settings.
-
-    The same calls :meth:`pipeline.dictionary.Dictionary.encode` makes (plain coder or Matryoshka cascade).
-    """
-    kw = coder.kwargs()
-    if groups is not None:
-        codes, _ = encode_cascade(Y, atoms, groups, G=G, validate=False, **kw)
-        return codes
-    return sparse_encode(Y, atoms, coder.k, G=G, validate=False, **kw)
-
-
 def split_signed(dense: Tensor) -> Tensor:
     """``(…, K)`` signed codes -> ``(…, 2K)`` non-negative ``[relu(x), relu(−x)]``."""
     return torch.cat([dense.clamp(min=0), (-dense).clamp(min=0)], dim=-1)
@@ -292,19 +281,9 @@ def save_sae_lens(sae: DictionarySAE, path: str | os.PathLike, *, architecture: 
     }
     tensors = {name: getattr(sae, name).detach().float().cpu().contiguous()
                for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    _atomic(path / "sae_weights.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic(path / "cfg.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    atomic_write(path / "sae_weights.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write_text(path / "cfg.json", json.dumps(cfg, indent=2))
     return path
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def dbksvd_disk_loader(path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None):
@@ -349,13 +328,20 @@ def _register_sae_lens() -> None:
             signed, n_atoms, groups = meta.pop("signed"), meta.pop("n_atoms"), meta.pop("groups")
             return CoderSettings(**meta), bool(signed), int(n_atoms), groups_from_list(groups)
 
+        def _gram(self, atoms: Tensor) -> Tensor:
+            """``atoms atomsᵀ``, computed once per version of ``W_dec`` (not on every encode call)."""
+            key = (self.W_dec.data_ptr(), self.W_dec._version, atoms.device, atoms.shape)
+            if getattr(self, "_gram_key", None) != key:
+                self._gram_cache, self._gram_key = gram(atoms), key
+            return self._gram_cache
+
         @torch.no_grad()
         def encode(self, x: Tensor) -> Tensor:
             coder, signed, K, groups = self._coder()
             sae_in = self.process_sae_in(x)
             shape = sae_in.shape
             atoms = self.W_dec[:K].float()
-            codes = run_coder(sae_in.reshape(-1, shape[-1]).float(), atoms, gram(atoms), coder, groups)
+            codes = run_coder(sae_in.reshape(-1, shape[-1]).float(), atoms, self._gram(atoms), coder, groups)
             dense = codes.to_dense(K)
             if signed:
                 dense = split_signed(dense)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from pipeline.atomic import atomic_write_text
 
 #: The stages, in order.
 STAGES = ("harvest", "fit", "evaluate", "report")
@@ -87,16 +87,3 @@ def mark_done(folder: Path, **info: Any) -> None:
     atomic_write_text(Path(folder) / DONE_MARKER,
                       json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, indent=2,
                                  default=str))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

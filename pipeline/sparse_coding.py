@@ -19,16 +19,15 @@ least-squares fit on the support via a progressive Cholesky factor of ``G`` rest
 evaluation time); in non-negative mode negative coefficients are removed by a small active-set loop.
 
 Speed: every step moves the (n, K) correlation block once or twice through memory, so large K is
-memory-bound. ``candidates=M`` restricts the greedy loop to each sample's M largest initial correlations
-(an approximation that is exact whenever the greedy choice never leaves that set; its effect on the
-reconstruction is measured in BENCHMARKS.md). ``precision`` selects the matmul for ``Y Dᵀ`` ("fp32",
+memory-bound. ``candidates=M`` restricts the greedy loop, after two steps on all atoms, to each sample's M
+largest correlations (an approximation that is exact whenever the greedy choice never leaves that set; its
+effect on the reconstruction is measured in BENCHMARKS.md). ``precision`` selects the matmul for ``Y Dᵀ`` ("fp32",
 "tf32" or "bf16" tensor cores); the greedy loop always accumulates in fp32 (fp64 for fp64 input).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Literal
 
@@ -78,7 +77,8 @@ def encode(
         max_iter: MP step cap (default ``4 k``, as the reference); ignored by OMP.
         G: optional precomputed ``D Dᵀ`` (K, K) in the compute dtype.
         chunk_size: samples per chunk; default chosen from free memory.
-        candidates: restrict MP's greedy loop to each sample's ``candidates`` largest initial correlations.
+        candidates: after two steps on all atoms, restrict MP's greedy loop to each sample's ``candidates``
+            largest correlations (GPU speed; approximate).
         precision: matmul precision of ``Y Dᵀ``: ``"fp32"``, ``"tf32"`` or ``"bf16"``.
         validate: check the inputs (NaN/Inf, shapes, unit norm); disable only in trusted inner loops.
 
@@ -179,17 +179,20 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
     per_row = bytes_per * (3 * width + (k * k if method == "omp" else 0)) + 8 * width + 64 * k
     per_row += bytes_per * K  # the initial correlation block
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 3
-        cap = 1 << 17
+        budget, cap = free_memory(device) // 3, 1 << 17
     else:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 4 << 30
-        budget = min(avail // 4, 96 << 20)
-        cap = 4096
+        budget, cap = min(free_memory(device) // 4, 96 << 20), 4096
     return int(max(16, min(cap, budget // per_row)))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the CUDA allocator's view on a GPU, available physical memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,6 +366,7 @@ def _omp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol
     idx = torch.zeros(m, k, dtype=torch.long, device=device)
     L = torch.zeros(m, k, k, dtype=dtype, device=device)
     x_out = torch.zeros(m, k, dtype=dtype, device=device)
+    c0s_all = torch.zeros(m, k, dtype=dtype, device=device)  # C0 at the support (0 where no atom was added)
     active = (norm2 > 0) & (norm2 > thresh)
     c = C0
     Gflat = G.reshape(-1)
@@ -391,9 +395,8 @@ def _omp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol
             L[:, 0, 0] = 1
         active = active & ok
         idx[:, t] = torch.where(active, j, idx[:, t])
-        c0s = C0.gather(1, idx[:, :t + 1]) if t == 0 else torch.cat([c0s_prev, C0.gather(1, idx[:, t:t + 1])], 1)
-        c0s[:, t] = c0s[:, t] * active
-        c0s_prev = c0s
+        c0s_all[:, t] = C0.gather(1, j[:, None]).squeeze(1) * active
+        c0s = c0s_all[:, :t + 1]
         x = torch.cholesky_solve(c0s.unsqueeze(-1), L[:, :t + 1, :t + 1]).squeeze(-1)
         x_out[:, :t + 1] = torch.where(active[:, None], x, x_out[:, :t + 1])
         energy = norm2 - (x * c0s).sum(dim=1)

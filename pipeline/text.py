@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .debian_rdata import deb_members, load_r_lazydata
 from .models import SETUP_HINT, cache_root, hub_reachable
 
@@ -211,11 +212,8 @@ def austen_jsonl() -> Path:
             f"the Austen text is not installed: no {AUSTEN_DEB_GLOB} in {austen_dir()}; {SETUP_HINT} "
             f"(it runs `apt-get download {AUSTEN_PACKAGE}` there)")
     books = read_austen_deb(debs[-1])
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for title in AUSTEN_BOOKS:
-            fh.write(json.dumps({"title": title, "text": books[title]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(json.dumps({"title": title, "text": books[title]}, ensure_ascii=False) + "\n"
+                                   for title in AUSTEN_BOOKS))
     log.info("extracted %d Austen novels into %s", len(AUSTEN_BOOKS), out)
     return out
 

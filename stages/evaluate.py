@@ -35,7 +35,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import saebench_eval as sbe
-from pipeline.run_layout import atomic_write_text, is_done, mark_done, prepare, stage_dir
+from pipeline.atomic import atomic_write_text
+from pipeline.run_layout import is_done, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.activation_store import ActivationStore
 from pipeline.dbksvd import learn_dictionary
 from pipeline.dictionary import DICTIONARY_META, Dictionary
-from pipeline.run_layout import atomic_write_text, is_done, mark_done, prepare, stage_dir
+from pipeline.atomic import atomic_write_text
+from pipeline.sparse_coding import free_memory
+from pipeline.run_layout import is_done, mark_done, prepare, stage_dir
 from pipeline.topk_sae import TOPK_CONFIG, TopKSAE, train_topk_sae
 
 log = logging.getLogger(__name__)
@@ -95,12 +97,7 @@ def run(cfg: DictConfig) -> Path:
 def training_data(store: ActivationStore, batch_size: int, device: torch.device, seed: int):
     """The store's training rows as one tensor on ``device`` when they fit comfortably, else a loader."""
     need = store.n_rows() * store.d * 4
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        import os
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need <= IN_MEMORY_SHARE * free:
+    if need <= IN_MEMORY_SHARE * free_memory(device):
         return store.load_all(device=device)
     log.info("streaming the store (%.1f GB does not fit in memory comfortably)", need / 1e9)
     return store.loader(batch_size, seed=seed, device=device, drop_last=True)
