@@ -358,9 +358,12 @@ def run_scr_or_tpp(saes, model, out_dir: Path, artifacts: Path, config: Any, dev
 # ============================================================================================= absorption
 def subsample_alpha_vocab(vocab: list[str], size: int | None, min_per_letter: int, seed: int = 0) -> list[str]:
     """A reproducible subsample of SAEBench's alphabetic vocabulary that keeps at least ``min_per_letter`` words
-    of every first letter present (SAEBench crashes when a letter is missing from its train split)."""
+    of every first letter present (SAEBench crashes when a letter is missing from its train split). The sample
+    is drawn from the sorted words, so it does not depend on the order SAEBench listed them in (which follows
+    string hashing and changes between processes)."""
     if size is None or size >= len(vocab):
         return list(vocab)
+    vocab = sorted(vocab)
     rng = random.Random(seed)
     by_letter: dict[str, list[str]] = {}
     for w in vocab:
@@ -373,7 +376,7 @@ def subsample_alpha_vocab(vocab: list[str], size: int | None, min_per_letter: in
     extra = max(0, size - len(chosen))
     chosen.extend(rng.sample(rest, min(extra, len(rest))))
     chosen_set = set(chosen)
-    return [w for w in vocab if w in chosen_set]  # SAEBench's order
+    return [w for w in vocab if w in chosen_set]
 
 
 @contextlib.contextmanager
@@ -391,7 +394,8 @@ def absorption_setup(run_dir: Path, vocab_size: int | None, min_per_letter: int,
 
     def get_alpha_tokens(tokenizer, *a, **k):
         full = original(tokenizer, *a, **k)
-        sub = subsample_alpha_vocab(full, vocab_size, min_per_letter, seed)
+        # sorted: with `random` seeded below, SAEBench's train/test split is then the same in every process
+        sub = sorted(subsample_alpha_vocab(full, vocab_size, min_per_letter, seed))
         info.update(full_vocab=len(full), subsampled_vocab=len(sub),
                     letters=len({w.strip()[0].lower() for w in sub}))
         return sub
@@ -406,12 +410,19 @@ def absorption_setup(run_dir: Path, vocab_size: int | None, min_per_letter: int,
         return fa(*a, **{**k, "experiment_dir": run_dir / "feature_absorption",
                          "sparse_probing_experiment_dir": dirs["experiment_dir"], "probes_dir": dirs["probes_dir"]})
 
-    with patched_attr(ab_common, "get_alpha_tokens", get_alpha_tokens), \
-            patched_attr(ab_fa, "get_alpha_tokens", get_alpha_tokens), \
-            patched_attr(ab_main, "run_k_sparse_probing_experiment", k_sparse_here), \
-            patched_attr(ab_main, "run_feature_absortion_experiment", fa_here), \
-            pushd(run_dir):
-        yield info
+    # SAEBench splits the vocabulary into train/test with Python's global `random` (probing.py), unseeded: seed
+    # it, so the split (and whether every first letter reaches the train split) is the same in every process
+    random_state = random.getstate()
+    random.seed(seed)
+    try:
+        with patched_attr(ab_common, "get_alpha_tokens", get_alpha_tokens), \
+                patched_attr(ab_fa, "get_alpha_tokens", get_alpha_tokens), \
+                patched_attr(ab_main, "run_k_sparse_probing_experiment", k_sparse_here), \
+                patched_attr(ab_main, "run_feature_absortion_experiment", fa_here), \
+                pushd(run_dir):
+            yield info
+    finally:
+        random.setstate(random_state)
 
 
 def run_absorption(saes, model, out_dir: Path, artifacts: Path, config: Any, device: str, *,
