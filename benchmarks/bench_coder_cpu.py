@@ -22,8 +22,8 @@ from sklearn.linear_model import orthogonal_mp_gram
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.sparse_coding import encode, gram  # noqa: E402
-from pipeline.synthetic import planted_problem  # noqa: E402
+from pipeline.core.coders import encode, gram  # noqa: E402
+from pipeline.core.synthetic import planted_problem  # noqa: E402
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import torch
 
 def _data(args) -> torch.Tensor:
     if args.store:
-        from pipeline.activation_store import ActivationStore
+        from pipeline.data.store import ActivationStore
 
         Y = ActivationStore(args.store).load_all()
         need = args.tokens + args.K
@@ -68,8 +68,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from sae_bench.custom_saes.topk_sae import TopKSAE
 
-    from pipeline.dictionary import CoderSettings, Dictionary
-    from pipeline.dictionary_sae import DictionarySAE
+    from pipeline.core.dictionary import CoderSettings, Dictionary
+    from pipeline.evals.dictionary_sae import DictionarySAE
 
     Y = _data(args)
     args.d = Y.shape[1]

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dbksvd import _iteration, LearnerConfig  # noqa: E402
-from pipeline.sparse_coding import correlations, encode, gram  # noqa: E402
-from pipeline.topk_sae import TopKSAE, _step_loss, TopKConfig, _remove_parallel_grad  # noqa: E402
+from pipeline.core.learner import _iteration, LearnerConfig  # noqa: E402
+from pipeline.core.coders import correlations, encode, gram  # noqa: E402
+from pipeline.evals.topk_sae import TopKSAE, _step_loss, TopKConfig, _remove_parallel_grad  # noqa: E402
 
 
 def sync():
@@ -168,7 +168,7 @@ def main():
             save()
 
     # TopK SAE training step at the same width / k, at each matmul precision
-    from pipeline.topk_sae import _precision  # noqa: E402
+    from pipeline.evals.topk_sae import _precision  # noqa: E402
     res["topk_sae_step_tokens_per_s"] = {}
     for prec in ("fp32", "tf32", "bf16"):
         if over():
@@ -198,7 +198,7 @@ def main():
 
     # short real fits: paper-style schedule (2 epochs of 65,536-row batches) on activation-like data, fast coder,
     # for several atom-batch sizes (quality vs time at this scale), scored on held-out rows
-    from pipeline.dbksvd import learn_dictionary  # noqa: E402
+    from pipeline.core.learner import learn_dictionary  # noqa: E402
     res["short_fit"] = {}
     for ab in ((128, 512, 2048, K) if not args.small else (16, 256)):
         if over():

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.activation_store import ActivationStore, import_array
-from pipeline.harvest import harvest, hook_names
-from pipeline.models import describe_model, load_model
-from pipeline.text import TextSource, describe_source, iter_documents
+from pipeline.data.store import ActivationStore, import_array
+from pipeline.data.harvest import harvest, hook_names
+from pipeline.data.models import describe_model, load_model
+from pipeline.data.text import TextSource, describe_source, iter_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -79,7 +79,7 @@ def bench_reader(tmp: Path, n: int, d: int, dtype: str, batch: int = 4096, devic
 
 def bench_learner(store_path: Path, n_atoms: int, k: int, batch: int) -> dict | None:
     try:
-        from pipeline.dbksvd import learn_dictionary
+        from pipeline.core.learner import learn_dictionary
     except ImportError:
         return None
     store = ActivationStore(store_path)

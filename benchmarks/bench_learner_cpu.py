@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dbksvd import learn_dictionary  # noqa: E402
-from pipeline.synthetic import planted_problem, recovered_fraction  # noqa: E402
+from pipeline.core.learner import learn_dictionary  # noqa: E402
+from pipeline.core.synthetic import planted_problem, recovered_fraction  # noqa: E402
 
 
 def atom_batch_sweep(Y: torch.Tensor, Yh: torch.Tensor, K: int, k: int, iters: int, sizes: list[int]) -> list[dict]:
@@ -70,7 +70,7 @@ def main() -> None:
     res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__}
     if args.store:
-        from pipeline.activation_store import ActivationStore
+        from pipeline.data.store import ActivationStore
 
         store = ActivationStore(args.store)
         Y = store.load_all()[: args.rows]

@@ -13,7 +13,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.orchestrator import run_pipeline
+from stages.orchestrator import run_pipeline
 
 log = logging.getLogger("pipeline")
 

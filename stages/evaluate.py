@@ -34,9 +34,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import saebench_eval as sbe
-from pipeline.atomic import atomic_write_text
-from pipeline.run_layout import is_done, mark_done, prepare, stage_dir
+from pipeline.evals import saebench as sbe
+from pipeline.utils.atomic import atomic_write_text
+from pipeline.runs.layout import is_done, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ def build_saes(fit_dir: Path, which: list[str], model_name: str, hook: str, laye
     """The SAEs to evaluate: (name, SAEBench SAE object) pairs, their descriptions and skip records."""
     from sae_bench.custom_saes.topk_sae import TopKSAE as BenchTopKSAE
 
-    from pipeline.dictionary import Dictionary
-    from pipeline.dictionary_sae import DictionarySAE
-    from pipeline.topk_sae import TopKSAE
+    from pipeline.core.dictionary import Dictionary
+    from pipeline.evals.dictionary_sae import DictionarySAE
+    from pipeline.evals.topk_sae import TopKSAE
 
     saes, described, skipped = [], [], []
     if "dictionary" in which:
@@ -146,7 +146,7 @@ def build_saes(fit_dir: Path, which: list[str], model_name: str, hook: str, laye
 @torch.no_grad()
 def heldout_stats(sae: Any, Y: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
     """L0, FVU and dead fraction of ``sae`` on held-out activations ``Y: (n, d)``; coherence of its decoder."""
-    from pipeline.dictionary_sae import mean_max_abs_cos
+    from pipeline.evals.dictionary_sae import mean_max_abs_cos
 
     Y = Y.float()
     err, l0, used = 0.0, 0.0, None
@@ -186,9 +186,9 @@ def run(cfg: DictConfig | dict, *, run_dir: str | Path | None = None, fit_dir: s
 
 def _run(cfg: DictConfig | dict, *, run_dir: str | Path | None, fit_dir: str | Path | None,
          store_dir: str | Path | None, model: Any) -> Path:
-    from pipeline.activation_store import ActivationStore
-    from pipeline.harvest_config import parse_harvest_config
-    from pipeline.harvest import hook_layer
+    from pipeline.data.store import ActivationStore
+    from pipeline.data.config import parse_harvest_config
+    from pipeline.data.harvest import hook_layer
     from stages.harvest import STORE_DIRNAME
 
     e = eval_settings(cfg)
@@ -221,7 +221,7 @@ def _run(cfg: DictConfig | dict, *, run_dir: str | Path | None, fit_dir: str | P
     # export the dictionary in the sae-lens format (loads in plain sae-lens as an approximate topk)
     for name, sae in saes:
         if getattr(sae, "cfg", None) is not None and sae.cfg.architecture == "dbksvd":
-            from pipeline.dictionary_sae import save_sae_lens
+            from pipeline.evals.dictionary_sae import save_sae_lens
 
             save_sae_lens(sae, folder / "sae_lens" / name)
 
@@ -238,7 +238,7 @@ def _run(cfg: DictConfig | dict, *, run_dir: str | Path | None, fit_dir: str | P
 
     metrics = list(e.get("metrics", []))
     if model is None and metrics:
-        from pipeline.models import load_model
+        from pipeline.data.models import load_model
 
         model = load_model(model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype,
                            n_ctx=model_cfg.n_ctx)
@@ -300,7 +300,7 @@ def _null():
 
 
 def _hub_reachable() -> bool:
-    from pipeline.models import hub_reachable
+    from pipeline.data.models import hub_reachable
 
     return hub_reachable()
 
@@ -312,7 +312,7 @@ def _labelled(folder: Path, source: Any, node: dict[str, Any]) -> dict[str, Any]
         path = Path(node["jsonl"])
         docs = [(r["title"], r["text"]) for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())]
     else:
-        from pipeline.text import AUSTEN_BOOKS, austen_jsonl
+        from pipeline.data.text import AUSTEN_BOOKS, austen_jsonl
 
         rows = [json.loads(x) for x in austen_jsonl().read_text(encoding="utf-8").splitlines() if x.strip()]
         docs = [(r["title"], r["text"]) for r in rows if r["title"] in AUSTEN_BOOKS]
@@ -335,7 +335,7 @@ def _run_metric(metric, node, saes, model, results, artifacts, device, llm_dtype
     """Run one metric; returns a skip reason instead when a requirement is missing."""
     name = model_cfg.name
     if metric == "core":
-        from pipeline.text import iter_documents
+        from pipeline.data.text import iter_documents
 
         n_needed = int(node.get("batch_size_prompts", 8)) * max(int(node.get("n_eval_reconstruction_batches", 4)),
                                                                 int(node.get("n_eval_sparsity_variance_batches", 8)))
@@ -414,7 +414,7 @@ def _run_metric(metric, node, saes, model, results, artifacts, device, llm_dtype
         info["sizes"][metric] = _dc(cfg)
         tokens = None
         if not hub_ok:
-            from pipeline.text import iter_documents
+            from pipeline.data.text import iter_documents
 
             m = store.manifest
             rows = sbe.text_after(iter_documents(source), model.tokenizer, cfg.llm_context_size,

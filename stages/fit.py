@@ -20,13 +20,13 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.activation_store import ActivationStore
-from pipeline.dbksvd import learn_dictionary
-from pipeline.dictionary import DICTIONARY_META, Dictionary
-from pipeline.atomic import atomic_write_text
-from pipeline.sparse_coding import free_memory
-from pipeline.run_layout import is_done, mark_done, prepare, stage_dir
-from pipeline.topk_sae import TOPK_CONFIG, TopKSAE, train_topk_sae
+from pipeline.data.store import ActivationStore
+from pipeline.core.learner import learn_dictionary
+from pipeline.core.dictionary import DICTIONARY_META, Dictionary
+from pipeline.utils.atomic import atomic_write_text
+from pipeline.core.coders import free_memory
+from pipeline.runs.layout import is_done, mark_done, prepare, stage_dir
+from pipeline.evals.topk_sae import TOPK_CONFIG, TopKSAE, train_topk_sae
 
 log = logging.getLogger(__name__)
 

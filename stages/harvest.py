@@ -20,11 +20,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.activation_store import MANIFEST_NAME
-from pipeline.harvest import harvest, identity_hash
-from pipeline.harvest_config import HarvestConfig, ModelConfig, parse_harvest_config
-from pipeline.models import describe_model, load_model
-from pipeline.text import TextSource, describe_source, iter_documents
+from pipeline.data.store import MANIFEST_NAME
+from pipeline.data.harvest import harvest, identity_hash
+from pipeline.data.config import HarvestConfig, ModelConfig, parse_harvest_config
+from pipeline.data.models import describe_model, load_model
+from pipeline.data.text import TextSource, describe_source, iter_documents
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.report import write_report
-from pipeline.run_layout import experiment_dir, mark_done, prepare, stage_dir
+from pipeline.evals.report import write_report
+from pipeline.runs.layout import experiment_dir, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
 

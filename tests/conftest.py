@@ -148,17 +148,17 @@ def make_labelled_documents(n_titles: int = 3, n_paragraphs: int = 96, seed: int
 @pytest.fixture(scope="session")
 def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path, text_files) -> dict[str, Any]:
     """Store + dictionary + TopK baseline + labelled jsonl for the evaluate/report tests."""
-    from pipeline.dictionary import CoderSettings, Dictionary
-    from pipeline.harvest import harvest
-    from pipeline.models import load_model
-    from pipeline.topk_sae import train_topk_sae
+    from pipeline.core.dictionary import CoderSettings, Dictionary
+    from pipeline.data.harvest import harvest
+    from pipeline.data.models import load_model
+    from pipeline.evals.topk_sae import train_topk_sae
 
     root = tmp_path_factory.mktemp("eval_inputs")
     model = load_model("tiny-local", path=tiny_hf_dir)
     docs = make_documents(120, seed=3)
     store = harvest(model, docs, root / "harvest" / "store", hooks=["blocks.1.hook_resid_post"], n_tokens=3200,
                     context_length=EVAL_CONTEXT, batch_size=8, heldout_fraction=0.1, progress=False)
-    from pipeline.activation_store import ActivationStore
+    from pipeline.data.store import ActivationStore
 
     Y = ActivationStore(store).load_all()
     g = torch.Generator().manual_seed(0)

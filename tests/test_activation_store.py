@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.activation_store import (MANIFEST_NAME, ActivationStore, ChecksumError, check_disk_space,
+from pipeline.data.store import (MANIFEST_NAME, ActivationStore, ChecksumError, check_disk_space,
                                        heldout_mask, import_array)
 
 N, D = 1000, 8

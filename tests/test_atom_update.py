@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.atom_update import objective, update_atoms
-from pipeline.sparse_coding import encode
-from pipeline.synthetic import planted_problem
+from pipeline.core.atom_update import objective, update_atoms
+from pipeline.core.coders import encode
+from pipeline.core.synthetic import planted_problem
 
 
 @pytest.mark.parametrize("nonnegative", [True, False])
@@ -61,7 +61,7 @@ def test_unused_atoms_are_left_alone():
 
 def test_gpu_and_cpu_segment_sums_agree():
     """The CUDA path (atomic index-add) and the CPU path (embedding bag) compute the same E_jᵀ x."""
-    from pipeline.atom_update import _Segments
+    from pipeline.core.atom_update import _Segments
 
     g = torch.Generator().manual_seed(0)
     pos = torch.sort(torch.randint(0, 20, (500,), generator=g)).values

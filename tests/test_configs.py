@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.config_check import check_config
-from pipeline.run_layout import stage_dir
+from pipeline.runs.config import check_config
+from pipeline.runs.layout import stage_dir
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 PRESETS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.dbksvd import PAPER_SCHEDULE, learn_dictionary
-from pipeline.matryoshka import matryoshka_groups
-from pipeline.synthetic import planted_problem, recovered_fraction
+from pipeline.core.learner import PAPER_SCHEDULE, learn_dictionary
+from pipeline.core.matryoshka import matryoshka_groups
+from pipeline.core.synthetic import planted_problem, recovered_fraction
 
 
 @pytest.mark.parametrize("nonnegative", [True, False])
@@ -46,7 +46,7 @@ def test_matryoshka_with_3000_atoms():
     assert D.history[-1]["fvu"] < D.history[0]["fvu"]
     # the first group alone already explains a good part of the variance (nested structure)
     first = D.atoms[:256]
-    from pipeline.sparse_coding import encode
+    from pipeline.core.coders import encode
     c = encode(p.Y[:500], first, 2)
     assert float((p.Y[:500] - c.decode(first)).pow(2).sum() / (p.Y[:500] - p.Y[:500].mean(0)).pow(2).sum()) < 1
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from pipeline.dictionary import DICTIONARY_META, DICTIONARY_WEIGHTS, CoderSettings, Dictionary
-from pipeline.sparse_coding import encode
-from pipeline.synthetic import planted_problem
+from pipeline.core.dictionary import DICTIONARY_META, DICTIONARY_WEIGHTS, CoderSettings, Dictionary
+from pipeline.core.coders import encode
+from pipeline.core.synthetic import planted_problem
 
 
 def _dictionary(centre=True, nonnegative=True):

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from pipeline.dictionary import CoderSettings, Dictionary
-from pipeline.dictionary_sae import DictionarySAE, load_sae_lens, save_sae_lens
-from pipeline.matryoshka import matryoshka_groups
+from pipeline.core.dictionary import CoderSettings, Dictionary
+from pipeline.evals.dictionary_sae import DictionarySAE, load_sae_lens, save_sae_lens
+from pipeline.core.matryoshka import matryoshka_groups
 
 D_IN, K, k = 32, 96, 5
 

@@ -120,7 +120,7 @@ def test_bad_eval_config_fails_fast(eval_inputs, tmp_path):
 
 
 def test_subsample_keeps_every_letter():
-    from pipeline.saebench_eval import subsample_alpha_vocab
+    from pipeline.evals.saebench import subsample_alpha_vocab
 
     vocab = [f"{c}{i}x" for c in "abcdefghijklmnopqrstuvwxyz" for i in range(50)]
     vocab = [w.replace("0", "o").replace("1", "l") for w in vocab]

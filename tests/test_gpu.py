@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.dbksvd import learn_dictionary
-from pipeline.sparse_coding import encode
-from pipeline.synthetic import planted_problem, recovered_fraction
+from pipeline.core.learner import learn_dictionary
+from pipeline.core.coders import encode
+from pipeline.core.synthetic import planted_problem, recovered_fraction
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import activation_store, harvest as harvest_mod
-from pipeline.activation_store import MANIFEST_NAME, ActivationStore, StoreWriter
-from pipeline.harvest import MaskingOptions, harvest, stop_layer
-from pipeline.text import iter_contexts
+from pipeline.data import harvest as harvest_mod, store as activation_store
+from pipeline.data.store import MANIFEST_NAME, ActivationStore, StoreWriter
+from pipeline.data.harvest import MaskingOptions, harvest, stop_layer
+from pipeline.data.text import iter_contexts
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid"]
 NO_MASK = MaskingOptions(mask_bos=False, mask_special_tokens=False)
@@ -143,7 +143,7 @@ def test_stage_writes_then_reuses(tiny_hf_dir, text_files, tmp_path, monkeypatch
 
 
 def test_stage_config_validation(tiny_hf_dir, text_files):
-    from pipeline.harvest_config import parse_harvest_config
+    from pipeline.data.config import parse_harvest_config
 
     cfg = _stage_cfg(tiny_hf_dir, text_files)
     model, source, h = parse_harvest_config(cfg)
@@ -165,8 +165,8 @@ def test_harvest_module_exports():
 @pytest.mark.slow
 def test_smollm2_real_model_row_matches_forward(tmp_path):
     """The real offline SmolLM2-135M (setup.sh) on Austen: stored rows equal the model's own forward pass."""
-    from pipeline.models import load_model
-    from pipeline.text import TextSource, iter_documents
+    from pipeline.data.models import load_model
+    from pipeline.data.text import TextSource, iter_documents
 
     hook = "blocks.15.hook_resid_post"
     model = load_model("smollm2-135m")

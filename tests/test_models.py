@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import models
-from pipeline.models import HubUnreachableError, load_model, resolve_dtype
+from pipeline.data import models
+from pipeline.data.models import HubUnreachableError, load_model, resolve_dtype
 
 
 def test_local_hf_dir_matches_hf_forward(tiny_hf_dir):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import pipeline.orchestrator as orchestrator
-from pipeline.dbksvd import learn_dictionary
-from pipeline.dictionary import Dictionary
-from pipeline.run_layout import DONE_MARKER, STAGES, stage_dir
+import stages.orchestrator as orchestrator
+from pipeline.core.learner import learn_dictionary
+from pipeline.core.dictionary import Dictionary
+from pipeline.runs.layout import DONE_MARKER, STAGES, stage_dir
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def test_a_killed_fit_resumes_to_the_uninterrupted_result(smoke, monkeypatch):
     monkeypatch.setattr(fit_stage, "learn_dictionary", real)
     orchestrator.run_pipeline(cfg)
     resumed = Dictionary.load(folder / "dictionary")
-    from pipeline.activation_store import ActivationStore
+    from pipeline.data.store import ActivationStore
 
     Y = ActivationStore(folders["harvest"] / "store").load_all()
     opts = dict(cfg.dictionary)

@@ -71,14 +71,14 @@ def test_report_table_plots_and_infinity(tmp_path):
 
 
 def test_report_without_evaluations(tmp_path):
-    from pipeline.report import write_report
+    from pipeline.evals.report import write_report
 
     path = write_report([tmp_path / "missing"], tmp_path / "out")
     assert "No evaluated SAE" in path.read_text()
 
 
 def test_fmt():
-    from pipeline.report import fmt, width_label
+    from pipeline.evals.report import fmt, width_label
 
     assert fmt(float("inf")) == "+inf" and fmt(float("-inf")) == "-inf" and fmt(float("nan")) == "nan"
     assert fmt(None) == "—" and fmt(0.5) == "0.5"

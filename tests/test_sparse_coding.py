@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
-from pipeline.codes import Codes
-from pipeline.sparse_coding import encode, gram
+from pipeline.core.codes import Codes
+from pipeline.core.coders import encode, gram
 
 
 def _problem(n=200, d=24, K=64, seed=0, dtype=torch.float64):

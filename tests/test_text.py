@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline import text
-from pipeline.text import TextSource, iter_contexts, iter_documents, reflow
+from pipeline.data import text
+from pipeline.data.text import TextSource, iter_contexts, iter_documents, reflow
 
 
 @pytest.mark.parametrize("key", ["txt_glob", "jsonl", "parquet"])

@@ -2,8 +2,8 @@
 
 import torch
 
-from pipeline.synthetic import planted_problem
-from pipeline.topk_sae import TopKSAE, train_topk_sae
+from pipeline.core.synthetic import planted_problem
+from pipeline.evals.topk_sae import TopKSAE, train_topk_sae
 
 
 def test_trains_and_reduces_fvu(tmp_path):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from pipeline.codes import Codes
-from pipeline.sparse_coding import encode
+from pipeline.core.codes import Codes
+from pipeline.core.coders import encode
 
 
 @dataclass(frozen=True)

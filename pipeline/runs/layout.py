@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.atomic import atomic_write_text
+from pipeline.utils.atomic import atomic_write_text
 
 #: The stages, in order.
 STAGES = ("harvest", "fit", "evaluate", "report")

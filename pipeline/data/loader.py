@@ -1,4 +1,4 @@
-"""Shuffled, prefetched batches from an :class:`~pipeline.activation_store.ActivationStore`.
+"""Shuffled, prefetched batches from an :class:`~pipeline.data.store.ActivationStore`.
 
 Each epoch visits every row of the split exactly once. Shuffling is two-level and seeded by
 ``(seed, epoch)``: the shard order is permuted, shards are read ``shuffle_shards`` at a time into a buffer
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .activation_store import ActivationStore
+    from pipeline.data.store import ActivationStore
 
 _DONE = object()
 

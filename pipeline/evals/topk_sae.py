@@ -1,7 +1,7 @@
 """TopK SAE baseline (Gao et al. 2024), trained on the same data interface as the dictionary learner.
 
 A small trainer of our own rather than sae-lens's: sae-lens's trainer is tied to its ActivationsStore and a
-language model, while this one consumes exactly what :func:`pipeline.dbksvd.learn_dictionary` consumes (a
+language model, while this one consumes exactly what :func:`pipeline.core.learner.learn_dictionary` consumes (a
 tensor or an iterable of activation batches), so both see the same samples. Recipe: unit-norm decoder rows
 (renormalised after each step, gradient component along the rows removed), ``b_dec`` initialised at the data
 mean, encoder initialised as the decoder's transpose, Adam with lr ``2e-4 / sqrt(K / 2^14)``, and the AuxK
@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pipeline.codes import Codes
-from pipeline.validation import check_samples, check_sparsity
+from pipeline.core.codes import Codes
+from pipeline.core.validation import check_samples, check_sparsity
 
 #: Weights and config of a saved TopK SAE.
 TOPK_WEIGHTS = "topk_sae.safetensors"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.config_check import check_config
-from pipeline.run_layout import DONE_MARKER, STAGES, is_done, stage_dir
+from pipeline.runs.config import check_config
+from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
 
 
 def _mark_harvest(cfg: DictConfig, folder: Path) -> None:
-    from pipeline.run_layout import mark_done, prepare
+    from pipeline.runs.layout import mark_done, prepare
 
     prepare(folder, cfg, "harvest")
     mark_done(folder, store=str(folder / "store"))

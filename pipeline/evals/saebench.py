@@ -264,7 +264,7 @@ def check_labelled_sizes(spec: dict[str, Any], train_size: int, test_size: int, 
 def text_after(documents: Iterator[str], tokenizer: Any, context_length: int, bos: int | None, skip: int,
                n: int) -> list[list[int]]:
     """``n`` token contexts of the text that follow the first ``skip`` ones (text the harvest never saw)."""
-    from pipeline.text import iter_contexts
+    from pipeline.data.text import iter_contexts
 
     out = []
     for i, ctx in enumerate(iter_contexts(documents, tokenizer, context_length, bos)):

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .debian_rdata import deb_members, load_r_lazydata
-from .models import SETUP_HINT, cache_root, hub_reachable
+from pipeline.utils.atomic import atomic_write_text
+from pipeline.data.debian_rdata import deb_members, load_r_lazydata
+from pipeline.data.models import SETUP_HINT, cache_root, hub_reachable
 
 log = logging.getLogger(__name__)
 

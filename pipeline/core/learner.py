@@ -1,7 +1,7 @@
 """DB-KSVD: double-batch K-SVD dictionary learning (sample batches × atom batches), in pure PyTorch.
 
 Each iteration takes a sample batch, codes it with the current atoms (matching pursuit by default), refits
-every used atom by its best rank-1 fit in shuffled atom batches (:mod:`pipeline.atom_update`), then replaces
+every used atom by its best rank-1 fit in shuffled atom batches (:mod:`pipeline.core.atom_update`), then replaces
 dead atoms and near-duplicates. Codes are not carried between iterations. With a tensor that fits in one
 batch this is classic (batched) K-SVD iterated to convergence; with the paper's options
 (:data:`PAPER_SCHEDULE`) it is DB-KSVD's 65,536-sample batches, one update per batch, 3 epochs.
@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_write
-from pipeline.atom_update import Reduce, identity_reduce, update_atoms
-from pipeline.codes import Codes
-from pipeline.dictionary import CoderSettings, Dictionary
-from pipeline.matryoshka import Group, matryoshka_groups
-from pipeline.sparse_coding import encode, gram
-from pipeline.validation import check_samples, check_sparsity
+from pipeline.utils.atomic import atomic_write
+from pipeline.core.atom_update import Reduce, identity_reduce, update_atoms
+from pipeline.core.codes import Codes
+from pipeline.core.dictionary import CoderSettings, Dictionary
+from pipeline.core.matryoshka import Group, matryoshka_groups
+from pipeline.core.coders import encode, gram
+from pipeline.core.validation import check_samples, check_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
         **options: any field of :class:`LearnerConfig`.
 
     Returns:
-        the :class:`~pipeline.dictionary.Dictionary` (on the fitting device), with its per-iteration history.
+        the :class:`~pipeline.core.dictionary.Dictionary` (on the fitting device), with its per-iteration history.
     """
     unknown = set(options) - {f.name for f in fields(LearnerConfig)}
     if unknown:

@@ -1,11 +1,11 @@
-"""A learned :class:`~pipeline.dictionary.Dictionary` as an SAEBench SAE, and its sae-lens export.
+"""A learned :class:`~pipeline.core.dictionary.Dictionary` as an SAEBench SAE, and its sae-lens export.
 
 :class:`DictionarySAE` is a ``sae_bench.custom_saes.base_sae.BaseSAE``:
 
 * ``W_dec`` = the atoms (unit-norm rows), ``W_enc = W_decᵀ`` (SAEBench reads it for weight diagnostics only;
   no eval computes activations from it), ``b_dec`` = the dictionary's centre (zero when fitted uncentred),
   ``b_enc`` = 0;
-* ``encode`` runs the project's batched sparse coder (:func:`pipeline.sparse_coding.encode`, or the Matryoshka
+* ``encode`` runs the project's batched sparse coder (:func:`pipeline.core.coders.encode`, or the Matryoshka
   cascade) with the dictionary's own coder settings, in fp32 whatever the module dtype, on ``(B, d)`` or
   ``(B, L, d)`` input, and returns dense non-negative ``(…, d_sae)`` codes; ``decode`` is linear;
 * the atoms and the Gram matrix ``D Dᵀ`` are fp32 buffers: ``.to(device=…)`` moves them, ``.to(dtype=…)``
@@ -40,12 +40,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from pipeline.atomic import atomic_write, atomic_write_text
-from pipeline.codes import Codes
-from pipeline.dictionary import CoderSettings, Dictionary
-from pipeline.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
-from pipeline.matryoshka import groups_from_list, groups_to_list
-from pipeline.sparse_coding import gram
+from pipeline.utils.atomic import atomic_write, atomic_write_text
+from pipeline.core.codes import Codes
+from pipeline.core.dictionary import CoderSettings, Dictionary
+from pipeline.core.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
+from pipeline.core.matryoshka import groups_from_list, groups_to_list
+from pipeline.core.coders import gram
 
 from sae_bench.custom_saes.base_sae import BaseSAE  # noqa: E402  (third-party, after ours for clarity)
 
@@ -56,7 +56,7 @@ CODER_KEY = "dbksvd_coder"
 ENCODER_NOTE = ("DB-KSVD dictionary. Its real encoder is sparse coding (matching pursuit / OMP, settings in "
                 "metadata.dbksvd_coder). Loaded as architecture 'topk' by plain sae-lens, encode is only the "
                 "top-k of the correlations relu((x - b_dec) @ W_enc) with W_enc = W_dec^T, an approximation; "
-                "load with pipeline.dictionary_sae.load_sae_lens (registered architecture 'dbksvd') for the "
+                "load with pipeline.evals.dictionary_sae.load_sae_lens (registered architecture 'dbksvd') for the "
                 "exact coder.")
 
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.atomic import atomic_write, atomic_write_text
-from pipeline.codes import Codes
-from pipeline.matryoshka import Group, encode_cascade, groups_from_list, groups_to_list
-from pipeline.sparse_coding import encode, gram
-from pipeline.validation import check_atoms, check_samples
+from pipeline.utils.atomic import atomic_write, atomic_write_text
+from pipeline.core.codes import Codes
+from pipeline.core.matryoshka import Group, encode_cascade, groups_from_list, groups_to_list
+from pipeline.core.coders import encode, gram
+from pipeline.core.validation import check_atoms, check_samples
 
 #: Tensors of a saved dictionary (atoms, optional centre).
 DICTIONARY_WEIGHTS = "dictionary.safetensors"
@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class CoderSettings:
-    """How a dictionary encodes (see :func:`pipeline.sparse_coding.encode`)."""
+    """How a dictionary encodes (see :func:`pipeline.core.coders.encode`)."""
 
     k: int
     """Maximum atoms per sample (per Matryoshka group: its budget)."""

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.codes import Codes
-from pipeline.validation import check_atoms, check_samples, check_sparsity
+from pipeline.core.codes import Codes
+from pipeline.core.validation import check_atoms, check_samples, check_sparsity
 
 Method = Literal["mp", "omp"]
 Precision = Literal["fp32", "tf32", "bf16"]
@@ -83,7 +83,7 @@ def encode(
         validate: check the inputs (NaN/Inf, shapes, unit norm); disable only in trusted inner loops.
 
     Returns:
-        :class:`~pipeline.codes.Codes` with ``indices, values: (n, k)`` on ``D``'s device.
+        :class:`~pipeline.core.codes.Codes` with ``indices, values: (n, k)`` on ``D``'s device.
     """
     K, d = D.shape
     if validate:

@@ -1,8 +1,8 @@
 """Whole-config validation before any heavy work: unknown keys, impossible combinations, missing pieces.
 
 Each failure is a ``ValueError`` naming the key and the fix. The harvest nodes are checked by
-:func:`pipeline.harvest_config.parse_harvest_config`; the dictionary node against
-:class:`pipeline.dbksvd.LearnerConfig`; model shapes (d, n_layers) come from :data:`KNOWN_SHAPES` when the model
+:func:`pipeline.data.config.parse_harvest_config`; the dictionary node against
+:class:`pipeline.core.learner.LearnerConfig`; model shapes (d, n_layers) come from :data:`KNOWN_SHAPES` when the model
 is known without loading it, else they are checked after loading, before the harvest starts.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.dbksvd import LearnerConfig
-from pipeline.harvest_config import parse_harvest_config
-from pipeline.run_layout import STAGES
-from pipeline.topk_sae import TopKConfig
+from pipeline.core.learner import LearnerConfig
+from pipeline.data.config import parse_harvest_config
+from pipeline.runs.layout import STAGES
+from pipeline.evals.topk_sae import TopKConfig
 
 #: (d_model, n_layers) of the models we know by name.
 KNOWN_SHAPES: dict[str, tuple[int, int]] = {

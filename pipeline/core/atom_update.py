@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.codes import Codes
+from pipeline.core.codes import Codes
 
 Reduce = Callable[[Tensor], Tensor]
 

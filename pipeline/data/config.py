@@ -11,8 +11,8 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .harvest import MaskingOptions, hook_names
-from .text import DEFAULT_HUB_DATASET, TextSource
+from pipeline.data.harvest import MaskingOptions, hook_names
+from pipeline.data.text import DEFAULT_HUB_DATASET, TextSource
 
 
 @dataclass
@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the text comes from (``conf/data/*.yaml``); see :class:`pipeline.text.TextSource`."""
+    """Where the text comes from (``conf/data/*.yaml``); see :class:`pipeline.data.text.TextSource`."""
 
     kind: str = "austen"
     """austen | hub | files."""

@@ -2,7 +2,7 @@
 
 :func:`harvest` runs a loaded ``HookedTransformer`` over fixed-length contexts and writes the activations of
 one or more hooks (one forward pass, ``stop_at_layer`` just above the deepest hook) into a resumable
-:class:`~pipeline.activation_store.StoreWriter`. :func:`harvest_to_store` does the loading too.
+:class:`~pipeline.data.store.StoreWriter`. :func:`harvest_to_store` does the loading too.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .activation_store import DTYPES, StoreWriter, check_disk_space, dtype_name, heldout_mask
-from .models import cache_root, describe_model, load_model
-from .text import TextSource, describe_source, iter_contexts, iter_documents
+from pipeline.data.store import DTYPES, StoreWriter, check_disk_space, dtype_name, heldout_mask
+from pipeline.data.models import cache_root, describe_model, load_model
+from pipeline.data.text import TextSource, describe_source, iter_contexts, iter_documents
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     """Harvest ``ceil(n_tokens / context_length)`` contexts of ``documents`` into a store at ``out_dir``.
 
     Every hook's rows are (tokens, d) with masked positions left out; contexts are split between ``train``
-    and ``heldout`` by :func:`~pipeline.activation_store.heldout_mask`. ``identity`` (default: built from the
+    and ``heldout`` by :func:`~pipeline.data.store.heldout_mask`. ``identity`` (default: built from the
     model, hooks and settings; pass the text's identity in ``meta["text"]``) decides resume vs refusal when
     ``out_dir`` already has a store. Returns ``out_dir``; a complete identical store is returned untouched.
     """
@@ -221,14 +221,14 @@ def harvest_to_store(model: str = "smollm2-135m", *, layer: int | None = None, h
                      device: str = "cpu", model_dtype: str = "float32", **harvest_kwargs: Any) -> Path:
     """Load ``model`` and ``text``, harvest, return the store path (reused when already complete).
 
-    ``text`` is a :class:`~pipeline.text.TextSource` or one of ``"austen"``, ``"hub"``. ``hooks`` default to
+    ``text`` is a :class:`~pipeline.data.text.TextSource` or one of ``"austen"``, ``"hub"``. ``hooks`` default to
     ``blocks.<layer>.hook_resid_post`` (``layer`` default: the offline model's usual layer, else n_layers//2).
     Other keyword arguments go to :func:`harvest` (context_length, batch_size, dtype, shard_rows, ...).
 
-    >>> from pipeline.activation_store import ActivationStore
+    >>> from pipeline.data.store import ActivationStore
     >>> Y = ActivationStore(harvest_to_store("smollm2-135m", layer=15, n_tokens=200_000)).load_all()
     """
-    from .models import OFFLINE_MODELS
+    from pipeline.data.models import OFFLINE_MODELS
 
     source = TextSource(kind=text) if isinstance(text, str) else text
     lm = load_model(model, path=model_path, device=device, dtype=model_dtype)

@@ -1,0 +1,11 @@
+"""Layer 1, the algorithm: tensors in, tensors out. No Hydra, no model, no I/O beyond saving a dictionary.
+
+- :mod:`~pipeline.core.codes`: ``Codes``, sparse codes as ``indices (n, k)`` + ``values (n, k)``;
+- :mod:`~pipeline.core.coders`: matching pursuit and Batch-OMP on the Gram matrix (``encode``);
+- :mod:`~pipeline.core.atom_update`: batched rank-1 (K-SVD) atom refits and the ``reduce`` hook;
+- :mod:`~pipeline.core.matryoshka`: nested atom groups and the residual cascade;
+- :mod:`~pipeline.core.dictionary`: ``Dictionary`` (atoms + coder settings + history; save / load);
+- :mod:`~pipeline.core.learner`: ``learn_dictionary``, the DB-KSVD loop, and ``LearnerConfig``;
+- :mod:`~pipeline.core.validation`: input checks shared by the public functions;
+- :mod:`~pipeline.core.synthetic`: planted problems (Aharon-Elad-Bruckstein) to test recovery on.
+"""
