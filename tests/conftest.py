@@ -14,6 +14,10 @@ from typing import Any
 import pytest
 import torch
 
+#: The repository root and its Hydra config folder.
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
 TINY_N_CTX = 64
 TINY_D_MODEL = 32
 TINY_LAYERS = 2
@@ -23,6 +27,17 @@ _WORDS = ("the a one every some old young quiet bright small large river house g
           "town road window door table chair book candle carriage ball dance dinner rain sun cold warm "
           "slowly kindly often never always because although while after before and but or with from into "
           "under over near far happy sad proud gentle clever honest").split()
+
+
+def compose_config(*overrides: str) -> Any:
+    """The real config of ``conf/`` composed with ``overrides`` (as on the command line), schema checks included."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.runs.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def make_sentences(n: int, seed: int = 0) -> list[str]:

@@ -28,7 +28,6 @@ effect on the reconstruction is measured in BENCHMARKS.md). ``precision`` select
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Literal
 
 import torch
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.core.codes import Codes
+from pipeline.utils.devices import free_memory
 from pipeline.core.validation import check_atoms, check_samples, check_sparsity
 
 Method = Literal["mp", "omp"]
@@ -183,16 +183,6 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
     else:
         budget, cap = min(free_memory(device) // 4, 96 << 20), 4096
     return int(max(16, min(cap, budget // per_row)))
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: the CUDA allocator's view on a GPU, available physical memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline.utils.atomic import atomic_write
+from pipeline.utils.devices import resolve_device
 from pipeline.core.atom_update import Reduce, identity_reduce, update_atoms
 from pipeline.core.codes import Codes
 from pipeline.core.dictionary import CoderSettings, Dictionary
@@ -373,8 +374,7 @@ class _BatchSource:
                                  f"got {type(data).__name__}.")
             self.d = self.first_batch().shape[1]
             default = None
-        dev = cfg.device or (default or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device = torch.device(dev)
+        self.device = resolve_device(cfg.device or default)
 
     def first_batch(self) -> Tensor:
         if self.tensor is not None:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from pipeline.utils.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "DBKSVD_CACHE"
@@ -92,13 +94,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
-def resolve_device(device: str | None) -> str:
-    """``None``/``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; anything else is returned as given."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def load_model(name: str, *, path: str | os.PathLike | None = None, device: str | None = "cpu",
                dtype: str | torch.dtype = "float32", n_ctx: int | None = None):
     """Load a ``HookedTransformer`` (eval mode, no gradients needed).
@@ -112,7 +107,7 @@ def load_model(name: str, *, path: str | os.PathLike | None = None, device: str 
         dtype: compute dtype (fp32 on CPU; bf16 on GPU for Gemma).
         n_ctx: context window to build the model with (``None``: the model's own / 1024 for offline models).
     """
-    device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    device, torch_dtype = str(resolve_device(device)), resolve_dtype(dtype)
     if path is not None:
         model = load_local_hf(path, device=device, dtype=torch_dtype, n_ctx=n_ctx)
     elif name in OFFLINE_MODELS:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline.core.codes import Codes
+from pipeline.utils.devices import resolve_device
 from pipeline.core.validation import check_samples, check_sparsity
 
 #: Weights and config of a saved TopK SAE.
@@ -168,7 +169,7 @@ def _train(data, cfg: TopKConfig, callback) -> TopKSAE:
     first = next(batches)
     d = first.shape[1]
     check_sparsity(k, n_latents, d)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else first.device.type))
+    device = resolve_device(cfg.device)
     g = torch.Generator().manual_seed(cfg.seed)
     sae = TopKSAE(d, n_latents, k).to(device)
     with torch.no_grad():

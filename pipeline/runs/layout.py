@@ -30,6 +30,11 @@ STAGE_NODES = {"harvest": ("model", "data", "harvest"), "fit": ("dictionary", "b
 DONE_MARKER = "DONE.json"
 #: The resolved config a stage folder depends on.
 STAGE_CONFIG = "config.yaml"
+#: Inside the harvest folder: the activation store.
+STORE_DIRNAME = "store"
+#: Inside the fit folder: the dictionary (``Dictionary.save``) and the TopK baseline.
+DICTIONARY_DIRNAME = "dictionary"
+TOPK_DIRNAME = "topk"
 
 
 def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:
@@ -65,6 +70,21 @@ def experiment_dir(cfg: DictConfig | dict) -> Path:
 def stage_dir(cfg: DictConfig | dict, stage: str) -> Path:
     """``<output_root>/<experiment_name>/<stage>-<hash>``."""
     return experiment_dir(cfg) / f"{stage}-{stage_hash(cfg, stage)}"
+
+
+def store_dir(cfg: DictConfig | dict) -> Path:
+    """The activation store of ``cfg``'s run: ``<harvest stage folder>/store``."""
+    return stage_dir(cfg, "harvest") / STORE_DIRNAME
+
+
+def finished_stage_dir(cfg: DictConfig | dict, stage: str) -> Path:
+    """The folder of an earlier stage that a later one reads; ``FileNotFoundError`` naming the command to run
+    when it has not finished."""
+    folder = stage_dir(cfg, stage)
+    if not is_done(folder):
+        raise FileNotFoundError(f"no finished {stage} stage at {folder}: run `python -m pipeline stage={stage}` "
+                                f"(or the whole pipeline, `python -m pipeline`) with the same settings first.")
+    return folder
 
 
 def is_done(folder: Path) -> bool:
