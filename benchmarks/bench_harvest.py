@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.store import ActivationStore, import_array
+from pipeline.data.store import ActivationStore
+from pipeline.data.store_writer import import_array
 from pipeline.data.harvest import harvest, hook_names
 from pipeline.data.models import describe_model, load_model
 from pipeline.data.text import TextSource, describe_source, iter_documents

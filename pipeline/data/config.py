@@ -1,18 +1,20 @@
-"""Typed configs of the harvest stage: the ``model``, ``data`` and ``harvest`` nodes of ``conf/``.
+"""Typed schemas of the harvest stage's config nodes: ``model`` (:class:`ModelConfig`), ``data``
+(:class:`pipeline.data.text.TextSource`, used as it is) and ``harvest`` (:class:`HarvestConfig`).
 
 :func:`parse_harvest_config` checks a Hydra/OmegaConf config against these dataclasses before any heavy
 work: an unknown key or a wrong type fails with a ``ValueError`` naming the key.
 """
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.data.harvest import MaskingOptions, hook_names
-from pipeline.data.text import DEFAULT_HUB_DATASET, TextSource
+from pipeline.data.store import DTYPES
+from pipeline.data.text import TextSource, describe_source
+from pipeline.utils.typed_config import typed_node
 
 
 @dataclass
@@ -32,25 +34,6 @@ class ModelConfig:
     """Context window to build the model with (None: the model's own; 1024 for the offline models)."""
     layer: int = 15
     """Default layer whose hook is harvested (``harvest.layers`` overrides)."""
-
-
-@dataclass
-class DataConfig:
-    """Where the text comes from (``conf/data/*.yaml``); see :class:`pipeline.data.text.TextSource`."""
-
-    kind: str = "austen"
-    """austen | hub | files."""
-    dataset: str = DEFAULT_HUB_DATASET
-    """hub: dataset repo id."""
-    config_name: Optional[str] = None
-    """hub: dataset configuration."""
-    split: str = "train"
-    revision: Optional[str] = None
-    """hub: git revision (None: default branch; the resolved commit is recorded)."""
-    paths: List[str] = field(default_factory=list)
-    """files: paths or globs of .txt / .jsonl / .parquet files."""
-    text_field: str = "text"
-    """jsonl/parquet/hub: field holding the text."""
 
 
 @dataclass
@@ -84,6 +67,18 @@ class HarvestConfig:
     progress: bool = True
     """Show a tqdm bar (tokens, with throughput)."""
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the key for a value the harvest cannot use."""
+        if self.n_tokens < self.context_length:
+            raise ValueError(f"harvest.n_tokens={self.n_tokens} is below one context "
+                             f"(harvest.context_length={self.context_length})")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"harvest.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        if self.batch_size < 1 or self.shard_rows < 1:
+            raise ValueError("harvest.batch_size and harvest.shard_rows must be positive")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"harvest.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+
     def hook_list(self, model_layer: int) -> List[str]:
         if self.hooks:
             return list(self.hooks)
@@ -93,31 +88,22 @@ class HarvestConfig:
         return MaskingOptions(self.mask_bos, self.mask_special_tokens, self.outlier_norm_factor)
 
 
-def _typed(node: Any, schema: type, key: str) -> Any:
-    try:
-        node = OmegaConf.create(node if node is not None else {})
-        missing = sorted(OmegaConf.missing_keys(node))  # "???" values (merging would hide them)
-        if missing:
-            raise ValueError(f"config value(s) {[f'{key}.{m}' for m in missing]} must be set, e.g. on the "
-                             f"command line: {key}.{missing[0]}=...")
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
-    except OmegaConfBaseException as exc:
-        raise ValueError(f"bad config under `{key}`: {exc.msg if hasattr(exc, 'msg') else exc}. "
-                         f"Valid keys: {[f.name for f in dataclasses.fields(schema)]}") from None
-
-
 def parse_harvest_config(cfg: DictConfig | dict) -> tuple[ModelConfig, TextSource, HarvestConfig]:
     """Validate the ``model``, ``data`` and ``harvest`` nodes; return typed objects."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    model = _typed(cfg.get("model"), ModelConfig, "model")
-    data = _typed(cfg.get("data"), DataConfig, "data")
-    harvest = _typed(cfg.get("harvest"), HarvestConfig, "harvest")
-    if harvest.n_tokens < harvest.context_length:
-        raise ValueError(f"harvest.n_tokens={harvest.n_tokens} is below one context "
-                         f"(harvest.context_length={harvest.context_length})")
-    if not 0 <= harvest.heldout_fraction < 1:
-        raise ValueError(f"harvest.heldout_fraction={harvest.heldout_fraction} must be in [0, 1)")
-    if harvest.batch_size < 1 or harvest.shard_rows < 1:
-        raise ValueError("harvest.batch_size and harvest.shard_rows must be positive")
-    source = TextSource(**dataclasses.asdict(data))
+    model = typed_node(cfg.get("model"), ModelConfig, "model")
+    source = typed_node(cfg.get("data"), TextSource, "data")
+    harvest = typed_node(cfg.get("harvest"), HarvestConfig, "harvest")
+    harvest.validate()
     return model, source, harvest
+
+
+def store_identity(model: ModelConfig, source: TextSource, h: HarvestConfig) -> dict[str, Any]:
+    """What makes two stores interchangeable: model, hooks, text (content hashes for local text), token count
+    and every setting that changes the stored bytes (not the progress bar, nor how hooks were spelled)."""
+    text = dataclasses.asdict(source) if source.kind == "hub" else describe_source(source)
+    settings = dataclasses.asdict(h)
+    for key in ("layers", "hook_point", "hooks", "progress"):
+        settings.pop(key)
+    return {"model": {"name": model.name, "path": model.path, "dtype": model.dtype, "n_ctx": model.n_ctx},
+            "hooks": h.hook_list(model.layer), "text": text, **settings}

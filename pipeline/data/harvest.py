@@ -2,7 +2,7 @@
 
 :func:`harvest` runs a loaded ``HookedTransformer`` over fixed-length contexts and writes the activations of
 one or more hooks (one forward pass, ``stop_at_layer`` just above the deepest hook) into a resumable
-:class:`~pipeline.data.store.StoreWriter`. :func:`harvest_to_store` does the loading too.
+:class:`~pipeline.data.store.StoreWriter`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data.store import DTYPES, StoreWriter, check_disk_space, dtype_name, heldout_mask
-from pipeline.data.models import cache_root, describe_model, load_model
-from pipeline.data.text import TextSource, describe_source, iter_contexts, iter_documents
+from pipeline.data.store import DTYPES, check_disk_space, dtype_name, heldout_mask
+from pipeline.data.store_writer import StoreWriter
+from pipeline.data.models import describe_model
+from pipeline.data.text import iter_contexts
 
 log = logging.getLogger(__name__)
 
-STORES_SUBDIR = "stores"
-""":func:`harvest_to_store` without ``out_dir`` writes to ``<cache root>/stores/<identity hash>/``."""
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 FP16_MAX = 65504.0
 
@@ -88,13 +87,18 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
             hooks: Sequence[str], n_tokens: int, context_length: int = 128, batch_size: int = 8,
             dtype: str = "float32", shard_rows: int = 65536, heldout_fraction: float = 0.05,
             masking: MaskingOptions | None = None, identity: dict[str, Any] | None = None,
-            meta: dict[str, Any] | None = None, progress: bool = True) -> Path:
+            meta: dict[str, Any] | None = None, progress: bool = True, verify: bool = True) -> Path:
     """Harvest ``ceil(n_tokens / context_length)`` contexts of ``documents`` into a store at ``out_dir``.
 
     Every hook's rows are (tokens, d) with masked positions left out; contexts are split between ``train``
     and ``heldout`` by :func:`~pipeline.data.store.heldout_mask`. ``identity`` (default: built from the
     model, hooks and settings; pass the text's identity in ``meta["text"]``) decides resume vs refusal when
-    ``out_dir`` already has a store. Returns ``out_dir``; a complete identical store is returned untouched.
+    ``out_dir`` already has a store. Returns ``out_dir``.
+
+    Re-running into a folder that holds a store with the same identity reuses it: with ``verify`` (default)
+    every listed shard is first checked against its sha256 and exactly the missing or corrupted ones are
+    re-made from their contexts (good shards keep their bytes and mtime; the manifest is rewritten
+    atomically); then a complete store is returned, a partial one resumed.
     """
     masking = masking or MaskingOptions()
     if dtype not in DTYPES:
@@ -123,8 +127,9 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     d_of = {h: _hook_width(model, h) for h in hooks}
     writer = StoreWriter(out_dir, header=header, dtype=store_dtype,
                          hooks={h: {"layer": hook_layer(h), "d": d_of[h]} for h in hooks})
-    if writer.complete:
-        log.info("store %s is complete; nothing to do", out_dir)
+    bad = writer.bad_shards() if verify else {}
+    if writer.complete and not bad:
+        log.info("store %s is complete and every shard matches its sha256; nothing to do", out_dir)
         return Path(out_dir)
     start = writer.done_shards
     item = torch.finfo(store_dtype).bits // 8
@@ -132,11 +137,16 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
 
     docs = documents() if callable(documents) else documents
     contexts = iter_contexts(docs, tok, context_length, bos)
-    skipped = sum(1 for _ in itertools.islice(contexts, start * per_shard))
-    if skipped < start * per_shard:
-        raise ValueError(f"the text now yields fewer contexts ({skipped}) than the store already holds; "
-                         "the text source changed since the interrupted harvest: use a fresh output folder")
     ids_masked = torch.tensor(masked_ids, dtype=torch.long)
+
+    def run_shard(batch_ctx: list[list[int]], first: int, shard_hooks: Sequence[str], bar: Any):
+        return _harvest_shard(model, batch_ctx, first, shard_hooks, batch_size, heldout_fraction, ids_masked,
+                              masking.outlier_norm_factor, store_dtype, bar)
+
+    _skip_done_shards(writer, contexts, start, bad, run_shard, context_length, progress)
+    if writer.complete:
+        log.info("re-made %d damaged shard index(es) of %s", len(bad), out_dir)
+        return writer.path
     bar = tqdm(total=n_contexts * context_length, initial=start * per_shard * context_length, unit="tok",
                unit_scale=True, desc="harvest", disable=not progress)
     done, t0 = start * per_shard, time.perf_counter()
@@ -148,8 +158,7 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
                 raise ValueError("the text source yielded no complete context of "
                                  f"{context_length} tokens (empty text?); check data.* or lower context_length")
             break
-        rows, counts = _harvest_shard(model, batch_ctx, index * per_shard, hooks, batch_size, heldout_fraction,
-                                      ids_masked, masking.outlier_norm_factor, store_dtype, bar)
+        rows, counts = run_shard(batch_ctx, index * per_shard, hooks, bar)
         writer.add_shard(index, rows, (index * per_shard, index * per_shard + len(batch_ctx)), counts)
         done = index * per_shard + len(batch_ctx)
         if len(batch_ctx) < want:
@@ -162,6 +171,36 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     log.info("harvested %d tokens in %.1f s (%.0f tok/s) into %s", (done - start * per_shard) * context_length,
              elapsed, (done - start * per_shard) * context_length / max(elapsed, 1e-9), out_dir)
     return writer.finish(n_contexts=done, n_tokens_harvested=done * context_length)
+
+
+def _skip_done_shards(writer: StoreWriter, contexts: Iterable[list[int]], n_done: int,
+                      bad: dict[int, dict[str, list[str]]], run_shard: Callable, context_length: int,
+                      progress: bool) -> None:
+    """Consume the contexts of the ``n_done`` shards the store lists, re-making the ``bad`` ones
+    (``{index: {hook: [split, ...]}}``; only those hooks are run and only those files written)."""
+    expected = writer.span(n_done - 1)[1] if n_done else 0
+    pos = 0
+    n_tokens = sum(writer.span(i)[1] - writer.span(i)[0] for i in bad) * context_length
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="repair", disable=not progress or not bad)
+    for index, splits_of in bad.items():
+        lo, hi = writer.span(index)
+        pos += sum(1 for _ in itertools.islice(contexts, lo - pos))
+        batch_ctx = list(itertools.islice(contexts, hi - lo))
+        pos += len(batch_ctx)
+        if pos < hi:
+            break
+        rows, _ = run_shard(batch_ctx, lo, list(splits_of), bar)
+        remade = {h: {split: rows[h][split] for split in splits} for h, splits in splits_of.items()}
+        # a re-made shard keeps the positions of the old one; only outlier masking can move with numerics
+        old_rows = {h: sum(writer.manifest["hooks"][h][split]["shards"][index]["rows"] for split in splits)
+                    for h, splits in splits_of.items()}
+        counts = {h: {"masked_outlier": old_rows[h] - sum(len(x) for x in remade[h].values())} for h in remade}
+        writer.replace_shard(index, remade, counts)
+    bar.close()
+    pos += sum(1 for _ in itertools.islice(contexts, max(expected - pos, 0)))
+    if pos < expected:
+        raise ValueError(f"the text now yields fewer contexts ({pos}) than the store already holds ({expected}); "
+                         "the text source changed since that harvest: use a fresh output folder")
 
 
 @torch.inference_mode()
@@ -215,35 +254,5 @@ def identity_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def harvest_to_store(model: str = "smollm2-135m", *, layer: int | None = None, hooks: Sequence[str] | None = None,
-                     text: TextSource | str = "austen", n_tokens: int = 200_000,
-                     out_dir: str | os.PathLike | None = None, model_path: str | None = None,
-                     device: str = "cpu", model_dtype: str = "float32", **harvest_kwargs: Any) -> Path:
-    """Load ``model`` and ``text``, harvest, return the store path (reused when already complete).
-
-    ``text`` is a :class:`~pipeline.data.text.TextSource` or one of ``"austen"``, ``"hub"``. ``hooks`` default to
-    ``blocks.<layer>.hook_resid_post`` (``layer`` default: the offline model's usual layer, else n_layers//2).
-    Other keyword arguments go to :func:`harvest` (context_length, batch_size, dtype, shard_rows, ...).
-
-    >>> from pipeline.data.store import ActivationStore
-    >>> Y = ActivationStore(harvest_to_store("smollm2-135m", layer=15, n_tokens=200_000)).load_all()
-    """
-    from pipeline.data.models import OFFLINE_MODELS
-
-    source = TextSource(kind=text) if isinstance(text, str) else text
-    lm = load_model(model, path=model_path, device=device, dtype=model_dtype)
-    if hooks is None:
-        if layer is None:
-            layer = OFFLINE_MODELS[model].default_layer if model in OFFLINE_MODELS else lm.cfg.n_layers // 2
-        hooks = hook_names([layer])
-    meta = {"model": describe_model(lm, model, model_path), "text": describe_source(source)}
-    settings = {k: asdict(v) if is_dataclass(v) else v for k, v in sorted(harvest_kwargs.items())}
-    identity = {"model": meta["model"], "text": meta["text"], "hooks": list(hooks), "n_tokens": n_tokens,
-                "settings": settings}
-    out = Path(out_dir) if out_dir is not None else cache_root() / STORES_SUBDIR / identity_hash(identity)
-    return harvest(lm, lambda: iter_documents(source), out, hooks=hooks, n_tokens=n_tokens, identity=identity,
-                   meta=meta, **harvest_kwargs)
-
-
-__all__ = ["MaskingOptions", "harvest", "harvest_to_store", "hook_names", "stop_layer", "validate",
+__all__ = ["MaskingOptions", "harvest", "hook_names", "stop_layer", "validate",
            "identity_hash", "dtype_name"]

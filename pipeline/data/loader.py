@@ -10,6 +10,7 @@ target, shards travel to the GPU once in the store dtype and batches are gathere
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -21,10 +22,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipeline.utils.devices import free_memory
+
 if TYPE_CHECKING:
     from pipeline.data.store import ActivationStore
 
 _DONE = object()
+
+
+log = logging.getLogger(__name__)
 
 
 class ActivationLoader:
@@ -180,3 +186,17 @@ def _gather(parts: list[torch.Tensor], part_of: np.ndarray, local: np.ndarray, d
         pos = np.flatnonzero(part_of == p)
         out[torch.from_numpy(pos).to(device)] = parts[p][torch.from_numpy(local[pos]).to(device)]
     return out
+
+
+#: The store is fitted from memory when it takes at most this share of free memory, else streamed.
+IN_MEMORY_SHARE = 0.25
+
+
+def training_data(store: "ActivationStore", batch_size: int, device: torch.device, seed: int):
+    """The store's training rows: one ``(n, d)`` tensor on ``device`` when they take at most
+    :data:`IN_MEMORY_SHARE` of its free memory, else a shuffled loader of ``(batch_size, d)`` batches."""
+    need = store.n_rows() * store.d * 4
+    if need <= IN_MEMORY_SHARE * free_memory(device):
+        return store.load_all(device=device)
+    log.info("streaming the store (%.1f GB does not fit in memory comfortably)", need / 1e9)
+    return store.loader(batch_size, seed=seed, device=device, drop_last=True)

@@ -29,7 +29,8 @@ from typing import Any
 
 from pipeline.utils.atomic import atomic_write_text
 from pipeline.data.debian_rdata import deb_members, load_r_lazydata
-from pipeline.data.models import SETUP_HINT, cache_root, hub_reachable
+from pipeline.data.cache import SETUP_HINT, cache_root
+from pipeline.data.hub import hub_reachable
 
 log = logging.getLogger(__name__)
 

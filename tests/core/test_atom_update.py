@@ -1,5 +1,7 @@
 """Batched K-SVD atom update: monotone for atom-batch size 1, exact residual bookkeeping, reduction hook."""
 
+import threading
+
 import pytest
 import torch
 
@@ -44,8 +46,82 @@ def test_every_per_atom_sum_goes_through_reduce():
         return t
 
     stats = update_atoms(R, D, codes, 10, nonnegative=False, reduce=reduce)
-    assert len(calls) >= stats.n_used // 10
-    assert all(shape[1] == 20 for shape in calls)
+    # one (atoms of the batch, d) sum per alternating step of every atom batch (each batch is one chunk here)
+    n_batches = -(-stats.n_used // 10)
+    assert len(calls) == round(stats.mean_rank1_iters * n_batches)
+    assert sorted(set(calls)) == sorted({(10, 20), (stats.n_used - 10 * (n_batches - 1), 20)})
+
+
+class ThreadAllReduce:
+    """An all-reduce between ``n`` threads (stand-ins for ranks): every rank gets the sum of all ranks'
+    tensors, added in rank order so every rank gets the same bits."""
+
+    def __init__(self, n: int):
+        self.slots = [None] * n
+        self.barrier = threading.Barrier(n, timeout=60)  # a rank that skips a call breaks it, not hangs
+
+    def for_rank(self, rank: int):
+        def reduce(t):
+            self.slots[rank] = t.clone()
+            self.barrier.wait()  # every rank has put its part
+            total = self.slots[0].clone()
+            for part in self.slots[1:]:
+                total += part
+            self.barrier.wait()  # every rank has read before the next call overwrites a slot
+            return total
+        return reduce
+
+
+def _sweep(Y, D, k, rows, reduce=None):
+    """Code ``Y[rows]`` with D (fixed supports), then one atom-update sweep on them: (atoms, codes, residual)."""
+    D = D.clone()
+    codes = encode(Y[rows], D, k, nonnegative=False)
+    R = Y[rows] - codes.decode(D)
+    opts = dict(nonnegative=False, tol=-1.0, max_iters=6,  # tol < 0: always 6 steps, so rounding cannot
+                generator=torch.Generator().manual_seed(0))  # change where a refit stops; same atom order
+    update_atoms(R, D, codes, 10, **opts, **({} if reduce is None else {"reduce": reduce}))
+    return D, codes, R
+
+
+@pytest.mark.parametrize("split", ["halves", "interleaved"])
+def test_reduce_results_make_two_ranks_equal_one_process(split):
+    """Data parallel: two ranks each update with half the samples and an all-reduce as ``reduce``; their atoms
+    (and each rank's codes and residual) equal a single process updating with all the samples."""
+    p = planted_problem(seed=1)
+    D0 = torch.randn(50, 20, generator=torch.Generator().manual_seed(2))
+    D0 = D0 / D0.norm(dim=1, keepdim=True)
+    n = p.Y.shape[0]
+    shards = [torch.arange(0, n // 2), torch.arange(n // 2, n)] if split == "halves" else \
+        [torch.arange(0, n, 2), torch.arange(1, n, 2)]
+    for rows in shards:  # precondition: every rank refits the same atoms, so both make the same reduce calls
+        codes = encode(p.Y[rows], D0, 3, nonnegative=False)
+        assert codes.indices[codes.values != 0].unique().numel() == 50
+    single = _sweep(p.Y, D0, 3, torch.arange(n))
+
+    allreduce, results, errors = ThreadAllReduce(2), [None, None], []
+
+    def rank(r):
+        try:
+            results[r] = _sweep(p.Y, D0, 3, shards[r], allreduce.for_rank(r))
+        except Exception as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+            allreduce.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r, rows in enumerate(shards):
+        D, codes, R = results[r]
+        torch.testing.assert_close(D, single[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(codes.to_dense(50), single[1].to_dense(50)[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(R, single[2][rows], atol=1e-5, rtol=1e-5)
+    # control: a reduce that ignores the other rank (each rank fits its own half) does not give that result
+    for rows in shards:
+        alone = _sweep(p.Y, D0, 3, rows)[0]
+        assert float((alone - single[0]).abs().max()) > 1e-2
 
 
 def test_unused_atoms_are_left_alone():
@@ -55,7 +131,7 @@ def test_unused_atoms_are_left_alone():
     R = p.Y - codes.decode(D[:50])
     before = D[50:].clone()
     stats = update_atoms(R, D, codes, 8, nonnegative=False)
-    assert stats.n_used <= 50
+    assert stats.n_used == codes.indices[codes.values != 0].unique().numel()
     assert torch.equal(D[50:], before)
 
 

@@ -141,7 +141,9 @@ def test_codes_decode_matches_dense_product():
     Y, D = _problem(dtype=torch.float32)
     codes = encode(Y, D, 4)
     torch.testing.assert_close(codes.decode(D), codes.to_dense(D.shape[0]) @ D)
-    assert isinstance(Codes.cat([codes[:3], codes[3:]]), Codes)
+    joined = Codes.cat([codes[:3], codes[3:]])
+    assert isinstance(joined, Codes) and torch.equal(joined.indices, codes.indices)
+    assert torch.equal(joined.values, codes.values)
 
 
 def test_zero_rows_get_empty_codes():
@@ -167,6 +169,25 @@ def test_bad_input_raises_clear_errors(bad, message):
         encode(*args)
 
 
-def test_gram_is_exact_fp32():
-    _, D = _problem(dtype=torch.float32)
-    torch.testing.assert_close(gram(D), D @ D.T)
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+@pytest.mark.parametrize("precision, atol", [
+    ("fp32", 1e-6),  # fp32 products and sums of unit vectors: a few ulps
+    # "tf32" and "bf16" build the Gram on tf32 tensor cores (gram's docstring): 10 mantissa bits, so each entry
+    # is off by < 2^-10 relative (even truncated), each product by < 2^-9, and for unit atoms
+    # |error| < 2^-9 · Σ|a_i b_i| <= 2^-9 (Cauchy-Schwarz)
+    ("tf32", 2.0 ** -9),
+    ("bf16", 2.0 ** -9),
+])
+def test_gram_matches_a_float64_reference(device, precision, atol):
+    _, D = _problem(K=256, d=64, dtype=torch.float32)
+    reference = D.double().numpy() @ D.double().numpy().T  # independent: numpy, float64
+    G = gram(D.to(device), precision)
+    assert G.dtype == torch.float32 and G.shape == (256, 256)
+    assert torch.equal(G.diagonal().cpu(), torch.ones(256))  # set exactly: a picked atom's correlation drops to 0
+    np.testing.assert_allclose(G.cpu().double().numpy(), reference, rtol=0, atol=atol)
+    if precision == "fp32" or device == "cpu":  # CPU matmuls have no tf32: every precision is fp32 there
+        np.testing.assert_allclose(G.cpu().double().numpy(), reference, rtol=0, atol=1e-6)

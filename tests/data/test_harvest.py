@@ -1,15 +1,18 @@
-"""The harvest loop and stage on a tiny local model; one test on the real offline SmolLM2-135M."""
+"""The harvest loop on a tiny local model (masking, resume, self-repair); one test on the real offline SmolLM2-135M."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from pipeline.data import harvest as harvest_mod, store as activation_store
-from pipeline.data.store import MANIFEST_NAME, ActivationStore, StoreWriter
+from pipeline.data import harvest as harvest_module, store as activation_store, store_writer
+from pipeline.data.store import MANIFEST_NAME, ActivationStore, ChecksumError, heldout_mask
+from pipeline.data.store_writer import StoreWriter
 from pipeline.data.harvest import MaskingOptions, harvest, stop_layer
 from pipeline.data.text import iter_contexts
 
@@ -27,6 +30,11 @@ def _files(path):
     return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def _contexts(model, docs, n=100, length=16):
+    """The first ``n`` contexts the harvest packs (BOS = token 0 of the tiny tokenizer)."""
+    return torch.tensor(list(iter_contexts(docs, model.tokenizer, length, model.tokenizer.bos_token_id))[:n])
+
+
 def test_stored_rows_equal_run_with_cache(tiny_hooked_model, text_files, tmp_path):
     docs = text_files["docs"]
     path = _run(tiny_hooked_model, docs, tmp_path / "s", masking=NO_MASK, heldout_fraction=0.0)
@@ -38,21 +46,50 @@ def test_stored_rows_equal_run_with_cache(tiny_hooked_model, text_files, tmp_pat
         torch.testing.assert_close(stored, cache[hook].reshape(-1, 32), atol=1e-5, rtol=1e-5)
 
 
-def test_masking_and_manifest(tiny_hooked_model, text_files, tmp_path):
-    path = _run(tiny_hooked_model, text_files["docs"], tmp_path / "s",
-                masking=MaskingOptions(outlier_norm_factor=1.5))
+PLANTED = (0, 5, 11)
+"""Positions whose ``blocks.0`` residual the outlier test scales by 100 in every context (0 holds BOS)."""
+
+
+def test_outlier_masking_drops_exactly_the_planted_outliers(tiny_hooked_model, text_files, tmp_path):
+    """Plant outliers (x100 residual at three positions per context, which reaches both hooks), mask at 10x
+    the median norm (natural rows stay under 2x): exactly the planted positions are dropped (the BOS one counts
+    as special), and the stored rows are exactly the run_with_cache rows neither special nor planted."""
+    model, docs = tiny_hooked_model, text_files["docs"]
+    scale = torch.ones(16, 1)
+    scale[list(PLANTED)] = 100.0
+    model.add_hook(HOOKS[0], lambda acts, hook: acts * scale.to(acts), is_permanent=True)
+    try:
+        path = _run(model, docs, tmp_path / "s", masking=MaskingOptions(outlier_norm_factor=10.0))
+        tokens = _contexts(model, docs)
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(tokens, names_filter=HOOKS)
+    finally:
+        model.reset_hooks(including_permanent=True)
+    special = torch.isin(tokens, torch.tensor([0, 1, 2]))  # <bos>, <eos>, <pad>
+    planted = torch.zeros_like(special)
+    planted[:, list(PLANTED)] = True
+    held = torch.from_numpy(heldout_mask(torch.arange(100).numpy(), 0.1))[:, None]
     m = json.loads((path / MANIFEST_NAME).read_text())
-    bos = tiny_hooked_model.tokenizer.bos_token_id
-    assert m["complete"] and m["masking"]["masked_token_ids"] == [0, 1, 2] and m["bos_token_id"] == bos
-    counts = m["hooks"][HOOKS[0]]["counts"]
-    assert counts["positions"] == 1600 and counts["masked_special"] >= 100 and counts["masked_outlier"] >= 0
-    kept = counts["positions"] - counts["masked_special"] - counts["masked_outlier"]
-    store = ActivationStore(path, HOOKS[0])
-    assert store.n_rows() + store.n_rows("heldout") == kept
+    assert m["complete"] and m["masking"]["masked_token_ids"] == [0, 1, 2]
+    assert m["bos_token_id"] == model.tokenizer.bos_token_id == 0
+    for hook in HOOKS:
+        counts = m["hooks"][hook]["counts"]
+        assert counts == {"positions": 1600, "masked_special": int(special.sum()),
+                          "masked_outlier": int((planted & ~special).sum())}
+        assert counts["masked_outlier"] == 200  # positions 5 and 11 of 100 contexts; position 0 is BOS
+        keep = ~special & ~planted
+        store = ActivationStore(path, hook)
+        train, heldout = store.load_all(), store.heldout()
+        torch.testing.assert_close(train, cache[hook][keep & ~held], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(heldout, cache[hook][keep & held], atol=1e-5, rtol=1e-5)
+        assert store.mean_norm() == pytest.approx(float(train.norm(dim=1).mean()), rel=1e-5)
+        assert store.mean_norm("heldout") == pytest.approx(float(heldout.norm(dim=1).mean()), rel=1e-5)
+        for split in ("train", "heldout"):
+            for shard in m["hooks"][hook][split]["shards"]:
+                assert shard["sha256"] == hashlib.sha256((path / shard["file"]).read_bytes()).hexdigest()
     for key in ("model", "text", "context_length", "dtype", "heldout_fraction"):
         assert key in m
-    assert all(len(s["sha256"]) == 64 for s in m["hooks"][HOOKS[0]]["train"]["shards"])
-    assert store.mean_norm() > 0 and m["hooks"][HOOKS[0]]["layer"] == 0
+    assert m["hooks"][HOOKS[0]]["layer"] == 0 and m["hooks"][HOOKS[1]]["layer"] == 1
 
 
 def test_uses_stop_at_layer(tiny_hooked_model, text_files, tmp_path, monkeypatch):
@@ -90,8 +127,61 @@ def test_killed_then_resumed_is_byte_identical(tiny_hooked_model, text_files, tm
     with pytest.raises(ValueError, match="incomplete"):
         ActivationStore(tmp_path / "resumed", HOOKS[0])
     monkeypatch.setattr(StoreWriter, "add_shard", original)
+    # damage the part written before the kill too: the resume re-makes it, then carries on
+    (tmp_path / "resumed" / HOOKS[0] / "heldout-00001.safetensors").unlink()
     resumed = _run(tiny_hooked_model, docs, tmp_path / "resumed", dtype="bfloat16")
     assert _files(whole) == _files(resumed)
+
+
+def test_rerun_remakes_exactly_the_corrupted_shard(tiny_hooked_model, text_files, tmp_path, monkeypatch):
+    docs = text_files["docs"]
+    path = _run(tiny_hooked_model, docs, tmp_path / "s")
+    before = _files(path)
+    rows = {h: (ActivationStore(path, h).load_all(), ActivationStore(path, h).heldout()) for h in HOOKS}
+    bad = Path(HOOKS[1]) / "train-00004.safetensors"
+    data = bytearray(before[bad])
+    data[-3] ^= 0xFF
+    (path / bad).write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="re-run the harvest") as err:
+        ActivationStore(path, HOOKS[1]).load_all()
+    assert str(bad) in str(err.value) and "python -m pipeline stage=harvest" in str(err.value)
+    past = 1_000_000_000 * 10**9  # 2001: any file the re-run writes gets a later mtime
+    for rel in before:
+        os.utime(path / rel, ns=(past, past))
+
+    written, forwards = [], []
+    atomic = store_writer.atomic_write_bytes
+    monkeypatch.setattr(store_writer, "atomic_write_bytes",
+                        lambda target, blob: written.append(Path(target).relative_to(path)) or atomic(target, blob))
+    run_with_cache = tiny_hooked_model.run_with_cache
+
+    def spy(tokens, **kwargs):
+        if tokens.shape[1] == 16:  # a harvest batch (not the one-token width probe)
+            forwards.append((kwargs["names_filter"], int(tokens.shape[0])))
+        return run_with_cache(tokens, **kwargs)
+
+    monkeypatch.setattr(tiny_hooked_model, "run_with_cache", spy)
+    assert _run(tiny_hooked_model, docs, tmp_path / "s") == path
+    monkeypatch.undo()
+
+    assert _files(path) == before  # the bad shard is bit-identical again; everything else never changed
+    touched = {rel for rel in before if (path / rel).stat().st_mtime_ns != past}
+    assert touched == {bad, Path(MANIFEST_NAME)}
+    assert written == [bad, Path(MANIFEST_NAME)]  # through the atomic helper, shard first, then the manifest
+    assert forwards == [([HOOKS[1]], 4), ([HOOKS[1]], 4)]  # only the bad hook, only shard 4's 8 contexts
+    assert not list(path.rglob(".*.tmp-*"))
+    for h in HOOKS:
+        store = ActivationStore(path, h)
+        store.verify_all()
+        assert torch.equal(store.load_all(), rows[h][0]) and torch.equal(store.heldout(), rows[h][1])
+
+    # a missing shard is re-made the same way; a sound store is then reused without a forward pass
+    (path / bad).unlink()
+    _run(tiny_hooked_model, docs, tmp_path / "s")
+    assert _files(path) == before
+    monkeypatch.setattr(tiny_hooked_model, "run_with_cache", lambda *a, **k: pytest.fail("nothing to re-make"))
+    monkeypatch.setattr(harvest_module, "_hook_width", lambda model, hook: 32)
+    assert _run(tiny_hooked_model, docs, tmp_path / "s") == path
 
 
 def test_clear_errors(tiny_hooked_model, text_files, tmp_path):
@@ -110,55 +200,6 @@ def test_refuses_when_disk_is_too_small(tiny_hooked_model, text_files, tmp_path,
     monkeypatch.setattr(activation_store.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(OSError, match="not enough disk"):
         _run(tiny_hooked_model, text_files["docs"], tmp_path / "s")
-
-
-# --------------------------------------------------------------------------- stage
-def _stage_cfg(tiny_hf_dir, text_files, **harvest_overrides):
-    from hydra import compose, initialize_config_dir
-
-    from stages.harvest import __file__ as stage_file
-    from pathlib import Path
-
-    conf = str(Path(stage_file).resolve().parents[1] / "conf")
-    overrides = ["model=tiny_local", f"model.path={tiny_hf_dir}", "data=local_files",
-                 f"data.paths=[{text_files['jsonl']}]", "harvest.n_tokens=640", "harvest.context_length=16",
-                 "harvest.batch_size=4", "harvest.shard_rows=64", "harvest.progress=false"]
-    overrides += [f"harvest.{k}={v}" for k, v in harvest_overrides.items()]
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def test_stage_writes_then_reuses(tiny_hf_dir, text_files, tmp_path, monkeypatch):
-    from stages import harvest as stage
-
-    cfg = _stage_cfg(tiny_hf_dir, text_files, layers="[0,1]")
-    path = stage.run(cfg, run_dir=tmp_path)
-    assert path == tmp_path / stage.STORE_DIRNAME
-    assert ActivationStore(path, "blocks.1.hook_resid_post").d == 32
-    monkeypatch.setattr(stage, "load_model", lambda *a, **k: pytest.fail("an identical store must be reused"))
-    assert stage.run(cfg, run_dir=tmp_path) == path
-    monkeypatch.undo()
-    with pytest.raises(ValueError, match="n_tokens"):
-        stage.run(_stage_cfg(tiny_hf_dir, text_files, layers="[0,1]", n_tokens=1280), run_dir=tmp_path)
-
-
-def test_stage_config_validation(tiny_hf_dir, text_files):
-    from pipeline.data.config import parse_harvest_config
-
-    cfg = _stage_cfg(tiny_hf_dir, text_files)
-    model, source, h = parse_harvest_config(cfg)
-    assert h.hook_list(model.layer) == ["blocks.1.hook_resid_post"] and source.kind == "files"
-    plain = OmegaConf.to_container(cfg)
-    with pytest.raises(ValueError, match="n_tokenz"):
-        parse_harvest_config({**plain, "harvest": {**plain["harvest"], "n_tokenz": 5}})
-    with pytest.raises(ValueError, match="path"):
-        parse_harvest_config({**plain, "model": {**plain["model"], "path": "???"}})
-    with pytest.raises(ValueError, match="heldout_fraction"):
-        parse_harvest_config({**plain, "harvest": {**plain["harvest"], "heldout_fraction": 1.5}})
-
-
-def test_harvest_module_exports():
-    assert callable(harvest_mod.harvest_to_store)
 
 
 # --------------------------------------------------------------------------- real model

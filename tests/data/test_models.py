@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data import models
-from pipeline.data.models import HubUnreachableError, load_model, resolve_dtype
+from pipeline.data import cache, hub, offline_models
+from pipeline.data.hub import HubUnreachableError
+from pipeline.data.models import load_model, resolve_dtype
 
 
 def test_local_hf_dir_matches_hf_forward(tiny_hf_dir):
@@ -38,15 +39,15 @@ def test_unreachable_hub_says_how_to_use_local_weights(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(models, "_in_hub_cache", lambda repo: False)
+    monkeypatch.setattr(hub, "in_hub_cache", lambda repo: False)
     with pytest.raises(HubUnreachableError, match="unreachable") as err:
         load_model("pythia-14m")
     assert "model.path=" in str(err.value)
 
 
 def test_missing_offline_package_names_setup(monkeypatch, tmp_path):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(offline_models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="bash setup.sh"):
         load_model("smollm2-135m")
 
@@ -55,3 +56,12 @@ def test_dtype_names():
     assert resolve_dtype("bf16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8")
+
+
+def test_split_modules_keep_the_old_import_path():
+    """models.py was split (cache, hub, offline_models); the names callers import from it still resolve there."""
+    from pipeline.data import models
+
+    assert models.cache_root is cache.cache_root and models.SETUP_HINT is cache.SETUP_HINT
+    assert models.hub_reachable is hub.hub_reachable and models.HubUnreachableError is hub.HubUnreachableError
+    assert models.OFFLINE_MODELS is offline_models.OFFLINE_MODELS

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.data.store import (MANIFEST_NAME, ActivationStore, ChecksumError, check_disk_space,
-                                       heldout_mask, import_array)
+from pipeline.data.store import (MANIFEST_NAME, ActivationStore, BadShard, ChecksumError, check_disk_space,
+                                 find_bad_shards, heldout_mask)
+from pipeline.data.store_writer import import_array
 
 N, D = 1000, 8
 
@@ -76,23 +78,48 @@ def test_half_precision_storage(tmp_path, rows, dtype):
     store = ActivationStore(import_array(src, tmp_path / "s", key="emb", dtype=dtype, shard_rows=300))
     assert store.dtype == getattr(torch, dtype) and store.n_rows() == N
     torch.testing.assert_close(store.load_all(), torch.from_numpy(rows).to(store.dtype).float())
-    assert len(list((tmp_path / "s" / "emb").glob(".*tmp*"))) == 0  # no temp files left behind
+    assert not list((tmp_path / "s").rglob(".*.tmp-*"))  # no temp files (atomic.py's names) left behind
 
 
-def test_corrupted_shard_is_named(tmp_path, rows):
+def test_corrupted_shard_is_named_and_a_rerun_repairs_just_it(tmp_path, rows):
     src = tmp_path / "emb.npy"
     np.save(src, rows)
-    path = import_array(src, tmp_path / "s", shard_rows=256)
+    path = import_array(src, tmp_path / "s", shard_rows=256, heldout_fraction=0.1)
+    files = {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
     manifest = json.loads((path / MANIFEST_NAME).read_text())
     bad = manifest["hooks"]["emb"]["train"]["shards"][2]["file"]
     data = bytearray((path / bad).read_bytes())
     data[-5] ^= 0xFF
     (path / bad).write_bytes(bytes(data))
+    assert find_bad_shards(path) == [BadShard("emb", "train", 2, bad, "sha256 mismatch")]
     store = ActivationStore(path)
-    with pytest.raises(ChecksumError, match=bad):
+    with pytest.raises(ChecksumError, match=bad) as err:
         store.verify_all()
+    assert "re-run the harvest" in str(err.value) and "import_array" in str(err.value)
     with pytest.raises(ChecksumError, match=bad):
         list(store.loader(100))
+
+    past = 10**18  # ns; a file the re-run writes gets a later mtime
+    for p in files:
+        os.utime(p, ns=(past, past))
+    assert import_array(src, tmp_path / "s", shard_rows=256, heldout_fraction=0.1) == path
+    assert {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} == files
+    assert {p.relative_to(path).as_posix() for p in files if p.stat().st_mtime_ns != past} == {bad, MANIFEST_NAME}
+    assert find_bad_shards(path) == []
+    ActivationStore(path).verify_all()
+    held = heldout_mask(np.arange(N), 0.1)
+    np.testing.assert_array_equal(ActivationStore(path).load_all().numpy(), rows[~held])
+
+
+def test_missing_shard_is_found(store_path, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(store_path, tmp_path / "copy")
+    shard = json.loads((copy / MANIFEST_NAME).read_text())["hooks"]["emb"]["heldout"]["shards"][0]["file"]
+    (copy / shard).unlink()
+    assert find_bad_shards(copy) == [BadShard("emb", "heldout", 0, shard, "missing")]
+    with pytest.raises(FileNotFoundError, match="re-run the harvest"):
+        ActivationStore(copy).heldout()
 
 
 def test_bad_inputs_are_clear(tmp_path):

@@ -25,12 +25,15 @@ def test_contexts_are_fixed_length_with_bos_and_separators(tiny_tokenizer, text_
     for i, d in enumerate(docs):
         stream += ([bos] if i else []) + tiny_tokenizer(d, add_special_tokens=False)["input_ids"]
     body = [t for c in ctxs for t in c[1:]]
-    assert body == stream[:len(body)] and len(stream) - len(body) < 15
+    assert len(ctxs) == len(stream) // 15 and body == stream[:15 * len(ctxs)]  # only the short tail dropped
 
 
 def test_contexts_without_bos(tiny_tokenizer, text_files):
-    ctxs = list(iter_contexts(text_files["docs"][:3], tiny_tokenizer, 16, None))
-    assert all(len(c) == 16 for c in ctxs) and ctxs[0][0] != tiny_tokenizer.bos_token_id
+    docs = text_files["docs"][:3]
+    ctxs = list(iter_contexts(docs, tiny_tokenizer, 16, None))
+    stream = [t for d in docs for t in tiny_tokenizer(d, add_special_tokens=False)["input_ids"]]  # no separator
+    assert all(len(c) == 16 for c in ctxs) and len(ctxs) == len(stream) // 16
+    assert [t for c in ctxs for t in c] == stream[:16 * len(ctxs)]
 
 
 def test_special_token_text_is_not_parsed_as_special(tiny_tokenizer):
