@@ -1,4 +1,16 @@
 """Layer 2, the evaluation side: SAE wrappers, sae-lens I/O, the baseline, SAEBench runners and the report.
 
-Imports the algorithm and data layers and :mod:`pipeline.utils`; never the stages.
+Imports the algorithm and data layers and :mod:`pipeline.utils`; never :mod:`pipeline.runs` or the stages.
+
+* :mod:`~pipeline.evals.config`: the typed ``eval`` config node (``EvalConfig``, ``parse_eval_config``,
+  ``validate_eval_config``);
+* :mod:`~pipeline.evals.dictionary_sae`: a dictionary as an SAEBench SAE (``DictionarySAE``);
+  :mod:`~pipeline.evals.sae_lens_io`: its sae-lens export and loader; :mod:`~pipeline.evals.topk_sae`: the
+  TopK SAE baseline;
+* :mod:`~pipeline.evals.sae_records`: the SAEs an evaluation runs (``SAERecord``);
+  :mod:`~pipeline.evals.heldout`: their held-out L0 / FVU / dead fraction and coherence;
+* :mod:`~pipeline.evals.metrics`: one runner per SAEBench metric, in a registry, and the loop that runs them;
+  :mod:`~pipeline.evals.saebench_patches`: pointing SAEBench at the loaded model and local data;
+  :mod:`~pipeline.evals.labelled_data`: the labelled passages for sparse probing / SCR / TPP;
+* :mod:`~pipeline.evals.results`: the evaluate folder's layout; :mod:`~pipeline.evals.report`: ``report.md``.
 """

@@ -15,6 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.evals.results import FAILED_FILE, INFO_FILE, RESULTS_SUBDIR, SAES_FILE, SKIPPED_FILE
+from pipeline.utils.atomic import atomic_write, atomic_write_text
+
+REPORT_FILE = "report.md"
+"""The report, in the report folder."""
+SUMMARY_FILE = "summary.json"
+"""Every row of the table as JSON."""
+FIT_CURVE_FILE = "fit_curve.png"
+"""The fit curve plot."""
+METRIC_PLOT_FILE = "{eval}_vs_l0.png"
+"""Headline metric of an eval vs L0."""
+PLOT_DPI = 120
+
 #: (column, eval, category, key, description) of every table column read from SAEBench results.
 COLUMNS: list[tuple[str, str, str, str, str]] = [
     ("L0 (core)", "core", "sparsity", "l0", "mean active latents on the core eval text"),
@@ -124,12 +137,12 @@ def load_rows(eval_folders: list[Path]) -> list[Row]:
     """Every SAE of every evaluate folder, with its SAEBench results."""
     rows = []
     for folder in eval_folders:
-        saes_path = folder / "saes.json"
+        saes_path = folder / SAES_FILE
         if not saes_path.exists():
             continue
         for desc in json.loads(saes_path.read_text()):
             row = Row(desc["name"], folder, desc)
-            for ev_dir in (folder / "eval_results").glob("*"):
+            for ev_dir in (folder / RESULTS_SUBDIR).glob("*"):
                 if not ev_dir.is_dir():
                     continue
                 hits = sorted(ev_dir.glob(f"{_safe(desc['name'])}_*eval_results.json"))
@@ -174,10 +187,7 @@ def plot_fit_curves(rows: list[Row], out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "fit_curve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / FIT_CURVE_FILE)
 
 
 MARKERS = {"dbksvd": "*", "topk": "o", "batch_topk": "s", "matryoshka_batch_topk": "D", "standard": "^",
@@ -211,15 +221,22 @@ def plot_metric_vs_l0(rows: list[Row], column: str, out: Path, stem: str) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, title="architecture, width", title_fontsize=7)
     fig.tight_layout()
-    path = out / f"{stem}_vs_l0.png"
-    fig.savefig(path, dpi=120)
+    return _save(fig, out / METRIC_PLOT_FILE.format(eval=stem))
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda p: fig.savefig(p, dpi=PLOT_DPI, format="png"))
     plt.close(fig)
     return path
 
 
 # ============================================================================================= markdown
 def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", title: str = "") -> Path:
-    """Write ``out/report.md`` (+ PNGs, ``summary.json``) from the evaluate folders; returns the report path."""
+    """Write ``out/report.md`` (+ PNGs, ``summary.json``), every file atomically, from the evaluate folders;
+    returns the report path."""
     out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(eval_folders)
     cols = columns_present(rows)
@@ -264,9 +281,9 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
         lines.append("")
     # per folder: sizes, skipped, failures, notes
     for folder in eval_folders:
-        info = _json_or(folder / "eval_info.json", {})
-        skipped = _json_or(folder / "skipped.json", [])
-        failed = _json_or(folder / "failed.json", [])
+        info = _json_or(folder / INFO_FILE, {})
+        skipped = _json_or(folder / SKIPPED_FILE, [])
+        failed = _json_or(folder / FAILED_FILE, [])
         lines += [f"## Evaluation `{folder.name}`", ""]
         if info:
             m = info.get("model", {})
@@ -295,7 +312,5 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
         lines += ["## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
     summary = [{"name": r.name, "folder": str(r.folder), "architecture": r.architecture, "width": r.width,
                 **{c: r.value(c) for c in cols}} for r in rows]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
+    return atomic_write_text(out / REPORT_FILE, "\n".join(lines))

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline.core.codes import Codes
+from pipeline.utils.atomic import atomic_write, atomic_write_text
 from pipeline.utils.devices import resolve_device
 from pipeline.core.validation import check_samples, check_sparsity
 
@@ -37,10 +38,10 @@ TOPK_CONFIG = "topk_sae.json"
 class TopKConfig:
     """Options of :func:`train_topk_sae`."""
 
-    n_latents: int
-    """Width K."""
-    k: int
-    """Active latents per sample."""
+    n_latents: int | None = None
+    """Width K (the pipeline trains the baseline at the dictionary's width: leave it unset there)."""
+    k: int | None = None
+    """Active latents per sample (the pipeline uses the dictionary's k: leave it unset there)."""
     lr: float | None = None
     """Adam learning rate; None: 2e-4 / sqrt(K / 2^14) (Gao et al.)."""
     batch_size: int = 4096
@@ -114,11 +115,13 @@ class TopKSAE(nn.Module):
         return err / float((Y.float() - Y.float().mean(0)).pow(2).sum().clamp(min=1e-30))
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/<TOPK_WEIGHTS>`` and ``path/<TOPK_CONFIG>`` (each atomically: temp file, then rename)."""
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(path / TOPK_WEIGHTS))
-        (path / TOPK_CONFIG).write_text(json.dumps(
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(path / TOPK_WEIGHTS, lambda p: save_file(tensors, str(p)))
+        atomic_write_text(path / TOPK_CONFIG, json.dumps(
             {"d": self.W_dec.shape[1], "n_latents": self.n_latents, "k": self.k, "history": self.history}))
         return path
 

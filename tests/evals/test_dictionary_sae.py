@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.core.dictionary import CoderSettings, Dictionary
-from pipeline.evals.dictionary_sae import DictionarySAE, load_sae_lens, save_sae_lens
+from pipeline.evals.dictionary_sae import DictionarySAE
+from pipeline.evals.sae_lens_io import load_sae_lens, save_sae_lens
 from pipeline.core.matryoshka import matryoshka_groups
 
 D_IN, K, k = 32, 96, 5

@@ -1,13 +1,13 @@
 """The report: table with every metric (non-finite values shown as such), fit curve and SAEBench-style plots,
 one combined table for a sweep. The evaluate folders here are hand-written in SAEBench's result layout (the
-end-to-end path from real SAEBench output is covered by tests/test_evaluate.py + test_report_from_real_eval)."""
+end-to-end path from real SAEBench output is covered by tests/stages/test_evaluate.py and
+tests/stages/test_orchestrator.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
 from omegaconf import OmegaConf
 
 
@@ -50,10 +50,10 @@ def test_report_table_plots_and_infinity(tmp_path):
 
     # SAEBench writes non-finite floats as JSON's Infinity / -Infinity literals
     f1 = _fake_eval_folder(tmp_path / "exp", "evaluate-a", 64, 4, float("-inf"), float("inf"))
-    f2 = _fake_eval_folder(tmp_path / "exp", "evaluate-b", 128, 8, 0.9, 0.95)
+    _fake_eval_folder(tmp_path / "exp", "evaluate-b", 128, 8, 0.9, 0.95)
     assert "-Infinity" in (f1 / "eval_results/core/dbksvd_plain_K64_k4_custom_sae_eval_results.json").read_text()
     cfg = OmegaConf.create({"experiment_name": "exp", "output_root": str(tmp_path), "report": {}})
-    folder = report.run(cfg, run_dir=tmp_path / "report")
+    folder = report.run(cfg)  # the experiment's report folder, <output_root>/exp/report-<hash>
     md = (folder / "report.md").read_text()
     # one combined table for the sweep: both folders, both SAEs each
     for name in ("dbksvd_plain_K64_k4", "topk_K64_k4", "dbksvd_plain_K128_k8", "topk_K128_k8"):

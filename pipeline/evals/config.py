@@ -1,0 +1,177 @@
+"""Typed schema of the ``eval`` config node (``conf/eval/*.yaml``).
+
+Every value a ``conf/eval/*.yaml`` sets has no default here (``MISSING``): the defaults live in ``conf/`` only.
+A metric's ``config:`` block stays a plain mapping; it is handed to SAEBench's own config dataclass of that
+metric, whose field names :func:`validate_eval_config` checks.
+
+    e = parse_eval_config(cfg.eval)      # unknown key / wrong type / unset value -> ValueError naming eval.<key>
+    validate_eval_config(e)              # metric names, SAE entries, each metric's config: keys
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig
+
+from pipeline.utils.typed_config import as_dict, typed_node
+
+#: The SAEs of the fit stage that ``eval.saes`` may name.
+FIT_SAES = ("dictionary", "topk")
+
+
+@dataclass
+class HubBaseline:
+    """One of SAEBench's published SAEs (baseline b): ``release`` + ``sae_id``, or ``results_dir``."""
+
+    release: Optional[str] = None
+    """sae-lens release of the SAE (with ``sae_id``): loaded from the hub and run through the same metrics."""
+    sae_id: Optional[str] = None
+    """The SAE's id inside ``release``."""
+    architecture: str = "sae-lens"
+    """Architecture label in ``saes.json`` and the plots (topk, matryoshka_batch_topk, ...)."""
+    results_dir: Optional[str] = None
+    """Instead of an SAE: a local folder of SAEBench's published result files (``<metric>/*_eval_results.json``),
+    copied into this run's results."""
+
+
+@dataclass
+class LabelledConfig:
+    """The labelled passages built for sparse probing / SCR / TPP (column1 = document, column2 = dialogue)."""
+
+    min_words: int = MISSING
+    """Paragraphs shorter than this many words are left out."""
+    test_every: int = MISSING
+    """Every ``test_every``-th kept paragraph of a document goes to the test split."""
+    jsonl: Optional[str] = None
+    """A jsonl file of ``{"title", "text"}`` documents (None: Jane Austen's six novels)."""
+
+
+@dataclass
+class CoreConfig:
+    """SAEBench's core metrics (reconstruction, loss recovered, sparsity)."""
+
+    dataset: Optional[str] = MISSING
+    """Hub dataset of the eval text (None: the harvest text after the harvested contexts, never seen by the fit)."""
+    context_size: int = MISSING
+    """Tokens per eval context."""
+    batch_size_prompts: int = MISSING
+    """Contexts per batch."""
+    n_eval_reconstruction_batches: int = MISSING
+    """Batches for the reconstruction / CE metrics (3 LLM forwards each: the costly part)."""
+    n_eval_sparsity_variance_batches: int = MISSING
+    """Batches for the sparsity / variance metrics."""
+
+
+@dataclass
+class MetricConfig:
+    """A metric whose settings are SAEBench's own config dataclass."""
+
+    config: Dict[str, Any] = MISSING
+    """Fields of SAEBench's config dataclass of the metric (unknown keys fail); ``{}`` = SAEBench's defaults.
+    ``model_name``, ``llm_dtype`` and ``llm_batch_size`` are set by the stage."""
+
+
+@dataclass
+class AbsorptionConfig(MetricConfig):
+    """SAEBench's feature absorption (first-letter probes)."""
+
+    vocab_size: Optional[int] = MISSING
+    """Alphabetic tokens subsampled from the vocabulary (None: all of them)."""
+    min_words_per_letter: int = MISSING
+    """Words of every first letter kept in the subsample (SAEBench needs each letter in its train split)."""
+    low_confidence_below_params: float = MISSING
+    """Models with fewer parameters get a low-confidence note in the report."""
+    seed: int = 0
+    """Seed of the vocabulary subsample and of SAEBench's train/test split of it."""
+
+
+@dataclass
+class AutointerpConfig(MetricConfig):
+    """SAEBench's automated interpretability (an OpenAI model explains and scores latents)."""
+
+    api_key_env: str = MISSING
+    """Environment variable holding the judge's API key (unset: the metric is skipped with the reason)."""
+
+
+@dataclass
+class EvalConfig:
+    """The ``eval`` node: which SAEs go through which SAEBench metrics, at which sizes."""
+
+    metrics: List[str] = MISSING
+    """SAEBench metrics to run, in order (core, absorption, sparse_probing, scr, tpp, autointerp, ravel,
+    unlearning)."""
+    saes: List[str] = MISSING
+    """SAEs of the fit stage to evaluate: dictionary and/or topk."""
+    hub_baselines: List[HubBaseline] = MISSING
+    """SAEBench's published suites (baseline b)."""
+    device: Optional[str] = MISSING
+    """Device of the evals (None: ``model.device``)."""
+    llm_batch_size: int = MISSING
+    """LLM batch size handed to every SAEBench metric."""
+    force_rerun: bool = MISSING
+    """False: an existing SAEBench result file is kept, not recomputed."""
+    local_datasets: Dict[str, str] = MISSING
+    """SAEBench hub dataset name -> local copy (folder of parquet/jsonl/csv files, or a save_to_disk folder)."""
+    encode_cache_mb: int = MISSING
+    """MiB of codes the dictionary SAE keeps for repeated batches (SCR/TPP re-encode them)."""
+    labelled: LabelledConfig = MISSING
+    """The labelled passages for sparse probing / SCR / TPP."""
+    core: CoreConfig = MISSING
+    """Core metrics."""
+    absorption: AbsorptionConfig = MISSING
+    """Feature absorption."""
+    sparse_probing: MetricConfig = MISSING
+    """Sparse probing (SAEBench's SparseProbingEvalConfig)."""
+    scr: MetricConfig = MISSING
+    """Spurious correlation removal (SAEBench's ScrAndTppEvalConfig)."""
+    tpp: MetricConfig = MISSING
+    """Targeted probe perturbation (SAEBench's ScrAndTppEvalConfig)."""
+    autointerp: AutointerpConfig = MISSING
+    """Automated interpretability."""
+    ravel: MetricConfig = MISSING
+    """RAVEL (SAEBench's RAVELEvalConfig)."""
+    unlearning: MetricConfig = MISSING
+    """Unlearning (SAEBench's UnlearningEvalConfig)."""
+
+
+def parse_eval_config(node: DictConfig | dict[str, Any] | None) -> EvalConfig:
+    """The ``eval`` node as a typed :class:`EvalConfig`.
+
+    An unknown key, a value of the wrong type or an unset value raises ``ValueError`` naming ``eval.<key>``.
+    """
+    if node is None:
+        raise ValueError("config has no `eval` node; add `- eval: offline_small` to the defaults list")
+    data = as_dict(node)
+    for i, entry in enumerate(data.get("hub_baselines") or []):  # OmegaConf's errors in a list item lose its path
+        typed_node(entry, HubBaseline, f"eval.hub_baselines[{i}]")
+    return typed_node(data, EvalConfig, "eval")
+
+
+def validate_eval_config(e: EvalConfig) -> None:
+    """Check what the schema's types cannot: metric names known to the registry, the SAE entries, the hub
+    baselines, positive sizes, and each metric's ``config:`` keys against SAEBench's config dataclass (SAEBench's
+    ``eval_config`` modules are imported here, when validating). ``ValueError`` names the key."""
+    from pipeline.evals.metrics import REGISTRY
+
+    unknown = [m for m in e.metrics if m not in REGISTRY]
+    if unknown:
+        raise ValueError(f"eval.metrics has unknown metric(s) {unknown}; choose from {list(REGISTRY)}")
+    unknown = [s for s in e.saes if s not in FIT_SAES]
+    if unknown:
+        raise ValueError(f"eval.saes has unknown entries {unknown}; use {' and/or '.join(FIT_SAES)}")
+    for i, b in enumerate(e.hub_baselines):
+        if b.results_dir is None and (b.release is None or b.sae_id is None):
+            raise ValueError(f"eval.hub_baselines[{i}] needs release and sae_id (an SAE on the hub) or results_dir "
+                             "(published result files)")
+    if e.llm_batch_size < 1:
+        raise ValueError(f"eval.llm_batch_size={e.llm_batch_size} must be at least 1")
+    if e.encode_cache_mb < 0:
+        raise ValueError(f"eval.encode_cache_mb={e.encode_cache_mb} must be >= 0 (0 = no cache)")
+    if e.labelled.test_every < 2:
+        raise ValueError(f"eval.labelled.test_every={e.labelled.test_every} must be at least 2 (train and test)")
+    for name, runner in REGISTRY.items():
+        node = getattr(e, name)
+        if isinstance(node, MetricConfig):
+            runner.check_config_keys(node.config)

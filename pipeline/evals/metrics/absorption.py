@@ -1,0 +1,119 @@
+"""SAEBench's feature absorption, on a subsampled vocabulary, writing only inside the run folder.
+
+What is adapted (module attributes SAEBench looks up at call time, undone afterwards): the vocabulary is
+subsampled (every first letter kept in the train split, as SAEBench needs); its probe / experiment folders and
+its cwd-relative writes go into ``artifacts/absorption``; Python's global ``random`` (SAEBench's unseeded
+train/test split of the vocabulary) is seeded, so the split is the same in every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
+from pipeline.evals.saebench_patches import patched_attr, pushd, use_loaded_model
+
+LOW_CONFIDENCE = ("absorption on a model below {limit:.0e} parameters ({n:.3g}) is low-confidence: SAEBench "
+                  "recommends >= 2B-parameter models (first-letter spelling knowledge), and the vocabulary was "
+                  "subsampled to {v} words with the gate lowered")
+"""The note ``eval_info.json`` (and the report) gets for a small model."""
+
+
+class AbsorptionRunner(MetricRunner):
+    name = "absorption"
+
+    def config_class(self) -> type:
+        from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+
+        return AbsorptionEvalConfig
+
+    def run(self, ctx: EvalContext, config: Any) -> None:
+        node = ctx.eval.absorption
+        out = (ctx.results_dir / self.name).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        import sae_bench.evals.absorption.main as ab_main
+
+        with absorption_setup(ctx.artifacts(self.name), node.vocab_size, node.min_words_per_letter,
+                              node.seed) as vocab, use_loaded_model(ctx.model):
+            ab_main.run_eval(config, ctx.selected, ctx.device, str(out), force_rerun=ctx.force_rerun)
+        ctx.record_sizes(self.name, {**config_as_dict(config), **vocab, "vocab_size": node.vocab_size})
+        if ctx.n_params < node.low_confidence_below_params:
+            note = LOW_CONFIDENCE.format(limit=node.low_confidence_below_params, n=ctx.n_params,
+                                         v=vocab.get("subsampled_vocab", node.vocab_size))
+            ctx.info["notes"].append({"metric": self.name, "low_confidence": True, "note": note})
+
+    def no_result_reason(self, ctx: EvalContext, config: Any) -> str:
+        return (f"SAEBench's absorption gate: fewer than min_feats_for_eval={config.min_feats_for_eval} letters "
+                f"reached ground-truth probe F1 > min_GT_probe_f1={config.min_GT_probe_f1} (no result written)")
+
+
+def subsample_alpha_vocab(vocab: list[str], size: int | None, min_per_letter: int, seed: int = 0) -> list[str]:
+    """A reproducible subsample of SAEBench's alphabetic vocabulary that keeps at least ``min_per_letter`` words
+    of every first letter present (SAEBench crashes when a letter is missing from its train split). The sample
+    is drawn from the sorted words, so it does not depend on the order SAEBench listed them in (which follows
+    string hashing and changes between processes). ``size=None`` keeps every word."""
+    if size is None or size >= len(vocab):
+        return list(vocab)
+    vocab = sorted(vocab)
+    rng = random.Random(seed)
+    by_letter: dict[str, list[str]] = {}
+    for w in vocab:
+        by_letter.setdefault(w.strip()[0].lower(), []).append(w)
+    chosen: list[str] = []
+    for letter in sorted(by_letter):
+        words = by_letter[letter]
+        chosen.extend(rng.sample(words, min(len(words), min_per_letter)))
+    rest = [w for w in vocab if w not in set(chosen)]
+    extra = max(0, size - len(chosen))
+    chosen.extend(rng.sample(rest, min(extra, len(rest))))
+    chosen_set = set(chosen)
+    return [w for w in vocab if w in chosen_set]
+
+
+@contextlib.contextmanager
+def absorption_setup(run_dir: Path, vocab_size: int | None, min_per_letter: int, seed: int) -> Iterator[dict]:
+    """Subsample the vocabulary and send every absorption write (probes, experiment parquet files, its
+    cwd-relative ``artifacts/absorption``) into ``run_dir``. Yields a dict that receives ``full_vocab``,
+    ``subsampled_vocab`` and ``letters`` once SAEBench has asked for the vocabulary."""
+    import sae_bench.evals.absorption.common as ab_common
+    import sae_bench.evals.absorption.feature_absorption as ab_fa
+    import sae_bench.evals.absorption.main as ab_main
+    import sae_bench.evals.absorption.vocab as ab_vocab
+
+    run_dir = Path(run_dir).resolve()
+    info: dict[str, Any] = {}
+    original = ab_vocab.get_alpha_tokens
+
+    def get_alpha_tokens(tokenizer: Any, *a: Any, **k: Any) -> list[str]:
+        full = original(tokenizer, *a, **k)
+        # sorted: with `random` seeded below, SAEBench's train/test split is then the same in every process
+        sub = sorted(subsample_alpha_vocab(full, vocab_size, min_per_letter, seed))
+        info.update(full_vocab=len(full), subsampled_vocab=len(sub),
+                    letters=len({w.strip()[0].lower() for w in sub}))
+        return sub
+
+    k_sparse, fa = ab_main.run_k_sparse_probing_experiment, ab_main.run_feature_absortion_experiment
+    dirs = {"experiment_dir": run_dir / "k_sparse_probing", "probes_dir": run_dir / "probes"}
+
+    def k_sparse_here(*a: Any, **k: Any) -> Any:
+        return k_sparse(*a, **{**k, **dirs})
+
+    def fa_here(*a: Any, **k: Any) -> Any:
+        return fa(*a, **{**k, "experiment_dir": run_dir / "feature_absorption",
+                         "sparse_probing_experiment_dir": dirs["experiment_dir"], "probes_dir": dirs["probes_dir"]})
+
+    random_state = random.getstate()
+    random.seed(seed)
+    try:
+        with patched_attr(ab_common, "get_alpha_tokens", get_alpha_tokens), \
+                patched_attr(ab_fa, "get_alpha_tokens", get_alpha_tokens), \
+                patched_attr(ab_main, "run_k_sparse_probing_experiment", k_sparse_here), \
+                patched_attr(ab_main, "run_feature_absortion_experiment", fa_here), \
+                pushd(run_dir):
+            yield info
+    finally:
+        random.setstate(random_state)

@@ -1,0 +1,101 @@
+"""SAEBench's core metrics (reconstruction, loss recovered, KL, sparsity, feature density) on local text.
+
+SAEBench's ``core.multiple_evals`` loads a hub dataset and swallows exceptions; this runner calls its parts
+(``run_evals`` + ``save_single_eval_result``) on a ``datasets.Dataset`` of token contexts: by default the
+harvest text *after* the harvested contexts (never seen by the fit), or ``eval.core.dataset`` from the hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from pipeline.evals.metrics.base import EvalContext, MetricRunner
+from pipeline.evals.metrics.text import harvested_contexts, text_after
+from pipeline.evals.sae_records import SAERecord
+
+#: Extra contexts read beyond what the batches need.
+SPARE_CONTEXTS = 8
+#: Seed of the shuffle of the eval contexts (SAEBench's own).
+SHUFFLE_SEED = 42
+
+
+class CoreRunner(MetricRunner):
+    name = "core"
+
+    def config(self, ctx: EvalContext) -> Any:
+        """SAEBench's ``CoreEvalConfig`` with every metric group on (SAEBench's "everything" settings)."""
+        import sae_bench.evals.core.main as core
+        from sae_bench.evals.core.eval_config import CoreEvalConfig
+
+        c = ctx.eval.core
+        every = core.get_multiple_evals_everything_config(c.batch_size_prompts, c.n_eval_reconstruction_batches,
+                                                          c.n_eval_sparsity_variance_batches)
+        return CoreEvalConfig(
+            model_name=ctx.model_name, batch_size_prompts=c.batch_size_prompts,
+            n_eval_reconstruction_batches=c.n_eval_reconstruction_batches,
+            n_eval_sparsity_variance_batches=c.n_eval_sparsity_variance_batches,
+            exclude_special_tokens_from_reconstruction=False, dataset=c.dataset or "local tokens",
+            context_size=c.context_size, compute_kl=every.compute_kl, compute_ce_loss=every.compute_ce_loss,
+            compute_l2_norms=every.compute_l2_norms, compute_sparsity_metrics=every.compute_sparsity_metrics,
+            compute_variance_metrics=every.compute_variance_metrics, compute_featurewise_density_statistics=True,
+            compute_featurewise_weight_based_metrics=True, llm_dtype=ctx.llm_dtype)
+
+    def run(self, ctx: EvalContext, config: Any) -> None:
+        c = ctx.eval.core
+        dataset, label = self.dataset(ctx)
+        config.dataset = label
+        ctx.record_sizes(self.name, {"batch_size_prompts": c.batch_size_prompts,
+                                     "n_eval_reconstruction_batches": c.n_eval_reconstruction_batches,
+                                     "n_eval_sparsity_variance_batches": c.n_eval_sparsity_variance_batches,
+                                     "context_size": c.context_size, "dataset": label})
+        for record in ctx.saes:
+            path = record.result_path(ctx.results_dir, self.name)
+            if ctx.force_rerun or not path.exists():
+                run_core(record, ctx.model, path, config, dataset, ctx.device)
+
+    @staticmethod
+    def dataset(ctx: EvalContext) -> tuple[Any, str]:
+        """The eval text (a hub dataset name, or a ``datasets.Dataset`` with a ``tokens`` column of
+        ``(context_size,)`` contexts) and how ``eval_info.json`` describes it."""
+        c = ctx.eval.core
+        if c.dataset:
+            return c.dataset, str(c.dataset)
+        from datasets import Dataset
+
+        from pipeline.data.text import iter_documents
+
+        n = c.batch_size_prompts * max(c.n_eval_reconstruction_batches, c.n_eval_sparsity_variance_batches)
+        skip = harvested_contexts(ctx.store.manifest, c.context_size)
+        rows = text_after(iter_documents(ctx.text_source), ctx.model.tokenizer, c.context_size,
+                          ctx.store.manifest.get("bos_token_id"), skip, n + SPARE_CONTEXTS)
+        label = (f"local text ({ctx.text_source.kind}) after the {skip} harvested contexts: {len(rows)} contexts "
+                 f"of {c.context_size} tokens, never seen by the fit")
+        return Dataset.from_dict({"tokens": rows}), label
+
+
+def run_core(record: SAERecord, model: Any, path: Path, config: Any, dataset: Any, device: str) -> Path:
+    """SAEBench's core metrics of one SAE on ``dataset``, written to ``path`` (SAEBench's result JSON)."""
+    import sae_bench.evals.core.main as core
+    from sae_bench.sae_bench_utils import general_utils
+    from sae_lens.training.activations_store import ActivationsStore
+
+    name, sae_obj = record.selected
+    sae_id, sae, _ = general_utils.load_and_format_sae(name, sae_obj, device)
+    sae = sae.to(device=device, dtype=general_utils.str_to_dtype(config.llm_dtype))
+    config = dataclasses.replace(config, model_name=sae.cfg.model_name)
+    store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=config.context_size,
+                                      streaming=False, dataset_trust_remote_code=False, device=device)
+    store.shuffle_input_dataset(seed=SHUFFLE_SEED)
+    tok = model.tokenizer
+    metrics, feature_metrics = core.run_evals(sae=sae, activation_store=store, model=model, eval_config=config,
+                                              ignore_tokens={tok.pad_token_id, tok.eos_token_id, tok.bos_token_id})
+    metrics["misc_metrics"] = core.calculate_misc_metrics(feature_metrics)
+    result = core.replace_nans_with_negative_one({
+        "unique_id": f"{name}_{sae_id}", "sae_set": name, "sae_id": sae_id, "eval_cfg": config,
+        "metrics": metrics, "feature_metrics": feature_metrics})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    core.save_single_eval_result(result, core.get_eval_uuid(), core.get_sae_lens_version(),
+                                 core.get_sae_bench_version(), str(path), sae)
+    return path

@@ -1,0 +1,77 @@
+"""SAEBench's probing metrics on labelled text: sparse probing, SCR and TPP.
+
+All three read two-attribute labelled data; with the placeholder ``austen_labelled`` in their ``config:``
+block they use the labelled passages the stage builds (:mod:`pipeline.evals.labelled_data`), checked up front
+to hold enough paragraphs per class for SAEBench's balanced draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.evals.labelled_data import check_labelled_sizes, swap_labelled
+from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
+from pipeline.evals.saebench_patches import use_loaded_model
+
+
+class SparseProbingRunner(MetricRunner):
+    name = "sparse_probing"
+    needs_labelled = True
+
+    def config_class(self) -> type:
+        from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
+
+        return SparseProbingEvalConfig
+
+    def config(self, ctx: EvalContext) -> Any:
+        config = self.saebench_config(ctx, swap_labelled(self.node(ctx).config, ctx.labelled.name))
+        if ctx.labelled.name in config.dataset_names:
+            check_labelled_sizes(ctx.labelled, config.probe_train_set_size, config.probe_test_set_size,
+                                 ctx.labelled.classes, f"eval.{self.name}")
+        return config
+
+    def run(self, ctx: EvalContext, config: Any) -> None:
+        import sae_bench.evals.sparse_probing.main as sp
+
+        ctx.record_sizes(self.name, config_as_dict(config))
+        with use_loaded_model(ctx.model):
+            sp.run_eval(config, ctx.selected, ctx.device, str(ctx.results_dir / self.name),
+                        force_rerun=ctx.force_rerun, save_activations=True,
+                        artifacts_path=str(ctx.artifacts(self.name)))
+
+
+class ScrTppRunner(MetricRunner):
+    """SCR (``perform_scr=True``) or TPP: one SAEBench eval, two metrics."""
+
+    needs_labelled = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def config_class(self) -> type:
+        from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+
+        return ScrAndTppEvalConfig
+
+    def config(self, ctx: EvalContext) -> Any:
+        labelled = ctx.labelled
+        config = self.saebench_config(ctx, swap_labelled(self.node(ctx).config, labelled.name),
+                                      perform_scr=self.name == "scr")
+        if labelled.name in config.dataset_names:
+            if self.name == "scr":
+                pairs = [c for pair in config.column1_vals_lookup.get(labelled.name, []) for c in pair]
+                check_labelled_sizes(labelled, config.train_set_size, config.test_set_size, pairs,
+                                     f"eval.{self.name}", scr=True)
+            else:
+                check_labelled_sizes(labelled, config.train_set_size, config.test_set_size, labelled.classes,
+                                     f"eval.{self.name}")
+        return config
+
+    def run(self, ctx: EvalContext, config: Any) -> None:
+        import sae_bench.evals.scr_and_tpp.main as st
+
+        ctx.record_sizes(self.name, config_as_dict(config))
+        with use_loaded_model(ctx.model):
+            # SAEBench's SCR/TPP run_eval appends the eval type (scr / tpp) to output_path itself
+            st.run_eval(config, ctx.selected, ctx.device, str(ctx.results_dir), force_rerun=ctx.force_rerun,
+                        save_activations=True, artifacts_path=str(ctx.artifacts(self.name)))

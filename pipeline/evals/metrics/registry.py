@@ -1,0 +1,83 @@
+"""Metric name -> runner, and the loop that runs the selected metrics, recording skips and failures."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.evals.labelled_data import registered_labelled_dataset
+from pipeline.evals.metrics.absorption import AbsorptionRunner
+from pipeline.evals.metrics.autointerp import AutointerpRunner
+from pipeline.evals.metrics.base import EvalContext, MetricRunner
+from pipeline.evals.metrics.core import CoreRunner
+from pipeline.evals.metrics.probing import ScrTppRunner, SparseProbingRunner
+from pipeline.evals.metrics.ravel import RavelRunner
+from pipeline.evals.metrics.unlearning import UnlearningRunner
+from pipeline.evals.results import format_exception
+from pipeline.evals.saebench_patches import local_datasets
+
+log = logging.getLogger(__name__)
+
+REGISTRY: dict[str, MetricRunner] = {r.name: r for r in (
+    CoreRunner(), AbsorptionRunner(), SparseProbingRunner(), ScrTppRunner("scr"), ScrTppRunner("tpp"),
+    AutointerpRunner(), RavelRunner(), UnlearningRunner())}
+"""Every SAEBench metric the pipeline runs, by name (its ``eval.metrics`` entry and result folder)."""
+METRICS: tuple[str, ...] = tuple(REGISTRY)
+"""The metric names, in the registry's order."""
+
+
+@dataclass
+class MetricOutcome:
+    """What the loop records: ``skipped.json`` / ``failed.json`` entries and per-metric wall time."""
+
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    """``{"what": "metric:<name>", "reason"}`` (or with ``"sae"``: one SAE without a result file)."""
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    """``{"metric", "error"}`` of every metric that raised."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per metric."""
+
+
+def needs_labelled(metrics: list[str]) -> bool:
+    """Whether any of ``metrics`` reads the labelled passages."""
+    return any(REGISTRY[m].needs_labelled for m in metrics)
+
+
+def run_metric(ctx: EvalContext, name: str, outcome: MetricOutcome) -> None:
+    """Run one metric with SAEBench pointed at the local data; a missing requirement or a missing result file
+    becomes a skip record, an exception a failure record (the other metrics still run)."""
+    runner = REGISTRY[name]
+    local = dict(ctx.eval.local_datasets)
+    if ctx.labelled is not None:
+        local[ctx.labelled.base_name] = ctx.labelled.path
+    labelled = registered_labelled_dataset(ctx.labelled) if ctx.labelled is not None else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    try:
+        with local_datasets(local), labelled:
+            reason = runner.requirements(ctx)
+            if reason is None:
+                config = runner.config(ctx)
+                runner.run(ctx, config)
+        if reason is not None:
+            outcome.skipped.append({"what": f"metric:{name}", "reason": reason})
+        else:
+            for record in ctx.saes:
+                if not record.result_path(ctx.results_dir, name).exists():
+                    outcome.skipped.append({"what": f"metric:{name}", "sae": record.selected[0],
+                                            "reason": runner.no_result_reason(ctx, config)})
+    except Exception as exc:  # noqa: BLE001 - recorded, the other metrics still run
+        log.exception("metric %s failed", name)
+        outcome.failed.append({"metric": name, "error": format_exception(exc)})
+    outcome.timings[name] = time.perf_counter() - t0
+    log.info("%s took %.1f s", name, outcome.timings[name])
+
+
+def run_metrics(ctx: EvalContext, names: list[str]) -> MetricOutcome:
+    """Run ``names`` in order (:func:`run_metric`)."""
+    outcome = MetricOutcome()
+    for name in names:
+        run_metric(ctx, name, outcome)
+    return outcome
