@@ -148,9 +148,9 @@ def main():
         for ab in ((512, 2048) if not args.small else (32, 256)):
             if over():
                 break
-            cfg = LearnerConfig(n_atoms=K, k=k, atom_batch_size=ab, progress=False,
+            cfg = LearnerConfig.from_options(K, k, atom_batch_size=ab, progress=False,
                                 **(dict(precision="bf16", candidates=min(512, K // 2)) if fast else {}))
-            G = gram(D, cfg.precision)
+            G = gram(D, cfg.coder.precision)
             Dw = D.clone()
             gen = torch.Generator().manual_seed(0)
             state = {"G": G}

@@ -1,32 +1,19 @@
 """``python -m pipeline``: the whole pipeline (harvest → fit → evaluate → report) for the selected config.
 
-    python -m pipeline                                   # the embedded offline default (CPU, real small LM)
-    python -m pipeline experiment=gemma2b_paper          # a paper setup (hub + GPU)
-    python -m pipeline -m dictionary.k=20,40,80          # a sweep; the report gathers it
-    python -m pipeline stage=fit dictionary.k=40         # one stage, the rest reused
+The command-line entry only (Hydra's ``@hydra.main`` has to stand in the module ``python -m`` runs): the
+orchestrator is ``stages/orchestrator.py`` (it imports the stages, which the library never does). See there,
+and the README, for the commands.
 """
-
-from __future__ import annotations
-
-import logging
 
 import hydra
 from omegaconf import DictConfig
 
-from stages.orchestrator import run_pipeline
-
-log = logging.getLogger("pipeline")
+from stages.orchestrator import print_outputs, run_pipeline
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    folders = run_pipeline(cfg)
-    print("\nOutputs:")
-    for stage, folder in folders.items():
-        print(f"  {stage:<9} {folder}")
-    report = folders.get("report")
-    if report is not None and (report / "report.md").exists():
-        print(f"\nReport: {report / 'report.md'}")
+    print_outputs(run_pipeline(cfg))
 
 
 if __name__ == "__main__":

@@ -1,86 +1,72 @@
-"""Harvest stage: write the activation store of the configured model, hook(s) and text into a run folder.
+"""Harvest stage: the activation store of the configured model, hook(s) and text, in the run's harvest folder.
 
     python -m stages.harvest                                   # SmolLM2-135M, layer 15, Austen (offline)
     python -m stages.harvest model=gemma3_270m harvest.n_tokens=500000
-    python -m stages.harvest model=pythia160m_deduped data=pile_uncopyrighted harvest.n_tokens=2600000
+    python -m pipeline stage=harvest                           # the same through the orchestrator
 
 :func:`run` is the plain function (tests and the orchestrator call it); :func:`main` the Hydra wrapper.
-The store goes to ``<run_dir>/<STORE_DIRNAME>/``. An existing complete store there with the same identity
-(model, hooks, data, token count, settings) is reused; a partial one is resumed; a different one is refused.
+Writes ``<output_root>/<experiment>/harvest-<hash>/store/`` (shards + manifest, see
+:mod:`pipeline.data.store`), its ``config.yaml`` and, last, its completion marker. An unfinished store is
+resumed from its last complete shard; a store with another identity (model, hooks, text, token count,
+settings) in the folder is refused. Run by name (``stage=harvest``) on a finished store, it checks every shard's
+sha256 and re-makes exactly the corrupted or missing ones.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.data.store import MANIFEST_NAME
-from pipeline.data.harvest import harvest, identity_hash
-from pipeline.data.config import HarvestConfig, ModelConfig, parse_harvest_config
+from pipeline.data.config import store_identity
+from pipeline.data.harvest import harvest
 from pipeline.data.models import describe_model, load_model
-from pipeline.data.text import TextSource, describe_source, iter_documents
+from pipeline.data.store import find_bad_shards
+from pipeline.data.text import describe_source, iter_documents
+from pipeline.runs.config import check_config, register_configs, section
+from pipeline.runs.layout import STORE_DIRNAME, is_done, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
 
-STORE_DIRNAME = "store"
-DEFAULT_OUTPUTS = Path("outputs") / "harvest"
 
-
-def store_identity(model: ModelConfig, source: TextSource, h: HarvestConfig) -> dict[str, Any]:
-    """What makes two stores interchangeable: model, hooks, text (content hashes for local text), token count
-    and every setting that changes the stored bytes."""
-    text = dataclasses.asdict(source) if source.kind == "hub" else describe_source(source)
-    settings = dataclasses.asdict(h)
-    for key in ("layers", "hook_point", "hooks", "progress"):
-        settings.pop(key)
-    return {"model": {"name": model.name, "path": model.path, "dtype": model.dtype, "n_ctx": model.n_ctx},
-            "hooks": h.hook_list(model.layer), "text": text, **settings}
-
-
-def existing_store(path: Path, identity: dict[str, Any]) -> bool:
-    """True when ``path`` holds a complete store with exactly this identity."""
-    manifest = path / MANIFEST_NAME
-    if not manifest.is_file():
-        return False
-    m = json.loads(manifest.read_text())
-    return bool(m.get("complete")) and m.get("identity") == json.loads(json.dumps(identity))
-
-
-def run(cfg: DictConfig | dict, run_dir: str | Path | None = None) -> Path:
-    """Harvest (or reuse) the store for ``cfg``; returns the store directory.
-
-    ``run_dir`` defaults to ``cfg.run_dir``, else ``outputs/harvest/<identity hash>``.
-    """
-    model_cfg, source, h = parse_harvest_config(cfg)
+def run(cfg: DictConfig | dict) -> Path:
+    """Harvest (or reuse) the store of ``cfg``; returns the harvest stage folder."""
+    folder = prepare(stage_dir(cfg, "harvest"), cfg, "harvest")
+    if is_done(folder) and _intact(folder / STORE_DIRNAME):
+        log.info("harvest already finished and every shard matches its sha256: %s", folder)
+        return folder
+    model_cfg, source, h = section(cfg, "model"), section(cfg, "data"), section(cfg, "harvest")
     identity = store_identity(model_cfg, source, h)
-    run_dir = run_dir or (cfg.get("run_dir") if hasattr(cfg, "get") else None)
-    store = Path(run_dir or DEFAULT_OUTPUTS / identity_hash(identity)) / STORE_DIRNAME
-    if existing_store(store, identity):
-        log.info("reusing the identical activation store at %s", store)
-        return store
     model = load_model(model_cfg.name, path=model_cfg.path, device=model_cfg.device, dtype=model_cfg.dtype,
                        n_ctx=model_cfg.n_ctx)
     meta = {"model": describe_model(model, model_cfg.name, model_cfg.path), "text": describe_source(source)}
-    path = harvest(model, lambda: iter_documents(source), store, hooks=h.hook_list(model_cfg.layer),
-                   n_tokens=h.n_tokens, context_length=h.context_length, batch_size=h.batch_size, dtype=h.dtype,
-                   shard_rows=h.shard_rows, heldout_fraction=h.heldout_fraction, masking=h.masking(),
-                   identity=identity, meta=meta, progress=h.progress)
-    log.info("activation store: %s", path)
-    return path
+    store = harvest(model, lambda: iter_documents(source), folder / STORE_DIRNAME,
+                    hooks=h.hook_list(model_cfg.layer), n_tokens=h.n_tokens, context_length=h.context_length,
+                    batch_size=h.batch_size, dtype=h.dtype, shard_rows=h.shard_rows,
+                    heldout_fraction=h.heldout_fraction, masking=h.masking(), identity=identity, meta=meta,
+                    progress=h.progress)
+    mark_done(folder, store=str(store))
+    log.info("activation store: %s", store)
+    return folder
+
+
+def _intact(store: Path) -> bool:
+    """True when every shard of every hook matches its sha256 (else the harvest re-makes the bad ones)."""
+    bad = find_bad_shards(store)
+    for b in bad:
+        log.warning("shard %s of the finished store is %s; re-making it", b.file, b.reason)
+    return not bad
+
+
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    path = run(cfg, run_dir=cfg.get("run_dir") or HydraConfig.get().runtime.output_dir)
-    print(f"activation store: {path}")
+    check_config(cfg)
+    print(f"activation store: {run(cfg) / STORE_DIRNAME}")
 
 
 if __name__ == "__main__":

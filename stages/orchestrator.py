@@ -1,59 +1,75 @@
-"""Run the stages in order for one config: harvest → fit → evaluate → report.
+"""The orchestrator: run the stages in order for one config, harvest → fit → evaluate → report.
 
-A stage whose folder holds its completion marker is skipped; an unfinished one resumes (each stage resumes
-from what it wrote: harvest from its last complete shard, fit from its checkpoint, evaluate keeps finished
-result files). ``stage=<name>`` runs that stage alone (its inputs must exist).
+    python -m pipeline                                   # the embedded offline default (CPU, real small LM)
+    python -m pipeline experiment=gemma2b_paper          # a paper setup (hub + GPU)
+    python -m pipeline -m experiment=smoke dictionary.coder.k=4,8     # a sweep; the report gathers it
+    python -m pipeline stage=fit dictionary.coder.k=40  # one stage, the rest reused
+
+With ``stage=all`` a stage whose folder holds its completion marker is skipped, and every stage after one that
+ran runs again (each resumes from what it wrote: harvest from its last complete shard, fit from its checkpoint,
+evaluate keeps finished result files). ``stage=<name>`` runs that stage's ``run(cfg)`` whatever its marker
+says (a finished harvest then re-checks its shards; a finished fit is reused); its inputs must exist.
+
+The orchestrator is the only module that imports the stages; the library (``pipeline/``) never does, and
+``python -m pipeline`` (``pipeline/__main__.py``, where Hydra's ``@hydra.main`` must stand for ``python -m`` to
+find ``conf/``) is a thin wrapper over :func:`run_pipeline` here.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig
 
-from pipeline.runs.config import check_config
+from pipeline.evals.report import REPORT_FILE
+from pipeline.runs.config import check_config, register_configs
 from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir
+from stages import evaluate, fit, harvest, report
 
 log = logging.getLogger(__name__)
 
+#: Each stage's plain ``run(cfg) -> folder``.
+RUNNERS: dict[str, Callable[[DictConfig], Path]] = {"harvest": harvest.run, "fit": fit.run,
+                                                    "evaluate": evaluate.run, "report": report.run}
 
-def stage_runner(stage: str):
+
+def stage_runner(stage: str) -> Callable[[DictConfig], Path]:
     """The plain ``run(cfg)`` of ``stages/<stage>.py``."""
-    return importlib.import_module(f"stages.{stage}").run
+    return RUNNERS[stage]
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
-    """Run the selected stages; returns each stage's folder."""
+    """Check the config, then run the selected stages; returns each stage's folder."""
     check_config(cfg)
-    selected = STAGES if cfg.stage == "all" else (cfg.stage,)
+    alone = cfg.stage != "all"
     out: dict[str, Path] = {}
     rerun_later = False
-    for stage in selected:
+    for stage in (cfg.stage,) if alone else STAGES:
         folder = stage_dir(cfg, stage)
         if rerun_later:  # an earlier stage ran again: this one must follow (it resumes from what it has)
             (folder / DONE_MARKER).unlink(missing_ok=True)
-        if is_done(folder):
+        if is_done(folder) and not alone:
             log.info("%-8s done already: %s", stage, folder)
             out[stage] = folder
             continue
         rerun_later = True
         t = time.perf_counter()
         log.info("%-8s running -> %s", stage, folder)
-        if stage == "harvest":
-            stage_runner(stage)(cfg, run_dir=folder)
-            _mark_harvest(cfg, folder)
-        else:
-            stage_runner(stage)(cfg)
+        out[stage] = stage_runner(stage)(cfg)
         log.info("%-8s finished in %.1f s", stage, time.perf_counter() - t)
-        out[stage] = folder
     return out
 
 
-def _mark_harvest(cfg: DictConfig, folder: Path) -> None:
-    from pipeline.runs.layout import mark_done, prepare
+def print_outputs(folders: dict[str, Path]) -> None:
+    """Tell the user where each stage's folder, and the report, are."""
+    print("\nOutputs:")
+    for stage, folder in folders.items():
+        print(f"  {stage:<9} {folder}")
+    if "report" in folders and (folders["report"] / REPORT_FILE).exists():
+        print(f"\nReport: {folders['report'] / REPORT_FILE}")
 
-    prepare(folder, cfg, "harvest")
-    mark_done(folder, store=str(folder / "store"))
+
+register_configs()

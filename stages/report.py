@@ -14,20 +14,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.evals.report import write_report
+from pipeline.evals.report import REPORT_FILE, write_report
+from pipeline.evals.results import SAES_FILE
+from pipeline.runs.config import check_config, register_configs
 from pipeline.runs.layout import experiment_dir, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig | dict, *, run_dir: str | Path | None = None,
-        eval_folders: list[str | Path] | None = None) -> Path:
+def run(cfg: DictConfig | dict, *, eval_folders: list[str | Path] | None = None) -> Path:
     """Write the report; returns its folder. ``eval_folders`` defaults to every ``evaluate-*`` folder of the
     experiment."""
-    folder = Path(run_dir) if run_dir else stage_dir(cfg, "report")
-    prepare(folder, cfg, "report")
+    folder = prepare(stage_dir(cfg, "report"), cfg, "report")
     if eval_folders is None:
-        eval_folders = sorted(p for p in experiment_dir(cfg).glob("evaluate-*") if (p / "saes.json").exists())
+        eval_folders = sorted(p for p in experiment_dir(cfg).glob("evaluate-*") if (p / SAES_FILE).exists())
     cfg_yaml = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(OmegaConf.create(cfg))
     path = write_report([Path(p) for p in eval_folders], folder, cfg_yaml,
                         title=f"DB-KSVD report: experiment `{cfg['experiment_name']}`")
@@ -36,10 +36,14 @@ def run(cfg: DictConfig | dict, *, run_dir: str | Path | None = None,
     return folder
 
 
+register_configs()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    check_config(cfg)
     folder = run(cfg)
-    print(f"report: {folder / 'report.md'}")
+    print(f"report: {folder / REPORT_FILE}")
 
 
 if __name__ == "__main__":

@@ -194,9 +194,12 @@ def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path, tex
 
 
 def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> Any:
-    """The config of a tiny evaluate run (SAEBench sizes shrunk to seconds)."""
+    """The config of a tiny evaluate run: a complete ``eval`` node (every field of
+    :class:`pipeline.evals.config.EvalConfig`), SAEBench sizes shrunk to seconds."""
     from omegaconf import OmegaConf
 
+    probing = {"dataset_names": ["austen_labelled"], "context_length": EVAL_CONTEXT, "sae_batch_size": 16}
+    scr_tpp = {**probing, "train_set_size": 40, "test_set_size": 20, "probe_epochs": 2, "n_values": [2, 5]}
     return OmegaConf.create({
         "output_root": str(out), "experiment_name": "tiny",
         "model": {"name": "tiny-local", "path": str(inputs["tiny_hf_dir"]), "device": "cpu", "dtype": "float32",
@@ -204,27 +207,22 @@ def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> A
         "data": {"kind": "files", "paths": [str(inputs["corpus"])]},
         "harvest": {"n_tokens": 3200, "context_length": EVAL_CONTEXT, "heldout_fraction": 0.1, "progress": False},
         "eval": {
-            "metrics": metrics, "saes": ["dictionary", "topk"], "llm_batch_size": 8,
+            "metrics": metrics, "saes": ["dictionary", "topk"], "hub_baselines": [], "device": None,
+            "llm_batch_size": 8, "force_rerun": False, "local_datasets": {}, "encode_cache_mb": 256,
             "labelled": {"jsonl": str(inputs["labelled"]), "min_words": 5, "test_every": 3},
-            "core": {"context_size": EVAL_CONTEXT, "batch_size_prompts": 4, "n_eval_reconstruction_batches": 1,
-                     "n_eval_sparsity_variance_batches": 2},
-            "absorption": {"vocab_size": 120, "min_words_per_letter": 2, "config": {
-                "min_feats_for_eval": 1, "min_GT_probe_f1": 0.0, "max_k_value": 2, "k_sparse_probe_num_epochs": 2,
-                "llm_batch_size": 16}},
-            "sparse_probing": {"config": {"dataset_names": ["austen_labelled"], "probe_train_set_size": 40,
-                                          "probe_test_set_size": 20, "context_length": EVAL_CONTEXT,
-                                          "k_values": [1, 2], "sae_batch_size": 16}},
-            "scr": {"config": {"dataset_names": ["austen_labelled"], "train_set_size": 40, "test_set_size": 20,
-                               "column1_vals_lookup": {"austen_labelled": [["book0", "book1"]]},
-                               "context_length": EVAL_CONTEXT, "probe_epochs": 2, "n_values": [2, 5],
-                               "sae_batch_size": 16}},
-            "tpp": {"config": {"dataset_names": ["austen_labelled"], "train_set_size": 40, "test_set_size": 20,
-                               "context_length": EVAL_CONTEXT, "probe_epochs": 2, "n_values": [2, 5],
-                               "sae_batch_size": 16}},
-            "autointerp": {"config": {"n_latents": 3, "total_tokens": 4000, "llm_context_size": EVAL_CONTEXT,
-                                      "n_top_ex_for_generation": 2, "n_iw_sampled_ex_for_generation": 1,
-                                      "n_top_ex_for_scoring": 1, "n_random_ex_for_scoring": 2,
-                                      "n_iw_sampled_ex_for_scoring": 1, "buffer": 2}},
+            "core": {"dataset": None, "context_size": EVAL_CONTEXT, "batch_size_prompts": 4,
+                     "n_eval_reconstruction_batches": 1, "n_eval_sparsity_variance_batches": 2},
+            "absorption": {"vocab_size": 120, "min_words_per_letter": 2, "low_confidence_below_params": 2.0e9,
+                           "config": {"min_feats_for_eval": 1, "min_GT_probe_f1": 0.0, "max_k_value": 2,
+                                      "k_sparse_probe_num_epochs": 2, "llm_batch_size": 16}},
+            "sparse_probing": {"config": {**probing, "probe_train_set_size": 40, "probe_test_set_size": 20,
+                                          "k_values": [1, 2]}},
+            "scr": {"config": {**scr_tpp, "column1_vals_lookup": {"austen_labelled": [["book0", "book1"]]}}},
+            "tpp": {"config": scr_tpp},
+            "autointerp": {"api_key_env": "OPENAI_API_KEY", "config": {
+                "n_latents": 3, "total_tokens": 4000, "llm_context_size": EVAL_CONTEXT, "n_top_ex_for_generation": 2,
+                "n_iw_sampled_ex_for_generation": 1, "n_top_ex_for_scoring": 1, "n_random_ex_for_scoring": 2,
+                "n_iw_sampled_ex_for_scoring": 1, "buffer": 2}},
             "ravel": {"config": {}}, "unlearning": {"config": {}},
         },
     })

@@ -1,20 +1,20 @@
-"""The real config composes for every preset, and bad configs fail fast naming the key."""
+"""The real config composes for every preset, is typed by the schema, and bad configs fail before any work."""
 
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
+from hydra.errors import ConfigCompositionException
 
-from pipeline.runs.config import check_config
+from pipeline.core.learner import LearnerConfig
+from pipeline.runs.config import check_config, section
 from pipeline.runs.layout import stage_dir
+from tests.conftest import CONF, compose_config
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-PRESETS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
-
-
-def _compose(overrides):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=overrides)
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+#: Presets that need the hub and a GPU; offline they compose, and validate once pointed at the CPU.
+GPU_PRESETS = {"gemma2b_paper", "pythia160m_paper"}
+ON_CPU = ["model.device=cpu", "dictionary.device=cpu"]
 
 
 def test_every_preset_is_checked():
@@ -23,40 +23,89 @@ def test_every_preset_is_checked():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_composes_and_validates(preset, tmp_path):
-    cfg = _compose([f"experiment={preset}", f"output_root={tmp_path}"])
+    cfg = compose_config(f"experiment={preset}", f"output_root={tmp_path}", *(ON_CPU if preset in GPU_PRESETS else []))
     check_config(cfg)
     assert cfg.experiment_name == preset
     assert stage_dir(cfg, "fit").parent == Path(tmp_path) / preset
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given on a machine without CUDA")
+@pytest.mark.parametrize("preset", sorted(GPU_PRESETS))
+def test_gpu_preset_without_cuda_fails_naming_the_device_key(preset):
+    with pytest.raises(ValueError, match=r"model\.device: device 'cuda'.*no CUDA"):
+        check_config(compose_config(f"experiment={preset}"))
+    with pytest.raises(ValueError, match=r"dictionary\.device: device 'cuda'"):
+        check_config(compose_config(f"experiment={preset}", "model.device=cpu"))
+
+
 def test_paper_presets_match_the_paper():
-    cfg = _compose(["experiment=gemma2b_paper"])
+    cfg = compose_config("experiment=gemma2b_paper")
     assert cfg.model.name == "gemma-2-2b" and cfg.model.layer == 12
     assert cfg.harvest.context_length == 128 and cfg.dictionary.batch_size == 65536
-    assert cfg.dictionary.epochs == 3 and cfg.dictionary.nonnegative is False
-    cfg = _compose(["experiment=pythia160m_paper"])
+    assert cfg.dictionary.epochs == 3 and cfg.dictionary.coder.nonnegative is False
+    cfg = compose_config("experiment=pythia160m_paper")
     assert cfg.model.name == "pythia-160m-deduped" and cfg.model.layer == 8
 
 
+def test_the_schema_supplies_the_library_defaults():
+    """conf/dictionary/dbksvd.yaml sets only K and k; every other option is LearnerConfig's own default."""
+    learner = section(compose_config("experiment=smoke"), "dictionary")
+    assert isinstance(learner, LearnerConfig)
+    assert (learner.n_atoms, learner.coder.k, learner.max_iters) == (256, 8, 4)  # the smoke preset's choices
+    defaults = LearnerConfig.from_options(256, 8)
+    assert learner.rank1_tol == defaults.rank1_tol and learner.coder.method == defaults.coder.method == "mp"
+    assert learner.duplicate_threshold == defaults.duplicate_threshold
+
+
 def test_runs_that_differ_after_harvest_share_the_store():
-    a = _compose(["dictionary.k=16"])
-    b = _compose(["dictionary.k=64"])
+    a = compose_config("dictionary.coder.k=16")
+    b = compose_config("dictionary.coder.k=64")
     assert stage_dir(a, "harvest") == stage_dir(b, "harvest")
     assert stage_dir(a, "fit") != stage_dir(b, "fit")
-    c = _compose(["harvest.n_tokens=1000"])
+    c = compose_config("harvest.n_tokens=1000")
     assert stage_dir(a, "harvest") != stage_dir(c, "harvest")
+    assert stage_dir(a, "fit") != stage_dir(c, "fit")  # a fit depends on its store
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["dictionary.k=1000"], "dictionary.*exceeds the dimension"),
-    (["dictionary.n_atoms=4", "dictionary.k=8"], "smaller than k"),
+    (["dictionary.coder.k=1000"], "dictionary.*exceeds the dimension"),
+    (["dictionary.n_atoms=4", "dictionary.coder.k=8"], "smaller than k"),
     (["model.layer=30"], "layer 30 does not exist"),
-    (["+dictionary.atoms=4"], "dictionary.atoms"),
-    (["+baseline.learning_rate=1"], "baseline.learning_rate"),
+    (["+dictionary.atoms=4"], r"dictionary\.atoms"),
+    (["+dictionary.coder.colour=red"], r"dictionary\.coder\.colour"),
+    (["+baseline.learning_rate=1"], r"baseline\.learning_rate"),
+    (["+harvest.n_tokenz=4"], r"harvest\.n_tokenz"),
     (["+colour=blue"], "colour"),
     (["stage=train"], "stage='train'"),
-    (["dictionary.method=lasso"], "dictionary.method"),
+    (["dictionary.coder.method=lasso"], r"coder\.method = 'lasso'"),
+    (["dictionary.init=zeros"], "init = 'zeros'"),
+    (["harvest.heldout_fraction=1.5"], r"harvest\.heldout_fraction"),
+    (["harvest.dtype=int8"], r"harvest\.dtype"),
+    (["baseline.k=4"], r"baseline\.k is the dictionary's"),
+    (["+dictionary.checkpoint_path=/tmp/x.ckpt"], r"dictionary\.checkpoint_path is set by the fit stage"),
+    (["data=local_files"], r"data\.paths"),
 ])
-def test_bad_config_fails_fast_naming_the_key(overrides, message):
+def test_bad_config_fails_naming_the_key(overrides, message):
+    """Keys added with `+` get past Hydra's struct mode; the one check catches them, naming the key."""
     with pytest.raises(ValueError, match=message):
-        check_config(_compose(overrides))
+        check_config(compose_config(*overrides))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("dictionary.colour=red", "dictionary.colour"),
+    ("harvest.n_tokenz=4", "harvest.n_tokenz"),
+    ("dictionary.coder.k=abc", "dictionary.coder.k"),
+    ("harvest.n_tokens=many", "harvest.n_tokens"),
+])
+def test_the_schema_rejects_unknown_keys_and_bad_types_at_composition(override, key):
+    with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
+        compose_config(override)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given on a machine without CUDA")
+@pytest.mark.parametrize("override", ["dictionary.device=cuda", "model.device=cuda", "baseline.device=cuda:0",
+                                      "eval.device=cuda"])
+def test_a_cuda_device_without_cuda_fails_before_any_work(override):
+    node = override.split(".")[0]
+    with pytest.raises(ValueError, match=rf"{node}\.device: device 'cuda.*use device=cpu"):
+        check_config(compose_config(override))

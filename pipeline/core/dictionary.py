@@ -46,6 +46,15 @@ class CoderSettings:
     precision: str = "fp32"
     """Matmul precision of the correlations: fp32, tf32 or bf16."""
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for a choice the coders do not have."""
+        choices = dict(method=("mp", "omp"), precision=("fp32", "tf32", "bf16"))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"coder.{key} = {getattr(self, key)!r} is not one of {allowed}.")
+        if not 0 <= self.rtol < 1:
+            raise ValueError(f"coder.rtol = {self.rtol} must be in [0, 1).")
+
     def kwargs(self) -> dict[str, Any]:
         return dict(method=self.method, nonnegative=self.nonnegative, rtol=self.rtol, refit=self.refit,
                     max_iter=self.max_iter, candidates=self.candidates, precision=self.precision)

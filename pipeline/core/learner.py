@@ -46,20 +46,11 @@ class LearnerConfig:
 
     n_atoms: int
     """K, the number of atoms."""
-    k: int
-    """Non-zeros per sample (for Matryoshka: split over the groups)."""
-    method: str = "mp"
-    """Coder used during training: "mp" (matching pursuit, the reference) or "omp" (Batch-OMP)."""
-    nonnegative: bool = True
-    """Non-negative codes (SAE convention). False: the reference's signed codes."""
-    rtol: float = 0.05
-    """Coder's relative-residual stop (reference 0.05)."""
-    refit: bool = False
-    """Least-squares refit of codes during training (the reference trains without it)."""
-    candidates: int | None = None
-    """Restrict MP to each sample's top correlations (GPU speed option; see sparse_coding)."""
-    precision: str = "fp32"
-    """Matmul precision of the coder's correlations: fp32, tf32 or bf16."""
+    coder: CoderSettings
+    """The sparse coder used while training, and saved with the dictionary: ``coder.k`` non-zeros per sample
+    (for Matryoshka: split over the groups), ``coder.method`` ("mp", the reference's matching pursuit, or
+    "omp"), ``coder.nonnegative`` (False: the reference's signed codes), ``coder.rtol``, ``coder.refit`` (the
+    reference trains without), and the GPU speed options ``coder.candidates`` / ``coder.precision``."""
     atom_batch_size: int | None = None
     """Atoms refitted in parallel against one residual; 1 = sequential K-SVD, n_atoms = fully parallel
     (converges much worse). None: ``max(1, n_atoms // 128)``, the benchmarked default: at K = 16384 on a GPU,
@@ -110,14 +101,24 @@ class LearnerConfig:
     progress: bool = True
     """Show a tqdm bar with FVU, mean L0 and dead fraction."""
 
-    def coder_settings(self) -> CoderSettings:
-        return CoderSettings(k=self.k, method=self.method, nonnegative=self.nonnegative, rtol=self.rtol,
-                             refit=self.refit, candidates=self.candidates, precision=self.precision)
+    @classmethod
+    def from_options(cls, n_atoms: int, k: int, **options: Any) -> "LearnerConfig":
+        """The config of ``learn_dictionary(data, n_atoms, k, **options)``: ``options`` are fields of this class
+        or of :class:`~pipeline.core.dictionary.CoderSettings` (``method="omp"``, ``nonnegative=False``, ...)."""
+        coder_keys = {f.name for f in fields(CoderSettings)} - {"k"}
+        own_keys = {f.name for f in fields(cls)} - {"n_atoms", "coder"}
+        unknown = set(options) - coder_keys - own_keys
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are the fields of LearnerConfig "
+                             f"and CoderSettings: {sorted(own_keys | coder_keys)}.")
+        coder = CoderSettings(k=k, **{key: v for key, v in options.items() if key in coder_keys})
+        return cls(n_atoms=n_atoms, coder=coder, **{key: v for key, v in options.items() if key in own_keys})
 
     def validate(self, d: int) -> None:
-        check_sparsity(self.k, self.n_atoms, d)
-        choices = dict(method=("mp", "omp"), init=("data", "uniform"), reseed=("worst", "random", None),
-                       precision=("fp32", "tf32", "bf16"))
+        """Raise ``ValueError`` naming the field for a value the learner cannot use with data of dimension d."""
+        check_sparsity(self.coder.k, self.n_atoms, d)
+        self.coder.validate()
+        choices = dict(init=("data", "uniform"), reseed=("worst", "random", None))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} = {getattr(self, key)!r} is not one of {allowed}.")
@@ -148,10 +149,15 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
     Returns:
         the :class:`~pipeline.core.dictionary.Dictionary` (on the fitting device), with its per-iteration history.
     """
-    unknown = set(options) - {f.name for f in fields(LearnerConfig)}
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are the fields of LearnerConfig.")
-    cfg = LearnerConfig(n_atoms=n_atoms, k=k, **options)
+    return fit_dictionary(data, LearnerConfig.from_options(n_atoms, k, **options), reduce=reduce,
+                          callback=callback)
+
+
+def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduce: Reduce = identity_reduce,
+                   callback=None) -> Dictionary:
+    """:func:`learn_dictionary` with its options as one typed :class:`LearnerConfig` (what the fit stage builds
+    from the ``dictionary`` config node)."""
+    n_atoms, k = cfg.n_atoms, cfg.coder.k
     source = _BatchSource(data, cfg)
     cfg.validate(source.d)
     device = source.device
@@ -171,7 +177,7 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
         centre = source.mean() if cfg.center else None
         D = _init_atoms(first if centre is None else first - centre, n_atoms, cfg.init, gen)
         history, it, epoch, batch_pos, elapsed0 = [], 0, 0, 0, 0.0
-    G = gram(D, cfg.precision)
+    G = gram(D, cfg.coder.precision)
     t0 = time.perf_counter() - elapsed0
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not cfg.progress, desc="DB-KSVD", unit="it")
     stop = _stop_reason(cfg, history, it, epoch, 0.0)
@@ -203,8 +209,7 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
     log.info("DB-KSVD stopped after %d iterations: %s", it, stop)
     meta = {"learner": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress",)},
             "stop_reason": stop, "iterations": it, "atom_batch_size": atom_batch}
-    coder = cfg.coder_settings()
-    return Dictionary(D, coder, centre, groups, history, meta)
+    return Dictionary(D, cfg.coder, centre, groups, history, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,15 +220,15 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
 def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: list[Group] | None,
                atom_batch: int, gen: torch.Generator, reduce: Reduce) -> dict[str, Any]:
     """Code one sample batch, update the atoms in place, re-seed; returns the iteration record + new G."""
-    coder = cfg.coder_settings().kwargs() | dict(chunk_size=cfg.chunk_size, validate=False)
-    update = dict(nonnegative=cfg.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
+    coder = cfg.coder.kwargs() | dict(chunk_size=cfg.chunk_size, validate=False)
+    update = dict(nonnegative=cfg.coder.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
                   approximate=cfg.approximate, generator=gen, reduce=reduce)
     clock = _Clock(D.device)
     denom = float((Yb - Yb.mean(0)).pow(2).sum().clamp(min=1e-30))
     usage = torch.zeros(D.shape[0], device=D.device)
     err_before, iters, l0 = None, [], torch.zeros(Yb.shape[0], device=D.device)
     if groups is None:
-        codes = encode(Yb, D, cfg.k, G=G, **coder)
+        codes = encode(Yb, D, cfg.coder.k, G=G, **coder)
         R = Yb - codes.decode(D)
         err_before = float(R.pow(2).sum())
         clock.lap("code")
@@ -250,7 +255,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     clock.lap("update")
     dead = usage == 0
     n_dead = int(dead.sum())
-    G = gram(D, cfg.precision)
+    G = gram(D, cfg.coder.precision)
     n_dup = 0
     if cfg.duplicate_threshold is not None:
         dup = _duplicates(G, usage, cfg.duplicate_threshold)
@@ -259,7 +264,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     if cfg.reseed is not None and bool(dead.any()):
         _reseed(D, dead, R, cfg.reseed, gen)
         # recomputed whole (not patched): G must be a function of D alone, so a resumed fit sees the same G
-        G = gram(D, cfg.precision)
+        G = gram(D, cfg.coder.precision)
     clock.lap("reseed")
     fvu_after = err_after / denom
     # a cascade interleaves coding and updating, so its only error is the one after the updates
@@ -437,7 +442,14 @@ def _save_checkpoint(cfg: LearnerConfig, D: Tensor, centre: Tensor | None, histo
     atomic_write(path, lambda p: torch.save(state, p))
 
 
+#: Settings a checkpoint must share with the fit that resumes it.
 _RESUME_KEYS = ("n_atoms", "k", "method", "nonnegative", "matryoshka", "seed", "batch_size", "center", "init")
+
+
+def _resume_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`_RESUME_KEYS` of a config as ``asdict`` writes it (coder fields nested under ``coder``)."""
+    flat = {**config.get("coder", {}), **{key: v for key, v in config.items() if key != "coder"}}
+    return {key: flat.get(key) for key in _RESUME_KEYS}
 
 
 def _load_checkpoint(cfg: LearnerConfig, device: torch.device) -> dict | None:
@@ -445,8 +457,8 @@ def _load_checkpoint(cfg: LearnerConfig, device: torch.device) -> dict | None:
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = state.get("config", {})
-    clash = {k_: (saved.get(k_), getattr(cfg, k_)) for k_ in _RESUME_KEYS if saved.get(k_) != getattr(cfg, k_)}
+    saved, now = _resume_identity(state.get("config", {})), _resume_identity(asdict(cfg))
+    clash = {k_: (saved[k_], now[k_]) for k_ in _RESUME_KEYS if saved[k_] != now[k_]}
     if clash:
         raise ValueError(f"checkpoint {path} was written with different settings {clash} (saved, now); "
                          f"use a new checkpoint_path or the original settings.")
@@ -456,4 +468,4 @@ def _load_checkpoint(cfg: LearnerConfig, device: torch.device) -> dict | None:
     return state
 
 
-__all__ = ["learn_dictionary", "LearnerConfig", "PAPER_SCHEDULE"]
+__all__ = ["fit_dictionary", "learn_dictionary", "LearnerConfig", "PAPER_SCHEDULE"]

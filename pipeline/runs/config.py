@@ -1,22 +1,45 @@
-"""Whole-config validation before any heavy work: unknown keys, impossible combinations, missing pieces.
+"""The config schema: one typed dataclass per config node, registered in Hydra's ConfigStore, checked in one place.
 
-Each failure is a ``ValueError`` naming the key and the fix. The harvest nodes are checked by
-:func:`pipeline.data.config.parse_harvest_config`; the dictionary node against
-:class:`pipeline.core.learner.LearnerConfig`; model shapes (d, n_layers) come from :data:`KNOWN_SHAPES` when the model
-is known without loading it, else they are checked after loading, before the harvest starts.
+``conf/config.yaml`` starts its defaults list with :data:`SCHEMA_NAME`, so Hydra types every node as it
+composes: an unknown key (``dictionary.colour=red``) or a wrong type fails at composition, naming the key.
+The nodes and their schemas (each field documented under it):
+
+========== ==================================================== ============================================
+node       schema                                               defaults
+========== ==================================================== ============================================
+model      :class:`pipeline.data.config.ModelConfig`             ``conf/model/*.yaml``
+data       :class:`pipeline.data.text.TextSource`                ``conf/data/*.yaml``
+harvest    :class:`pipeline.data.config.HarvestConfig`           the dataclass; presets override
+dictionary :class:`pipeline.core.learner.LearnerConfig`          the dataclass (the library's own defaults)
+           (its ``coder``: :class:`~pipeline.core.dictionary.CoderSettings`)
+baseline   :class:`BaselineConfig` (the TopK SAE's options)     the dataclass; presets override
+eval       :class:`pipeline.evals.config.EvalConfig`             ``conf/eval/*.yaml`` (no defaults in code)
+========== ==================================================== ============================================
+
+Nodes that mirror a library dataclass (``learn_dictionary``'s options, the harvest's) take that dataclass's
+defaults, so each default is written once; ``python -m pipeline --cfg job`` prints the composed whole.
+:func:`check_config` adds the checks a type cannot express (value ranges, model shapes, devices), before any
+work; the orchestrator and every stage's command line call it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from pipeline.core.learner import LearnerConfig
-from pipeline.data.config import parse_harvest_config
-from pipeline.runs.layout import STAGES
+from pipeline.data.config import HarvestConfig, ModelConfig
+from pipeline.data.text import TextSource
+from pipeline.evals.config import EvalConfig, validate_eval_config
 from pipeline.evals.topk_sae import TopKConfig
+from pipeline.runs.layout import STAGES
+from pipeline.utils.devices import resolve_device
+from pipeline.utils.typed_config import typed_node
+
+#: Name of the top-level schema in Hydra's ConfigStore (first entry of ``conf/config.yaml``'s defaults).
+SCHEMA_NAME = "pipeline_schema"
 
 #: (d_model, n_layers) of the models we know by name.
 KNOWN_SHAPES: dict[str, tuple[int, int]] = {
@@ -28,31 +51,105 @@ KNOWN_SHAPES: dict[str, tuple[int, int]] = {
     "pythia-70m-deduped": (512, 6),
 }
 
-TOP_LEVEL = {"model", "data", "harvest", "dictionary", "baseline", "eval", "report", "experiment_name",
-             "output_root", "stage", "run_dir"}
+
+@dataclass
+class BaselineConfig(TopKConfig):
+    """The ``baseline`` node: the TopK SAE trained on the dictionary's store, at its width and k."""
+
+    topk: bool = True
+    """Train the TopK SAE baseline (false: the dictionary alone)."""
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ``ValueError`` for the first problem found in ``cfg``."""
-    unknown = set(cfg.keys()) - TOP_LEVEL
+@dataclass
+class ReportConfig:
+    """The ``report`` node (no options yet)."""
+
+
+@dataclass
+class PipelineConfig:
+    """The whole config of a run (``conf/config.yaml`` + one file per group + an ``experiment`` preset)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Which language model, and the layer harvested by default."""
+    data: TextSource = field(default_factory=TextSource)
+    """Where the text comes from."""
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    """What is harvested, how much, and how it is stored."""
+    dictionary: LearnerConfig = MISSING
+    """The DB-KSVD learner: width ``n_atoms``, the ``coder`` (``coder.k`` non-zeros), and the schedule."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """The SAE baseline trained on the same store."""
+    eval: EvalConfig = MISSING
+    """The SAEBench metrics, their sizes, and the SAEs they score."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """The report stage."""
+    experiment_name: str = MISSING
+    """Runs go to ``<output_root>/<experiment_name>/<stage>-<hash>/``."""
+    output_root: str = MISSING
+    """Root folder of every run."""
+    stage: str = MISSING
+    """``all`` or one of the stages (the others are reused)."""
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore (idempotent); call before composing ``conf/``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=PipelineConfig)
+
+
+def section(cfg: DictConfig | dict, name: str) -> Any:
+    """The node ``name`` of ``cfg`` as its typed dataclass (works on a composed config and on plain dicts)."""
+    schema = get_type_hints(PipelineConfig).get(name)
+    if schema is None:
+        raise ValueError(f"unknown config node {name!r}; nodes: {[f.name for f in fields(PipelineConfig)]}")
+    if not is_dataclass(schema):
+        return cfg[name]
+    return typed_node(cfg[name] if name in cfg else None, schema, name)
+
+
+def check_config(cfg: DictConfig | dict) -> None:
+    """Every check of a config that types cannot express, before any work: ``ValueError`` naming the key."""
+    unknown = set(cfg.keys()) - {f.name for f in fields(PipelineConfig)}
     if unknown:
-        raise ValueError(f"unknown top-level config key(s) {sorted(unknown)}; valid keys: {sorted(TOP_LEVEL)}.")
-    if cfg.stage not in ("all", *STAGES):
-        raise ValueError(f"stage={cfg.stage!r} is not one of all, {', '.join(STAGES)}.")
-    model, _, harvest = parse_harvest_config(cfg)
-    learner = _learner(cfg.dictionary)
-    _typed_keys(cfg.baseline, TopKConfig, "baseline", extra={"topk"}, skip={"n_latents", "k"})
+        raise ValueError(f"unknown top-level config key(s) {sorted(unknown)}; valid keys: "
+                         f"{sorted(f.name for f in fields(PipelineConfig))}.")
+    stage = cfg["stage"]
+    if stage not in ("all", *STAGES):
+        raise ValueError(f"stage={stage!r} is not one of all, {', '.join(STAGES)}.")
+    model, harvest = section(cfg, "model"), section(cfg, "harvest")
+    section(cfg, "data")  # TextSource checks kind / paths itself
+    harvest.validate()
+    learner: LearnerConfig = section(cfg, "dictionary")
+    baseline: BaselineConfig = section(cfg, "baseline")
+    _check_devices(model=model.device, dictionary=learner.device, baseline=baseline.device)
+    for key in ("checkpoint_path", "resume"):
+        if getattr(learner, key):
+            raise ValueError(f"dictionary.{key} is set by the fit stage (its checkpoint lives in the fit folder); "
+                             f"remove dictionary.{key} from the config.")
+    for key in ("n_latents", "k"):
+        if getattr(baseline, key) is not None:
+            raise ValueError(f"baseline.{key} is the dictionary's (the baseline is compared at the same width "
+                             f"and k); set dictionary.n_atoms / dictionary.coder.k instead.")
     shape = KNOWN_SHAPES.get(model.name) if not model.path else None
     if shape is not None:
         d, n_layers = shape
-        layers = harvest.layers if harvest.layers is not None else [model.layer]
-        for layer in layers:
+        for layer in harvest.layers if harvest.layers is not None else [model.layer]:
             if not 0 <= layer < n_layers:
-                raise ValueError(f"layer {layer} does not exist: {model.name} has {n_layers} layers (0..{n_layers - 1}); "
-                                 f"set model.layer / harvest.layers accordingly.")
-        _prefixed(learner.validate, d)
-    elif learner.n_atoms < learner.k or learner.k < 1:
-        _prefixed(learner.validate, max(learner.k, 1))
+                raise ValueError(f"layer {layer} does not exist: {model.name} has {n_layers} layers "
+                                 f"(0..{n_layers - 1}); set model.layer / harvest.layers accordingly.")
+    _prefixed(learner.validate, shape[0] if shape is not None else max(learner.coder.k, 1))
+    evals = section(cfg, "eval")
+    validate_eval_config(evals)
+    _check_devices(eval=evals.device)
+
+
+def _check_devices(**devices: str | None) -> None:
+    for node, device in devices.items():
+        try:
+            resolve_device(device)
+        except ValueError as exc:
+            raise ValueError(f"{node}.device: {exc}") from None
 
 
 def _prefixed(check, *args) -> None:
@@ -60,29 +157,4 @@ def _prefixed(check, *args) -> None:
     try:
         check(*args)
     except ValueError as exc:
-        raise ValueError(f"dictionary: {exc} (set dictionary.k / dictionary.n_atoms)") from None
-
-
-def _learner(node: Any) -> LearnerConfig:
-    opts = _typed_keys(node, LearnerConfig, "dictionary")
-    missing = [k for k in ("n_atoms", "k") if opts.get(k) is None]
-    if missing:
-        raise ValueError(f"dictionary.{missing[0]} must be set (e.g. dictionary.{missing[0]}=...).")
-    cfg = LearnerConfig(**opts)
-    choices = dict(method=("mp", "omp"), init=("data", "uniform"), reseed=("worst", "random", None),
-                   precision=("fp32", "tf32", "bf16"))
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"dictionary.{key}={getattr(cfg, key)!r} is not one of {allowed}.")
-    return cfg
-
-
-def _typed_keys(node: Any, schema: type, key: str, extra: set[str] = frozenset(),
-                skip: set[str] = frozenset()) -> dict[str, Any]:
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    valid = {f.name for f in dataclasses.fields(schema)} - set(skip) | set(extra)
-    unknown = set(data) - valid
-    if unknown:
-        raise ValueError(f"unknown key(s) {[f'{key}.{u}' for u in sorted(unknown)]}; valid keys under `{key}`: "
-                         f"{sorted(valid)}.")
-    return {k: v for k, v in data.items() if k not in extra}
+        raise ValueError(f"dictionary: {exc} (set dictionary.coder.k / dictionary.n_atoms)") from None
