@@ -19,11 +19,12 @@ The public API::
 from pipeline.core.codes import Codes
 from pipeline.core.coders import encode, gram
 from pipeline.core.dictionary import CoderSettings, Dictionary
-from pipeline.core.learner import PAPER_SCHEDULE, LearnerConfig, learn_dictionary
+from pipeline.core.learner import fit_dictionary, learn_dictionary
+from pipeline.core.learner_config import PAPER_SCHEDULE, LearnerConfig
 from pipeline.core.synthetic import planted_problem, recovered_fraction
 from pipeline.data.store import ActivationStore
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationStore", "Codes", "CoderSettings", "Dictionary", "LearnerConfig", "PAPER_SCHEDULE",
-           "encode", "gram", "learn_dictionary", "planted_problem", "recovered_fraction"]
+__all__ = ["ActivationStore", "Codes", "CoderSettings", "Dictionary", "LearnerConfig", "PAPER_SCHEDULE", "encode",
+           "fit_dictionary", "gram", "learn_dictionary", "planted_problem", "recovered_fraction"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from pipeline.core.learner import LearnerConfig
+from pipeline.core.learner_config import LearnerConfig
 from pipeline.runs.config import check_config, section
 from pipeline.runs.layout import stage_dir
 from tests.conftest import CONF, compose_config

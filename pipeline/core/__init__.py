@@ -5,7 +5,8 @@
 - :mod:`~pipeline.core.atom_update`: batched rank-1 (K-SVD) atom refits and the ``reduce`` hook;
 - :mod:`~pipeline.core.matryoshka`: nested atom groups and the residual cascade;
 - :mod:`~pipeline.core.dictionary`: ``Dictionary`` (atoms + coder settings + history; save / load);
-- :mod:`~pipeline.core.learner`: ``learn_dictionary``, the DB-KSVD loop, and ``LearnerConfig``;
+- :mod:`~pipeline.core.learner`: ``learn_dictionary`` / ``fit_dictionary``, the DB-KSVD loop, checkpoints;
+- :mod:`~pipeline.core.learner_config`: ``LearnerConfig`` (every option, documented) and ``PAPER_SCHEDULE``;
 - :mod:`~pipeline.core.validation`: input checks shared by the public functions;
 - :mod:`~pipeline.core.synthetic`: planted problems (Aharon-Elad-Bruckstein) to test recovery on.
 """

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.data.harvest import MaskingOptions, hook_names
 from pipeline.data.store import DTYPES
@@ -19,9 +19,10 @@ from pipeline.utils.typed_config import typed_node
 
 @dataclass
 class ModelConfig:
-    """Which model to harvest from (``conf/model/*.yaml``)."""
+    """Which model to harvest from: one ``conf/model/*.yaml`` per model (``name`` and ``layer`` have no default
+    here: that file sets them)."""
 
-    name: str = "smollm2-135m"
+    name: str = MISSING
     """Offline model (smollm2-135m, gemma-3-270m), a transformer-lens name (gemma-2-2b, pythia-160m-deduped),
     or a label for a local model given by ``path``."""
     path: Optional[str] = None
@@ -32,7 +33,7 @@ class ModelConfig:
     """Compute dtype: float32 on CPU; bfloat16 on GPU for Gemma."""
     n_ctx: Optional[int] = None
     """Context window to build the model with (None: the model's own; 1024 for the offline models)."""
-    layer: int = 15
+    layer: int = MISSING
     """Default layer whose hook is harvested (``harvest.layers`` overrides)."""
 
 

@@ -10,7 +10,7 @@ node       schema                                               defaults
 model      :class:`pipeline.data.config.ModelConfig`             ``conf/model/*.yaml``
 data       :class:`pipeline.data.text.TextSource`                ``conf/data/*.yaml``
 harvest    :class:`pipeline.data.config.HarvestConfig`           the dataclass; presets override
-dictionary :class:`pipeline.core.learner.LearnerConfig`          the dataclass (the library's own defaults)
+dictionary :class:`pipeline.core.learner_config.LearnerConfig`   the dataclass (the library's own defaults)
            (its ``coder``: :class:`~pipeline.core.dictionary.CoderSettings`)
 baseline   :class:`BaselineConfig` (the TopK SAE's options)     the dataclass; presets override
 eval       :class:`pipeline.evals.config.EvalConfig`             ``conf/eval/*.yaml`` (no defaults in code)
@@ -29,8 +29,8 @@ from typing import Any, get_type_hints
 
 from omegaconf import MISSING, DictConfig
 
-from pipeline.core.learner import LearnerConfig
-from pipeline.data.config import HarvestConfig, ModelConfig
+from pipeline.core.learner_config import LearnerConfig
+from pipeline.data.config import HarvestConfig, ModelConfig, parse_harvest_config
 from pipeline.data.text import TextSource
 from pipeline.evals.config import EvalConfig, validate_eval_config
 from pipeline.evals.topk_sae import TopKConfig
@@ -117,9 +117,7 @@ def check_config(cfg: DictConfig | dict) -> None:
     stage = cfg["stage"]
     if stage not in ("all", *STAGES):
         raise ValueError(f"stage={stage!r} is not one of all, {', '.join(STAGES)}.")
-    model, harvest = section(cfg, "model"), section(cfg, "harvest")
-    section(cfg, "data")  # TextSource checks kind / paths itself
-    harvest.validate()
+    model, _, harvest = parse_harvest_config(cfg)
     learner: LearnerConfig = section(cfg, "dictionary")
     baseline: BaselineConfig = section(cfg, "baseline")
     _check_devices(model=model.device, dictionary=learner.device, baseline=baseline.device)

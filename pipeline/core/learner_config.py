@@ -1,0 +1,109 @@
+"""The options of the DB-KSVD learner: :class:`LearnerConfig` (each field documented under it, the schema of the
+``dictionary`` config node) and :data:`PAPER_SCHEDULE`, the paper's option set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pipeline.core.dictionary import CoderSettings
+from pipeline.core.validation import check_sparsity
+
+#: The paper's schedule (arXiv 2505.18441; KSVD.jl's ksvd_gemma.jl): one update per 65,536-sample batch,
+#: 3 epochs, no convergence stop, the reference's uniform init and random re-seeding, no centring.
+PAPER_SCHEDULE: dict[str, Any] = dict(batch_size=65_536, epochs=3, max_iters=None, tol=None,
+                                      init="uniform", reseed="random", duplicate_threshold=None,
+                                      center=False)
+
+
+@dataclass
+class LearnerConfig:
+    """Options of :func:`learn_dictionary` (each field's docstring is its documentation)."""
+
+    n_atoms: int
+    """K, the number of atoms."""
+    coder: CoderSettings
+    """The sparse coder used while training, and saved with the dictionary: ``coder.k`` non-zeros per sample
+    (for Matryoshka: split over the groups), ``coder.method`` ("mp", the reference's matching pursuit, or
+    "omp"), ``coder.nonnegative`` (False: the reference's signed codes), ``coder.rtol``, ``coder.refit`` (the
+    reference trains without), and the GPU speed options ``coder.candidates`` / ``coder.precision``."""
+    atom_batch_size: int | None = None
+    """Atoms refitted in parallel against one residual; 1 = sequential K-SVD, n_atoms = fully parallel
+    (converges much worse). None: ``max(1, n_atoms // 128)``, the benchmarked default: at K = 16384 on a GPU,
+    K/128 reached the best held-out FVU in the same time as K/32, while K/8 collapsed atoms onto shared
+    directions (BENCHMARKS.md)."""
+    rank1_tol: float = 1e-4
+    """Convergence threshold (1 − cos between successive atoms) of each rank-1 refit. 1e-4 gives the same
+    re-coded objective as 1e-6 to 0.1% with 40% fewer steps (BENCHMARKS.md)."""
+    rank1_max_iters: int = 30
+    """Cap on alternating steps of a rank-1 refit."""
+    approximate: bool = False
+    """One alternating step per atom (Rubinstein's approximate K-SVD) instead of iterating to rank1_tol."""
+    batch_size: int = 65_536
+    """Samples per iteration; a tensor with fewer rows is used whole each iteration."""
+    max_iters: int | None = 200
+    """Iteration cap (None: no cap)."""
+    epochs: int | None = None
+    """Passes over the data (None: no cap)."""
+    time_budget: float | None = None
+    """Stop after this many seconds."""
+    tol: float | None = 1e-4
+    """Stop once the FVU improved by less than this fraction over ``patience`` iterations (None: never)."""
+    patience: int = 5
+    """Iterations over which ``tol`` is judged."""
+    center: bool = False
+    """Subtract the data mean before fitting (exported later as the SAE's b_dec). The paper does not."""
+    init: str = "data"
+    """"data": random distinct samples; "uniform": uniform(−0.5, 0.5) columns, normalised (the reference)."""
+    reseed: str | None = "worst"
+    """Dead atoms: "worst" (residuals of the worst-reconstructed samples), "random" (the reference), None."""
+    duplicate_threshold: float | None = 0.95
+    """Replace the less used of two atoms whose |cos| exceeds this (the K-SVD paper replaces near-duplicate
+    atoms too); 0.95 lifts planted recovery from ~88% to ~95% (BENCHMARKS.md). None: off."""
+    matryoshka: int | None = None
+    """log2 of the smallest Matryoshka group (the paper uses 8); None: a plain dictionary."""
+    seed: int = 0
+    """Seed of every random choice (init, shuffles, re-seeding, sample order)."""
+    device: str | None = None
+    """Where to fit; default the tensor's device, else CUDA when available."""
+    chunk_size: int | None = None
+    """Coder chunk size (default from free memory)."""
+    checkpoint_path: str | None = None
+    """File to checkpoint into (atomically); with ``resume`` a fit continues from it."""
+    checkpoint_every: int = 10
+    """Iterations between checkpoints."""
+    resume: bool = False
+    """Continue from ``checkpoint_path`` when it exists."""
+    progress: bool = True
+    """Show a tqdm bar with FVU, mean L0 and dead fraction."""
+
+    @classmethod
+    def from_options(cls, n_atoms: int, k: int, **options: Any) -> "LearnerConfig":
+        """The config of ``learn_dictionary(data, n_atoms, k, **options)``: ``options`` are fields of this class
+        or of :class:`~pipeline.core.dictionary.CoderSettings` (``method="omp"``, ``nonnegative=False``, ...)."""
+        coder_keys = {f.name for f in fields(CoderSettings)} - {"k"}
+        own_keys = {f.name for f in fields(cls)} - {"n_atoms", "coder"}
+        unknown = set(options) - coder_keys - own_keys
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are the fields of LearnerConfig "
+                             f"and CoderSettings: {sorted(own_keys | coder_keys)}.")
+        coder = CoderSettings(k=k, **{key: v for key, v in options.items() if key in coder_keys})
+        return cls(n_atoms=n_atoms, coder=coder, **{key: v for key, v in options.items() if key in own_keys})
+
+    def validate(self, d: int) -> None:
+        """Raise ``ValueError`` naming the field for a value the learner cannot use with data of dimension d."""
+        check_sparsity(self.coder.k, self.n_atoms, d)
+        self.coder.validate()
+        choices = dict(init=("data", "uniform"), reseed=("worst", "random", None))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} = {getattr(self, key)!r} is not one of {allowed}.")
+        positive = dict(batch_size=self.batch_size, rank1_max_iters=self.rank1_max_iters,
+                        atom_batch_size=self.atom_batch_size or 1, checkpoint_every=self.checkpoint_every)
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key} = {value} must be >= 1.")
+        if self.resume and not self.checkpoint_path:
+            raise ValueError("resume=True needs checkpoint_path (the file to resume from).")
+        if self.max_iters is None and self.epochs is None and self.time_budget is None and self.tol is None:
+            raise ValueError("no stopping rule: set max_iters, epochs, time_budget or tol.")
