@@ -72,3 +72,16 @@ def test_print_the_config_command_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "name: gemma-2-2b" in done.stdout and "k: 40" in done.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_every_override_quoted_in_the_prose_composes():
+    """Overrides quoted inline (`dictionary.coder.precision=bf16 ...`) name real keys with valid values."""
+    from pipeline.runs.config import check_config
+    from tests.conftest import compose_config
+
+    node = r"(?:model|data|harvest|dictionary|baseline|eval|report)\.[\w.]+"
+    quoted = [tok for span in re.findall(r"`([^`\n]+)`", README.read_text()) for tok in span.split()
+              if re.fullmatch(rf"{node}=[^,\s]+", tok)]
+    assert "dictionary.coder.precision=bf16" in quoted
+    for override in quoted:
+        check_config(compose_config(override))

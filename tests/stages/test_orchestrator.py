@@ -79,6 +79,10 @@ def test_a_stage_run_alone_owns_its_folder(smoke):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"activation store: {folders['harvest'] / STORE_DIRNAME}" in done.stdout
     assert "every shard matches its sha256" in done.stdout + done.stderr  # a finished store is checked, not re-harvested
+    cmd = [sys.executable, "-m", "stages.fit", "experiment=smoke", f"output_root={cfg.output_root}"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith(str(folders["fit"]))  # the fit the orchestrator made, found and reused
 
 
 def test_a_stage_asked_for_by_name_runs_even_when_finished(smoke, monkeypatch):
