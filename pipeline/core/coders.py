@@ -23,6 +23,9 @@ memory-bound. ``candidates=M`` restricts the greedy loop, after two steps on all
 largest correlations (an approximation that is exact whenever the greedy choice never leaves that set; its
 effect on the reconstruction is measured in BENCHMARKS.md). ``precision`` selects the matmul for ``Y Dᵀ`` ("fp32",
 "tf32" or "bf16" tensor cores); the greedy loop always accumulates in fp32 (fp64 for fp64 input).
+
+Length (~400 lines): both coders, with the helpers they share (correlations, chunk sizing, the least-squares
+refit on a support), stay in one module so that one entry point, :func:`encode`, dispatches between them.
 """
 
 from __future__ import annotations
