@@ -8,11 +8,13 @@ and the README, for the commands.
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.runs.config import check_config_or_exit
 from stages.orchestrator import print_outputs, run_pipeline
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    check_config_or_exit(cfg)
     print_outputs(run_pipeline(cfg))
 
 

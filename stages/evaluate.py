@@ -31,7 +31,7 @@ from pipeline.evals.config import parse_eval_config, validate_eval_config
 from pipeline.evals.labelled_data import build_labelled_text, labelled_documents
 from pipeline.evals.metrics import METRICS, EvalContext, needs_labelled, run_metrics
 from pipeline.evals.sae_records import describe_heldout, export_sae_lens, fit_records, hub_records
-from pipeline.runs.config import check_config, register_configs
+from pipeline.runs.config import check_config_or_exit, register_configs
 from pipeline.runs.layout import (DICTIONARY_DIRNAME, TOPK_DIRNAME, finished_stage_dir, is_done, mark_done,
                                   prepare, stage_dir)
 from pipeline.runs.layout import store_dir as run_store_dir
@@ -115,7 +115,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    check_config(cfg)
+    check_config_or_exit(cfg)
     folder = run(cfg)
     print(f"evaluation: {folder} ({'done' if is_done(folder) else 'incomplete: see failed.json'})")
 

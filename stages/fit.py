@@ -29,7 +29,7 @@ from pipeline.data.harvest import hook_layer
 from pipeline.evals.dictionary_sae import DictionarySAE
 from pipeline.evals.heldout import heldout_stats
 from pipeline.evals.topk_sae import TOPK_CONFIG, TopKSAE, train_topk_sae
-from pipeline.runs.config import check_config, register_configs, section
+from pipeline.runs.config import check_config_or_exit, register_configs, section
 from pipeline.runs.layout import (DICTIONARY_DIRNAME, STORE_DIRNAME, TOPK_DIRNAME, finished_stage_dir, is_done,
                                   mark_done, prepare, stage_dir)
 from pipeline.utils.atomic import atomic_write_text
@@ -100,7 +100,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    check_config(cfg)
+    check_config_or_exit(cfg)
     print(run(cfg))
 
 

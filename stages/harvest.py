@@ -25,7 +25,7 @@ from pipeline.data.harvest import harvest
 from pipeline.data.models import describe_model, load_model
 from pipeline.data.store import find_bad_shards
 from pipeline.data.text import describe_source, iter_documents
-from pipeline.runs.config import check_config, register_configs, section
+from pipeline.runs.config import check_config_or_exit, register_configs, section
 from pipeline.runs.layout import STORE_DIRNAME, is_done, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    check_config(cfg)
+    check_config_or_exit(cfg)
     print(f"activation store: {run(cfg) / STORE_DIRNAME}")
 
 

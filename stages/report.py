@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.evals.report import REPORT_FILE, write_report
 from pipeline.evals.results import SAES_FILE
-from pipeline.runs.config import check_config, register_configs
+from pipeline.runs.config import check_config_or_exit, register_configs
 from pipeline.runs.layout import experiment_dir, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    check_config(cfg)
+    check_config_or_exit(cfg)
     folder = run(cfg)
     print(f"report: {folder / REPORT_FILE}")
 

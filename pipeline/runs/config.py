@@ -24,6 +24,7 @@ work; the orchestrator and every stage's command line call it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
@@ -108,8 +109,31 @@ def section(cfg: DictConfig | dict, name: str) -> Any:
     return typed_node(cfg[name] if name in cfg else None, schema, name)
 
 
+class ConfigError(ValueError):
+    """A config the pipeline cannot run, with the key and the fix in its message."""
+
+
 def check_config(cfg: DictConfig | dict) -> None:
-    """Every check of a config that types cannot express, before any work: ``ValueError`` naming the key."""
+    """Every check of a config that types cannot express, before any work: :class:`ConfigError` (a
+    ``ValueError``) naming the key."""
+    try:
+        _check(cfg)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_config_or_exit(cfg: DictConfig | dict) -> None:
+    """:func:`check_config` for the command lines: a bad config prints its message (no traceback) and exits 2."""
+    try:
+        check_config(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _check(cfg: DictConfig | dict) -> None:
     unknown = set(cfg.keys()) - {f.name for f in fields(PipelineConfig)}
     if unknown:
         raise ValueError(f"unknown top-level config key(s) {sorted(unknown)}; valid keys: "
