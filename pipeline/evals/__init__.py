@@ -6,7 +6,9 @@ Imports the algorithm and data layers and :mod:`pipeline.utils`; never :mod:`pip
   ``validate_eval_config``);
 * :mod:`~pipeline.evals.dictionary_sae`: a dictionary as an SAEBench SAE (``DictionarySAE``);
   :mod:`~pipeline.evals.sae_lens_io`: its sae-lens export and loader; :mod:`~pipeline.evals.topk_sae`: the
-  TopK SAE baseline;
+  TopK SAE baseline the fit stage trains today; :mod:`~pipeline.evals.baselines`: SAE baselines of six
+  architectures trained by sae-lens's own trainer under a budget (steps, samples, time, converged), saved as
+  plain sae-lens folders (not wired into the stages yet);
 * :mod:`~pipeline.evals.sae_records`: the SAEs an evaluation runs (``SAERecord``);
   :mod:`~pipeline.evals.heldout`: their held-out L0 / FVU / dead fraction and coherence;
 * :mod:`~pipeline.evals.metrics`: one runner per SAEBench metric, in a registry, and the loop that runs them;

@@ -1,0 +1,255 @@
+"""Train an SAE baseline with sae-lens's own trainer (``SAETrainer.fit()``) on our activations.
+
+The recipe is sae-lens's (:mod:`~pipeline.evals.baselines.lens`); ours are only the data provider
+(:mod:`~pipeline.evals.baselines.batches`), ``b_dec`` starting at the data mean, and the budget:
+
+* ``steps`` / ``samples``: the trainer's ``total_training_samples`` is ``steps × batch_size`` (samples rounded
+  down to whole batches, at least one), and every batch is full, so ``fit()`` runs exactly that many steps and
+  its lr schedule knows the count (decay and sparsity warm-up are placed in it);
+* ``time`` / ``converged``: ``fit()`` runs with an open-ended total (``converged``: its cap) and a subclass hook
+  after each optimiser step decides to stop. It stops by lowering ``total_training_samples`` to the samples
+  seen, so ``fit()``'s own loop test ends the loop and ``fit()`` itself runs everything it runs after the
+  loop (folding the normalisation factor into the weights, the final L0 / dead-latent metadata). A provider
+  that raised ``StopIteration`` instead would skip all of that (notes/sae-lens-baselines.md). The time check is
+  after each step, so a run overshoots its seconds by at most one step plus that finalisation.
+
+If ``normalize_activations`` is ``expected_average_only_in``, the scaling factor is estimated (by sae-lens's
+``ActivationScaler``, as ``fit()`` would) before ``fit()``, so that ``b_dec`` can start at the *scaled* mean;
+``fit()`` keeps a factor that is already set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import sae_lens
+import torch
+from sae_lens import SAE
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training import activation_scaler as _scaler_module
+from sae_lens.training import sae_trainer as _trainer_module
+from sae_lens.training.sae_trainer import SAETrainer
+from torch import Tensor
+
+from pipeline.evals.baselines.batches import data_mean, training_batches
+from pipeline.evals.baselines.config import (DEFAULT_L1_WARM_UP_FRACTION, DEFAULT_LR_DECAY_FRACTION, BaselineSpec,
+                                             Budget)
+from pipeline.evals.baselines.lens import build_training_sae, inference_form, trainer_config
+from pipeline.evals.heldout import heldout_stats
+from pipeline.utils.devices import resolve_device
+
+#: ``total_training_samples`` of an open-ended (``time``) run: never reached, the stop hook ends it.
+OPEN_ENDED_SAMPLES = 2 ** 62
+
+
+@dataclass
+class BaselineRecord:
+    """What was trained and how it went (``record.json`` beside the sae-lens folder)."""
+
+    architecture: str
+    d_in: int
+    width: int
+    k: int
+    steps: int
+    """Optimiser steps taken."""
+    samples: int
+    """Training samples seen (steps × batch_size)."""
+    seconds: float
+    """Wall time from the call to the end of ``fit()`` (set-up included, held-out evaluation not)."""
+    final_lr: float
+    lr_decay_steps: int
+    sparsity_warm_up_steps: int
+    normalize_activations: str
+    budget: dict[str, Any]
+    spec: dict[str, Any]
+    sae_lens_version: str
+    heldout_rows: int | None = None
+    heldout_fvu: float | None = None
+    """‖Y − Ŷ‖² / ‖Y − mean(Y)‖² of the inference SAE on the held-out rows."""
+    heldout_l0: float | None = None
+    heldout_dead_fraction: float | None = None
+    heldout_mean_max_abs_cos: float | None = None
+    heldout_fvu_init: float | None = None
+    """The same FVU at step 0 (after ``b_dec`` init), for the inference form of the untrained SAE."""
+    fvu_checks: list[float] | None = None
+    """``converged``: the held-out FVU at each check."""
+
+
+@dataclass
+class TrainedBaseline:
+    """A trained sae-lens SAE: ``sae`` in inference form (what sae-lens saves: BatchTopK and Matryoshka become
+    JumpReLU), ``training_sae`` as trained (after ``fit()``'s end-of-training folding), and the record."""
+
+    sae: SAE
+    training_sae: TrainingSAE
+    record: BaselineRecord
+
+
+def train_baseline(data: Tensor | Iterable[Tensor], d_in: int, width: int, k: int, spec: BaselineSpec,
+                   budget: Budget, *, heldout: Tensor | None = None, progress: bool = False) -> TrainedBaseline:
+    """Train a ``width``-latent sae-lens SAE of ``spec.architecture`` on ``data`` for ``budget``.
+
+    ``data``: an ``(n, d_in)`` tensor or a re-iterable of ``(b, d_in)`` batches; ``k``: the L0 the baseline is
+    trained at (TopK / BatchTopK / Matryoshka ``k``, JumpReLU's quadratic ``target_l0``, MP-SAE's iterations;
+    unused by ``standard``, whose L0 follows ``l1_coefficient``). ``heldout: (m, d_in)`` adds held-out FVU / L0
+    to the record (required by a ``converged`` budget). ``progress`` shows sae-lens's tqdm bars.
+    """
+    t0 = time.perf_counter()
+    if not 1 <= k <= width or d_in < 1:
+        raise ValueError(f"need 1 <= k <= width and d_in >= 1, got k={k}, width={width}, d_in={d_in}.")
+    if budget.mode == "converged" and heldout is None:
+        raise ValueError("a 'converged' budget measures held-out FVU: pass heldout=(m, d_in) rows.")
+    if heldout is not None and (heldout.ndim != 2 or heldout.shape[1] != d_in or heldout.shape[0] < 2):
+        raise ValueError(f"heldout must be (m >= 2, {d_in}), got {tuple(heldout.shape)}.")
+    device = resolve_device(spec.device)
+    known = budget.known_steps(spec.batch_size)
+    decay_steps, warm_steps = _schedule(spec, budget, known)
+    cap = known if known is not None else (budget.steps if budget.mode == "converged" else None)
+    total = cap * spec.batch_size if cap is not None else OPEN_ENDED_SAMPLES
+    checks: list[float] = []
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), _progress_bars(progress), torch.enable_grad():
+        torch.manual_seed(spec.seed)
+        sae = build_training_sae(spec, d_in, width, k, warm_steps, str(device))
+        stop = None
+        if budget.mode == "time":
+            stop = lambda trainer: time.perf_counter() - t0 >= budget.seconds  # noqa: E731
+        elif budget.mode == "converged":
+            stop = _Convergence(heldout.to(device), budget, checks)
+        trainer = _BudgetedTrainer(cfg=trainer_config(spec, total, decay_steps, str(device)), sae=sae,
+                                   data_provider=training_batches(data, d_in, spec.batch_size, spec.seed, device),
+                                   stop=stop)
+        scale = _estimate_scale(trainer)
+        if spec.b_dec_init == "mean":
+            with torch.no_grad():
+                sae.b_dec.copy_(data_mean(data, d_in, device) * (scale or 1.0))
+        fvu_init = None
+        if heldout is not None:  # evaluation, not training: its time is taken off the clock (t0 moves on)
+            t_eval = time.perf_counter()
+            fvu_init = _fvu(_finished_copy(sae, scale), heldout.to(device))
+            t0 += time.perf_counter() - t_eval
+        trainer.fit()
+        seconds = time.perf_counter() - t0
+    final = inference_form(trainer.sae)
+    record = BaselineRecord(
+        architecture=spec.architecture, d_in=d_in, width=width, k=k, steps=trainer.n_training_steps,
+        samples=trainer.n_training_samples, seconds=seconds, final_lr=float(trainer.optimizer.param_groups[0]["lr"]),
+        lr_decay_steps=decay_steps, sparsity_warm_up_steps=warm_steps, normalize_activations=spec.normalization(),
+        budget=asdict(budget), spec=asdict(spec), sae_lens_version=sae_lens.__version__,
+        heldout_fvu_init=fvu_init, fvu_checks=checks if budget.mode == "converged" else None)
+    if heldout is not None:
+        stats = heldout_stats(final, heldout.to(device))
+        record.heldout_rows, record.heldout_fvu, record.heldout_l0 = stats["heldout_rows"], stats["fvu"], stats["l0"]
+        record.heldout_dead_fraction = stats["dead_fraction"]
+        record.heldout_mean_max_abs_cos = stats["mean_max_abs_cos"]
+    return TrainedBaseline(sae=final, training_sae=trainer.sae, record=record)
+
+
+class _BudgetedTrainer(SAETrainer):
+    """sae-lens's trainer plus one hook: after each optimiser step ``stop(trainer)`` may end training.
+
+    It ends it through ``fit()``'s own loop test (``n_training_samples < total_training_samples``) by lowering the
+    total to the samples seen, so ``fit()`` still runs its end-of-training work. ``step()`` is the public seam
+    ``fit()`` calls once per step, before it counts the step in ``n_training_steps``.
+    """
+
+    def __init__(self, *args: Any, stop: Callable[[SAETrainer], bool] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop = stop
+
+    def step(self, batch: Tensor) -> Any:
+        output = super().step(batch)
+        if self._stop is not None and self._stop(self):
+            self.cfg.total_training_samples = self.n_training_samples
+        return output
+
+
+class _Convergence:
+    """Stop when held-out FVU has failed ``budget.patience`` checks in a row to beat the best by ``rel_tol``."""
+
+    def __init__(self, heldout: Tensor, budget: Budget, checks: list[float]) -> None:
+        self.heldout, self.budget, self.checks = heldout, budget, checks
+        self.best, self.stale = math.inf, 0
+
+    def __call__(self, trainer: SAETrainer) -> bool:
+        if (trainer.n_training_steps + 1) % self.budget.check_every:
+            return False
+        sae, scaler = trainer.sae, trainer.activation_scaler
+        # the training SAE sees scaled inputs; FVU is scale-free, so it is measured in that space
+        fvu = _fvu(lambda x: sae.decode(sae.encode(scaler(x))), self.heldout)
+        self.checks.append(fvu)
+        if fvu < self.best * (1 - self.budget.rel_tol):
+            self.best, self.stale = fvu, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.budget.patience
+
+
+def _schedule(spec: BaselineSpec, budget: Budget, steps: int | None) -> tuple[int, int]:
+    """``(lr_decay_steps, sparsity_warm_up_steps)``: fractions of the known step count (see the spec)."""
+    if steps is None:
+        for name in ("lr_decay_fraction", "sparsity_warm_up_fraction"):
+            if getattr(spec, name):
+                raise ValueError(f"{name}={getattr(spec, name)} is a share of the optimiser steps, which a "
+                                 f"{budget.mode!r} budget does not know in advance: set it to 0 (or None), or "
+                                 "use a 'steps' / 'samples' budget.")
+        return 0, 0
+    decay = DEFAULT_LR_DECAY_FRACTION if spec.lr_decay_fraction is None else spec.lr_decay_fraction
+    warm = spec.sparsity_warm_up_fraction
+    if warm is None:
+        warm = DEFAULT_L1_WARM_UP_FRACTION if spec.architecture == "standard" else 0.0
+    decay_steps = min(int(decay * steps), max(0, steps - spec.lr_warm_up_steps - 1))
+    return decay_steps, int(warm * steps)
+
+
+def _estimate_scale(trainer: SAETrainer) -> float | None:
+    """sae-lens's ``expected_average_only_in`` factor, estimated now (``fit()`` keeps a factor already set)."""
+    if trainer.sae.cfg.normalize_activations != "expected_average_only_in":
+        return None
+    trainer.activation_scaler.estimate_scaling_factor(
+        d_in=trainer.sae.cfg.d_in, data_provider=trainer.data_provider,
+        n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate)
+    return trainer.activation_scaler.scaling_factor
+
+
+def _finished_copy(sae: TrainingSAE, scale: float | None) -> Callable[[Tensor], Tensor]:
+    """Reconstruction by the inference form of a copy of ``sae`` with ``fit()``'s normalisation fold applied."""
+    done = copy.deepcopy(sae)
+    if scale is not None:
+        done.fold_activation_norm_scaling_factor(scale)
+    final = inference_form(done)
+    return lambda x: final.decode(final.encode(x))
+
+
+@torch.no_grad()
+def _fvu(reconstruct: Callable[[Tensor], Tensor], Y: Tensor, chunk: int = 4096) -> float:
+    """‖Y − reconstruct(Y)‖² / ‖Y − mean(Y)‖² for ``Y: (m, d)``, in chunks of ``chunk`` rows."""
+    Y = Y.float()
+    err = sum(float((Y[s:s + chunk] - reconstruct(Y[s:s + chunk])).pow(2).sum()) for s in range(0, len(Y), chunk))
+    return err / max(float((Y - Y.mean(0)).pow(2).sum()), 1e-30)
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """sae-lens's trainer and scaler always draw tqdm bars; unless ``show``, their module-level ``tqdm`` is
+    swapped for a disabled one while training (restored after)."""
+    if show:
+        yield
+        return
+    saved = _trainer_module.tqdm, _scaler_module.tqdm
+    quiet = functools.partial(saved[0], disable=True)
+    _trainer_module.tqdm = _scaler_module.tqdm = quiet
+    try:
+        yield
+    finally:
+        _trainer_module.tqdm, _scaler_module.tqdm = saved
+
+
+__all__ = ["BaselineRecord", "TrainedBaseline", "train_baseline"]
