@@ -31,7 +31,8 @@ from pipeline.utils.atomic import atomic_write, atomic_write_text
 
 #: Metadata key of the exported coder settings.
 CODER_KEY = "dbksvd_coder"
-#: Files of an exported folder.
+#: Files of a sae-lens folder: sae-lens's ``SAE_CFG_FILENAME`` / ``SAE_WEIGHTS_FILENAME`` (spelled out here so
+#: that importing this module does not import sae-lens; a test checks they agree).
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ENCODER_NOTE = ("DB-KSVD dictionary. Its real encoder is sparse coding (matching pursuit / OMP, settings in "

@@ -14,13 +14,12 @@ from typing import Any
 
 import torch
 
+from pipeline.core.dictionary import DICTIONARY_META
 from pipeline.evals.config import HubBaseline
 from pipeline.evals.heldout import heldout_stats
 from pipeline.evals.results import result_path
 from pipeline.utils.atomic import atomic_write
 
-#: Marker file of a dictionary folder (``Dictionary.save``).
-DICTIONARY_FILE = "dictionary.json"
 #: Published result files copied from a ``results_dir`` hub baseline.
 PUBLISHED_RESULTS_GLOB = "*_eval_results.json"
 
@@ -54,7 +53,7 @@ def dictionary_record(path: Path, *, model_name: str, hook: str, layer: int, dev
     from pipeline.core.dictionary import Dictionary
     from pipeline.evals.dictionary_sae import DictionarySAE
 
-    if not (path / DICTIONARY_FILE).exists():
+    if not (path / DICTIONARY_META).exists():
         raise FileNotFoundError(f"no dictionary at {path}; run the fit stage first (`python -m pipeline "
                                 "stage=fit`) or point the config at the right experiment")
     d = Dictionary.load(path)

@@ -182,3 +182,9 @@ def test_reserved_options_cannot_be_overridden(rows):
 def test_default_matryoshka_widths_double_from_2_to_the_8():
     assert BaselineSpec("matryoshka_batchtopk").widths(2048) == [256, 512, 1024, 2048]
     assert BaselineSpec("matryoshka_batchtopk").widths(3000) == [256, 512, 1024, 2048, 3000]
+
+
+def test_our_sae_lens_filenames_are_sae_lens_own():
+    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+
+    assert (CFG_FILE, WEIGHTS_FILE) == (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME)

@@ -18,15 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
 from pipeline.evals.baselines.train import TrainedBaseline
+from pipeline.evals.sae_lens_io import CFG_FILE, WEIGHTS_FILE
 from pipeline.utils.atomic import atomic_write_text
 
-#: sae-lens's config file (``cfg.json``).
-CFG_FILE = SAE_CFG_FILENAME
-#: sae-lens's weights file (``sae_weights.safetensors``).
-WEIGHTS_FILE = SAE_WEIGHTS_FILENAME
 #: Our record of the training run, beside sae-lens's files.
 RECORD_FILE = "record.json"
 
