@@ -138,8 +138,12 @@ def test_sae_lens_round_trip(tmp_path, nonnegative):
     sae = DictionarySAE(d, "tiny-test", 1)
     path = save_sae_lens(sae, tmp_path / "sae")
     cfg = json.loads((path / "cfg.json").read_text())
-    assert cfg["k"] == k and cfg["architecture"] == "topk" and cfg["metadata"]["sae_lens_version"]
+    # the default coder (4k steps, k distinct atoms, rtol 0.05) exports as stock matching_pursuit, the closest
+    # stock encoder, marked approximate
+    assert cfg["k"] == k and cfg["architecture"] == "matching_pursuit" and cfg["metadata"]["sae_lens_version"]
+    assert cfg["max_iterations"] == k and cfg["d_sae"] == (K if nonnegative else 2 * K)
     assert cfg["metadata"]["dbksvd_coder"]["method"] == "mp" and "approximation" in cfg["metadata"]["encoder_note"]
+    assert cfg["metadata"]["stock_fidelity"] == "approximate"
     x = _x(30)
     ours = sae.encode(x)
     # exact: the registered "dbksvd" architecture runs the project's coder
@@ -149,15 +153,24 @@ def test_sae_lens_round_trip(tmp_path, nonnegative):
     assert torch.allclose(f, ours, atol=1e-5)
     assert torch.equal((f != 0).sum(-1), (ours != 0).sum(-1))
     assert torch.allclose(exact.decode(f), sae(x), atol=1e-5)
-    # plain sae-lens: loads as topk (approximate encoder: top-k of correlations), same decoder
+    # plain sae-lens: loads as matching_pursuit (same decoder), whose codes are close to ours, not identical.
+    # Measured on these dense Gaussian inputs (5000 rows, 3 dictionaries): mean relative reconstruction
+    # difference ||(f - g) W_dec|| / ||x - b_dec|| 0.10-0.12 (worst 30-row mean 0.24, max row 0.55), stock's
+    # relative error within 0.004 of ours; here 0.127 (0.073 signed), max 0.47; stock topk: 0.60-0.75.
     plain = SAE.load_from_disk(str(path))
-    assert type(plain).__name__ == "TopKSAE"
-    g = plain.encode(x)
-    assert int((g != 0).sum(-1).max()) <= k
-    assert torch.allclose(plain.decode(ours), sae.decode(ours), atol=1e-5)
-    err_exact = (x - exact.decode(f)).pow(2).sum()
-    err_plain = (x - plain.decode(g)).pow(2).sum()
-    assert float(err_exact.detach()) < float(err_plain.detach())  # MP reconstructs better than top-k of correlations
+    assert type(plain).__name__ == "MatchingPursuitSAE"
+    with torch.no_grad():
+        g = plain.encode(x)
+        assert torch.allclose(plain.decode(ours), sae.decode(ours), atol=1e-5)
+        recon_plain, recon_exact = plain.decode(g), exact.decode(f)
+    assert int((g != 0).sum(-1).max()) <= k and bool((g >= 0).all())
+    assert not torch.allclose(g, f, atol=1e-4)  # approximate, as the metadata says
+    y = x - sae.b_dec.detach()
+    rel = (recon_plain - recon_exact).norm(dim=-1) / y.norm(dim=-1)
+    assert float(rel.mean()) < 0.25 and float(rel.max()) < 0.6, rel
+    err_exact = float(((x - recon_exact).norm(dim=-1) / y.norm(dim=-1)).mean())
+    err_plain = float(((x - recon_plain).norm(dim=-1) / y.norm(dim=-1)).mean())
+    assert err_plain < err_exact + 0.02, (err_plain, err_exact)  # reconstructs about as well as ours
     # a folder declaring the registered architecture loads with plain SAE.load_from_disk once imported
     path2 = save_sae_lens(sae, tmp_path / "sae2", architecture="dbksvd")
     assert type(SAE.load_from_disk(str(path2))).__name__ == "DBKSVDSAE"
