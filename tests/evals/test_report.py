@@ -6,6 +6,7 @@ tests/stages/test_orchestrator.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -83,3 +84,266 @@ def test_fmt():
     assert fmt(float("inf")) == "+inf" and fmt(float("-inf")) == "-inf" and fmt(float("nan")) == "nan"
     assert fmt(None) == "—" and fmt(0.5) == "0.5"
     assert width_label(4096) == "4k" and width_label(16384) == "16k" and width_label(65536) == "65k"
+
+
+# ====================================================================================================
+# The comparison tool: budget columns, sort order, How to read this, FVU vs wall time, explained variance,
+# fit-position columns. Folders are hand-written in the evaluate stage's contract (saes.json descriptions with
+# budget / curve) and SAEBench's result layout.
+# ====================================================================================================
+def _core_metrics(l0: float, ce: float, kl: float, ev: float | None = None, legacy: float | None = None) -> dict:
+    rq = {"cossim": 0.9}
+    if ev is not None:
+        rq["explained_variance"] = ev
+    if legacy is not None:
+        rq["explained_variance_legacy"] = legacy
+    return {"sparsity": {"l0": l0}, "reconstruction_quality": rq,
+            "model_performance_preservation": {"ce_loss_score": ce},
+            "model_behavior_preservation": {"kl_div_score": kl}}
+
+
+def _desc(name: str, kind: str, arch: str, width: int, k: int, *, budget: dict | None = None,
+          curve: list | None = None, fvu: float = 0.2, **extra) -> dict:
+    d = {"name": name, "kind": kind, "architecture": arch, "width": width, "k": k, "signed": False, "fvu": fvu,
+         "l0": float(k), "dead_fraction": 0.0, "mean_max_abs_cos": 0.3, "heldout_rows": 9891, **extra}
+    if budget is not None:
+        d["budget"] = budget
+    if curve is not None:
+        d["curve"] = curve
+    return d
+
+
+def _write_folder(folder: Path, descs: list[dict], *, saebench_arch: dict | None = None, ev: dict | None = None,
+                  legacy: dict | None = None, fit_positions: dict | None = None) -> Path:
+    """saes.json + a core result per SAE (+ core_fit_positions results for the names in ``fit_positions``)."""
+    res = folder / "eval_results"
+    (res / "core").mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(descs):
+        arch = (saebench_arch or {}).get(d["name"], d["architecture"])
+        core = _core_metrics(d["l0"], 0.9 - 0.01 * i, 0.95, (ev or {}).get(d["name"]), (legacy or {}).get(d["name"]))
+        result = {**_result(arch, d["width"], core),
+                  "eval_config": {"dataset": "local text", "exclude_special_tokens_from_reconstruction": False}}
+        (res / "core" / f"{d['name']}_custom_sae_eval_results.json").write_text(json.dumps(result))
+        if fit_positions and d["name"] in fit_positions:
+            (res / "core_fit_positions").mkdir(parents=True, exist_ok=True)
+            ce, kl = fit_positions[d["name"]]
+            fp = _result(arch, d["width"], {"model_performance_preservation": {"ce_loss_score": ce},
+                                            "model_behavior_preservation": {"kl_div_score": kl}})
+            (res / "core_fit_positions" / f"{d['name']}_custom_sae_eval_results.json").write_text(json.dumps(fp))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "saes.json").write_text(json.dumps(descs))
+    return folder
+
+
+def _curve(seconds: list[float], fvus: list[float]) -> list[dict]:
+    return [{"seconds": s, "samples": 16384 * (i + 1), "fvu": f} for i, (s, f) in enumerate(zip(seconds, fvus))]
+
+
+DICT_BUDGET = {"mode": "fit", "seconds": 300.2, "samples": 753664, "updates": 40, "device": "cpu", "factor": 1.0,
+               "target_seconds": None, "target_samples": None}
+
+
+def _comparison_descs(topk_device: str = "cpu") -> list[dict]:
+    """Written out of order on purpose: the report sorts them."""
+    eq = {"mode": "equal_time", "factor": 1.0, "target_seconds": 300.2, "target_samples": None}
+    return [
+        _desc("topk_K2048_k32", "baseline", "topk", 2048, 32, fvu=0.13,
+              budget={**eq, "seconds": 301.5, "samples": 753664, "steps": 736, "device": topk_device},
+              curve=_curve([7.4, 150.0, 300.0], [0.42, 0.2, 0.15])),
+        _desc("batchtopk_K2048_k32", "baseline", "batchtopk", 2048, 32, fvu=0.12,
+              budget={**eq, "seconds": 302.0, "samples": 700416, "steps": 684, "device": "cpu"},
+              curve=_curve([8.0, 290.0], [0.5, 0.14])),
+        _desc("topk_K1024_k32", "baseline", "topk", 1024, 32, fvu=0.18,
+              budget={**eq, "seconds": 300.9, "samples": 800000, "steps": 781, "device": "cpu"}),
+        _desc("dbksvd_K2048_k32", "dictionary", "dbksvd", 2048, 32, fvu=0.11, budget=DICT_BUDGET,
+              curve=_curve([10.0, 100.0, 300.0], [0.6, 0.2, 0.12]),
+              heldout_positions_note="special tokens (412) and attention-sink outliers (37) left out",
+              history=[{"iteration": i, "fvu": 0.5 / (i + 1), "seconds": 7.5 * i} for i in range(4)]),
+    ]
+
+
+def _table(md: str) -> list[list[str]]:
+    """The rows of the Metrics table as cell lists (header first)."""
+    block = md.split("## Metrics", 1)[1].split("\n\n", 2)[1]
+    return [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+            for line in block.splitlines() if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_sorted_by_architecture_with_budget_columns(tmp_path):
+    from pipeline.evals.report import write_report
+
+    folder = _write_folder(tmp_path / "evaluate-x", _comparison_descs(),
+                           saebench_arch={"batchtopk_K2048_k32": "jumprelu"})
+    md = write_report([folder], tmp_path / "out").read_text()
+    table = _table(md)
+    head = table[0]
+    assert head[:10] == ["SAE", "architecture", "width", "k", "budget", "wall s", "samples", "steps/updates",
+                         "device", "L0 (held-out)"]
+    names = [r[0] for r in table[1:]]
+    # dictionary first, then (architecture, width, k, name)
+    assert names == ["`dbksvd_K2048_k32`", "`batchtopk_K2048_k32`", "`topk_K1024_k32`", "`topk_K2048_k32`"]
+    rows = {r[0].strip("`"): dict(zip(head, r)) for r in table[1:]}
+    assert rows["dbksvd_K2048_k32"]["budget"] == "fit"
+    assert rows["dbksvd_K2048_k32"]["steps/updates"] == "40 updates"
+    assert rows["dbksvd_K2048_k32"]["wall s"] == "300.2"
+    assert rows["topk_K2048_k32"]["budget"] == "equal_time"
+    assert rows["topk_K2048_k32"]["steps/updates"] == "736 steps"
+    assert rows["topk_K2048_k32"]["samples"] == "753,664"
+    assert rows["topk_K2048_k32"]["wall s"] == "301.5" and rows["topk_K2048_k32"]["device"] == "cpu"
+    # the training architecture wins over SAEBench's inference form, which is noted
+    assert rows["batchtopk_K2048_k32"]["architecture"] == "batchtopk"
+    assert "trained as `batchtopk`; SAEBench's results record the inference form `jumprelu`" in md
+    assert rows["topk_K2048_k32"]["1 − FVU (held-out)"] == "0.87"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [s["name"] for s in summary] == [n.strip("`") for n in names]
+    top = next(s for s in summary if s["name"] == "topk_K2048_k32")
+    assert top["budget"]["steps"] == 736 and top["wall s"] == 301.5 and top["steps/updates"] == "736 steps"
+    assert top["device"] == "cpu" and top["budget mode"] == "equal_time"
+    assert abs(top["1 − FVU (held-out)"] - 0.87) < 1e-12
+
+
+def test_how_to_read_names_modes_and_warns_on_devices(tmp_path):
+    from pipeline.evals.report import write_report
+
+    same = write_report([_write_folder(tmp_path / "a" / "evaluate-x", _comparison_descs())], tmp_path / "o1")
+    md = same.read_text()
+    how = md.split("## How to read this", 1)[1].split("## Metrics", 1)[0]
+    assert md.index("## How to read this") < md.index("## Metrics")
+    assert "`equal_time`: every baseline trained for the dictionary's measured fit wall time (target 300.2 s)" in how
+    assert "`fit`: the dictionary's own schedule" in how
+    assert "`equal_samples`" not in how and "`converged`" not in how
+    assert "against 3 baseline SAEs" in how
+    assert "devices differ" not in how and "Every recorded budget ran on `cpu`" in how
+    assert "special tokens (412) and attention-sink outliers (37) left out" in how
+    assert "(9,891 rows)" in how
+    # a baseline on another device: warned, equal_time across devices is not a fair match
+    other = write_report([_write_folder(tmp_path / "b" / "evaluate-x", _comparison_descs("cuda"))], tmp_path / "o2")
+    how2 = other.read_text().split("## How to read this", 1)[1].split("## Metrics", 1)[0]
+    assert "Warning: devices differ" in how2 and "cuda: `topk_K2048_k32`" in how2
+    assert "`equal_time` budget across devices is not a fair match" in how2
+
+
+def test_how_to_read_differing_budgets_factor_and_no_baseline(tmp_path):
+    from pipeline.evals.report import write_report
+
+    descs = _comparison_descs()
+    descs[1]["budget"] = {"mode": "equal_samples", "factor": 2.0, "target_samples": 1507328, "samples": 1507328,
+                          "steps": 1472, "seconds": 640.0, "device": "cpu"}
+    md = write_report([_write_folder(tmp_path / "a" / "evaluate-x", descs)], tmp_path / "o1").read_text()
+    assert "`equal_samples`: as many training samples as the dictionary's fit saw (target 1,507,328 samples) × 2" in md
+    assert "Budgets differ between baseline rows" in md
+    assert "| equal_samples ×2 |" in md
+    only = write_report([_write_folder(tmp_path / "b" / "evaluate-x", [_comparison_descs()[-1]])], tmp_path / "o2")
+    text = only.read_text()
+    assert "No baseline" in text and "not a comparison" in text and "Compared" not in text
+    assert "`equal_time`" not in text.split("## Metrics")[0]
+
+
+def test_fvu_vs_time_plot_only_with_curves(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from pipeline.evals.report import write_report
+    from pipeline.evals.report_plots import FVU_TIME_PLOT_FILE
+
+    calls = []
+    orig_plot, orig_scatter = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.scatter
+
+    def plot(self, *a, **kw):
+        calls.append(("plot", self.get_title(), list(a[0]), list(a[1])))
+        return orig_plot(self, *a, **kw)
+
+    def scatter(self, *a, **kw):
+        calls.append(("scatter", self.get_title(), list(a[0]), list(a[1])))
+        return orig_scatter(self, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", scatter)
+    out = tmp_path / "out"
+    md = write_report([_write_folder(tmp_path / "evaluate-x", _comparison_descs())], out).read_text()
+    assert (out / FVU_TIME_PLOT_FILE).stat().st_size > 1000
+    assert f"![FVU vs wall time]({FVU_TIME_PLOT_FILE})" in md
+    assert "training-batch FVU (measured before each update/step)" in md and "held-out FVU" in md
+    # the title is set after drawing; the FVU-vs-time calls are the ones before the first titled call
+    timed = [c for c in calls if c[1] == ""]
+    lines = [c[2:] for c in timed if c[0] == "plot"]
+    assert ([7.4, 150.0, 300.0], [0.42, 0.2, 0.15]) in [tuple(x) for x in lines]  # the topk curve, x = seconds
+    assert ([10.0, 100.0, 300.0], [0.6, 0.2, 0.12]) in [tuple(x) for x in lines]
+    marks = [tuple(c[2:]) for c in timed if c[0] == "scatter"]
+    assert ([301.5], [0.13]) in marks and ([300.2], [0.11]) in marks  # held-out FVU at the budget's seconds
+    # old-format folder: no curves, no plot
+    out2 = tmp_path / "out2"
+    old = _fake_eval_folder(tmp_path / "exp", "evaluate-old", 64, 4, 0.9, 0.95)
+    md2 = write_report([old], out2).read_text()
+    assert not (out2 / FVU_TIME_PLOT_FILE).exists() and FVU_TIME_PLOT_FILE not in md2
+
+
+def test_metric_vs_l0_joins_a_sweep(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from pipeline.evals.report import load_rows
+    from pipeline.evals.report_plots import plot_metric_vs_l0
+
+    descs = [_desc(f"topk_K1024_k{k}", "baseline", "topk", 1024, k) for k in (64, 16, 32)]
+    descs += [_desc("dbksvd_K1024_k16", "dictionary", "dbksvd", 1024, 16),
+              _desc("topk_K2048_k16", "baseline", "topk", 2048, 16)]
+    rows = load_rows([_write_folder(tmp_path / "evaluate-x", descs)])
+    lines = []
+    orig = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **kw: (lines.append((list(a[0]), list(a[1]))), orig(self, *a, **kw))[1])
+    assert plot_metric_vs_l0(rows, "L0 (held-out)", tmp_path, "l0").exists()
+    assert lines == [([16.0, 32.0, 64.0], [16.0, 32.0, 64.0])]  # one line: the topk 1024 sweep, sorted by L0
+
+
+def test_explained_variance_note_and_fit_positions(tmp_path):
+    from pipeline.evals.report import write_report
+
+    descs = _comparison_descs()
+    ev = {d["name"]: 1.52 if d["kind"] == "dictionary" else 1.07 for d in descs}
+    legacy = {d["name"]: 0.71 for d in descs}
+    folder = _write_folder(tmp_path / "evaluate-x", descs, ev=ev, legacy=legacy,
+                           fit_positions={"dbksvd_K2048_k32": (0.97, 0.93), "topk_K2048_k32": (0.88, 0.9)})
+    md = write_report([folder], tmp_path / "out").read_text()
+    table = _table(md)
+    head = table[0]
+    assert "expl. var. (SAEBench)" in head and "expl. var. legacy" in head and "1 − FVU (held-out)" in head
+    assert "expl. var." not in [h for h in head if h not in ("expl. var. (SAEBench)", "expl. var. legacy")]
+    rows = {r[0].strip("`"): dict(zip(head, r)) for r in table[1:]}
+    assert rows["dbksvd_K2048_k32"]["expl. var. (SAEBench)"] == "1.52"
+    assert rows["dbksvd_K2048_k32"]["1 − FVU (held-out)"] == "0.89"
+    assert rows["dbksvd_K2048_k32"]["expl. var. legacy"] == "0.71"
+    assert rows["dbksvd_K2048_k32"]["loss recovered (fit positions)"] == "0.97"
+    assert rows["topk_K2048_k32"]["KL score (fit positions)"] == "0.9"
+    assert rows["topk_K1024_k32"]["loss recovered (fit positions)"] == "—"
+    assert "**Explained variance.**" in md and "(E‖x‖² − (mean_j E[x_j²])²)" in md
+    assert "exceeds 1 for `dbksvd_K2048_k32` (1.52)" in md
+    assert "`expl. var. legacy` (SAEBench's older formula)" in md
+    how = md.split("## How to read this", 1)[1].split("## Metrics", 1)[0]
+    assert "`loss recovered (fit positions)`, `KL score (fit positions)`: SAEBench core with the SAE spliced in " \
+           "only at the positions the fit trains on" in how
+    assert "spliced in at every position" in how  # exclude_special_tokens_from_reconstruction = False
+    assert (tmp_path / "out" / "core_fit_positions_vs_l0.png").exists()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary[0]["loss recovered (fit positions)"] == 0.97 and summary[0]["expl. var. (SAEBench)"] == 1.52
+    # without the folder / SAEBench's explained variance: no fit-position columns, no note
+    plain = write_report([_write_folder(tmp_path / "b" / "evaluate-x", _comparison_descs())], tmp_path / "o2")
+    text = plain.read_text()
+    assert "fit positions" not in text and "**Explained variance.**" not in text
+    assert "1 − FVU (held-out)" in _table(text)[0]
+
+
+def test_old_format_folder_still_renders(tmp_path):
+    from pipeline.evals.report import write_report
+
+    old = _fake_eval_folder(tmp_path / "exp", "evaluate-old", 64, 4, 0.9, 0.95)
+    md = write_report([old], tmp_path / "out").read_text()
+    table = _table(md)
+    head = table[0]
+    assert [r[0] for r in table[1:]] == ["`dbksvd_plain_K64_k4`", "`topk_K64_k4`"]
+    for r in table[1:]:
+        cells = dict(zip(head, r))
+        assert [cells[c] for c in ("budget", "wall s", "samples", "steps/updates", "device")] == ["—"] * 5
+    assert "No budget recorded" in md and "`dbksvd_plain_K64_k4`, `topk_K64_k4`" in md
+    assert (tmp_path / "out" / "fit_curve.png").exists()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary[0]["budget"] is None and summary[0]["wall s"] is None
