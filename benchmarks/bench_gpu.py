@@ -9,7 +9,8 @@ Measures, each in tokens (samples) per second:
   * the MP coder: exact (fp32 correlations, all K atoms) and the fast settings (bf16/tf32 correlations,
     candidate restriction), with the relative change of the reconstruction error against exact fp32 MP;
   * one full DB-KSVD iteration on 65,536 samples (coding + atom update + re-seeding + Gram), split by phase;
-  * a TopK SAE training step at the same width and k (our trainer), the baseline to beat.
+  * TopK and BatchTopK SAE training steps at the same width and k (sae-lens's trainer, fp32 and bf16 autocast),
+    the baseline to beat.
 
 Usage: python benchmarks/bench_gpu.py [--out results.json] [--quick]
 """
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.learner import _iteration, LearnerConfig  # noqa: E402
 from pipeline.core.coders import correlations, encode, gram  # noqa: E402
-from pipeline.evals.topk_sae import TopKSAE, _step_loss, TopKConfig, _remove_parallel_grad  # noqa: E402
 
 
 def sync():
@@ -167,34 +167,29 @@ def main():
             print(key, res["fit_iteration"][key], flush=True)
             save()
 
-    # TopK SAE training step at the same width / k, at each matmul precision
-    from pipeline.evals.topk_sae import _precision  # noqa: E402
-    res["topk_sae_step_tokens_per_s"] = {}
-    for prec in ("fp32", "tf32", "bf16"):
-        if over():
-            break
-        sae = TopKSAE(d, K, k).to(dev)
-        with torch.no_grad():
-            sae.W_dec.copy_(D)
-            sae.W_enc.copy_(D.T)
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        tcfg = TopKConfig(n_latents=K, k=k)
-        dead = torch.zeros(K, dtype=torch.bool, device=dev)
-        bs = min(8192, n_code)
-
-        def step():
-            x = Y[:bs]
-            with _precision(prec):
-                loss, _, _ = _step_loss(sae, x, dead, tcfg)
-                opt.zero_grad()
-                loss.backward()
-            _remove_parallel_grad(sae)
-            opt.step()
-
-        s_, _ = timed(step, repeat=5, warmup=2)
-        res["topk_sae_step_tokens_per_s"][prec] = bs / s_
-        print("topk step", prec, bs / s_, flush=True)
-        save()
+    # sae-lens SAE training steps at the same width / k: the rate of the extra steps of a longer run over a
+    # shorter one (set-up, b_dec init and the first steps' warm-up cancel out)
+    res["sae_step_tokens_per_s"] = {}
+    bs = min(4096, n_code)
+    try:
+        from pipeline.evals.baselines import BaselineSpec, Budget, train_baseline  # noqa: E402
+    except ImportError as exc:  # the GPU image may lack sae-lens and its dependencies
+        res["sae_step_tokens_per_s"]["skipped"] = f"sae-lens not importable here: {exc}"
+    for arch in ("topk", "batchtopk") if "skipped" not in res["sae_step_tokens_per_s"] else ():
+        for autocast in (False, True):
+            if over():
+                break
+            spec = BaselineSpec(arch, batch_size=bs, device=str(dev), trainer_options={"autocast": autocast})
+            secs = []
+            for steps in (10, 40):
+                t = time.perf_counter()
+                train_baseline(Y[:bs * 8], d, K, k, spec, Budget("steps", steps=steps))
+                sync()
+                secs.append(time.perf_counter() - t)
+            key = f"{arch} {'bf16 autocast' if autocast else 'fp32'}"
+            res["sae_step_tokens_per_s"][key] = 30 * bs / max(secs[1] - secs[0], 1e-9)
+            print("sae step", key, res["sae_step_tokens_per_s"][key], flush=True)
+            save()
 
     # short real fits: paper-style schedule (2 epochs of 65,536-row batches) on activation-like data, fast coder,
     # for several atom-batch sizes (quality vs time at this scale), scored on held-out rows

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data.store import ActivationStore  # noqa: E402
 from pipeline.core.learner import learn_dictionary  # noqa: E402
 from pipeline.core.coders import encode  # noqa: E402
-from pipeline.evals.topk_sae import train_topk_sae  # noqa: E402
+from pipeline.evals.baselines import BaselineSpec, Budget, train_baseline  # noqa: E402
 
 
 def fvu(Y: torch.Tensor, Yhat: torch.Tensor) -> float:
@@ -103,10 +103,10 @@ def run_sklearn(Y, Yh, K, k, args, res) -> None:
 
 
 def run_topk(Y, Yh, K, k, args, res) -> None:
-    t = time.perf_counter()
-    sae = train_topk_sae(Y, K, k, time_budget=args.budget, epochs=None, batch_size=1024, progress=False)
-    res["results"]["TopK SAE"] = {"train_seconds": time.perf_counter() - t, "steps": len(sae.history),
-                                  "heldout_fvu": sae.fvu(Yh), "heldout_l0": float(k)}
+    r = train_baseline(Y, Y.shape[1], K, k, BaselineSpec("topk", batch_size=1024, device="cpu"),
+                       Budget("time", seconds=args.budget), heldout=Yh).record
+    res["results"]["TopK SAE (sae-lens)"] = {"train_seconds": r.seconds, "steps": r.steps,
+                                             "heldout_fvu": r.heldout_fvu, "heldout_l0": r.heldout_l0}
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python -m stages.evaluate eval=paper                   # SAEBench's full sizes (hub data, GPU)
     python -m stages.evaluate eval.metrics=[core,sparse_probing]
 
-Inputs: the fit stage's dictionary and TopK baseline, the harvest stage's activation store. Outputs in the
+Inputs: the fit stage's dictionary, the baselines stage's sae-lens SAEs, the harvest stage's activation store. Outputs in the
 stage folder (layout: :mod:`pipeline.evals.results`): SAEBench's result files ``eval_results/<metric>/``,
 ``saes.json``, ``skipped.json``, ``failed.json``, ``eval_info.json`` and ``sae_lens/<name>/``. The config:
 :class:`pipeline.evals.config.EvalConfig`; the metrics: :mod:`pipeline.evals.metrics`. An existing result file
@@ -31,9 +31,8 @@ from pipeline.evals.config import parse_eval_config, validate_eval_config
 from pipeline.evals.labelled_data import build_labelled_text, labelled_documents
 from pipeline.evals.metrics import METRICS, EvalContext, needs_labelled, run_metrics
 from pipeline.evals.sae_records import describe_heldout, export_sae_lens, fit_records, hub_records
-from pipeline.runs.config import check_config_or_exit, register_configs
-from pipeline.runs.layout import (DICTIONARY_DIRNAME, TOPK_DIRNAME, finished_stage_dir, is_done, mark_done,
-                                  prepare, stage_dir)
+from pipeline.runs.config import baseline_specs, check_config_or_exit, register_configs
+from pipeline.runs.layout import DICTIONARY_DIRNAME, finished_stage_dir, is_done, mark_done, prepare, stage_dir
 from pipeline.runs.layout import store_dir as run_store_dir
 from pipeline.utils.devices import resolve_device
 
@@ -41,23 +40,23 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig | dict, *, run_dir: str | Path | None = None, fit_dir: str | Path | None = None,
-        store_dir: str | Path | None = None, model: Any = None) -> Path:
+        baselines_dir: str | Path | None = None, store_dir: str | Path | None = None, model: Any = None) -> Path:
     """Evaluate the configured experiment's dictionary (and baselines); returns the stage folder.
 
-    ``run_dir`` / ``fit_dir`` / ``store_dir`` default to the run layout's folders; ``model`` may be passed in
+    ``run_dir`` / ``fit_dir`` / ``baselines_dir`` / ``store_dir`` default to the run layout's folders; ``model`` may be passed in
     already loaded (else it is loaded from ``cfg.model``). SAEBench switches autograd off globally (SCR/TPP
     call ``torch.set_grad_enabled(False)``); the caller's mode is restored, so later work in the same process
     (the next job of a sweep) can still train.
     """
     grad = torch.is_grad_enabled()
     try:
-        return _run(cfg, run_dir, fit_dir, store_dir, model)
+        return _run(cfg, run_dir, fit_dir, baselines_dir, store_dir, model)
     finally:
         torch.set_grad_enabled(grad)
 
 
 def _run(cfg: DictConfig | dict, run_dir: str | Path | None, fit_dir: str | Path | None,
-         store_dir: str | Path | None, model: Any) -> Path:
+         baselines_dir: str | Path | None, store_dir: str | Path | None, model: Any) -> Path:
     e = parse_eval_config(cfg["eval"] if "eval" in cfg else None)
     validate_eval_config(e)
     model_cfg, source, harvest = parse_harvest_config(cfg)
@@ -69,9 +68,13 @@ def _run(cfg: DictConfig | dict, run_dir: str | Path | None, fit_dir: str | Path
     results = folder / layout.RESULTS_SUBDIR
     hub_ok = hub_reachable()
 
-    saes, skipped = fit_records(e.saes, fit / DICTIONARY_DIRNAME, fit / TOPK_DIRNAME, model_name=model_cfg.name,
-                                hook=store.hook, layer=hook_layer(store.hook), device=device,
-                                cache_mb=e.encode_cache_mb, context_size=context_length)
+    names = list(baseline_specs(cfg))
+    if baselines_dir is None and names and any(s != "dictionary" for s in e.saes):
+        baselines_dir = finished_stage_dir(cfg, "baselines")
+    saes, skipped = fit_records(e.saes, fit / DICTIONARY_DIRNAME, Path(baselines_dir) if baselines_dir else None,
+                                names, model_name=model_cfg.name, hook=store.hook, layer=hook_layer(store.hook),
+                                device=device, cache_mb=e.encode_cache_mb, context_size=context_length,
+                                prepend_bos=bool(store.manifest.get("prepend_bos", True)))
     describe_heldout(saes, store.heldout())
     export_sae_lens(saes, folder / layout.SAE_LENS_SUBDIR)
     hub_saes, hub_skipped = hub_records(e.hub_baselines, hub_ok, results, METRICS)

@@ -1,11 +1,12 @@
-"""Fit stage: learn the DB-KSVD dictionary, and the TopK SAE baseline, on the run's activation store.
+"""Fit stage: learn the DB-KSVD dictionary on the run's activation store (the baselines stage follows).
 
     python -m pipeline stage=fit dictionary.coder.k=64         # via the orchestrator (harvest reused)
     python -m stages.fit dictionary.n_atoms=4096          # this stage alone
 
-Writes into ``<output_root>/<experiment>/fit-<hash>/``: ``dictionary/`` (Dictionary.save), ``topk/`` (the
-baseline), ``fit.ckpt`` (the learner's checkpoint; an interrupted fit resumes from it), ``metrics.json``
-(held-out FVU, L0, dead fraction, coherence, wall time of both) and the completion marker.
+Writes into ``<output_root>/<experiment>/fit-<hash>/``: ``dictionary/`` (Dictionary.save; its metadata holds
+the fit's spend: wall seconds, samples, updates, device, which the baselines are matched to), ``fit.ckpt`` (the
+learner's checkpoint; an interrupted fit resumes from it), ``metrics.json`` (held-out FVU, L0, dead fraction,
+coherence, the spend) and the completion marker.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from pipeline.data.loader import training_data
 from pipeline.data.store import ActivationStore
 from pipeline.data.harvest import hook_layer
 from pipeline.evals.dictionary_sae import DictionarySAE
+from pipeline.evals.baselines.compare import FitSpend
 from pipeline.evals.heldout import heldout_stats
-from pipeline.evals.topk_sae import TOPK_CONFIG, TopKSAE, train_topk_sae
-from pipeline.runs.config import check_config_or_exit, register_configs, section
-from pipeline.runs.layout import (DICTIONARY_DIRNAME, STORE_DIRNAME, TOPK_DIRNAME, finished_stage_dir, is_done,
-                                  mark_done, prepare, stage_dir)
+from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs, section
+from pipeline.runs.layout import (DICTIONARY_DIRNAME, STORE_DIRNAME, finished_stage_dir, is_done, mark_done, prepare,
+                                  stage_config, stage_dir)
 from pipeline.utils.atomic import atomic_write_text
 from pipeline.utils.devices import resolve_device
 
@@ -42,7 +43,7 @@ METRICS = "metrics.json"
 
 
 def run(cfg: DictConfig) -> Path:
-    """Fit (or reuse) the dictionary and baseline for ``cfg``; returns the fit stage folder."""
+    """Fit (or reuse) the dictionary for ``cfg``; returns the fit stage folder."""
     out = prepare(stage_dir(cfg, "fit"), cfg, "fit")
     if is_done(out):
         log.info("fit already finished: %s", out)
@@ -62,27 +63,18 @@ def run(cfg: DictConfig) -> Path:
     else:
         t = time.perf_counter()
         D = fit_dictionary(data, learner)
+        spend = FitSpend.from_history(D.history, batch_size=learner.batch_size, device=str(device),
+                                      fit_seconds=time.perf_counter() - t)
         D.metadata.update(store=str(store.path), hook=store.hook, model=store.manifest.get("meta", {}).get("model"),
-                          fit_seconds=time.perf_counter() - t)
+                          fit_seconds=spend.seconds, spend=spend.as_dict())
         D.save(dict_dir)
     view = DictionarySAE(D, section(cfg, "model").name, hook_layer(store.hook), store.hook, device=device)
     metrics["dictionary"] = heldout_metrics(view, heldout, iterations=len(D.history),
-                                            fit_seconds=D.metadata.get("fit_seconds"))
-    baseline = section(cfg, "baseline")
-    if baseline.topk:
-        topk_dir = out / TOPK_DIRNAME
-        if (topk_dir / TOPK_CONFIG).exists():
-            sae = TopKSAE.load(topk_dir, str(device))
-        else:
-            options = {f.name: getattr(baseline, f.name) for f in dataclasses.fields(baseline)
-                       if f.name not in ("topk", "n_latents", "k", "device")}
-            t = time.perf_counter()
-            sae = train_topk_sae(data, learner.n_atoms, learner.coder.k, device=str(device), **options)
-            sae.history.append({"fit_seconds": time.perf_counter() - t})
-            sae.save(topk_dir)
-        metrics["topk"] = heldout_metrics(sae, heldout, fit_seconds=next(
-            (h["fit_seconds"] for h in sae.history if "fit_seconds" in h), None))
+                                            fit_seconds=D.metadata.get("fit_seconds"), spend=D.metadata.get("spend"))
     atomic_write_text(out / METRICS, json.dumps(metrics, indent=2))
+    with open_stage_tracker(cfg, "fit", out.name, stage_config(cfg, "fit")) as tracker:
+        tracker.log_curve("fit", D.history, x="iteration")
+        tracker.log_metrics("heldout", {k: v for k, v in metrics["dictionary"].items() if k != "spend"})
     mark_done(out, dictionary=str(dict_dir), heldout_fvu=metrics["dictionary"]["heldout_fvu"])
     log.info("fit done: %s (held-out FVU %.4f)", out, metrics["dictionary"]["heldout_fvu"])
     return out

@@ -1,4 +1,4 @@
-"""The orchestrator: run the stages in order for one config, harvest → fit → evaluate → report.
+"""The orchestrator: run the stages in order for one config, harvest → fit → baselines → evaluate → report.
 
     python -m pipeline                                   # the embedded offline default (CPU, real small LM)
     python -m pipeline experiment=gemma2b_paper          # a paper setup (hub + GPU)
@@ -27,13 +27,14 @@ from omegaconf import DictConfig
 from pipeline.evals.report import REPORT_FILE
 from pipeline.runs.config import check_config, register_configs
 from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir
-from stages import evaluate, fit, harvest, report
+from stages import baselines, evaluate, fit, harvest, report
 
 log = logging.getLogger(__name__)
 
 #: Each stage's plain ``run(cfg) -> folder``.
 RUNNERS: dict[str, Callable[[DictConfig], Path]] = {"harvest": harvest.run, "fit": fit.run,
-                                                    "evaluate": evaluate.run, "report": report.run}
+                                                    "baselines": baselines.run, "evaluate": evaluate.run,
+                                                    "report": report.run}
 
 
 def stage_runner(stage: str) -> Callable[[DictConfig], Path]:

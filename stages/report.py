@@ -8,15 +8,16 @@ so a sweep (Hydra multirun over dictionary settings) gets one combined table and
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.evals.report import REPORT_FILE, write_report
+from pipeline.evals.report import REPORT_FILE, SUMMARY_FILE, write_report
 from pipeline.evals.results import SAES_FILE
-from pipeline.runs.config import check_config_or_exit, register_configs
+from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs
 from pipeline.runs.layout import experiment_dir, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ def run(cfg: DictConfig | dict, *, eval_folders: list[str | Path] | None = None)
     cfg_yaml = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(OmegaConf.create(cfg))
     path = write_report([Path(p) for p in eval_folders], folder, cfg_yaml,
                         title=f"DB-KSVD report: experiment `{cfg['experiment_name']}`")
+    with open_stage_tracker(cfg, "report", folder.name) as tracker:
+        rows = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+        tracker.log_table("summary", rows)
+        for row in rows:
+            tracker.log_metrics(f"sae/{row['name']}", {k: v for k, v in row.items() if isinstance(v, (int, float))})
     mark_done(folder, report=str(path), evaluations=[str(p) for p in eval_folders])
     log.info("report: %s", path)
     return folder

@@ -162,11 +162,12 @@ def make_labelled_documents(n_titles: int = 3, n_paragraphs: int = 96, seed: int
 
 @pytest.fixture(scope="session")
 def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path, text_files) -> dict[str, Any]:
-    """Store + dictionary + TopK baseline + labelled jsonl for the evaluate/report tests."""
+    """Store + dictionary + a sae-lens TopK baseline (``baselines/topk``) + labelled jsonl for the
+    evaluate/report tests."""
     from pipeline.core.dictionary import CoderSettings, Dictionary
     from pipeline.data.harvest import harvest
     from pipeline.data.models import load_model
-    from pipeline.evals.topk_sae import train_topk_sae
+    from pipeline.evals.baselines import BaselineSpec, Budget, save_baseline, train_baseline
 
     root = tmp_path_factory.mktemp("eval_inputs")
     model = load_model("tiny-local", path=tiny_hf_dir)
@@ -184,13 +185,17 @@ def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path, tex
                                                         for i in range(3)])
     fit = root / "fit"
     d.save(fit / "dictionary")
-    train_topk_sae(Y, 64, 4, max_steps=5, batch_size=256, progress=False).save(fit / "topk")
+    trained = train_baseline(Y, Y.shape[1], 64, 4, BaselineSpec("topk", batch_size=256, device="cpu"),
+                             Budget("steps", steps=5))
+    baselines = root / "baselines"
+    save_baseline(trained, baselines / "topk", {"model_name": "tiny-local", "hook_name": "blocks.1.hook_resid_post",
+                                                "context_size": EVAL_CONTEXT})
     labelled = root / "labelled.jsonl"
     labelled.write_text("".join(json.dumps(r) + "\n" for r in make_labelled_documents()))
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    return {"root": root, "store": store, "fit": fit, "labelled": labelled, "corpus": corpus, "model": model,
-            "tiny_hf_dir": tiny_hf_dir}
+    return {"root": root, "store": store, "fit": fit, "baselines": baselines, "labelled": labelled, "corpus": corpus,
+            "model": model, "tiny_hf_dir": tiny_hf_dir}
 
 
 def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> Any:
@@ -206,8 +211,9 @@ def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> A
                   "n_ctx": None, "layer": 1},
         "data": {"kind": "files", "paths": [str(inputs["corpus"])]},
         "harvest": {"n_tokens": 3200, "context_length": EVAL_CONTEXT, "heldout_fraction": 0.1, "progress": False},
+        "baseline": {"topk": {"architecture": "topk"}},
         "eval": {
-            "metrics": metrics, "saes": ["dictionary", "topk"], "hub_baselines": [], "device": None,
+            "metrics": metrics, "saes": ["dictionary", "baselines"], "hub_baselines": [], "device": None,
             "llm_batch_size": 8, "force_rerun": False, "local_datasets": {}, "encode_cache_mb": 256,
             "labelled": {"jsonl": str(inputs["labelled"]), "min_words": 5, "test_every": 3},
             "core": {"dataset": None, "context_size": EVAL_CONTEXT, "batch_size_prompts": 4,

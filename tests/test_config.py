@@ -7,7 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from pipeline.core.learner_config import LearnerConfig
-from pipeline.runs.config import check_config, section
+from pipeline.runs.config import baseline_specs, check_config, section
 from pipeline.runs.layout import stage_dir
 from tests.conftest import CONF, compose_config
 
@@ -57,6 +57,22 @@ def test_the_schema_supplies_the_library_defaults():
     assert learner.duplicate_threshold == defaults.duplicate_threshold
 
 
+def test_baselines_are_chosen_as_a_list_of_config_files():
+    cfg = compose_config("baseline=[jumprelu,matching_pursuit]", "baseline.jumprelu.lr=1e-3")
+    specs = baseline_specs(cfg)
+    assert list(specs) == ["jumprelu", "matching_pursuit"]
+    assert specs["jumprelu"].architecture == "jumprelu" and specs["jumprelu"].lr == 1e-3
+    assert baseline_specs(compose_config("baseline=[]")) == {}
+    for name in ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "standard", "matching_pursuit"):
+        assert baseline_specs(compose_config(f"baseline=[{name}]"))[name].architecture == name  # one file each
+
+
+def test_changing_the_baselines_keeps_the_fit():
+    a, b = compose_config(), compose_config("baseline=[topk]", "compare.factor=5")
+    assert stage_dir(a, "fit") == stage_dir(b, "fit") and stage_dir(a, "baselines") != stage_dir(b, "baselines")
+    assert stage_dir(a, "evaluate") != stage_dir(b, "evaluate")
+
+
 def test_runs_that_differ_after_harvest_share_the_store():
     a = compose_config("dictionary.coder.k=16")
     b = compose_config("dictionary.coder.k=64")
@@ -73,7 +89,12 @@ def test_runs_that_differ_after_harvest_share_the_store():
     (["model.layer=30"], "layer 30 does not exist"),
     (["+dictionary.atoms=4"], r"dictionary\.atoms"),
     (["+dictionary.coder.colour=red"], r"dictionary\.coder\.colour"),
-    (["+baseline.learning_rate=1"], r"baseline\.learning_rate"),
+    (["+baseline.topk.learning_rate=1"], r"baseline\.topk\.learning_rate"),
+    (["baseline.topk.lr=-1"], r"baseline\.topk: lr=-1"),
+    (["baseline.topk.architecture=gated"], r"baseline\.topk: architecture='gated'"),
+    (["compare.budget=forever"], r"compare\.budget='forever'"),
+    (["compare.budget=steps"], r"compare\.budget=steps needs compare\.steps"),
+    (["eval.saes=[dictionary,jumprelu]"], r"eval\.saes has unknown entries \['jumprelu'\]"),
     (["+harvest.n_tokenz=4"], r"harvest\.n_tokenz"),
     (["+colour=blue"], "colour"),
     (["stage=train"], "stage='train'"),
@@ -81,7 +102,6 @@ def test_runs_that_differ_after_harvest_share_the_store():
     (["dictionary.init=zeros"], "init = 'zeros'"),
     (["harvest.heldout_fraction=1.5"], r"harvest\.heldout_fraction"),
     (["harvest.dtype=int8"], r"harvest\.dtype"),
-    (["baseline.k=4"], r"baseline\.k is the dictionary's"),
     (["+dictionary.checkpoint_path=/tmp/x.ckpt"], r"dictionary\.checkpoint_path is set by the fit stage"),
     (["data=local_files"], r"data\.paths"),
 ])
@@ -103,9 +123,9 @@ def test_the_schema_rejects_unknown_keys_and_bad_types_at_composition(override, 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given on a machine without CUDA")
-@pytest.mark.parametrize("override", ["dictionary.device=cuda", "model.device=cuda", "baseline.device=cuda:0",
+@pytest.mark.parametrize("override", ["dictionary.device=cuda", "model.device=cuda", "baseline.topk.device=cuda:0",
                                       "eval.device=cuda"])
 def test_a_cuda_device_without_cuda_fails_before_any_work(override):
-    node = override.split(".")[0]
+    node = override.rsplit(".", 1)[0]
     with pytest.raises(ValueError, match=rf"{node}\.device: device 'cuda.*use device=cpu"):
         check_config(compose_config(override))

@@ -54,8 +54,11 @@ def test_every_readme_command_composes_and_validates(argv):
     if "-m" in args:
         assert args.index("-m") == 0, f"`-m` must come before the overrides: python -m {' '.join(argv)}"
     overrides = [a for a in args if a not in ("-m", "--cfg", "job")]
-    fixed = [o for o in overrides if "," not in o]
-    swept = [o.split("=", 1) for o in overrides if "," in o]
+    def is_sweep(o: str) -> bool:  # key=a,b (Hydra's sweep), not key=[a,b] (a list value)
+        return "," in o and not o.split("=", 1)[-1].startswith("[")
+
+    fixed = [o for o in overrides if not is_sweep(o)]
+    swept = [o.split("=", 1) for o in overrides if is_sweep(o)]
     gpu = any(o in (f"experiment={p}" for p in GPU_PRESETS) for o in fixed)
     variants = [fixed] + [fixed + [f"{key}={value}"] for key, values in swept for value in values.split(",")]
     for variant in variants:

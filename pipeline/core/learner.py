@@ -89,7 +89,7 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduc
             G = rec.pop("G")
             it += 1
             batch_pos += 1
-            rec.update(iteration=it, epoch=epoch, seconds=time.perf_counter() - t0)
+            rec.update(iteration=it, epoch=epoch, rows=int(Yb.shape[0]), seconds=time.perf_counter() - t0)
             history.append(rec)
             bar.update(1)
             bar.set_postfix(fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.3f}")

@@ -17,8 +17,8 @@ from omegaconf import MISSING, DictConfig
 
 from pipeline.utils.typed_config import as_dict, typed_node
 
-#: The SAEs of the fit stage that ``eval.saes`` may name.
-FIT_SAES = ("dictionary", "topk")
+#: What ``eval.saes`` may name besides a baseline's name: the dictionary, and every trained baseline.
+FIT_SAES = ("dictionary", "baselines")
 
 
 @dataclass
@@ -62,6 +62,15 @@ class CoreConfig:
     """Batches for the reconstruction / CE metrics (3 LLM forwards each: the costly part)."""
     n_eval_sparsity_variance_batches: int = MISSING
     """Batches for the sparsity / variance metrics."""
+    positions: str = "all"
+    """Positions the numbers cover: ``all`` (SAEBench's core as published, ``eval_results/core/``), ``fit`` (the
+    positions the fit used: those the harvest left out, special tokens and, with ``harvest.outlier_norm_factor``,
+    norm outliers, pass through unreconstructed and out of every mean; ``eval_results/core_fit_positions/``) or
+    ``both``. Default ``all`` (today's behaviour) for an ``eval`` node without the key."""
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("all", "fit", "both"):
+            raise ValueError(f"eval.core.positions={self.positions!r} must be one of all, fit, both")
 
 
 @dataclass
@@ -103,7 +112,7 @@ class EvalConfig:
     """SAEBench metrics to run, in order (core, absorption, sparse_probing, scr, tpp, autointerp, ravel,
     unlearning)."""
     saes: List[str] = MISSING
-    """SAEs of the fit stage to evaluate: dictionary and/or topk."""
+    """SAEs to evaluate: ``dictionary``, ``baselines`` (every trained baseline) and/or baselines by name."""
     hub_baselines: List[HubBaseline] = MISSING
     """SAEBench's published suites (baseline b)."""
     device: Optional[str] = MISSING
@@ -158,9 +167,8 @@ def validate_eval_config(e: EvalConfig) -> None:
     unknown = [m for m in e.metrics if m not in REGISTRY]
     if unknown:
         raise ValueError(f"eval.metrics has unknown metric(s) {unknown}; choose from {list(REGISTRY)}")
-    unknown = [s for s in e.saes if s not in FIT_SAES]
-    if unknown:
-        raise ValueError(f"eval.saes has unknown entries {unknown}; use {' and/or '.join(FIT_SAES)}")
+    if len(set(e.saes)) != len(e.saes):
+        raise ValueError(f"eval.saes={e.saes} names an SAE twice")
     for i, b in enumerate(e.hub_baselines):
         if b.results_dir is None and (b.release is None or b.sae_id is None):
             raise ValueError(f"eval.hub_baselines[{i}] needs release and sae_id (an SAE on the hub) or results_dir "

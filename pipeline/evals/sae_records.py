@@ -1,4 +1,4 @@
-"""The SAEs an evaluation runs: the fitted dictionary, the TopK baseline, SAEBench's published suites.
+"""The SAEs an evaluation runs: the fitted dictionary, the sae-lens baselines, SAEBench's published suites.
 
 Each is one :class:`SAERecord`: its name, the SAEBench SAE object (or a sae-lens ``(release, sae_id)`` on the
 hub) and its description (what ``saes.json`` records about it).
@@ -56,8 +56,14 @@ def dictionary_record(path: Path, *, model_name: str, hook: str, layer: int, dev
     if not (path / DICTIONARY_META).exists():
         raise FileNotFoundError(f"no dictionary at {path}; run the fit stage first (`python -m pipeline "
                                 "stage=fit`) or point the config at the right experiment")
+    from pipeline.evals.baselines.compare import FitSpend
+
     d = Dictionary.load(path)
     sae = DictionarySAE(d, model_name, layer, hook, device=device, cache_bytes=cache_mb << 20)
+    learner = d.metadata.get("learner", {})
+    spend = d.metadata.get("spend") or (FitSpend.from_history(
+        d.history, batch_size=int(learner.get("batch_size") or 0), device=str(learner.get("device")),
+        fit_seconds=d.metadata.get("fit_seconds")).as_dict() if d.history else None)
     sae.cfg.context_size = context_size
     groups = "matryoshka" if d.groups is not None else "plain"
     name = f"dbksvd_{groups}_K{d.n_atoms}_k{d.coder.k}"
@@ -67,44 +73,79 @@ def dictionary_record(path: Path, *, model_name: str, hook: str, layer: int, dev
         "matryoshka": d.groups is not None,
         "width_note": ("signed dictionary compared at width 2K (W_dec = [D; -D])" if sae.signed
                        else "non-negative dictionary compared at width K"),
-        "history": d.history}, sae=sae)
+        "budget": spend, "curve": dictionary_curve(d.history), "history": d.history}, sae=sae)
 
 
-def topk_record(path: Path, *, model_name: str, hook: str, layer: int, device: str,
-                context_size: int) -> SAERecord:
-    """The TopK baseline of ``path`` (``TopKSAE.save``) as SAEBench's own ``TopKSAE``."""
-    from sae_bench.custom_saes.topk_sae import TopKSAE as BenchTopKSAE
-
-    from pipeline.evals.topk_sae import TopKSAE
-
-    t = TopKSAE.load(path)
-    b = BenchTopKSAE(t.W_dec.shape[1], t.n_latents, int(t.k), model_name, layer, torch.device(device),
-                     torch.float32, hook_name=hook)
-    with torch.no_grad():
-        for p in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(b, p).copy_(getattr(t, p).detach().float())
-    b.cfg.architecture = "topk"
-    b.cfg.context_size = context_size
-    name = f"topk_K{t.n_latents}_k{t.k}"
-    return SAERecord(name, {"name": name, "kind": "topk", "architecture": "topk", "n_atoms": t.n_latents,
-                            "width": t.n_latents, "k": int(t.k), "signed": False,
-                            "history": t.history[-1:] if t.history else []}, sae=b)
+def dictionary_curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The fit's training-batch FVU (each batch's, before its update) against the learner's wall clock, the
+    samples coded so far and the updates: the same axes as a baseline's training curve."""
+    samples, out = 0, []
+    for h in history:
+        samples += int(h.get("rows", 0))
+        if "fvu" in h and "seconds" in h:
+            out.append({"seconds": float(h["seconds"]), "samples": samples or None,
+                        "updates": int(h.get("iteration", len(out) + 1)), "fvu": float(h["fvu"])})
+    return out
 
 
-def fit_records(which: list[str], dictionary_dir: Path, topk_dir: Path, *, model_name: str, hook: str,
-                layer: int, device: str, cache_mb: int, context_size: int) -> tuple[list[SAERecord], list[dict]]:
-    """The fit stage's SAEs named in ``which`` (dictionary, topk), and skip records for the missing ones."""
+def baseline_record(name: str, folder: Path, *, device: str, context_size: int | None = None,
+                    prepend_bos: bool | None = None, budget: dict[str, Any] | None = None) -> SAERecord:
+    """The sae-lens baseline saved in ``folder`` (:func:`~pipeline.evals.baselines.save_baseline`), loaded by
+    plain ``sae_lens.SAE.load_from_disk`` and handed to SAEBench as any sae-lens SAE (decoder norms folded into
+    the encoder where the architecture allows, as SAEBench does for SAEs it loads itself). ``context_size`` /
+    ``prepend_bos`` fill the SAE's metadata where its folder leaves them unset (sae-lens's activation store,
+    which SAEBench's core uses, requires them)."""
+    from pipeline.evals.baselines.io import load_baseline, load_record
+
+    sae = load_baseline(folder, device=device)
+    for key, value in (("context_size", context_size), ("prepend_bos", prepend_bos)):
+        if getattr(sae.cfg.metadata, key, None) is None and value is not None:
+            setattr(sae.cfg.metadata, key, value)
+    try:
+        sae.fold_W_dec_norm()
+    except NotImplementedError:
+        pass
+    r = load_record(folder)
+    label = f"{name}_K{r['width']}_k{r['k']}"
+    return SAERecord(label, {
+        "name": label, "kind": "baseline", "architecture": r["architecture"], "config_name": name,
+        "inference_architecture": sae.cfg.architecture(), "width": r["width"], "k": r["k"], "signed": False,
+        "budget": budget or {"mode": r["budget"].get("mode"), "seconds": r["seconds"], "samples": r["samples"],
+                             "steps": r["steps"], "device": r.get("device")},
+        "curve": r.get("curve") or [], "folder": str(folder), "sae_lens_version": r.get("sae_lens_version")},
+        sae=sae)
+
+
+def fit_records(which: list[str], dictionary_dir: Path, baselines_dir: Path | None, baseline_names: list[str], *,
+                model_name: str, hook: str, layer: int, device: str, cache_mb: int, context_size: int,
+                prepend_bos: bool = True) -> tuple[list[SAERecord], list[dict]]:
+    """The SAEs named in ``which`` (``dictionary``, ``baselines`` = every one of ``baseline_names``, or single
+    names) and skip records for those not found in ``baselines_dir``."""
     records, skipped = [], []
-    where = dict(model_name=model_name, hook=hook, layer=layer, device=device, context_size=context_size)
     if "dictionary" in which:
-        records.append(dictionary_record(dictionary_dir, cache_mb=cache_mb, **where))
-    if "topk" in which:
-        if topk_dir.exists():
-            records.append(topk_record(topk_dir, **where))
-        else:
-            skipped.append({"what": "sae:topk", "reason": f"no TopK baseline at {topk_dir} (baseline.topk=false or "
-                                                          "the fit stage has not trained it)"})
+        records.append(dictionary_record(dictionary_dir, model_name=model_name, hook=hook, layer=layer,
+                                         device=device, cache_mb=cache_mb, context_size=context_size))
+    names = [n for n in baseline_names if "baselines" in which or n in which]
+    summary = _baseline_summary(baselines_dir)
+    for name in names:
+        folder = baselines_dir / name if baselines_dir is not None else None
+        if folder is None or not folder.is_dir():
+            skipped.append({"what": f"sae:{name}", "reason": f"no trained baseline {name!r} at {folder} (the "
+                                                             "baselines stage has not trained it)"})
+            continue
+        records.append(baseline_record(name, folder, device=device, context_size=context_size,
+                                       prepend_bos=prepend_bos, budget=summary.get(name, {}).get("budget_summary")))
     return records, skipped
+
+
+def _baseline_summary(folder: Path | None) -> dict[str, Any]:
+    """The baselines stage's summary file (name -> record + budget summary), or {}."""
+    import json
+
+    from pipeline.evals.baselines.io import SUMMARY_FILE
+
+    path = folder / SUMMARY_FILE if folder is not None else None
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else {}
 
 
 def hub_records(baselines: list[HubBaseline], hub_ok: bool, results_dir: Path,
@@ -156,7 +197,8 @@ def describe_heldout(records: list[SAERecord], Y: torch.Tensor) -> None:
 
 def export_sae_lens(records: list[SAERecord], out_dir: Path) -> list[Path]:
     """Write every dictionary record in the sae-lens format, to ``out_dir/<name>/``
-    (:func:`pipeline.evals.sae_lens_io.save_sae_lens`: loads in plain sae-lens as an approximate topk)."""
+    (:func:`pipeline.evals.sae_lens_io.save_sae_lens`: loads in plain sae-lens as its matching_pursuit SAE,
+    with ``stock_fidelity`` and the differences from our encoder in the metadata)."""
     from pipeline.evals.dictionary_sae import DictionarySAE
     from pipeline.evals.sae_lens_io import save_sae_lens
 

@@ -12,8 +12,12 @@ data       :class:`pipeline.data.text.TextSource`                ``conf/data/*.y
 harvest    :class:`pipeline.data.config.HarvestConfig`           the dataclass; presets override
 dictionary :class:`pipeline.core.learner_config.LearnerConfig`   the dataclass (the library's own defaults)
            (its ``coder``: :class:`~pipeline.core.dictionary.CoderSettings`)
-baseline   :class:`BaselineConfig` (the TopK SAE's options)     the dataclass; presets override
+baseline   name -> :class:`pipeline.evals.baselines.BaselineSpec`  ``conf/baseline/<name>.yaml``, chosen by
+           (each SAE baseline to train)                          ``baseline=[topk,batchtopk]`` (a list)
+compare    :class:`pipeline.evals.baselines.compare.CompareConfig` the dataclass; presets override
+           (budget and width of the baselines)
 eval       :class:`pipeline.evals.config.EvalConfig`             ``conf/eval/*.yaml`` (no defaults in code)
+wandb      :class:`pipeline.utils.tracking.TrackingConfig`       the dataclass (off); not part of any stage hash
 ========== ==================================================== ============================================
 
 Nodes that mirror a library dataclass (``learn_dictionary``'s options, the harvest's) take that dataclass's
@@ -26,17 +30,19 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, get_type_hints
+from typing import Any, Dict, get_type_hints
 
 from omegaconf import MISSING, DictConfig
 
 from pipeline.core.learner_config import LearnerConfig
 from pipeline.data.config import HarvestConfig, ModelConfig, parse_harvest_config
 from pipeline.data.text import TextSource
-from pipeline.evals.config import EvalConfig, validate_eval_config
-from pipeline.evals.topk_sae import TopKConfig
+from pipeline.evals.config import FIT_SAES, EvalConfig, validate_eval_config
+from pipeline.evals.baselines.compare import CompareConfig
+from pipeline.evals.baselines.config import BaselineSpec
 from pipeline.runs.layout import STAGES
 from pipeline.utils.devices import resolve_device
+from pipeline.utils.tracking import TrackingConfig
 from pipeline.utils.typed_config import typed_node
 
 #: Name of the top-level schema in Hydra's ConfigStore (first entry of ``conf/config.yaml``'s defaults).
@@ -51,14 +57,6 @@ KNOWN_SHAPES: dict[str, tuple[int, int]] = {
     "pythia-160m": (768, 12),
     "pythia-70m-deduped": (512, 6),
 }
-
-
-@dataclass
-class BaselineConfig(TopKConfig):
-    """The ``baseline`` node: the TopK SAE trained on the dictionary's store, at its width and k."""
-
-    topk: bool = True
-    """Train the TopK SAE baseline (false: the dictionary alone)."""
 
 
 @dataclass
@@ -78,12 +76,18 @@ class PipelineConfig:
     """What is harvested, how much, and how it is stored."""
     dictionary: LearnerConfig = MISSING
     """The DB-KSVD learner: width ``n_atoms``, the ``coder`` (``coder.k`` non-zeros), and the schedule."""
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    """The SAE baseline trained on the same store."""
+    baseline: Dict[str, BaselineSpec] = field(default_factory=dict)
+    """The SAE baselines trained on the same store, by name (``conf/baseline/<name>.yaml``; ``baseline=[]``:
+    none)."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """How every baseline is matched to the dictionary: the budget (``equal_time`` by default) and the width."""
     eval: EvalConfig = MISSING
     """The SAEBench metrics, their sizes, and the SAEs they score."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """The report stage."""
+    wandb: TrackingConfig = field(default_factory=TrackingConfig)
+    """Optional experiment tracking (off): the fit curve, each baseline's training (sae-lens's own logging) and
+    the report's table, one wandb run per stage job, grouped by experiment."""
     experiment_name: str = MISSING
     """Runs go to ``<output_root>/<experiment_name>/<stage>-<hash>/``."""
     output_root: str = MISSING
@@ -107,6 +111,33 @@ def section(cfg: DictConfig | dict, name: str) -> Any:
     if not is_dataclass(schema):
         return cfg[name]
     return typed_node(cfg[name] if name in cfg else None, schema, name)
+
+
+def open_stage_tracker(cfg: DictConfig | dict, stage: str, name: str, config: dict[str, Any] | None = None) -> Any:
+    """A :class:`~pipeline.utils.tracking.Tracker` for one job of ``stage`` (a no-op unless ``wandb.enabled``):
+    grouped by experiment (``wandb.group`` overrides), named ``name``."""
+    from pipeline.utils.tracking import open_tracker
+
+    return open_tracker(section(cfg, "wandb"), name=name, job_type=stage, config=config,
+                        default_group=str(cfg["experiment_name"]), tags=[stage])
+
+
+def baseline_specs(cfg: DictConfig | dict) -> dict[str, BaselineSpec]:
+    """The ``baseline`` node as ``{name: BaselineSpec}`` (``ValueError`` naming ``baseline.<name>.<key>``)."""
+    node = cfg["baseline"] if "baseline" in cfg else None
+    if node is None:
+        return {}
+    if not hasattr(node, "items"):
+        raise ValueError(f"baseline must be a mapping of name -> settings (conf/baseline/<name>.yaml, chosen with "
+                         f"baseline=[topk,batchtopk]), got {type(node).__name__}.")
+    specs = {}
+    for name, spec in node.items():
+        try:
+            specs[str(name)] = typed_node(spec, BaselineSpec, f"baseline.{name}")
+        except ValueError as exc:  # BaselineSpec's own value checks do not name the node
+            raise ValueError(str(exc) if str(exc).startswith(("bad config", "config value")) else
+                             f"baseline.{name}: {exc}") from None
+    return specs
 
 
 class ConfigError(ValueError):
@@ -143,16 +174,15 @@ def _check(cfg: DictConfig | dict) -> None:
         raise ValueError(f"stage={stage!r} is not one of all, {', '.join(STAGES)}.")
     model, _, harvest = parse_harvest_config(cfg)
     learner: LearnerConfig = section(cfg, "dictionary")
-    baseline: BaselineConfig = section(cfg, "baseline")
-    _check_devices(model=model.device, dictionary=learner.device, baseline=baseline.device)
+    baselines = baseline_specs(cfg)
+    _check_devices(model=model.device, dictionary=learner.device,
+                   **{f"baseline.{name}": spec.device for name, spec in baselines.items()})
+    section(cfg, "compare").validate()
+    section(cfg, "wandb")
     for key in ("checkpoint_path", "resume"):
         if getattr(learner, key):
             raise ValueError(f"dictionary.{key} is set by the fit stage (its checkpoint lives in the fit folder); "
                              f"remove dictionary.{key} from the config.")
-    for key in ("n_latents", "k"):
-        if getattr(baseline, key) is not None:
-            raise ValueError(f"baseline.{key} is the dictionary's (the baseline is compared at the same width "
-                             f"and k); set dictionary.n_atoms / dictionary.coder.k instead.")
     shape = KNOWN_SHAPES.get(model.name) if not model.path else None
     if shape is not None:
         d, n_layers = shape
@@ -163,6 +193,10 @@ def _check(cfg: DictConfig | dict) -> None:
     _prefixed(learner.validate, shape[0] if shape is not None else max(learner.coder.k, 1))
     evals = section(cfg, "eval")
     validate_eval_config(evals)
+    unknown = [s for s in evals.saes if s not in FIT_SAES and s not in baselines]
+    if unknown:
+        raise ValueError(f"eval.saes has unknown entries {unknown}: use {' / '.join(FIT_SAES)} or the name of a "
+                         f"configured baseline ({', '.join(baselines) or 'none configured: baseline=[]'}).")
     _check_devices(eval=evals.device)
 
 

@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.utils.atomic import atomic_write_text
 
 #: The stages, in order.
-STAGES = ("harvest", "fit", "evaluate", "report")
+STAGES = ("harvest", "fit", "baselines", "evaluate", "report")
 #: Config nodes each stage reads (beyond those of earlier stages).
-STAGE_NODES = {"harvest": ("model", "data", "harvest"), "fit": ("dictionary", "baseline"),
+STAGE_NODES = {"harvest": ("model", "data", "harvest"), "fit": ("dictionary",), "baselines": ("baseline", "compare"),
                "evaluate": ("eval",), "report": ("report",)}
 #: Completion marker of a stage folder.
 DONE_MARKER = "DONE.json"
@@ -32,9 +32,9 @@ DONE_MARKER = "DONE.json"
 STAGE_CONFIG = "config.yaml"
 #: Inside the harvest folder: the activation store.
 STORE_DIRNAME = "store"
-#: Inside the fit folder: the dictionary (``Dictionary.save``) and the TopK baseline.
+#: Inside the fit folder: the dictionary (``Dictionary.save``). The baselines stage folder holds one sae-lens
+#: folder per baseline, named as in the ``baseline`` config node.
 DICTIONARY_DIRNAME = "dictionary"
-TOPK_DIRNAME = "topk"
 
 
 def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:

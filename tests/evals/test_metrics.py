@@ -157,7 +157,7 @@ def test_parse_eval_config_names_the_bad_key(change, match):
 
 @pytest.mark.parametrize("change, match", [
     (lambda r: r.update(metrics=["core", "nonsense"]), "nonsense"),
-    (lambda r: r.update(saes=["dictionary", "sparse"]), "sparse"),
+    (lambda r: r.update(saes=["dictionary", "dictionary"]), "twice"),
     (lambda r: r.update(hub_baselines=[{"release": "x"}]), r"eval\.hub_baselines\[0\]"),
 ])
 def test_validate_eval_config_rejects(change, match):

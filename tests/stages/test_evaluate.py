@@ -19,7 +19,8 @@ def _run(inputs, out, metrics, **kw):
     cfg = tiny_eval_config(inputs, out, metrics)
     for k, v in kw.items():
         cfg.eval[k] = v
-    return evaluate.run(cfg, run_dir=out / "evaluate", fit_dir=inputs["fit"], store_dir=inputs["store"],
+    return evaluate.run(cfg, run_dir=out / "evaluate", fit_dir=inputs["fit"], baselines_dir=inputs["baselines"],
+                        store_dir=inputs["store"],
                         model=inputs["model"]), cfg
 
 
@@ -107,7 +108,8 @@ def test_existing_results_kept_and_autointerp_skipped_without_key(evaluated, eva
     from stages import evaluate
 
     cfg = tiny_eval_config(eval_inputs, folder.parent, ["core", "autointerp"])
-    evaluate.run(cfg, run_dir=folder, fit_dir=eval_inputs["fit"], store_dir=eval_inputs["store"],
+    evaluate.run(cfg, run_dir=folder, fit_dir=eval_inputs["fit"], baselines_dir=eval_inputs["baselines"],
+                 store_dir=eval_inputs["store"],
                  model=eval_inputs["model"])
     assert core.stat().st_mtime_ns == before
     skipped = {s["what"]: s["reason"] for s in json.loads((folder / "skipped.json").read_text())}
@@ -136,7 +138,8 @@ def test_bad_eval_config_fails_before_any_work(eval_inputs, tmp_path, bad, match
     cfg = tiny_eval_config(eval_inputs, tmp_path, ["core"])
     cfg.eval = OmegaConf.merge(cfg.eval, bad)
     with pytest.raises(ValueError, match=match):
-        evaluate.run(cfg, run_dir=tmp_path / "e", fit_dir=eval_inputs["fit"], store_dir=eval_inputs["store"],
+        evaluate.run(cfg, run_dir=tmp_path / "e", fit_dir=eval_inputs["fit"], baselines_dir=eval_inputs["baselines"],
+                 store_dir=eval_inputs["store"],
                      model=eval_inputs["model"])
     assert not (tmp_path / "e").exists()
 

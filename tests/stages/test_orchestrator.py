@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sae_lens
 import torch
 
 import stages.orchestrator as orchestrator
@@ -26,9 +27,16 @@ def _cfg(root, *overrides):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The smoke preset end to end, with wandb tracking on, offline, everything it writes under the run root."""
     root = tmp_path_factory.mktemp("runs")
-    cfg = _cfg(root)
-    return cfg, orchestrator.run_pipeline(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("CACHE", "CONFIG", "DATA", "ARTIFACT"):
+            mp.setenv(f"WANDB_{name}_DIR", str(root / f"wandb_{name.lower()}"))
+        mp.setenv("WANDB_SILENT", "true")
+        mp.delenv("WANDB_API_KEY", raising=False)
+        tracked = _cfg(root, "wandb.enabled=true", "wandb.mode=offline", f"wandb.dir={root / 'wandb_dir'}")
+        folders = orchestrator.run_pipeline(tracked)
+    return _cfg(root), folders
 
 
 def _record_calls(monkeypatch):
@@ -53,13 +61,64 @@ def test_every_stage_produces_its_artefacts(smoke):
     assert manifest["complete"]
     D = Dictionary.load(folders["fit"] / "dictionary")
     assert D.n_atoms == 256 and len(D.history) == 4
-    assert (folders["fit"] / "topk").is_dir()
     metrics = json.loads((folders["fit"] / "metrics.json").read_text())
     assert 0 < metrics["dictionary"]["heldout_fvu"] < 1
-    assert len(list((folders["evaluate"] / "eval_results" / "core").glob("*.json"))) == 2  # dictionary + TopK
+    for name, inference_class in (("topk", "TopKSAE"), ("batchtopk", "JumpReLUSAE")):  # plain sae-lens folders
+        assert type(sae_lens.SAE.load_from_disk(str(folders["baselines"] / name))).__name__ == inference_class
+    assert len(list((folders["evaluate"] / "eval_results" / "core").glob("*.json"))) == 3  # dictionary + 2 SAEs
+    saes = {s["name"]: s for s in json.loads((folders["evaluate"] / "saes.json").read_text())}
+    assert {s["kind"] for s in saes.values()} == {"dictionary", "baseline"}
+    assert all(s["budget"]["seconds"] > 0 and s["curve"] for s in saes.values())
     report = folders["report"] / "report.md"
     assert report.is_file() and "dbksvd" in report.read_text().lower()
     assert list(folders["report"].rglob("*.png"))
+
+
+def test_equal_time_baselines_train_for_the_dictionarys_fit_time(smoke):
+    """The default budget: each baseline's training wall time lands within 15% of the dictionary's fit time."""
+    _, folders = smoke
+    spend = Dictionary.load(folders["fit"] / "dictionary").metadata["spend"]
+    summary = json.loads((folders["baselines"] / "baselines.json").read_text())
+    assert sorted(summary) == ["batchtopk", "topk"]
+    for name, record in summary.items():
+        assert record["budget"]["mode"] == "time"
+        assert record["budget"]["seconds"] == pytest.approx(spend["seconds"])
+        assert spend["seconds"] <= record["seconds"] <= 1.15 * spend["seconds"], (name, record["seconds"], spend)
+        assert record["steps"] > 0 and record["samples"] == record["steps"] * 512  # compare.batch_size (smoke)
+        assert record["budget_summary"]["target_seconds"] == pytest.approx(spend["seconds"])
+
+
+def test_wandb_offline_tracks_the_fit_each_baseline_and_the_report(smoke):
+    """wandb (off by default; here on, offline): one run per stage job, grouped by experiment; the fit curve,
+    sae-lens's own training logs of each baseline, the report's table."""
+    from tests.utils.test_tracking import read_offline_runs
+
+    cfg, folders = smoke
+    assert stage_dir(cfg, "fit") == folders["fit"]  # tracking settings are not part of any stage's identity
+    runs = {r["run"].display_name: r for r in read_offline_runs(Path(cfg.output_root) / "wandb_dir")}
+    fit, report = runs[folders["fit"].name], runs[folders["report"].name]
+    assert {r["run"].run_group for r in runs.values()} == {"smoke"}
+    assert sum("fit/fvu" in row for row in fit["history"]) == 4  # one row per iteration
+    assert 0 < fit["summary"]["heldout/heldout_fvu"] < 1
+    for name in ("topk", "batchtopk"):
+        run = runs[f"{name}-{folders['baselines'].name}"]
+        assert run["run"].job_type == "baselines" and run["config"]["baseline"][name]["architecture"] == name
+        assert "losses/mse_loss" in run["summary"] and "metrics/l0" in run["summary"]  # sae-lens's own logging
+        assert 0 < run["summary"]["heldout/fvu"] < 1 and run["summary"]["curve/seconds"] > 0
+    assert "summary" in report["summary"]  # the table
+    assert any(key.endswith("/loss recovered") for key in report["summary"])
+
+
+def test_changing_the_baselines_reuses_the_dictionary(smoke, monkeypatch):
+    cfg, folders = smoke
+    calls = _record_calls(monkeypatch)
+    cfg = _cfg(cfg.output_root, "baseline=[jumprelu]", "compare.budget=steps", "compare.steps=3", "stage=all",
+               "eval.metrics=[]")
+    out = orchestrator.run_pipeline(cfg)
+    assert calls == ["baselines", "evaluate", "report"]
+    assert out["fit"] == folders["fit"] and out["baselines"] != folders["baselines"]
+    record = json.loads((out["baselines"] / "jumprelu" / "record.json").read_text())
+    assert record["architecture"] == "jumprelu" and record["steps"] == 3
 
 
 def test_rerun_skips_every_stage(smoke, monkeypatch):
@@ -103,7 +162,7 @@ def test_deleting_a_marker_reruns_that_stage_and_later_ones(smoke, monkeypatch):
 
 def test_a_killed_fit_resumes_to_the_uninterrupted_result(smoke, monkeypatch):
     cfg, folders = smoke
-    cfg = _cfg(Path(cfg.output_root), "dictionary.seed=5", "stage=fit", "baseline.topk=false")
+    cfg = _cfg(Path(cfg.output_root), "dictionary.seed=5", "stage=fit")
     import stages.fit as fit_stage
 
     class Killed(Exception):

@@ -25,6 +25,8 @@ from pipeline.utils.atomic import atomic_write_text
 
 #: Our record of the training run, beside sae-lens's files.
 RECORD_FILE = "record.json"
+#: In the folder holding several baselines: name -> record + the budget each was matched to.
+SUMMARY_FILE = "baselines.json"
 
 
 def save_baseline(trained: TrainedBaseline, folder: str | os.PathLike,
@@ -69,4 +71,4 @@ def _jsonable(record: Any) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(record), default=str))
 
 
-__all__ = ["CFG_FILE", "RECORD_FILE", "WEIGHTS_FILE", "load_baseline", "load_record", "save_baseline"]
+__all__ = ["CFG_FILE", "RECORD_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "load_baseline", "load_record", "save_baseline"]

@@ -64,8 +64,11 @@ def build_training_sae(spec: BaselineSpec, d_in: int, width: int, k: int, sparsi
     return sae_cls(cfg).to(device)
 
 
-def trainer_config(spec: BaselineSpec, total_samples: int, lr_decay_steps: int, device: str) -> SAETrainerConfig:
-    """sae-lens's trainer config: ``total_samples`` ends ``fit()``'s loop; wandb, evals and checkpoints off."""
+def trainer_config(spec: BaselineSpec, total_samples: int, lr_decay_steps: int, device: str,
+                   logging: dict[str, Any] | None = None) -> SAETrainerConfig:
+    """sae-lens's trainer config: ``total_samples`` ends ``fit()``'s loop; checkpoints off; wandb and sae-lens's
+    evals off unless ``logging`` (``LoggingConfig`` fields, e.g. from
+    :func:`pipeline.utils.tracking.sae_lens_logging`) turns wandb logging on."""
     _check_reserved("trainer_options", spec.trainer_options, RESERVED_TRAINER_FIELDS)
     options: dict[str, Any] = dict(lr_end=spec.lr / 10,  # the runner's default (used by cosine schedules only)
                                    n_batches_for_norm_estimate=min(1000, -(-NORM_ESTIMATE_ROWS // spec.batch_size)))
@@ -75,7 +78,8 @@ def trainer_config(spec: BaselineSpec, total_samples: int, lr_decay_steps: int, 
         lr_warm_up_steps=spec.lr_warm_up_steps, lr_decay_steps=lr_decay_steps, device=device,
         dead_feature_window=spec.dead_feature_window, n_checkpoints=0, checkpoint_path=None,
         save_final_checkpoint=False,
-        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2 ** 31 - 1), **options)
+        logger=LoggingConfig(**(logging or dict(log_to_wandb=False, eval_every_n_wandb_logs=2 ** 31 - 1))),
+        **options)
 
 
 def inference_form(training_sae: TrainingSAE) -> SAE:

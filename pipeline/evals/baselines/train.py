@@ -47,6 +47,10 @@ from pipeline.utils.devices import resolve_device
 
 #: ``total_training_samples`` of an open-ended (``time``) run: never reached, the stop hook ends it.
 OPEN_ENDED_SAMPLES = 2 ** 62
+#: The training curve records the batch FVU at steps 1-10, then every ``CURVE_EVERY`` steps ...
+CURVE_EVERY = 10
+#: ... and keeps at most this many points, evenly spread (:func:`thin_curve`).
+MAX_CURVE_POINTS = 256
 
 
 @dataclass
@@ -70,6 +74,11 @@ class BaselineRecord:
     budget: dict[str, Any]
     spec: dict[str, Any]
     sae_lens_version: str
+    device: str | None = None
+    """Where it trained."""
+    curve: list[dict[str, float]] | None = None
+    """Training-batch FVU (on the step's batch, before its update) against wall ``seconds`` (training clock),
+    ``samples`` and ``steps``: what the report plots beside the dictionary's fit curve."""
     heldout_rows: int | None = None
     heldout_fvu: float | None = None
     """‖Y − Ŷ‖² / ‖Y − mean(Y)‖² of the inference SAE on the held-out rows."""
@@ -93,15 +102,18 @@ class TrainedBaseline:
 
 
 def train_baseline(data: Tensor | Iterable[Tensor], d_in: int, width: int, k: int, spec: BaselineSpec,
-                   budget: Budget, *, heldout: Tensor | None = None, progress: bool = False) -> TrainedBaseline:
+                   budget: Budget, *, heldout: Tensor | None = None, progress: bool = False,
+                   logging: dict[str, Any] | None = None) -> TrainedBaseline:
     """Train a ``width``-latent sae-lens SAE of ``spec.architecture`` on ``data`` for ``budget``.
 
     ``data``: an ``(n, d_in)`` tensor or a re-iterable of ``(b, d_in)`` batches; ``k``: the L0 the baseline is
     trained at (TopK / BatchTopK / Matryoshka ``k``, JumpReLU's quadratic ``target_l0``, MP-SAE's iterations;
     unused by ``standard``, whose L0 follows ``l1_coefficient``). ``heldout: (m, d_in)`` adds held-out FVU / L0
-    to the record (required by a ``converged`` budget). ``progress`` shows sae-lens's tqdm bars.
+    to the record (required by a ``converged`` budget). ``progress`` shows sae-lens's tqdm bars. ``logging``:
+    sae-lens ``LoggingConfig`` fields (:func:`pipeline.utils.tracking.sae_lens_logging`) for wandb logging of the
+    training by sae-lens itself; None: off.
     """
-    t0 = time.perf_counter()
+    clock = _Clock()
     if not 1 <= k <= width or d_in < 1:
         raise ValueError(f"need 1 <= k <= width and d_in >= 1, got k={k}, width={width}, d_in={d_in}.")
     if budget.mode == "converged" and heldout is None:
@@ -114,42 +126,71 @@ def train_baseline(data: Tensor | Iterable[Tensor], d_in: int, width: int, k: in
     cap = known if known is not None else (budget.steps if budget.mode == "converged" else None)
     total = cap * spec.batch_size if cap is not None else OPEN_ENDED_SAMPLES
     checks: list[float] = []
+    curve: list[dict[str, float]] = []
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), _progress_bars(progress), torch.enable_grad():
         torch.manual_seed(spec.seed)
         sae = build_training_sae(spec, d_in, width, k, warm_steps, str(device))
         stop = None
         if budget.mode == "time":
-            stop = lambda trainer: time.perf_counter() - t0 >= budget.seconds  # noqa: E731
+            stop = lambda trainer: clock() >= budget.seconds  # noqa: E731
         elif budget.mode == "converged":
-            stop = _Convergence(heldout.to(device), budget, checks)
-        trainer = _BudgetedTrainer(cfg=trainer_config(spec, total, decay_steps, str(device)), sae=sae,
+            stop = _Convergence(heldout.to(device), budget, checks, clock)
+        trainer = _BudgetedTrainer(cfg=trainer_config(spec, total, decay_steps, str(device), logging), sae=sae,
                                    data_provider=training_batches(data, d_in, spec.batch_size, spec.seed, device),
-                                   stop=stop)
+                                   stop=stop, clock=clock, curve=curve)
         scale = _estimate_scale(trainer)
         if spec.b_dec_init == "mean":
             with torch.no_grad():
                 sae.b_dec.copy_(data_mean(data, d_in, device) * (scale or 1.0))
         fvu_init = None
-        if heldout is not None:  # evaluation, not training: its time is taken off the clock (t0 moves on)
-            t_eval = time.perf_counter()
-            fvu_init = _fvu(_finished_copy(sae, scale), heldout.to(device))
-            t0 += time.perf_counter() - t_eval
+        if heldout is not None:  # evaluation, not training: its time is taken off the clock
+            with clock.paused():
+                fvu_init = _fvu(_finished_copy(sae, scale), heldout.to(device))
         trainer.fit()
-        seconds = time.perf_counter() - t0
+        if device.type == "cuda":  # queued kernels belong to the training time
+            torch.cuda.synchronize(device)
+        seconds = clock()
     final = inference_form(trainer.sae)
     record = BaselineRecord(
         architecture=spec.architecture, d_in=d_in, width=width, k=k, steps=trainer.n_training_steps,
         samples=trainer.n_training_samples, seconds=seconds, final_lr=float(trainer.optimizer.param_groups[0]["lr"]),
         lr_decay_steps=decay_steps, sparsity_warm_up_steps=warm_steps, normalize_activations=spec.normalization(),
-        budget=asdict(budget), spec=asdict(spec), sae_lens_version=sae_lens.__version__,
-        heldout_fvu_init=fvu_init, fvu_checks=checks if budget.mode == "converged" else None)
+        budget=asdict(budget), spec=asdict(spec), sae_lens_version=sae_lens.__version__, device=str(device),
+        heldout_fvu_init=fvu_init, fvu_checks=checks if budget.mode == "converged" else None,
+        curve=thin_curve(curve))
     if heldout is not None:
         stats = heldout_stats(final, heldout.to(device))
         record.heldout_rows, record.heldout_fvu, record.heldout_l0 = stats["heldout_rows"], stats["fvu"], stats["l0"]
         record.heldout_dead_fraction = stats["dead_fraction"]
         record.heldout_mean_max_abs_cos = stats["mean_max_abs_cos"]
     return TrainedBaseline(sae=final, training_sae=trainer.sae, record=record)
+
+
+class _Clock:
+    """Training wall seconds since creation, with evaluation time taken off (:meth:`paused`)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - start
+
+
+def thin_curve(points: list[dict[str, float]], max_points: int = MAX_CURVE_POINTS) -> list[dict[str, float]]:
+    """At most ``max_points`` of ``points``, evenly spread, first and last kept."""
+    if len(points) <= max_points:
+        return list(points)
+    idx = sorted({round(i * (len(points) - 1) / (max_points - 1)) for i in range(max_points)})
+    return [points[i] for i in idx]
 
 
 class _BudgetedTrainer(SAETrainer):
@@ -160,12 +201,21 @@ class _BudgetedTrainer(SAETrainer):
     ``fit()`` calls once per step, before it counts the step in ``n_training_steps``.
     """
 
-    def __init__(self, *args: Any, stop: Callable[[SAETrainer], bool] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stop: Callable[[SAETrainer], bool] | None = None,
+                 clock: Callable[[], float] | None = None, curve: list[dict[str, float]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._stop = stop
+        self._stop, self._clock, self._curve = stop, clock, curve
 
     def step(self, batch: Tensor) -> Any:
         output = super().step(batch)
+        step = self.n_training_steps + 1  # fit() counts the step after this returns
+        if self._curve is not None and self._clock is not None and (step <= 10 or step % CURVE_EVERY == 0):
+            with torch.no_grad():
+                x, x_hat = output.sae_in.float(), output.sae_out.float()
+                fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-30))
+            self._curve.append({"seconds": self._clock(), "samples": self.n_training_samples, "steps": step,
+                                "fvu": fvu})
         if self._stop is not None and self._stop(self):
             self.cfg.total_training_samples = self.n_training_samples
         return output
@@ -174,8 +224,8 @@ class _BudgetedTrainer(SAETrainer):
 class _Convergence:
     """Stop when held-out FVU has failed ``budget.patience`` checks in a row to beat the best by ``rel_tol``."""
 
-    def __init__(self, heldout: Tensor, budget: Budget, checks: list[float]) -> None:
-        self.heldout, self.budget, self.checks = heldout, budget, checks
+    def __init__(self, heldout: Tensor, budget: Budget, checks: list[float], clock: _Clock) -> None:
+        self.heldout, self.budget, self.checks, self.clock = heldout, budget, checks, clock
         self.best, self.stale = math.inf, 0
 
     def __call__(self, trainer: SAETrainer) -> bool:
@@ -183,7 +233,8 @@ class _Convergence:
             return False
         sae, scaler = trainer.sae, trainer.activation_scaler
         # the training SAE sees scaled inputs; FVU is scale-free, so it is measured in that space
-        fvu = _fvu(lambda x: sae.decode(sae.encode(scaler(x))), self.heldout)
+        with self.clock.paused():
+            fvu = _fvu(lambda x: sae.decode(sae.encode(scaler(x))), self.heldout)
         self.checks.append(fvu)
         if fvu < self.best * (1 - self.budget.rel_tol):
             self.best, self.stale = fvu, 0

@@ -3,22 +3,32 @@
 SAEBench's ``core.multiple_evals`` loads a hub dataset and swallows exceptions; this runner calls its parts
 (``run_evals`` + ``save_single_eval_result``) on a ``datasets.Dataset`` of token contexts: by default the
 harvest text *after* the harvested contexts (never seen by the fit), or ``eval.core.dataset`` from the hub.
+
+``eval.core.positions`` says which positions the numbers cover: ``all`` (SAEBench's core as published, written to
+``core/``), ``fit`` (the positions the fit used, written to ``core_fit_positions/`` in the same layout and file
+names: :mod:`pipeline.evals.metrics.positions`) or ``both``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.evals.metrics.base import EvalContext, MetricRunner
+from pipeline.evals.metrics.positions import (ALL_COVERS, FIT_RESULTS, LEFT_OUT, FitRule, MarkedTokens,
+                                              TrueTokensModel, position_runs, with_positions)
 from pipeline.evals.metrics.text import harvested_contexts, text_after
+from pipeline.evals.results import write_json
 from pipeline.evals.sae_records import SAERecord
 
 #: Extra contexts read beyond what the batches need.
 SPARE_CONTEXTS = 8
 #: Seed of the shuffle of the eval contexts (SAEBench's own).
 SHUFFLE_SEED = 42
+#: Result folder of each core run (``eval.core.positions``).
+RESULT_DIRS = {"all": "core", "fit": FIT_RESULTS}
 
 
 class CoreRunner(MetricRunner):
@@ -42,18 +52,34 @@ class CoreRunner(MetricRunner):
             compute_variance_metrics=every.compute_variance_metrics, compute_featurewise_density_statistics=True,
             compute_featurewise_weight_based_metrics=True, llm_dtype=ctx.llm_dtype)
 
+    def result_paths(self, ctx: EvalContext, record: SAERecord) -> list[Path]:
+        """The result files of ``record`` that ``eval.core.positions`` asks for."""
+        return [record.result_path(ctx.results_dir, RESULT_DIRS[r]) for r in position_runs(ctx.eval.core.positions)]
+
     def run(self, ctx: EvalContext, config: Any) -> None:
         c = ctx.eval.core
+        runs = position_runs(c.positions)
+        rule = FitRule.from_manifest(ctx.store.manifest) if "fit" in runs else None
         dataset, label = self.dataset(ctx)
         config.dataset = label
         ctx.record_sizes(self.name, {"batch_size_prompts": c.batch_size_prompts,
                                      "n_eval_reconstruction_batches": c.n_eval_reconstruction_batches,
                                      "n_eval_sparsity_variance_batches": c.n_eval_sparsity_variance_batches,
-                                     "context_size": c.context_size, "dataset": label})
+                                     "context_size": c.context_size, "dataset": label, "positions": c.positions})
+        passed: dict[str, Any] = {}
         for record in ctx.saes:
-            path = record.result_path(ctx.results_dir, self.name)
-            if ctx.force_rerun or not path.exists():
-                run_core(record, ctx.model, path, config, dataset, ctx.device)
+            for which in runs:
+                path = record.result_path(ctx.results_dir, RESULT_DIRS[which])
+                if ctx.force_rerun or not path.exists():
+                    run_core(record, ctx.model, path, config, dataset, ctx.device,
+                             fit_rule=rule if which == "fit" else None)
+                if which == "fit":
+                    passed[record.selected[0]] = _read_positions(path)
+        if "all" in runs:
+            ctx.info["notes"].append({"metric": self.name, "note": f"`core/` covers {ALL_COVERS}."})
+        if passed:
+            ctx.info["sizes"][self.name]["fit_positions"] = passed
+            ctx.info["notes"].append({"metric": FIT_RESULTS, "note": fit_note(passed)})
 
     @staticmethod
     def dataset(ctx: EvalContext) -> tuple[Any, str]:
@@ -75,8 +101,13 @@ class CoreRunner(MetricRunner):
         return Dataset.from_dict({"tokens": rows}), label
 
 
-def run_core(record: SAERecord, model: Any, path: Path, config: Any, dataset: Any, device: str) -> Path:
-    """SAEBench's core metrics of one SAE on ``dataset``, written to ``path`` (SAEBench's result JSON)."""
+def run_core(record: SAERecord, model: Any, path: Path, config: Any, dataset: Any, device: str,
+             fit_rule: FitRule | None = None) -> Path:
+    """SAEBench's core metrics of one SAE on ``dataset``, written to ``path`` (SAEBench's result JSON).
+
+    With ``fit_rule``, the positions it leaves out are passed through and left out of every mean
+    (:mod:`pipeline.evals.metrics.positions`); the rule and the counts of such positions go into the result's
+    ``eval_result_unstructured`` (SAEBench's slot for extra outputs; core itself leaves it empty)."""
     import sae_bench.evals.core.main as core
     from sae_bench.sae_bench_utils import general_utils
     from sae_lens.training.activations_store import ActivationsStore
@@ -89,13 +120,46 @@ def run_core(record: SAERecord, model: Any, path: Path, config: Any, dataset: An
                                       streaming=False, dataset_trust_remote_code=False, device=device)
     store.shuffle_input_dataset(seed=SHUFFLE_SEED)
     tok = model.tokenizer
+    ignore: set[int | None] = {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}
+    marked = None
+    if fit_rule is not None:
+        marked = MarkedTokens(store, model, sae.cfg.hook_name, fit_rule)
+        store, model, ignore = marked, TrueTokensModel(model, marked), {LEFT_OUT}
+        config = dataclasses.replace(config, exclude_special_tokens_from_reconstruction=True)
     metrics, feature_metrics = core.run_evals(sae=sae, activation_store=store, model=model, eval_config=config,
-                                              ignore_tokens={tok.pad_token_id, tok.eos_token_id, tok.bos_token_id})
+                                              ignore_tokens=ignore)
     metrics["misc_metrics"] = core.calculate_misc_metrics(feature_metrics)
     result = core.replace_nans_with_negative_one({
         "unique_id": f"{name}_{sae_id}", "sae_set": name, "sae_id": sae_id, "eval_cfg": config,
         "metrics": metrics, "feature_metrics": feature_metrics})
     path.parent.mkdir(parents=True, exist_ok=True)
+    out = path if marked is None else path.with_name(f".{path.name}.partial")  # fit: completed below
     core.save_single_eval_result(result, core.get_eval_uuid(), core.get_sae_lens_version(),
-                                 core.get_sae_bench_version(), str(path), sae)
+                                 core.get_sae_bench_version(), str(out), sae)
+    if marked is not None:
+        write_json(path, with_positions(json.loads(out.read_text()), fit_rule, marked, config, sae.cfg.hook_name))
+        out.unlink()
     return path
+
+
+def _read_positions(path: Path) -> dict[str, Any]:
+    """The rule and pass-through counts a ``core_fit_positions`` result records (:func:`run_core`)."""
+    extra = json.loads(path.read_text()).get("eval_result_unstructured") or {}
+    return {"rule_text": extra.get("rule_text"), "covers": extra.get("covers") or "the positions the fit used",
+            "passed_through": extra.get("passed_through") or {}}
+
+
+def fit_note(passed: dict[str, dict[str, Any]]) -> str:
+    """The ``eval_info.json`` note of the ``core_fit_positions`` results: what they cover and how many positions
+    of the core eval text were passed through (``passed``: SAE name -> :func:`_read_positions`)."""
+    first = next(iter(passed.values()))
+    same = all(p == first for p in passed.values())
+    counts = {name: p["passed_through"] for name, p in passed.items()}
+
+    def phases(c: dict[str, dict[str, int]] | None) -> str:
+        return "; ".join(f"{phase} batches: {t['passed_through']} of {t['positions']} positions passed through "
+                         f"({t['special']} special, {t['outlier']} outlier)" for phase, t in (c or {}).items())
+
+    where = (phases(first["passed_through"]) + " (every SAE)") if same else \
+        "; ".join(f"{name}: {phases(c)}" for name, c in counts.items())
+    return f"`{FIT_RESULTS}/` covers {first['covers']}. {where}."

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.evals.labelled_data import registered_labelled_dataset
@@ -17,6 +18,7 @@ from pipeline.evals.metrics.probing import ScrTppRunner, SparseProbingRunner
 from pipeline.evals.metrics.ravel import RavelRunner
 from pipeline.evals.metrics.unlearning import UnlearningRunner
 from pipeline.evals.results import format_exception
+from pipeline.evals.sae_records import SAERecord
 from pipeline.evals.saebench_patches import local_datasets
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,13 @@ def needs_labelled(metrics: list[str]) -> bool:
     return any(REGISTRY[m].needs_labelled for m in metrics)
 
 
+def result_files(runner: MetricRunner, ctx: EvalContext, record: SAERecord) -> list[Path]:
+    """The result files ``runner`` writes for ``record``: its ``result_paths`` when it has one (core: one per
+    ``eval.core.positions`` run), else ``<results_dir>/<metric>/<file>``."""
+    paths = getattr(runner, "result_paths", None)
+    return paths(ctx, record) if paths is not None else [record.result_path(ctx.results_dir, runner.name)]
+
+
 def run_metric(ctx: EvalContext, name: str, outcome: MetricOutcome) -> None:
     """Run one metric with SAEBench pointed at the local data; a missing requirement or a missing result file
     becomes a skip record, an exception a failure record (the other metrics still run)."""
@@ -65,7 +74,7 @@ def run_metric(ctx: EvalContext, name: str, outcome: MetricOutcome) -> None:
             outcome.skipped.append({"what": f"metric:{name}", "reason": reason})
         else:
             for record in ctx.saes:
-                if not record.result_path(ctx.results_dir, name).exists():
+                if not all(path.exists() for path in result_files(runner, ctx, record)):
                     outcome.skipped.append({"what": f"metric:{name}", "sae": record.selected[0],
                                             "reason": runner.no_result_reason(ctx, config)})
     except Exception as exc:  # noqa: BLE001 - recorded, the other metrics still run
