@@ -93,7 +93,8 @@ def train_one(name: str, spec: BaselineSpec, store: ActivationStore, folder: Pat
     device = resolve_device(spec.device)
     data = training_data(store, spec.batch_size, device, seed)
     log.info("baseline %s: %s, width %d, k %d, budget %s on %s", name, spec.architecture, width, k,
-             {f: v for f, v in dataclasses.asdict(budget).items() if v is not None}, device)
+             {f: v for f, v in dataclasses.asdict(budget).items() if v is not None and f in _BUDGET_KEYS[budget.mode]},
+             device)
     trained = train_baseline(data, store.d, width, k, spec, budget, heldout=store.heldout(device=device),
                              progress=True, logging=logging)
     r = trained.record
@@ -101,6 +102,11 @@ def train_one(name: str, spec: BaselineSpec, store: ActivationStore, folder: Pat
              r.seconds, r.heldout_fvu, r.heldout_l0)
     save_baseline(trained, folder, metadata)
     return trained
+
+
+#: The :class:`~pipeline.evals.baselines.Budget` fields each mode uses (what the log shows).
+_BUDGET_KEYS = {"steps": ("mode", "steps"), "samples": ("mode", "samples"), "time": ("mode", "seconds"),
+                "converged": ("mode", "steps", "check_every", "rel_tol", "patience")}
 
 
 def _lens_metadata(model_name: str, store: ActivationStore) -> dict[str, Any]:

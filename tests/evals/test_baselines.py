@@ -188,3 +188,39 @@ def test_our_sae_lens_filenames_are_sae_lens_own():
     from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
     assert (CFG_FILE, WEIGHTS_FILE) == (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_each_architecture_is_evaluated_by_saebench_as_a_plain_sae_lens_folder(architecture, eval_inputs, tmp_path):
+    """Trained on the tiny store's rows, saved, loaded back the way the evaluate stage loads it (plain
+    ``SAE.load_from_disk``), and scored by SAEBench's core: the result file exists and its L0 is the SAE's."""
+    from datasets import Dataset
+
+    from pipeline.data.store import ActivationStore
+    from pipeline.evals.metrics.core import run_core
+    from pipeline.evals.sae_records import baseline_record
+    from tests.evals.test_core_positions import N_CONTEXTS, _contexts, _core_config
+
+    store = ActivationStore(eval_inputs["store"])
+    Y = store.load_all()
+    width, k = 32, 4
+    trained = train_baseline(Y, store.d, width, k, spec(architecture, **(
+        {"matryoshka_widths": [16, width]} if architecture == "matryoshka_batchtopk" else {})),
+        Budget("steps", steps=STEPS.get(architecture, 40) // 2), heldout=store.heldout())
+    folder = save_baseline(trained, tmp_path / architecture, {"model_name": "tiny-local", "hook_name": store.hook})
+    record = baseline_record(architecture, folder, device="cpu", context_size=store.manifest["context_length"],
+                             prepend_bos=True)
+    assert record.description["architecture"] == architecture
+    assert record.description["budget"]["steps"] == trained.record.steps
+    path = tmp_path / "core.json"
+    model = eval_inputs["model"]
+    run_core(record, model, path, _core_config(), Dataset.from_dict({"tokens": _contexts(model, True, N_CONTEXTS)}),
+             "cpu")
+    result = json.loads(path.read_text())
+    assert result["sae_cfg_dict"]["d_sae"] == width
+    l0 = result["eval_result_metrics"]["sparsity"]["l0"]
+    if architecture in ("topk", "matching_pursuit"):
+        assert 0 < l0 <= k + 1e-6
+    else:
+        assert l0 > 0  # BatchTopK / Matryoshka / JumpReLU thresholds and the L1 SAE's L0 only approach k
+    assert result["eval_result_metrics"]["model_performance_preservation"]["ce_loss_score"] is not None
