@@ -51,9 +51,7 @@ def run(cfg: DictConfig) -> Path:
     fit = finished_stage_dir(cfg, "fit")
     D = Dictionary.load(fit / DICTIONARY_DIRNAME)
     learner = section(cfg, "dictionary")
-    spend = FitSpend.from_history(D.history, batch_size=learner.batch_size,
-                                  device=D.metadata.get("spend", {}).get("device") or str(resolve_device(learner.device)),
-                                  fit_seconds=D.metadata.get("fit_seconds"))
+    spend = FitSpend.of_dictionary(D)
     budget = matched_budget(compare, spend)
     width = comparison_width(compare, D.n_atoms, signed=not D.coder.nonnegative)
     store = ActivationStore(finished_stage_dir(cfg, "harvest") / STORE_DIRNAME)
@@ -93,8 +91,7 @@ def train_one(name: str, spec: BaselineSpec, store: ActivationStore, folder: Pat
     device = resolve_device(spec.device)
     data = training_data(store, spec.batch_size, device, seed)
     log.info("baseline %s: %s, width %d, k %d, budget %s on %s", name, spec.architecture, width, k,
-             {f: v for f, v in dataclasses.asdict(budget).items() if v is not None and f in _BUDGET_KEYS[budget.mode]},
-             device)
+             budget.describe(), device)
     trained = train_baseline(data, store.d, width, k, spec, budget, heldout=store.heldout(device=device),
                              progress=True, logging=logging)
     r = trained.record
@@ -102,11 +99,6 @@ def train_one(name: str, spec: BaselineSpec, store: ActivationStore, folder: Pat
              r.seconds, r.heldout_fvu, r.heldout_l0)
     save_baseline(trained, folder, metadata)
     return trained
-
-
-#: The :class:`~pipeline.evals.baselines.Budget` fields each mode uses (what the log shows).
-_BUDGET_KEYS = {"steps": ("mode", "steps"), "samples": ("mode", "samples"), "time": ("mode", "seconds"),
-                "converged": ("mode", "steps", "check_every", "rel_tol", "patience")}
 
 
 def _lens_metadata(model_name: str, store: ActivationStore) -> dict[str, Any]:

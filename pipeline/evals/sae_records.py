@@ -60,10 +60,7 @@ def dictionary_record(path: Path, *, model_name: str, hook: str, layer: int, dev
 
     d = Dictionary.load(path)
     sae = DictionarySAE(d, model_name, layer, hook, device=device, cache_bytes=cache_mb << 20)
-    learner = d.metadata.get("learner", {})
-    spend = d.metadata.get("spend") or (FitSpend.from_history(
-        d.history, batch_size=int(learner.get("batch_size") or 0), device=str(learner.get("device")),
-        fit_seconds=d.metadata.get("fit_seconds")).as_dict() if d.history else None)
+    spend = FitSpend.of_dictionary(d).as_dict() if d.history else None
     sae.cfg.context_size = context_size
     groups = "matryoshka" if d.groups is not None else "plain"
     name = f"dbksvd_{groups}_K{d.n_atoms}_k{d.coder.k}"

@@ -103,6 +103,17 @@ class FitSpend:
         samples = sum(int(h.get("rows", batch_size)) for h in history)
         return cls(seconds=seconds, samples=samples, updates=len(history), device=str(device))
 
+    @classmethod
+    def of_dictionary(cls, dictionary: Any) -> "FitSpend":
+        """The spend a fitted :class:`~pipeline.core.dictionary.Dictionary` recorded (``metadata["spend"]``, written
+        by the fit stage), else derived from its history and the learner settings in its metadata."""
+        meta = dictionary.metadata
+        if meta.get("spend"):
+            return cls(**{k: v for k, v in meta["spend"].items() if k != "mode"})
+        learner = meta.get("learner") or {}
+        return cls.from_history(dictionary.history, batch_size=int(learner.get("batch_size") or 0),
+                                device=str(learner.get("device")), fit_seconds=meta.get("fit_seconds"))
+
     def as_dict(self) -> dict[str, Any]:
         return {"mode": "fit", "seconds": self.seconds, "samples": self.samples, "updates": self.updates,
                 "device": self.device}

@@ -18,6 +18,9 @@ from typing import Any
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "standard", "matching_pursuit")
 #: Budget modes: a fixed number of optimiser steps, of samples, of wall seconds, or until held-out FVU stalls.
 BUDGET_MODES = ("steps", "samples", "time", "converged")
+#: The :class:`Budget` fields each mode reads, the one it requires first.
+BUDGET_FIELDS = {"steps": ("steps",), "samples": ("samples",), "time": ("seconds",),
+                 "converged": ("steps", "check_every", "rel_tol", "patience")}
 #: ``normalize_activations`` values this package supports (the trainer estimates the factor and folds it in).
 NORMALIZATIONS = ("none", "expected_average_only_in")
 #: Smallest Matryoshka level of the default widths: 2^8, as the DB-KSVD Matryoshka groups (design.md §3).
@@ -154,15 +157,19 @@ class Budget:
     """``converged``: checks in a row without improvement that end training."""
 
     def __post_init__(self) -> None:
-        need = {"steps": "steps", "samples": "samples", "time": "seconds", "converged": "steps"}
-        if self.mode not in need:
+        if self.mode not in BUDGET_FIELDS:
             raise ValueError(f"budget mode={self.mode!r} is not one of {', '.join(BUDGET_MODES)}.")
-        value = getattr(self, need[self.mode])
+        need = BUDGET_FIELDS[self.mode][0]
+        value = getattr(self, need)
         if value is None or not value > 0:
-            raise ValueError(f"a {self.mode!r} budget needs {need[self.mode]} > 0, got {value!r}.")
+            raise ValueError(f"a {self.mode!r} budget needs {need} > 0, got {value!r}.")
         if self.check_every < 1 or self.patience < 1 or self.rel_tol < 0:
             raise ValueError(f"check_every={self.check_every} and patience={self.patience} must be >= 1, "
                              f"rel_tol={self.rel_tol} >= 0.")
+
+    def describe(self) -> dict[str, Any]:
+        """The mode and the fields it reads (what a log line shows)."""
+        return {"mode": self.mode, **{f: getattr(self, f) for f in BUDGET_FIELDS[self.mode]}}
 
     def known_steps(self, batch_size: int) -> int | None:
         """The optimiser steps this budget fixes in advance (None for ``time`` / ``converged``)."""
