@@ -27,7 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.core.learner import _iteration, LearnerConfig  # noqa: E402
+from pipeline.core.atom_update import identity_reduce, update_atoms  # noqa: E402
+from pipeline.core.codes import Codes  # noqa: E402
+from pipeline.core.learner import _iteration, LearnerConfig, learn_dictionary  # noqa: E402
 from pipeline.core.coders import correlations, encode, gram  # noqa: E402
 
 
@@ -156,7 +158,7 @@ def main():
             state = {"G": G}
 
             def one_iteration():
-                rec_ = _iteration(Yf, Dw, state["G"], cfg, None, ab, gen, lambda x: x)
+                rec_ = _iteration(Yf, Dw, state["G"], cfg, None, ab, gen, identity_reduce)
                 state["G"] = rec_["G"]  # the next iteration codes with the updated atoms' Gram matrix
                 return rec_
 
@@ -191,9 +193,35 @@ def main():
             print("sae step", key, res["sae_step_tokens_per_s"][key], flush=True)
             save()
 
+    # the atom update on one 65,536-row batch with each rank-1 solver (exact block solvers vs the matrix-free
+    # alternating one), same codes: seconds per update, iterations, objective after it
+    res["update_solvers"] = {}
+    Yb = Yfit[: 65536 if not args.small else 2048]
+    D0 = learn_dictionary(Yb, K, k, batch_size=Yb.shape[0], max_iters=2, tol=None, precision="bf16",
+                          candidates=min(512, K // 2), progress=False, device=dev).atoms
+    codes0 = encode(Yb, D0, k, precision="bf16", candidates=min(512, K // 2))
+    for solver, tol in (("direct", 1e-6), ("gram", 1e-6), ("alternating", 1e-4)):
+        if over():
+            break
+        secs = []
+        for _ in range(2):  # the first run warms up kernels
+            D = D0.clone()
+            codes = Codes(codes0.indices.clone(), codes0.values.clone())
+            R = Yb - codes.decode(D)
+            sync()
+            t = time.perf_counter()
+            stats = update_atoms(R, D, codes, max(1, K // 128), solver=solver, tol=tol,
+                                 generator=torch.Generator().manual_seed(0))
+            sync()
+            secs.append(time.perf_counter() - t)
+        res["update_solvers"][f"{solver} tol {tol:g}"] = {
+            "seconds": secs[-1], "tokens_per_s": Yb.shape[0] / secs[-1], "mean_iters": stats.mean_rank1_iters,
+            "capped": stats.capped, "objective_fvu": float(R.pow(2).sum() / (Yb - Yb.mean(0)).pow(2).sum())}
+        print("update", solver, res["update_solvers"][f"{solver} tol {tol:g}"], flush=True)
+        save()
+
     # short real fits: paper-style schedule (2 epochs of 65,536-row batches) on activation-like data, fast coder,
     # for several atom-batch sizes (quality vs time at this scale), scored on held-out rows
-    from pipeline.core.learner import learn_dictionary  # noqa: E402
     res["short_fit"] = {}
     for ab in ((128, 512, 2048, K) if not args.small else (16, 256)):
         if over():

@@ -2,7 +2,8 @@
 
 - :mod:`~pipeline.core.codes`: ``Codes``, sparse codes as ``indices (n, k)`` + ``values (n, k)``;
 - :mod:`~pipeline.core.coders`: matching pursuit and Batch-OMP on the Gram matrix (``encode``);
-- :mod:`~pipeline.core.atom_update`: batched rank-1 (K-SVD) atom refits and the ``reduce`` hook;
+- :mod:`~pipeline.core.atom_update`: the K-SVD sweep over shuffled atom batches and the ``reduce`` hook;
+- :mod:`~pipeline.core.rank1`: exact rank-1 refits of gathered blocks through their small Gram matrices;
 - :mod:`~pipeline.core.matryoshka`: nested atom groups and the residual cascade;
 - :mod:`~pipeline.core.dictionary`: ``Dictionary`` (atoms + coder settings + history; save / load);
 - :mod:`~pipeline.core.learner`: ``learn_dictionary`` / ``fit_dictionary``, the DB-KSVD loop, checkpoints;

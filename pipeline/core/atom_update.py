@@ -2,23 +2,23 @@
 
 For atom j with support ω_j (the samples whose codes use j) and coefficients x_j, the restricted residual
 with the atom added back is ``E_j = R[ω_j] + x_j d_jᵀ``. K-SVD replaces (d_j, x_j) by the best rank-1
-approximation of E_j, keeping the support. We solve it matrix-free by alternating exact minimisations, warm
-started from the current pair (so the objective never increases):
+approximation of E_j, keeping the support (non-negative codes: the best one with x_j >= 0).
 
-    x ← E_j d          (signed; ``nonnegative``: max(E_j d, 0), the optimal non-negative x for fixed d)
-    d ← E_jᵀ x / ‖E_jᵀ x‖
+Two solvers:
 
-which for signed codes is the power iteration for the top singular pair. It runs until every atom of the
-batch has converged (``1 − d_newᵀ d_old <= tol``) or ``max_iters``; ``approximate=True`` takes one step
-(Rubinstein et al.'s "approximate K-SVD"). ``E_j d`` and ``E_jᵀ x`` are computed from gathered rows of R and
-the old atom, never forming E_j.
+- ``solver="direct"`` (default) and ``solver="gram"`` (exact): every atom batch's restricted errors are gathered
+  once into contiguous zero-padded blocks, grouped by support size so padding stays small, and each block is
+  refitted to ``tol`` (:mod:`pipeline.core.rank1`): "direct" iterates on the block, "gram" in the small space
+  of its Gram matrix. Signed refits are certified or finished by an eigensolver; non-negative ones that hit
+  ``max_iters`` are counted.
+- ``solver="alternating"``: the matrix-free alternating minimisation ``x ← E_j d``, ``d ← E_jᵀx/‖E_jᵀx‖``
+  computed from scattered rows of R at every step. Its per-atom sums over samples pass through ``reduce``,
+  so a data-parallel run can all-reduce them (``torch.distributed.all_reduce``); it is the solver for such
+  runs and for ``approximate=True`` (one step: Rubinstein et al.'s approximate K-SVD).
 
 Atoms go in shuffled **atom batches**: all atoms of a batch are refitted against the same residual (Jacobi),
 then the residual is refreshed and the next batch sees the new atoms (Gauss-Seidel). Batch size 1 is exact
 sequential K-SVD; one batch of all K atoms converges much worse (noted by the reference's authors).
-
-The only sums over samples an update needs (``E_jᵀ x`` per atom) pass through ``reduce``, so a data-parallel
-run can all-reduce them across ranks (``torch.distributed.all_reduce``) without restructuring.
 """
 
 from __future__ import annotations
@@ -26,16 +26,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.core.codes import Codes
+from pipeline.core.rank1 import refit_block
 
 Reduce = Callable[[Tensor], Tensor]
 
 #: Largest number of gathered residual entries (rows × d) held at once by one compute chunk (CPU, CUDA).
 _GATHER_BUDGET = {"cpu": 1 << 25, "cuda": 1 << 28}
+#: Iterations between convergence tests of the Gram solver (a test synchronises the host with CUDA).
+_CHECK_EVERY = {"cpu": 1, "cuda": 8}
+#: Fixed cost of one extra block, in atoms of average cost: splitting an atom batch into blocks by support size
+#: trades padding work against per-block overhead (a block's set-up and its per-step kernel launches).
+_BLOCK_OVERHEAD_ATOMS = 4
+SOLVERS = ("direct", "gram", "alternating")
+#: Solvers that gather blocks (everything but the matrix-free alternating one).
+_BLOCK_SOLVERS = ("direct", "gram")
 
 
 @dataclass
@@ -45,7 +55,11 @@ class UpdateStats:
     n_used: int
     """Atoms with at least one coefficient in the batch (the ones refitted)."""
     mean_rank1_iters: float
-    """Mean number of alternating steps the atom batches needed."""
+    """Mean number of iterations the refit blocks (Gram solver) or atom batches (alternating) needed."""
+    capped: int = 0
+    """Refits stopped at the iteration cap before converging (non-negative, or the alternating solver)."""
+    eigensolved: int = 0
+    """Signed refits finished by the eigensolver after the cap (Gram solver; exact)."""
 
 
 def identity_reduce(t: Tensor) -> Tensor:
@@ -59,9 +73,10 @@ def update_atoms(
     atom_batch_size: int,
     *,
     nonnegative: bool = True,
-    tol: float = 1e-4,
-    max_iters: int = 30,
+    tol: float = 1e-6,
+    max_iters: int = 100,
     approximate: bool = False,
+    solver: str = "direct",
     generator: torch.Generator | None = None,
     reduce: Reduce = identity_reduce,
 ) -> UpdateStats:
@@ -73,15 +88,24 @@ def update_atoms(
         codes: codes of the n samples; their values are replaced in place (support unchanged).
         atom_batch_size: atoms refitted in parallel against the same residual (1 = sequential K-SVD).
         nonnegative: keep coefficients >= 0.
-        tol: per-atom convergence threshold on ``1 − d_newᵀ d``.
-        max_iters: cap on alternating steps per atom batch.
-        approximate: a single step per atom (approximate K-SVD) instead of iterating to ``tol``.
+        tol: per-atom convergence threshold: block solvers, ``1 − cos`` to the exact refit (certified for
+            signed codes, estimated for non-negative ones); alternating, ``1 − d_newᵀ d`` between steps.
+        max_iters: cap on iterations per refit block (block solvers) or atom batch (alternating).
+        approximate: a single alternating step per atom (approximate K-SVD) instead of iterating to ``tol``.
+        solver: ``"direct"`` / ``"gram"`` (exact refits of gathered blocks) or ``"alternating"`` (matrix-free, the
+            one with a ``reduce`` hook).
         generator: random source for the atom shuffle (CPU generator; determinism).
-        reduce: applied to every per-atom sum over samples (an all-reduce in data-parallel runs).
+        reduce: applied to every per-atom sum over samples (an all-reduce in data-parallel runs); only the
+            alternating solver has such sums.
 
     Returns:
         :class:`UpdateStats`.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver = {solver!r} is not one of {SOLVERS}.")
+    if solver in _BLOCK_SOLVERS and not approximate and reduce is not identity_reduce:
+        raise ValueError("a reduce hook (data-parallel update) needs solver='alternating': the block solvers "
+                         "iterate on each sample's coefficient, which a sum over ranks cannot reproduce.")
     K, d = D.shape
     device = D.device
     flat_val = codes.values.reshape(-1)
@@ -103,7 +127,10 @@ def update_atoms(
     nz, ent_rank = nz[perm], ent_rank[perm]
     rows_all = nz // codes.k
     starts = torch.searchsorted(ent_rank, torch.arange(0, n_used + 1, device=device)).tolist()
-    iters_total, n_batches = 0, 0
+    if solver in _BLOCK_SOLVERS and not approximate:
+        return _update_blocks(R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val,
+                              nonnegative, tol, max_iters, solver)
+    iters_total, n_batches, capped = 0, 0, 0
     budget = _GATHER_BUDGET.get(device.type, _GATHER_BUDGET["cpu"])
     for b0 in range(0, n_used, atom_batch_size):
         b1 = min(b0 + atom_batch_size, n_used)
@@ -117,12 +144,13 @@ def update_atoms(
             e0, e1 = starts[a0], starts[a1]
             ent = nz[e0:e1]
             pos = ent_rank[e0:e1] - a0
-            new_d, new_x, n_it = _rank1_fit(
+            new_d, new_x, n_it, n_late = _rank1_fit(
                 R, D[order[a0:a1]], rows_all[e0:e1], pos, flat_val[ent],
                 nonnegative, tol, 1 if approximate else max_iters, reduce,
             )
             corrections.append((order[a0:a1], ent, rows_all[e0:e1], pos, new_d, new_x))
             iters_total += n_it
+            capped += 0 if approximate else n_late
             n_batches += 1
             a0 = a1
         for ids, ent, rows, pos, new_d, new_x in corrections:
@@ -133,7 +161,153 @@ def update_atoms(
             D[ids] = new_d
             flat_val[ent] = new_x
     codes.values.copy_(flat_val.view_as(codes.values))
-    return UpdateStats(n_used, iters_total / max(n_batches, 1))
+    return UpdateStats(n_used, iters_total / max(n_batches, 1), capped)
+
+
+def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor,
+                   rows_all: Tensor, starts: list[int], flat_val: Tensor, nonnegative: bool, tol: float,
+                   max_iters: int, method: str) -> UpdateStats:
+    """The sweep with a block solver: per atom batch, blocks of similar support size, gathered once."""
+    n_used = int(order.numel())
+    n, d = R.shape
+    device = D.device
+    budget = _GATHER_BUDGET.get(device.type, _GATHER_BUDGET["cpu"])
+    check_every = _CHECK_EVERY.get(device.type, 1)
+    # the residual with one extra zero row that padding slots point at: padded gathers need no masking, and
+    # padded scatters add zeros to a row nobody reads
+    Rx = torch.empty(n + 1, d, dtype=D.dtype, device=device)
+    Rx[:n] = R
+    Rx[n] = 0
+    starts_t = torch.tensor(starts, device=device)
+    counts = [starts[a + 1] - starts[a] for a in range(n_used)]
+    plan = [(b0, support_blocks(counts[b0:b0 + atom_batch_size], d, budget, method))
+            for b0 in range(0, n_used, atom_batch_size)]
+    # two reused work buffers (the gathered block, then its residual correction): fresh multi-MB tensors per
+    # block would cost a page fault per 4 KiB on CPU
+    size = max(len(r) * max(counts[b0 + i] for i in r) for b0, blocks in plan for r in blocks)
+    work_E = torch.empty(size, d, dtype=D.dtype, device=device)
+    steps_total, n_blocks, capped, eigensolved = 0, 0, 0, 0
+    for b0, blocks in plan:
+        refits = []
+        for ranks in blocks:
+            ranks_t = torch.tensor(ranks, device=device) + b0
+            cnt = starts_t[ranks_t + 1] - starts_t[ranks_t]
+            P = max(counts[b0 + r] for r in ranks)
+            col = torch.arange(P, device=device)
+            mask = col[None, :] < cnt[:, None]  # (B, P) real rows
+            slot = torch.where(mask, starts_t[ranks_t][:, None] + col[None, :], 0)  # into the sorted entries
+            ent = nz[slot]
+            rows = torch.where(mask, rows_all[slot], n)
+            ids = order[ranks_t]
+            d_old = D[ids]
+            x_old = flat_val[ent] * mask
+            flat = work_E[: len(ranks) * P]
+            torch.index_select(Rx, 0, rows.view(-1), out=flat)
+            E = flat.view(len(ranks), P, d)
+            E.addcmul_(x_old[:, :, None], d_old[:, None, :])  # add the atom back: E = R[ω] + x dᵀ
+            fit = refit_block(E, d_old, nonnegative=nonnegative, tol=tol, max_steps=max_iters, method=method,
+                              check_every=check_every)
+            del E
+            pos = torch.arange(len(ranks), device=device)[:, None].expand_as(mask)[mask]
+            refits.append((ids, ent[mask], rows[mask], pos, d_old, x_old[mask], fit, fit.coefs[mask]))
+            steps_total += fit.steps
+            n_blocks += 1
+            capped += fit.capped
+            eigensolved += fit.eigensolved
+        _apply_refits(Rx, D, flat_val, refits)  # Jacobi: every block above saw the same residual
+    R.copy_(Rx[:n])
+    codes.values.copy_(flat_val.view_as(codes.values))
+    return UpdateStats(n_used, steps_total / max(n_blocks, 1), capped, eigensolved)
+
+
+def _apply_refits(Rx: Tensor, D: Tensor, flat_val: Tensor, refits: list) -> None:
+    """Write an atom batch's refits: atoms, coefficients, and the residual correction
+    ``Σ_j (x_j,old d_j,oldᵀ − x_j,new d_j,newᵀ)`` on the rows the batch's atoms use. Each touched row's
+    correction is one embedding-bag sum over a small (2 × atoms, d) table of the old and new atoms, so no
+    (entries, d) outer products are formed.
+
+    ``refits``: per block ``(ids (B,), slots (e,), rows (e,), atom (e,) position in the block, d_old (B, d),
+    x_old (e,), fit)`` for the block's real (unpadded) entries."""
+    ids = torch.cat([r[0] for r in refits])
+    old = torch.cat([r[4] for r in refits])
+    new = torch.cat([r[6].atoms for r in refits])
+    B = ids.numel()
+    firsts = [0]
+    for r in refits[:-1]:
+        firsts.append(firsts[-1] + r[0].numel())
+    atom = torch.cat([r[3] + f for r, f in zip(refits, firsts)])  # each entry's atom, 0..B-1
+    rows = torch.cat([r[2] for r in refits])
+    x_old = torch.cat([r[5] for r in refits])
+    x_new = torch.cat([r[7] for r in refits])
+    order = torch.argsort(rows, stable=True)
+    rows, atom, x_old, x_new = rows[order], atom[order], x_old[order], x_new[order]
+    touched, per_row = torch.unique_consecutive(rows, return_counts=True)
+    # a bag per touched row, holding each entry twice: +x_old on its old atom, −x_new on its new one
+    idx = torch.stack([atom, atom + B], 1).reshape(-1)
+    weights = torch.stack([x_old, -x_new], 1).reshape(-1)
+    offsets = torch.zeros(touched.numel(), dtype=torch.long, device=D.device)
+    torch.cumsum(2 * per_row[:-1], 0, out=offsets[1:])
+    delta = F.embedding_bag(idx, torch.cat([old, new]), offsets, mode="sum", per_sample_weights=weights)
+    Rx.index_add_(0, touched, delta)
+    D[ids] = new
+    flat_val[torch.cat([r[1] for r in refits])] = torch.cat([r[7] for r in refits])
+
+
+def support_blocks(counts: list[int], d: int, budget: int, method: str = "direct") -> list[list[int]]:
+    """Group the atoms of one atom batch into refit blocks by support size.
+
+    Args:
+        counts: (B,) support size |ω| of each atom of the batch.
+        d: the data dimension (with ``method="gram"``, atoms with |ω| <= d are "light", refitted through
+            |ω| × |ω| Grams, the others through d × d ones).
+        budget: largest block size in gathered entries (atoms × padded rows × d).
+        method: the refit method, whose cost in the padded size P sets the split: P per atom ("direct"),
+            P² ("gram").
+
+    Returns:
+        lists of positions into ``counts``: at most three blocks of contiguous support sizes (plus, for "gram",
+        one of heavy atoms, which never share a block with light ones) chosen to minimise padded cost plus a
+        per-block overhead; any block over ``budget`` is cut.
+    """
+    by_size = sorted(range(len(counts)), key=lambda i: counts[i])
+    if method == "gram":
+        light = [i for i in by_size if counts[i] <= d]
+        heavy = [i for i in by_size if counts[i] > d]
+        groups = _split_by_size(light, [counts[i] ** 2 for i in light]) + ([heavy] if heavy else [])
+    else:
+        groups = _split_by_size(by_size, [counts[i] for i in by_size])
+    blocks = []
+    for g in groups:
+        cap = max(1, budget // max(1, max(counts[i] for i in g) * d))
+        blocks.extend(g[i:i + cap] for i in range(0, len(g), cap))
+    return blocks
+
+
+def _split_by_size(items: list[int], costs: list[int]) -> list[list[int]]:
+    """At most three contiguous groups of ``items`` (sorted by their per-atom ``costs``, which grow with the
+    support size) minimising Σ |g|·max cost in g + a fixed cost per group (padding vs per-block overhead)."""
+    n = len(items)
+    if n == 0:
+        return []
+    c = np.asarray(costs, dtype=np.float64)
+    overhead = float(c.mean()) * _BLOCK_OVERHEAD_ATOMS
+    last = n * c[-1]
+    best, cuts = last + overhead, ()
+    if n >= 2:
+        s = np.arange(1, n)
+        two = s * c[s - 1] + (n - s) * c[-1] + 2 * overhead
+        i = int(two.argmin())
+        if two[i] < best:
+            best, cuts = float(two[i]), (int(s[i]),)
+    if n >= 3:
+        s, t = np.triu_indices(n - 1, k=1)  # 0 <= s < t <= n - 2, cuts at s + 1 < t + 1
+        s, t = s + 1, t + 1
+        three = s * c[s - 1] + (t - s) * c[t - 1] + (n - t) * c[-1] + 3 * overhead
+        i = int(three.argmin())
+        if three[i] < best:
+            cuts = (int(s[i]), int(t[i]))
+    bounds = (0, *cuts, n)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _rank1_fit(
@@ -148,13 +322,13 @@ def _rank1_fit(
         rows, pos, x_old: (e,) per code entry: sample row, atom position in the group, coefficient.
 
     Returns:
-        (new atoms (B, d), new coefficients (e,), steps taken).
+        (new atoms (B, d), new coefficients (e,), steps taken, atoms not converged within ``max_iters``).
     """
     B, dim = d_old.shape
     Rg = R.index_select(0, rows).to(d_old.dtype)  # (e, d), entries grouped by atom (pos ascending)
     seg = _Segments(pos, B, Rg)
     d_cur = d_old
-    steps = 0
+    steps, change = 0, torch.zeros(B, dtype=d_old.dtype, device=d_old.device)
     for steps in range(1, max_iters + 1):
         x = _project(Rg, d_old, d_cur, seg, x_old, nonnegative)
         xx = torch.zeros(B, dtype=d_old.dtype, device=d_old.device).index_add_(0, pos, x_old * x)
@@ -166,7 +340,7 @@ def _rank1_fit(
         if steps < max_iters and bool((change <= tol).all()):
             break
     x = _project(Rg, d_old, d_cur, seg, x_old, nonnegative)
-    return d_cur, x, steps
+    return d_cur, x, steps, int((change > tol).sum())
 
 
 class _Segments:

@@ -34,6 +34,24 @@ from pipeline.core.validation import check_samples
 
 log = logging.getLogger(__name__)
 
+#: The per-iteration record kept in ``Dictionary.history`` (and the fit's metrics), field by field.
+HISTORY_FIELDS: dict[str, str] = {
+    "fvu": "FVU of the batch with the codes it was coded with, before the update (Matryoshka: the cascade "
+           "interleaves coding and updating, so this is the FVU after each group's update)",
+    "l0": "mean non-zeros per sample of those same codes",
+    "fvu_after_update": "FVU of the batch after the atom update (same supports, refitted atoms and values)",
+    "l0_after_update": "mean non-zeros after the update (non-negative refits can zero coefficients)",
+    "dead_fraction": "atoms with no coefficient after the update (re-seeded when reseed is set)",
+    "n_duplicates": "atoms replaced as near-duplicates (duplicate_threshold)",
+    "rank1_iters": "mean iterations per refit block (Gram solver) or atom batch (alternating solver)",
+    "rank1_capped": "refits stopped at rank1_max_iters before rank1_tol (logged as a warning)",
+    "rank1_eigensolved": "signed refits finished exactly by the eigensolver after rank1_max_iters",
+    "code_seconds": "wall time coding", "update_seconds": "wall time updating atoms",
+    "reseed_seconds": "wall time re-seeding dead and duplicate atoms",
+    "iteration": "1-based iteration number", "epoch": "0-based epoch", "rows": "samples in the batch",
+    "seconds": "learner clock since the start of the fit (resumed fits continue it)",
+}
+
 def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
                      reduce: Reduce = identity_reduce, callback=None, **options) -> Dictionary:
     """Learn a dictionary of ``n_atoms`` unit-norm atoms for ``k``-sparse codes of ``data``.
@@ -93,6 +111,10 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduc
             history.append(rec)
             bar.update(1)
             bar.set_postfix(fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.3f}")
+            if rec["rank1_capped"]:
+                log.warning("iteration %d: %d rank-1 refits stopped at rank1_max_iters=%d before rank1_tol=%g "
+                            "(their objective still improved); raise rank1_max_iters for exact refits",
+                            it, rec["rank1_capped"], cfg.rank1_max_iters, cfg.rank1_tol)
             if callback is not None:
                 callback(it, rec, D)
             stop = _stop_reason(cfg, history, it, epoch, rec["seconds"])
@@ -110,6 +132,8 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduc
     log.info("DB-KSVD stopped after %d iterations: %s", it, stop)
     meta = {"learner": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress",)},
             "stop_reason": stop, "iterations": it, "atom_batch_size": atom_batch}
+    if groups is not None:
+        meta["group_atom_batch_sizes"] = [group_atom_batch(atom_batch, g, n_atoms) for g in groups]
     return Dictionary(D, cfg.coder, centre, groups, history, meta)
 
 
@@ -123,21 +147,25 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     """Code one sample batch, update the atoms in place, re-seed; returns the iteration record + new G."""
     coder = cfg.coder.kwargs() | dict(chunk_size=cfg.chunk_size, validate=False)
     update = dict(nonnegative=cfg.coder.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
-                  approximate=cfg.approximate, generator=gen, reduce=reduce)
+                  approximate=cfg.approximate, solver=cfg.rank1_solver, generator=gen, reduce=reduce)
     clock = _Clock(D.device)
     denom = float((Yb - Yb.mean(0)).pow(2).sum().clamp(min=1e-30))
     usage = torch.zeros(D.shape[0], device=D.device)
-    err_before, iters, l0 = None, [], torch.zeros(Yb.shape[0], device=D.device)
+    err_before, iters = None, []
+    l0, l0_after = torch.zeros(Yb.shape[0], device=D.device), torch.zeros(Yb.shape[0], device=D.device)
+    capped = eigensolved = 0
     if groups is None:
         codes = encode(Yb, D, cfg.coder.k, G=G, **coder)
         R = Yb - codes.decode(D)
         err_before = float(R.pow(2).sum())
+        l0 += codes.l0()
         clock.lap("code")
         stats = update_atoms(R, D, codes, atom_batch, **update)
         clock.lap("update")
         iters.append(stats.mean_rank1_iters)
+        capped, eigensolved = stats.capped, stats.eigensolved
         _count_usage(usage, codes)
-        l0 += codes.l0()
+        l0_after += codes.l0()
     else:  # residual cascade: code group g on what groups < g left, update it, move on
         R = Yb
         for g in groups:
@@ -145,13 +173,15 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
             codes = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=G[g.start:g.end, g.start:g.end],
                            **coder)
             R = R - codes.decode(Dg)
+            l0 += codes.l0()
             clock.lap("code")
-            stats = update_atoms(R, Dg, codes, atom_batch, **update)
+            stats = update_atoms(R, Dg, codes, group_atom_batch(atom_batch, g, D.shape[0]), **update)
             clock.lap("update")
             D[g.start:g.end] = Dg
             iters.append(stats.mean_rank1_iters)
+            capped, eigensolved = capped + stats.capped, eigensolved + stats.eigensolved
             _count_usage(usage[g.start:g.end], codes)
-            l0 += codes.l0()
+            l0_after += codes.l0()
     err_after = float(R.pow(2).sum())
     clock.lap("update")
     dead = usage == 0
@@ -170,9 +200,16 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     fvu_after = err_after / denom
     # a cascade interleaves coding and updating, so its only error is the one after the updates
     fvu = fvu_after if err_before is None else err_before / denom
-    return dict(**clock.seconds, fvu=fvu, fvu_after_update=fvu_after,
-                l0=float(l0.float().mean()), dead_fraction=n_dead / D.shape[0], n_duplicates=n_dup,
-                rank1_iters=sum(iters) / len(iters), G=G)
+    return dict(**clock.seconds, fvu=fvu, fvu_after_update=fvu_after, l0=float(l0.float().mean()),
+                l0_after_update=float(l0_after.float().mean()), dead_fraction=n_dead / D.shape[0], n_duplicates=n_dup,
+                rank1_iters=sum(iters) / len(iters), rank1_capped=capped, rank1_eigensolved=eigensolved, G=G)
+
+
+def group_atom_batch(atom_batch: int, group: Group, n_atoms: int) -> int:
+    """The atom-batch size for one Matryoshka group: the dictionary's, scaled by the group's share of the atoms
+    (a 16-atom batch on K = 2048 is a 2-atom batch on a 256-atom group), so every group is refitted with the
+    same degree of parallelism (Jacobi batches that are a large fraction of a group converge worse)."""
+    return max(1, round(atom_batch * (group.end - group.start) / n_atoms))
 
 
 class _Clock:

@@ -32,11 +32,20 @@ class LearnerConfig:
     (converges much worse). None: ``max(1, n_atoms // 128)``, the benchmarked default: at K = 16384 on a GPU,
     K/128 reached the best held-out FVU in the same time as K/32, while K/8 collapsed atoms onto shared
     directions (BENCHMARKS.md)."""
-    rank1_tol: float = 1e-4
-    """Convergence threshold (1 − cos between successive atoms) of each rank-1 refit. 1e-4 gives the same
-    re-coded objective as 1e-6 to 0.1% with 40% fewer steps (BENCHMARKS.md)."""
-    rank1_max_iters: int = 30
-    """Cap on alternating steps of a rank-1 refit."""
+    rank1_solver: str = "direct"
+    """How each atom's rank-1 refit is solved. "direct" (default) and "gram" are exact, as the reference: an
+    atom batch's restricted errors are gathered once into contiguous blocks and each refit is iterated to
+    ``rank1_tol`` (signed refits certified, or finished by an eigensolver), on the block itself ("direct":
+    fastest on CPUs) or in the small space of its Gram matrix ("gram": one batched matmul, then cheap steps).
+    "alternating": matrix-free steps over scattered rows, the solver whose sums go through a data-parallel
+    ``reduce`` hook."""
+    rank1_tol: float = 1e-6
+    """Convergence threshold of each rank-1 refit: "direct" / "gram", 1 − cos between the atom and the exact
+    refit (certified for signed codes, estimated for non-negative ones); "alternating", 1 − cos between
+    successive atoms."""
+    rank1_max_iters: int = 100
+    """Cap on the iterations of a rank-1 refit; refits stopped by it are counted in the history
+    (``rank1_capped``) and logged."""
     approximate: bool = False
     """One alternating step per atom (Rubinstein's approximate K-SVD) instead of iterating to rank1_tol."""
     batch_size: int = 65_536
@@ -94,7 +103,8 @@ class LearnerConfig:
         """Raise ``ValueError`` naming the field for a value the learner cannot use with data of dimension d."""
         check_sparsity(self.coder.k, self.n_atoms, d)
         self.coder.validate()
-        choices = dict(init=("data", "uniform"), reseed=("worst", "random", None))
+        choices = dict(init=("data", "uniform"), reseed=("worst", "random", None),
+                       rank1_solver=("direct", "gram", "alternating"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} = {getattr(self, key)!r} is not one of {allowed}.")

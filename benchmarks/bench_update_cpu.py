@@ -1,0 +1,146 @@
+"""Benchmark: the DB-KSVD atom update (exact Gram solver vs the matrix-free alternating one) and one full
+iteration against a pass of sae-lens TopK training over the same rows, side by side in one process.
+
+On one sample batch of an activation store (default: the default run's store, 16,384 rows, K = 2048, k = 32),
+starting from a fitted dictionary (``--dictionary``) or one warmed up here for ``--warm-iters`` iterations:
+
+1. the batch is coded once (the coder's time);
+2. each update variant runs ``--repeats`` times on copies of the same codes and residual: wall time (median),
+   the objective after the update, the FVU after re-coding with the updated atoms, refits capped or finished
+   by the eigensolver, and the atoms' agreement with the tightest variant;
+3. sae-lens TopK training (batch 1024, the default run's recipe) over the same rows: the marginal time of one
+   pass, from runs of 1 and 4 passes (so set-up is not counted).
+
+Usage: python benchmarks/bench_update_cpu.py --store outputs/default/harvest-*/store \
+           [--dictionary outputs/default/fit-*/dictionary] [--out benchmarks/results_update_cpu.json]
+Time it alone: other processes on the cores stall torch's threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.core.atom_update import objective, update_atoms  # noqa: E402
+from pipeline.core.codes import Codes  # noqa: E402
+from pipeline.core.coders import encode, gram  # noqa: E402
+from pipeline.core.learner import learn_dictionary  # noqa: E402
+
+VARIANTS = {
+    "alternating, tol 1e-4, cap 30 (the update before the Gram solver)":
+        dict(solver="alternating", tol=1e-4, max_iters=30),
+    "alternating, tol 1e-6, cap 100": dict(solver="alternating", tol=1e-6, max_iters=100),
+    "gram, tol 1e-6, cap 100": dict(solver="gram", tol=1e-6, max_iters=100),
+    "direct, tol 1e-6, cap 100 (default)": dict(solver="direct", tol=1e-6, max_iters=100),
+}
+
+
+def _fvu(Y: torch.Tensor, R: torch.Tensor) -> float:
+    return float(R.pow(2).sum() / (Y - Y.mean(0)).pow(2).sum())
+
+
+def bench_updates(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> dict:
+    G = gram(D0)
+    t = time.perf_counter()
+    codes0 = encode(Y, D0, k, G=G)
+    code_seconds = time.perf_counter() - t
+    out = {"code_seconds": code_seconds, "fvu_before": _fvu(Y, Y - codes0.decode(D0)), "variants": {}}
+    atoms = {}
+    atom_batch = max(1, D0.shape[0] // 128)
+    for name, opts in VARIANTS.items():
+        secs = []
+        for r in range(repeats):
+            D = D0.clone()
+            codes = Codes(codes0.indices.clone(), codes0.values.clone())
+            R = Y - codes.decode(D)
+            t = time.perf_counter()
+            stats = update_atoms(R, D, codes, atom_batch, generator=torch.Generator().manual_seed(0), **opts)
+            secs.append(time.perf_counter() - t)
+        recoded = encode(Y, D, k, G=gram(D))
+        atoms[name] = D
+        out["variants"][name] = {
+            "seconds": statistics.median(secs), "all_seconds": secs,
+            "fvu_after_update": objective(Y, D, codes) / float((Y - Y.mean(0)).pow(2).sum()),
+            "fvu_recoded": _fvu(Y, Y - recoded.decode(D)), "mean_iters": stats.mean_rank1_iters,
+            "capped": stats.capped, "eigensolved": stats.eigensolved, "atoms_refitted": stats.n_used}
+        print(name, json.dumps({k_: v for k_, v in out["variants"][name].items() if k_ != "all_seconds"}),
+              flush=True)
+    ref = atoms[list(VARIANTS)[-1]]
+    for name, D in atoms.items():
+        cos = (D * ref).sum(1).abs()
+        out["variants"][name]["atoms_vs_default"] = {"min_abs_cos": float(cos.min()),
+                                                     "mean_1_minus_abs_cos": float((1 - cos).mean())}
+    return out
+
+
+def bench_topk_pass(Y: torch.Tensor, K: int, k: int) -> dict:
+    from pipeline.evals.baselines.config import BaselineSpec, Budget
+    from pipeline.evals.baselines.train import train_baseline
+
+    spec = BaselineSpec(architecture="topk", batch_size=1024)
+    runs = {}
+    for passes in (1, 4):
+        t = time.perf_counter()
+        trained = train_baseline(Y, Y.shape[1], K, k, spec, Budget(mode="samples", samples=passes * Y.shape[0]))
+        runs[passes] = {"wall": time.perf_counter() - t, "steps": trained.record.steps}
+    per_pass = (runs[4]["wall"] - runs[1]["wall"]) / 3
+    return {"runs": runs, "seconds_per_pass": per_pass, "rows_per_second": Y.shape[0] / per_pass}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", required=True, help="activation store folder")
+    ap.add_argument("--dictionary", default=None, help="a fitted dictionary folder to start from")
+    ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--n-atoms", type=int, default=2048)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--warm-iters", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results_update_cpu.json")
+    args = ap.parse_args()
+    from pipeline.data.store import ActivationStore
+
+    store = ActivationStore(args.store)
+    Y_all = store.load_all()
+    g = torch.Generator().manual_seed(123)
+    Y = Y_all[torch.randperm(Y_all.shape[0], generator=g)[: args.rows]].float()
+    if args.dictionary:
+        from pipeline.core.dictionary import Dictionary
+
+        D0 = Dictionary.load(args.dictionary).atoms.float()
+        start = f"fitted dictionary {args.dictionary}"
+    else:
+        D0 = learn_dictionary(Y_all, args.n_atoms, args.k, batch_size=args.rows, max_iters=args.warm_iters,
+                              tol=None, progress=False).atoms
+        start = f"{args.warm_iters} warm-up iterations of the default learner"
+    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+           "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+           "data": f"{store.path} ({store.hook}), {Y.shape[0]} random rows, d={Y.shape[1]}",
+           "K": D0.shape[0], "k": args.k, "start": start}
+    res["update"] = bench_updates(Y, D0, args.k, args.repeats)
+    res["topk_sae"] = bench_topk_pass(Y, D0.shape[0], args.k)
+    default = res["update"]["variants"][list(VARIANTS)[-1]]
+    before = res["update"]["variants"][list(VARIANTS)[0]]
+    iteration = res["update"]["code_seconds"] + default["seconds"]
+    res["summary"] = {
+        "update_speedup_vs_before": before["seconds"] / default["seconds"],
+        "iteration_seconds": iteration,
+        "iteration_rows_per_second": Y.shape[0] / iteration,
+        "topk_pass_rows_per_second": res["topk_sae"]["rows_per_second"],
+        "iteration_over_topk_pass": iteration / res["topk_sae"]["seconds_per_pass"],
+    }
+    print(json.dumps(res["summary"], indent=2), flush=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Exact rank-1 refits of restricted errors gathered into contiguous, zero-padded blocks.
+
+A block holds B atoms' restricted errors ``E_b = R[ω_b] + x_b d_bᵀ`` as a ``(B, P, d)`` tensor, row ``p`` of
+atom ``b`` being one sample of its support; rows past ``|ω_b|`` are zero, so padding changes no product. Each
+refit solves, warm started from the current atom ``d_b``:
+
+    signed:        max over unit d of ‖E d‖²            (the top singular pair; coefficients x = E d)
+    non-negative:  max over unit d of ‖max(E d, 0)‖²    (coefficients x = max(E d, 0))
+
+Two methods, both iterating from the current atom to ``tol``:
+
+- ``"direct"``: iterate on the block itself, ``x ← E d`` (non-negative: ``max(E d, 0)``),
+  ``d ← Eᵀx / ‖Eᵀx‖``: two batched matrix-vector products per step over the contiguous block (cache-resident
+  per atom batch on a CPU). For signed codes this is the power iteration on ``EᵀE``; for non-negative ones the
+  alternating exact minimisation, which never increases the objective.
+- ``"gram"``: read the block once to form the small Gram matrix with one batched matmul (KSVD.jl's Arnoldi
+  solver works on the same matrices) and iterate there: ``M = E Eᵀ`` (B, P, P) for light blocks
+  (``P <= d``), whose iterate is a coefficient vector v with atom ``Eᵀv / ‖Eᵀv‖`` and step ``v ← M v``
+  (non-negative: ``max(M v, 0)``, the same alternating minimisation folded into one step), costing ``P²``
+  per step instead of ``P·d``; ``N = EᵀE`` (B, d, d) for heavy signed blocks; heavy non-negative blocks
+  iterate directly. Forming M costs ``2 P² d`` flops per atom, so this wins when steps are many or flops
+  are cheap relative to memory traffic (GPUs); on a 2-core CPU at ``P ≈ d/2`` "direct" is ~5× faster.
+
+Convergence is tested on the atoms, against ``tol`` on ``1 − cos`` to the exact solution:
+
+- signed refits are **certified**: for a unit iterate v of the Gram matrix A with Rayleigh quotient q and
+  residual ``r = ‖A v − q v‖``, and an upper bound λ₂⁺ on every eigenvalue but the top one
+  (``√(‖A‖_F² − q²)`` when A is formed, ``trace(A) − q = ‖E‖_F² − q`` when it is not), ``gap = q − λ₂⁺ > 0``
+  gives the Davis-Kahan bound ``sin θ <= r / gap``. A refit not certified within ``max_steps`` (a small or
+  unprovable gap) is finished by an eigensolver on its Gram matrix (``torch.linalg.eigh`` in fp64), so signed
+  refits are always exact;
+- non-negative refits (a local optimum; no certificate exists) stop once the estimated distance to the fixed
+  point, ``δ ρ / (1 − ρ)`` from the latest step ``δ = ‖d_{t+1} − d_t‖`` (computed without cancellation) and
+  the larger of the last two step ratios ρ, is within tol; one that hits the cap keeps its last
+  (objective-improving) iterate and is counted in ``capped``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Smallest step (‖d_{t+1} − d_t‖) treated as converged outright: fp32 resolves atom steps to about 1e-7.
+_STEP_FLOOR = 1e-6
+#: Upper bound on the estimated contraction rate (a ratio of 1 or more means "not contracting yet").
+_MAX_RATE = 0.999
+
+
+@dataclass
+class Rank1Refit:
+    """The refits of one block."""
+
+    atoms: Tensor
+    """(B, d) new unit-norm atoms."""
+    coefs: Tensor
+    """(B, P) new coefficients (zero on padding rows)."""
+    steps: int
+    """Iterations taken (the block's slowest atom)."""
+    capped: int
+    """Non-negative refits that stopped at ``max_steps`` before ``tol`` (signed ones are finished exactly)."""
+    eigensolved: int
+    """Signed refits finished by the eigensolver after ``max_steps``."""
+
+
+def refit_block(E: Tensor, d_old: Tensor, *, nonnegative: bool, tol: float, max_steps: int,
+                method: str = "direct", check_every: int = 1) -> Rank1Refit:
+    """Best rank-1 refits of a block of restricted errors, each warm started from its current atom.
+
+    Args:
+        E: (B, P, d) restricted errors, zero rows past each atom's support size.
+        d_old: (B, d) current unit-norm atoms.
+        nonnegative: keep coefficients >= 0.
+        tol: convergence threshold on the estimated ``1 − cos`` between the atom and the exact solution.
+        max_steps: iteration cap.
+        method: ``"direct"`` (iterate on the block itself) or ``"gram"`` (form the small Gram first).
+        check_every: iterations between convergence tests (each test is a host synchronisation on CUDA).
+
+    Returns:
+        :class:`Rank1Refit`.
+    """
+    B, P, d = E.shape
+    if method == "direct":
+        return _direct(E, d_old, nonnegative, tol, max_steps, check_every)
+    if method != "gram":
+        raise ValueError(f"method = {method!r} is not 'direct' or 'gram'.")
+    if P <= d:
+        return _light(E, d_old, nonnegative, tol, max_steps, check_every)
+    if not nonnegative:
+        return _heavy_signed(E, d_old, tol, max_steps, check_every)
+    return _direct(E, d_old, nonnegative, tol, max_steps, check_every)
+
+
+def _second_eigenvalue_bound(fro2: Tensor, q: Tensor) -> Tensor:
+    """Upper bound on every eigenvalue but the top one of a PSD matrix with ``‖A‖_F² = fro2`` whose top
+    eigenvalue is at least q: ``λ₂² <= ‖A‖_F² − λ₁² <= ‖A‖_F² − q²``."""
+    return (fro2 - q * q).clamp(min=0).sqrt()
+
+
+def _bmv(A: Tensor, v: Tensor) -> Tensor:
+    """(B, m) ``A_b v_b`` for A: (B, m, n), v: (B, n), computed as the row product ``v_bᵀ A_bᵀ``: on CPU
+    (torch 2.13, MKL) that form runs 3-7× faster than ``bmm(A, v[..., None])`` for both A = E and A = Eᵀ."""
+    return torch.bmm(v.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
+
+
+def _unit(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of v scaled to unit norm (zero rows stay zero), and the norms."""
+    n = v.norm(dim=1, keepdim=True)
+    return v / n.clamp(min=torch.finfo(v.dtype).tiny), n.squeeze(1)
+
+
+class _Convergence:
+    """Per-atom convergence tests (see the module docstring): a certificate for signed refits, an estimate of
+    the distance to the fixed point for non-negative ones."""
+
+    def __init__(self, B: int, tol: float, device: torch.device, dtype: torch.dtype):
+        self.tol = tol
+        self.max_step = max(2 * tol, 0.0) ** 0.5 if tol >= 0 else -1.0  # 1 − cos θ <= tol ⇔ θ <= √(2 tol)
+        self.prev = torch.zeros(B, device=device, dtype=dtype)  # step/0 = inf: the first rate is unknown
+        self.last_rate = torch.full((B,), _MAX_RATE, device=device, dtype=dtype)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def certify(self, residual: Tensor, q: Tensor, below: Tensor) -> None:
+        """Signed: ``residual = ‖A v − q v‖`` for a unit v, Rayleigh quotient q of the symmetric PSD Gram A, and
+        ``below`` an upper bound on every eigenvalue of A but the top one. With ``gap = q − below > 0``,
+        ``sin θ(v, top eigenvector) <= residual / gap`` (Davis-Kahan)."""
+        gap = q - below
+        sin2 = torch.where(gap > 0, (residual / gap.clamp(min=1e-30)).pow(2), torch.ones_like(q)).clamp(max=1)
+        one_minus_cos = sin2 / (1 + (1 - sin2).sqrt())
+        self.done = (one_minus_cos <= self.tol) | (q <= 0)
+
+    def update(self, step: Tensor) -> None:
+        """Non-negative: ``step`` (B,) = ‖d_{t+1} − d_t‖ of the latest iteration. The contraction rate is the
+        larger of the last two step ratios (so a fast first phase cannot hide a slow one), the estimated
+        distance to the fixed point ``step·ρ/(1 − ρ)``."""
+        rate = (step / self.prev).clamp(max=_MAX_RATE)  # NaN (0/0) only when both steps are 0: done below
+        rho = torch.fmax(self.last_rate, rate)
+        remaining = step * rho / (1 - rho)
+        self.done = (step <= _STEP_FLOOR) | (torch.maximum(remaining, step) <= self.max_step)
+        self.last_rate, self.prev = rate, step
+
+
+def _light(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: int,
+           check_every: int) -> Rank1Refit:
+    """Refits in the coefficient space through ``M = E Eᵀ`` (P <= d)."""
+    M = torch.bmm(E, E.transpose(1, 2))  # (B, P, P)
+    fro2 = M.pow(2).sum((1, 2))
+    v = _bmv(E, d_old)  # E d_old: the coefficients of the current atom
+    if nonnegative:
+        v = v.clamp(min=0)
+    v, _ = _unit(v)
+    w = _bmv(M, v)
+    q = (v * w).sum(1)  # ‖Eᵀ v‖² for unit v
+    conv = _Convergence(E.shape[0], tol, E.device, E.dtype)
+    steps = 0
+    for steps in range(1, max_steps + 1):
+        v2, _ = _unit(w.clamp(min=0) if nonnegative else w)
+        w2 = _bmv(M, v2)
+        q2 = (v2 * w2).sum(1)
+        if nonnegative:
+            # atoms Eᵀv/√q: their difference is Eᵀz with z = v2/√q2 − v/√q, so ‖step‖² = zᵀ M z (no cancellation)
+            s, s2 = q.clamp(min=1e-30).rsqrt(), q2.clamp(min=1e-30).rsqrt()
+            z = v2 * s2[:, None] - v * s[:, None]
+            Mz = w2 * s2[:, None] - w * s[:, None]
+            step = (z * Mz).sum(1).clamp(min=0).sqrt()
+            conv.update(torch.where((q > 0) & (q2 > 0), step, torch.zeros_like(step)))
+        else:
+            conv.certify((w2 - q2[:, None] * v2).norm(dim=1), q2, _second_eigenvalue_bound(fro2, q2))
+        v, w, q = v2, w2, q2
+        if (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
+            break
+    eigensolved = 0
+    # signed: a refit that is not certified, or whose start E d_old was zero, is solved by the eigensolver
+    late = ~conv.done | ((q <= 0) & (fro2 > 0))
+    if not nonnegative and bool(late.any()):
+        late = late.nonzero().squeeze(1)
+        top = torch.linalg.eigh(M.index_select(0, late).double()).eigenvectors[..., -1].to(E.dtype)
+        # orient like the iterate (which points along E d_old's side)
+        sign = torch.where((top * v.index_select(0, late)).sum(1) < 0, -1.0, 1.0).to(E.dtype)
+        v = v.index_copy(0, late, top * sign[:, None])
+        eigensolved = int(late.numel())
+    atoms, norm = _unit(_bmv(E.transpose(1, 2), v))  # Eᵀ v
+    coefs = _bmv(E, atoms)
+    if nonnegative:
+        coefs = coefs.clamp(min=0)
+    atoms, coefs = _keep_dead(atoms, coefs, norm, d_old)
+    capped = int((~conv.done).sum()) if nonnegative else 0
+    return Rank1Refit(atoms, coefs, steps, capped, eigensolved)
+
+
+def _heavy_signed(E: Tensor, d_old: Tensor, tol: float, max_steps: int, check_every: int) -> Rank1Refit:
+    """Signed refits through ``N = EᵀE`` (B, d, d): power iteration on the atom, certified as in ``_light``."""
+    N = torch.bmm(E.transpose(1, 2), E)
+    fro2 = N.pow(2).sum((1, 2))
+    u = d_old
+    Nu = _bmv(N, u)
+    conv = _Convergence(E.shape[0], tol, E.device, E.dtype)
+    steps = 0
+    for steps in range(1, max_steps + 1):
+        u2, norm = _unit(Nu)
+        u = torch.where(norm[:, None] > 0, u2, u)
+        Nu = _bmv(N, u)
+        q = (u * Nu).sum(1)
+        conv.certify((Nu - q[:, None] * u).norm(dim=1), q, _second_eigenvalue_bound(fro2, q))
+        if (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
+            break
+    eigensolved = 0
+    late = ~conv.done | (((u * Nu).sum(1) <= 0) & (fro2 > 0))
+    if bool(late.any()):
+        late = late.nonzero().squeeze(1)
+        top = torch.linalg.eigh(N.index_select(0, late).double()).eigenvectors[..., -1].to(E.dtype)
+        sign = torch.where((top * u.index_select(0, late)).sum(1) < 0, -1.0, 1.0).to(E.dtype)
+        u = u.index_copy(0, late, top * sign[:, None])
+        eigensolved = int(late.numel())
+    coefs = _bmv(E, u)
+    return Rank1Refit(u, coefs, steps, 0, eigensolved)
+
+
+def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: int,
+            check_every: int) -> Rank1Refit:
+    """Refits iterating on the block itself: ``x ← E d`` (non-negative: ``max(E d, 0)``), ``d ← Eᵀx / ‖Eᵀx‖``,
+    two batched matrix-vector products per step over the contiguous block. Signed refits are certified with
+    the trace bound (every eigenvalue of EᵀE below the top one is at most ``‖E‖_F² − q``); the rest are
+    finished by the eigensolver."""
+    Et = E.transpose(1, 2)
+    u = d_old
+    x = _bmv(E, u)
+    if nonnegative:
+        x = x.clamp(min=0)
+    conv = _Convergence(E.shape[0], tol, E.device, E.dtype)
+    energy = None if nonnegative else torch.linalg.vector_norm(E, dim=(1, 2)).pow(2)  # ‖E‖_F² = trace(EᵀE)
+    steps = 0
+    for steps in range(1, max_steps + 1):
+        y = _bmv(Et, x)  # Eᵀx; for signed x = E u this is (EᵀE) u
+        if not nonnegative:
+            q = x.pow(2).sum(1)  # Rayleigh quotient of EᵀE at the unit u
+            conv.certify((y - q[:, None] * u).norm(dim=1), q, energy - q)  # λ₂ <= trace − λ₁ <= trace − q
+            if (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
+                break
+        u2, norm = _unit(y)
+        u2 = torch.where(norm[:, None] > 0, u2, u)
+        x = _bmv(E, u2)
+        if nonnegative:
+            x = x.clamp(min=0)
+            conv.update((u2 - u).norm(dim=1))
+        u = u2
+        if nonnegative and (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
+            break
+    eigensolved = 0
+    if not nonnegative:
+        late = ~conv.done | ((x.pow(2).sum(1) <= 0) & (energy > 0))
+        if bool(late.any()):
+            late = late.nonzero().squeeze(1)
+            u = u.index_copy(0, late, _top_right_vector(E.index_select(0, late), u.index_select(0, late)))
+            x = _bmv(E, u)
+            eigensolved = int(late.numel())
+    capped = int((~conv.done).sum()) if nonnegative else 0
+    if nonnegative:
+        dead = x.pow(2).sum(1) <= 0
+        u = torch.where(dead[:, None], d_old, u)
+    return Rank1Refit(u, x, steps, capped, eigensolved)
+
+
+def _top_right_vector(E: Tensor, ref: Tensor) -> Tensor:
+    """(B, d) top right singular vectors of E: (B, P, d) by an eigensolver on the smaller Gram matrix (fp64),
+    oriented to have a non-negative dot product with ``ref``."""
+    B, P, d = E.shape
+    Ed = E.double()
+    if P <= d:
+        v = torch.linalg.eigh(torch.bmm(Ed, Ed.transpose(1, 2))).eigenvectors[..., -1]
+        top, _ = _unit(_bmv(Ed.transpose(1, 2), v))
+    else:
+        top = torch.linalg.eigh(torch.bmm(Ed.transpose(1, 2), Ed)).eigenvectors[..., -1]
+    top = top.to(E.dtype)
+    return torch.where((top * ref).sum(1, keepdim=True) < 0, -top, top)
+
+
+def _keep_dead(atoms: Tensor, coefs: Tensor, norm: Tensor, d_old: Tensor) -> tuple[Tensor, Tensor]:
+    """An atom whose refit is zero (no sample has a positive projection) keeps its direction, with zero
+    coefficients: the best non-negative fit of that error is nothing."""
+    dead = norm <= 0
+    if bool(dead.any()):
+        atoms = torch.where(dead[:, None], d_old, atoms)
+        coefs = torch.where(dead[:, None], torch.zeros_like(coefs), coefs)
+    return atoms, coefs
