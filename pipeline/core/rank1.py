@@ -175,10 +175,7 @@ def _light(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: i
     late = ~conv.done | ((q <= 0) & (fro2 > 0))
     if not nonnegative and bool(late.any()):
         late = late.nonzero().squeeze(1)
-        top = torch.linalg.eigh(M.index_select(0, late).double()).eigenvectors[..., -1].to(E.dtype)
-        # orient like the iterate (which points along E d_old's side)
-        sign = torch.where((top * v.index_select(0, late)).sum(1) < 0, -1.0, 1.0).to(E.dtype)
-        v = v.index_copy(0, late, top * sign[:, None])
+        v = v.index_copy(0, late, _top_eigenvectors(M.index_select(0, late), v.index_select(0, late)))
         eigensolved = int(late.numel())
     atoms, norm = _unit(_bmv(E.transpose(1, 2), v))  # Eᵀ v
     coefs = _bmv(E, atoms)
@@ -209,9 +206,7 @@ def _heavy_signed(E: Tensor, d_old: Tensor, tol: float, max_steps: int, check_ev
     late = ~conv.done | (((u * Nu).sum(1) <= 0) & (fro2 > 0))
     if bool(late.any()):
         late = late.nonzero().squeeze(1)
-        top = torch.linalg.eigh(N.index_select(0, late).double()).eigenvectors[..., -1].to(E.dtype)
-        sign = torch.where((top * u.index_select(0, late)).sum(1) < 0, -1.0, 1.0).to(E.dtype)
-        u = u.index_copy(0, late, top * sign[:, None])
+        u = u.index_copy(0, late, _top_eigenvectors(N.index_select(0, late), u.index_select(0, late)))
         eigensolved = int(late.numel())
     coefs = _bmv(E, u)
     return Rank1Refit(u, coefs, steps, 0, eigensolved)
@@ -263,16 +258,19 @@ def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: 
 
 
 def _top_right_vector(E: Tensor, ref: Tensor) -> Tensor:
-    """(B, d) top right singular vectors of E: (B, P, d) by an eigensolver on the smaller Gram matrix (fp64),
-    oriented to have a non-negative dot product with ``ref``."""
+    """(B, d) top right singular vectors of E: (B, P, d), from the smaller of its two Gram matrices, oriented to
+    have a non-negative dot product with ``ref``."""
     B, P, d = E.shape
-    Ed = E.double()
-    if P <= d:
-        v = torch.linalg.eigh(torch.bmm(Ed, Ed.transpose(1, 2))).eigenvectors[..., -1]
-        top, _ = _unit(_bmv(Ed.transpose(1, 2), v))
-    else:
-        top = torch.linalg.eigh(torch.bmm(Ed.transpose(1, 2), Ed)).eigenvectors[..., -1]
-    top = top.to(E.dtype)
+    if P > d:
+        return _top_eigenvectors(torch.bmm(E.transpose(1, 2), E), ref)
+    v = _top_eigenvectors(torch.bmm(E, E.transpose(1, 2)), _bmv(E, ref))
+    return _unit(_bmv(E.transpose(1, 2), v))[0]
+
+
+def _top_eigenvectors(A: Tensor, ref: Tensor) -> Tensor:
+    """(B, m) unit eigenvectors of the largest eigenvalues of symmetric A: (B, m, m) (solved in fp64), each
+    oriented to have a non-negative dot product with ``ref``: (B, m)."""
+    top = torch.linalg.eigh(A.double()).eigenvectors[..., -1].to(A.dtype)
     return torch.where((top * ref).sum(1, keepdim=True) < 0, -top, top)
 
 
