@@ -24,7 +24,7 @@ sequential K-SVD; one batch of all K atoms converges much worse (noted by the re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ Reduce = Callable[[Tensor], Tensor]
 
 #: Largest number of gathered residual entries (rows × d) held at once by one compute chunk (CPU, CUDA).
 _GATHER_BUDGET = {"cpu": 1 << 25, "cuda": 1 << 28}
-#: Iterations between convergence tests of the Gram solver (a test synchronises the host with CUDA).
+#: Iterations between convergence tests of the block solvers (a test synchronises the host with CUDA).
 _CHECK_EVERY = {"cpu": 1, "cuda": 8}
 #: Fixed cost of one extra block, in atoms of average cost: splitting an atom batch into blocks by support size
 #: trades padding work against per-block overhead (a block's set-up and its per-step kernel launches).
@@ -55,11 +55,11 @@ class UpdateStats:
     n_used: int
     """Atoms with at least one coefficient in the batch (the ones refitted)."""
     mean_rank1_iters: float
-    """Mean number of iterations the refit blocks (Gram solver) or atom batches (alternating) needed."""
+    """Mean number of iterations the refit blocks (block solvers) or atom batches (alternating) needed."""
     capped: int = 0
     """Refits stopped at the iteration cap before converging (non-negative, or the alternating solver)."""
     eigensolved: int = 0
-    """Signed refits finished by the eigensolver after the cap (Gram solver; exact)."""
+    """Signed refits finished by the eigensolver after the cap (block solvers; exact)."""
 
 
 def identity_reduce(t: Tensor) -> Tensor:
@@ -182,8 +182,8 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
     counts = [starts[a + 1] - starts[a] for a in range(n_used)]
     plan = [(b0, support_blocks(counts[b0:b0 + atom_batch_size], d, budget, method))
             for b0 in range(0, n_used, atom_batch_size)]
-    # two reused work buffers (the gathered block, then its residual correction): fresh multi-MB tensors per
-    # block would cost a page fault per 4 KiB on CPU
+    # one reused work buffer for the gathered blocks: a fresh multi-MB tensor per block would cost a page fault
+    # per 4 KiB on CPU
     size = max(len(r) * max(counts[b0 + i] for i in r) for b0, blocks in plan for r in blocks)
     work_E = torch.empty(size, d, dtype=D.dtype, device=device)
     steps_total, n_blocks, capped, eigensolved = 0, 0, 0, 0
@@ -208,8 +208,9 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
             fit = refit_block(E, d_old, nonnegative=nonnegative, tol=tol, max_steps=max_iters, method=method,
                               check_every=check_every)
             del E
-            pos = torch.arange(len(ranks), device=device)[:, None].expand_as(mask)[mask]
-            refits.append((ids, ent[mask], rows[mask], pos, d_old, x_old[mask], fit, fit.coefs[mask]))
+            atom = torch.arange(len(ranks), device=device)[:, None].expand_as(mask)[mask]
+            refits.append(_BlockRefit(ids, ent[mask], rows[mask], atom, d_old, x_old[mask], fit.atoms,
+                                      fit.coefs[mask]))
             steps_total += fit.steps
             n_blocks += 1
             capped += fit.capped
@@ -220,25 +221,44 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
     return UpdateStats(n_used, steps_total / max(n_blocks, 1), capped, eigensolved)
 
 
-def _apply_refits(Rx: Tensor, D: Tensor, flat_val: Tensor, refits: list) -> None:
+class _BlockRefit(NamedTuple):
+    """One refitted block's real (unpadded) entries, ready to be written."""
+
+    ids: Tensor
+    """(B,) atom ids."""
+    slots: Tensor
+    """(e,) flat code slots of the entries."""
+    rows: Tensor
+    """(e,) sample row of each entry."""
+    atom: Tensor
+    """(e,) position in the block of each entry's atom."""
+    d_old: Tensor
+    """(B, d) atoms before the refit."""
+    x_old: Tensor
+    """(e,) coefficients before the refit."""
+    d_new: Tensor
+    """(B, d) refitted atoms."""
+    x_new: Tensor
+    """(e,) refitted coefficients."""
+
+
+def _apply_refits(Rx: Tensor, D: Tensor, flat_val: Tensor, refits: list[_BlockRefit]) -> None:
     """Write an atom batch's refits: atoms, coefficients, and the residual correction
     ``Σ_j (x_j,old d_j,oldᵀ − x_j,new d_j,newᵀ)`` on the rows the batch's atoms use. Each touched row's
     correction is one embedding-bag sum over a small (2 × atoms, d) table of the old and new atoms, so no
-    (entries, d) outer products are formed.
-
-    ``refits``: per block ``(ids (B,), slots (e,), rows (e,), atom (e,) position in the block, d_old (B, d),
-    x_old (e,), fit)`` for the block's real (unpadded) entries."""
-    ids = torch.cat([r[0] for r in refits])
-    old = torch.cat([r[4] for r in refits])
-    new = torch.cat([r[6].atoms for r in refits])
+    (entries, d) outer products are formed."""
+    ids = torch.cat([r.ids for r in refits])
+    new = torch.cat([r.d_new for r in refits])
     B = ids.numel()
     firsts = [0]
     for r in refits[:-1]:
-        firsts.append(firsts[-1] + r[0].numel())
-    atom = torch.cat([r[3] + f for r, f in zip(refits, firsts)])  # each entry's atom, 0..B-1
-    rows = torch.cat([r[2] for r in refits])
-    x_old = torch.cat([r[5] for r in refits])
-    x_new = torch.cat([r[7] for r in refits])
+        firsts.append(firsts[-1] + r.ids.numel())
+    atom = torch.cat([r.atom + f for r, f in zip(refits, firsts)])  # each entry's atom, 0..B-1
+    rows = torch.cat([r.rows for r in refits])
+    x_old = torch.cat([r.x_old for r in refits])
+    x_new = torch.cat([r.x_new for r in refits])
+    slots = torch.cat([r.slots for r in refits])
+    flat_val[slots] = x_new
     order = torch.argsort(rows, stable=True)
     rows, atom, x_old, x_new = rows[order], atom[order], x_old[order], x_new[order]
     touched, per_row = torch.unique_consecutive(rows, return_counts=True)
@@ -247,10 +267,10 @@ def _apply_refits(Rx: Tensor, D: Tensor, flat_val: Tensor, refits: list) -> None
     weights = torch.stack([x_old, -x_new], 1).reshape(-1)
     offsets = torch.zeros(touched.numel(), dtype=torch.long, device=D.device)
     torch.cumsum(2 * per_row[:-1], 0, out=offsets[1:])
-    delta = F.embedding_bag(idx, torch.cat([old, new]), offsets, mode="sum", per_sample_weights=weights)
+    table = torch.cat([torch.cat([r.d_old for r in refits]), new])
+    delta = F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=weights)
     Rx.index_add_(0, touched, delta)
     D[ids] = new
-    flat_val[torch.cat([r[1] for r in refits])] = torch.cat([r[7] for r in refits])
 
 
 def support_blocks(counts: list[int], d: int, budget: int, method: str = "direct") -> list[list[int]]:

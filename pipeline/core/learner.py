@@ -43,7 +43,7 @@ HISTORY_FIELDS: dict[str, str] = {
     "l0_after_update": "mean non-zeros after the update (non-negative refits can zero coefficients)",
     "dead_fraction": "atoms with no coefficient after the update (re-seeded when reseed is set)",
     "n_duplicates": "atoms replaced as near-duplicates (duplicate_threshold)",
-    "rank1_iters": "mean iterations per refit block (Gram solver) or atom batch (alternating solver)",
+    "rank1_iters": "mean iterations per refit block (block solvers) or atom batch (alternating solver)",
     "rank1_capped": "refits stopped at rank1_max_iters before rank1_tol (logged as a warning)",
     "rank1_eigensolved": "signed refits finished exactly by the eigensolver after rank1_max_iters",
     "code_seconds": "wall time coding", "update_seconds": "wall time updating atoms",

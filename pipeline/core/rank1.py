@@ -171,12 +171,12 @@ def _light(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: i
         if (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
             break
     eigensolved = 0
-    # signed: a refit that is not certified, or whose start E d_old was zero, is solved by the eigensolver
-    late = ~conv.done | ((q <= 0) & (fro2 > 0))
-    if not nonnegative and bool(late.any()):
-        late = late.nonzero().squeeze(1)
-        v = v.index_copy(0, late, _top_eigenvectors(M.index_select(0, late), v.index_select(0, late)))
-        eigensolved = int(late.numel())
+    if not nonnegative:  # a refit not certified, or whose start E d_old was zero, is solved by the eigensolver
+        late = ~conv.done | ((q <= 0) & (fro2 > 0))
+        if bool(late.any()):
+            late = late.nonzero().squeeze(1)
+            v = v.index_copy(0, late, _top_eigenvectors(M.index_select(0, late), v.index_select(0, late)))
+            eigensolved = int(late.numel())
     atoms, norm = _unit(_bmv(E.transpose(1, 2), v))  # Eᵀ v
     coefs = _bmv(E, atoms)
     if nonnegative:
@@ -252,8 +252,7 @@ def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: 
             eigensolved = int(late.numel())
     capped = int((~conv.done).sum()) if nonnegative else 0
     if nonnegative:
-        dead = x.pow(2).sum(1) <= 0
-        u = torch.where(dead[:, None], d_old, u)
+        u, x = _keep_dead(u, x, x.norm(dim=1), d_old)
     return Rank1Refit(u, x, steps, capped, eigensolved)
 
 
