@@ -67,10 +67,16 @@ class CoreConfig:
     positions the fit used: those the harvest left out, special tokens and, with ``harvest.outlier_norm_factor``,
     norm outliers, pass through unreconstructed and out of every mean; ``eval_results/core_fit_positions/``) or
     ``both``. Default ``all`` (today's behaviour) for an ``eval`` node without the key."""
+    reuse_forwards_mb: float = 2048.0
+    """Memory (MiB, on the eval device) for the LLM forwards that do not depend on the SAE (clean and
+    zero-ablated logits, hook activations), computed once and reused by every SAE and position set
+    (:mod:`pipeline.evals.metrics.shared_forwards`); results that would overflow it are recomputed. 0: none kept."""
 
     def __post_init__(self) -> None:
         if self.positions not in ("all", "fit", "both"):
             raise ValueError(f"eval.core.positions={self.positions!r} must be one of all, fit, both")
+        if self.reuse_forwards_mb < 0:
+            raise ValueError(f"eval.core.reuse_forwards_mb={self.reuse_forwards_mb} must be >= 0 (0: keep none)")
 
 
 @dataclass

@@ -6,7 +6,8 @@ harvest text *after* the harvested contexts (never seen by the fit), or ``eval.c
 
 ``eval.core.positions`` says which positions the numbers cover: ``all`` (SAEBench's core as published, written to
 ``core/``), ``fit`` (the positions the fit used, written to ``core_fit_positions/`` in the same layout and file
-names: :mod:`pipeline.evals.metrics.positions`) or ``both``.
+names: :mod:`pipeline.evals.metrics.positions`) or ``both``. The LLM forwards that do not depend on the SAE are
+run once for all SAEs and both position sets (:mod:`pipeline.evals.metrics.shared_forwards`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from pipeline.evals.metrics.base import EvalContext, MetricRunner
 from pipeline.evals.metrics.positions import (ALL_COVERS, FIT_RESULTS, LEFT_OUT, FitRule, MarkedTokens,
                                               TrueTokensModel, position_runs, with_positions)
+from pipeline.evals.metrics.shared_forwards import SharedForwards
 from pipeline.evals.metrics.text import harvested_contexts, text_after
 from pipeline.evals.results import write_json
 from pipeline.evals.sae_records import SAERecord
@@ -67,14 +69,16 @@ class CoreRunner(MetricRunner):
                                      "n_eval_sparsity_variance_batches": c.n_eval_sparsity_variance_batches,
                                      "context_size": c.context_size, "dataset": label, "positions": c.positions})
         passed: dict[str, Any] = {}
+        model = SharedForwards(ctx.model, c.reuse_forwards_mb)  # one clean / ablated forward for every SAE
         for record in ctx.saes:
             for which in runs:
                 path = record.result_path(ctx.results_dir, RESULT_DIRS[which])
                 if ctx.force_rerun or not path.exists():
-                    run_core(record, ctx.model, path, config, dataset, ctx.device,
+                    run_core(record, model, path, config, dataset, ctx.device,
                              fit_rule=rule if which == "fit" else None)
                 if which == "fit":
                     passed[record.selected[0]] = _read_positions(path)
+        ctx.info["sizes"][self.name]["shared_forwards"] = model.stats.as_dict()
         if "all" in runs:
             ctx.info["notes"].append({"metric": self.name, "note": f"`core/` covers {ALL_COVERS}."})
         if passed:
