@@ -52,7 +52,8 @@ def run(cfg: DictConfig) -> Path:
     learner = section(cfg, "dictionary")
     device = resolve_device(learner.device)
     learner = dataclasses.replace(learner, device=str(device), checkpoint_path=str(out / CHECKPOINT), resume=True)
-    data = training_data(store, learner.batch_size, device, learner.seed)
+    data = training_data(store, learner.batch_size, device, learner.seed,
+                         shuffle=learner.sample_order == "shuffled")
     heldout = store.heldout(device=device)
     metrics: dict[str, Any] = {"store": str(store.path), "hook": store.hook, "d": store.d,
                                "train_rows": store.n_rows(), "heldout_rows": store.n_rows("heldout")}

@@ -9,8 +9,12 @@ pick ``j = argmax |c|`` (``nonnegative=True``: the largest *positive* c, so code
 ``x_j += a`` (an atom may be picked again), ``c -= a G[j]``, ``‖r‖² -= a²``. A row stops when
 ``‖r‖ <= rtol ‖y‖``, after ``max_iter`` (default 4k) steps, when no positive correlation is left (non-negative
 mode), or when a (k+1)-th distinct atom enters, in which case the atom with the smallest |coefficient| is
-dropped. Unlike the reference, which can return k+1 atoms when its rtol check fires first, codes here never
-hold more than k atoms.
+dropped. Codes never hold more than k atoms.
+
+``reference_rules=True`` applies KSVD.jl's stopping rules exactly as its loop orders them: each step begins with
+the residual test ``‖r‖ == 0 or ‖r‖ < rtol ‖y‖`` (strict), then the support test (more than k distinct atoms: drop
+the smallest |coefficient| and stop), then picks. So a sample whose (k+1)-th atom brings it under rtol, or that
+reaches ``max_iter`` right after that atom entered, keeps k + 1 atoms, and codes are ``k + 1`` slots wide.
 
 Batch-OMP (``method="omp"``, Rubinstein, Zibulevsky & Elad 2008): same selection rule, coefficients are the
 least-squares fit on the support via a progressive Cholesky factor of ``G`` restricted to the support.
@@ -59,6 +63,7 @@ def encode(
     rtol: float = 0.05,
     refit: bool = False,
     max_iter: int | None = None,
+    reference_rules: bool = False,
     *,
     G: Tensor | None = None,
     chunk_size: int | None = None,
@@ -78,6 +83,8 @@ def encode(
         rtol: stop a sample once ``‖residual‖ <= rtol ‖y‖`` (reference default 0.05; 0 disables).
         refit: least-squares refit of the coefficients on the final support.
         max_iter: MP step cap (default ``4 k``, as the reference); ignored by OMP.
+        reference_rules: KSVD.jl's stopping rules exactly (module docstring): strict rtol test before the
+            support test, so codes are ``k + 1`` wide and a sample may keep k + 1 atoms. MP only.
         G: optional precomputed ``D Dᵀ`` (K, K) in the compute dtype.
         chunk_size: samples per chunk; default chosen from free memory.
         candidates: after two steps on all atoms, restrict MP's greedy loop to each sample's ``candidates``
@@ -86,7 +93,8 @@ def encode(
         validate: check the inputs (NaN/Inf, shapes, unit norm); disable only in trusted inner loops.
 
     Returns:
-        :class:`~pipeline.core.codes.Codes` with ``indices, values: (n, k)`` on ``D``'s device.
+        :class:`~pipeline.core.codes.Codes` with ``indices, values: (n, k)`` (``(n, k + 1)`` with
+        ``reference_rules``) on ``D``'s device.
     """
     K, d = D.shape
     if validate:
@@ -101,6 +109,8 @@ def encode(
             raise ValueError(f"rtol = {rtol} must be >= 0 (0 disables the residual stop).")
         if candidates is not None and not (k < candidates):
             raise ValueError(f"candidates = {candidates} must exceed k = {k} (or be None for all atoms).")
+        if reference_rules and method != "mp":
+            raise ValueError("reference_rules are matching pursuit's (KSVD.jl's); use method='mp'.")
     dtype = torch.float64 if Y.dtype == torch.float64 else torch.float32
     device = D.device
     Dc = D.to(dtype)
@@ -117,12 +127,12 @@ def encode(
         Yc = Y[start:start + chunk_size].to(device=device, dtype=dtype)
         C0 = correlations(Yc, Dc, precision)
         if method == "mp":
-            codes = _mp_chunk(Yc, C0, Dc, G, k, nonnegative, rtol, refit, max_iter, candidates)
+            codes = _mp_chunk(Yc, C0, Dc, G, k, nonnegative, rtol, refit, max_iter, candidates, reference_rules)
         else:
             codes = _omp_chunk(Yc, C0, G, k, nonnegative, rtol)
         parts.append(codes)
     if not parts:
-        empty = torch.zeros(0, k, device=device)
+        empty = torch.zeros(0, k + int(reference_rules), device=device)
         return Codes(empty.long(), empty.to(dtype))
     return Codes.cat(parts)
 
@@ -194,7 +204,7 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
 
 
 def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, refit: bool,
-              max_iter: int, candidates: int | None) -> Codes:
+              max_iter: int, candidates: int | None, reference_rules: bool = False) -> Codes:
     """Matching pursuit on one chunk. ``C0: (m, K)`` initial correlations, consumed in place.
 
     With ``candidates``, the first :data:`_CANDIDATE_WARMUP` steps run on all K atoms (they remove the large
@@ -211,7 +221,7 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
     slot_atom = torch.zeros(m, k + 1, dtype=torch.long, device=device)
     slot_val = torch.zeros(m, k + 1, dtype=dtype, device=device)
     count = torch.zeros(m, dtype=torch.long, device=device)
-    done = (norm2 <= 0) | (energy <= thresh)
+    done = (norm2 <= 0) | _under_rtol(energy, thresh, reference_rules)
     live = torch.arange(m, device=device)  # chunk rows still in the working set
     out_idx = torch.zeros(m, k + 1, dtype=torch.long, device=device)
     out_val = torch.zeros(m, k + 1, dtype=dtype, device=device)
@@ -243,6 +253,7 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
             p = torch.where(hi >= -lo, p_hi, p_lo)
             a = torch.where(hi >= -lo, hi, lo)
         a = torch.where(done, torch.zeros_like(a), a)
+        was_done = done
         if S is None:
             atom = p
             C.addcmul_(G.index_select(0, atom), a[:, None], value=-1)
@@ -257,21 +268,33 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
         slot_val[rows, pos] += a
         slot_atom[rows, pos] = torch.where(done, slot_atom[rows, pos], atom)
         count = count + (~has & ~done).long()
-        # a (k+1)-th distinct atom: drop the smallest |coefficient| and stop the row
+        # a (k+1)-th distinct atom: drop the smallest |coefficient| and stop the row. The reference tests the
+        # residual first, and only at the start of a next step: under rtol, or at max_iter, k + 1 atoms stay.
         over = count > k
+        if reference_rules:
+            under = _under_rtol(energy, thresh, True)
+            done = done | over | under
+            over = over & ~was_done & ~under & (step < max_iter - 1)
         drop = slot_val.abs().argmin(dim=1)
         last_val, last_atom = slot_val[:, k].clone(), slot_atom[:, k].clone()
         slot_val[rows, drop] = torch.where(over, last_val, slot_val[rows, drop])
         slot_atom[rows, drop] = torch.where(over, last_atom, slot_atom[rows, drop])
         slot_val[:, k] = torch.where(over, torch.zeros_like(last_val), slot_val[:, k])
         count = torch.where(over, torch.full_like(count, k), count)
-        done = done | over | (energy <= thresh)
+        done = done | over | _under_rtol(energy, thresh, reference_rules)
     out_idx[live] = slot_atom
     out_val[live] = slot_val
-    indices, values = out_idx[:, :k], out_val[:, :k]
+    width = k + 1 if reference_rules else k
+    indices, values = out_idx[:, :width], out_val[:, :width]
     if refit:
         values = refit_coefficients(G, indices, values, support_correlations(Y, D, indices), nonnegative)
     return Codes(indices, values)
+
+
+def _under_rtol(energy: Tensor, thresh: Tensor, strict: bool) -> Tensor:
+    """Rows whose residual energy ``‖r‖²`` passes the rtol test against ``thresh = rtol² ‖y‖²``: KSVD.jl's
+    ``‖r‖ == 0 or ‖r‖ < rtol ‖y‖`` when ``strict`` (the running energy can round just below 0), else ``<=``."""
+    return (energy < thresh) | (energy <= 0) if strict else energy <= thresh
 
 
 # ----------------------------------------------------------------------------------------------------------

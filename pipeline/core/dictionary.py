@@ -45,6 +45,9 @@ class CoderSettings:
     """Restrict MP's greedy loop to this many top initial correlations (speed; approximate)."""
     precision: str = "fp32"
     """Matmul precision of the correlations: fp32, tf32 or bf16."""
+    reference_rules: bool = False
+    """KSVD.jl's matching-pursuit stopping rules exactly (strict rtol test before the k + 1 drop, so a sample can
+    keep k + 1 atoms and codes are k + 1 wide); the ``reference`` preset sets it."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for a choice the coders do not have."""
@@ -54,10 +57,21 @@ class CoderSettings:
                 raise ValueError(f"coder.{key} = {getattr(self, key)!r} is not one of {allowed}.")
         if not 0 <= self.rtol < 1:
             raise ValueError(f"coder.rtol = {self.rtol} must be in [0, 1).")
+        if self.reference_rules and self.method != "mp":
+            raise ValueError(f"coder.reference_rules are KSVD.jl's matching-pursuit rules; coder.method = "
+                             f"{self.method!r} must be 'mp' with them.")
 
     def kwargs(self) -> dict[str, Any]:
         return dict(method=self.method, nonnegative=self.nonnegative, rtol=self.rtol, refit=self.refit,
-                    max_iter=self.max_iter, candidates=self.candidates, precision=self.precision)
+                    max_iter=self.max_iter, candidates=self.candidates, precision=self.precision,
+                    reference_rules=self.reference_rules)
+
+
+def code_width(coder: CoderSettings, groups: list[Group] | None = None) -> int:
+    """Slots per sample of the codes ``coder`` gives: k, or k + 1 with ``reference_rules`` (Matryoshka: the sum
+    over the groups' budgets)."""
+    budgets = [coder.k] if groups is None else [g.budget for g in groups]
+    return sum(b + int(coder.reference_rules) for b in budgets)
 
 
 def apply_coder(Y: Tensor, atoms: Tensor, G: Tensor, coder: CoderSettings, groups: list[Group] | None = None,
@@ -93,6 +107,11 @@ class Dictionary:
     @property
     def d(self) -> int:
         return self.atoms.shape[1]
+
+    @property
+    def code_width(self) -> int:
+        """Slots per sample of this dictionary's codes (:func:`code_width`)."""
+        return code_width(self.coder, self.groups)
 
     @property
     def signed(self) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 
 #: The per-iteration record kept in ``Dictionary.history`` (and the fit's metrics), field by field.
 HISTORY_FIELDS: dict[str, str] = {
-    "fvu": "FVU of the batch with the codes it was coded with, before the update (Matryoshka: the cascade "
-           "interleaves coding and updating, so this is the FVU after each group's update)",
+    "fvu": "FVU of the batch with the codes it was coded with, before the update (Matryoshka, cascade loop: "
+           "coding and updating interleave, so this is the FVU after each group's update; reference loop: the "
+           "FVU of the coding with all atoms, before any update)",
     "l0": "mean non-zeros per sample of those same codes",
-    "fvu_after_update": "FVU of the batch after the atom update (same supports, refitted atoms and values)",
+    "fvu_after_update": "FVU of the batch after the atom update (same supports, refitted atoms and values; "
+                        "Matryoshka reference loop: after each group's update and re-coding)",
     "l0_after_update": "mean non-zeros after the update (non-negative refits can zero coefficients)",
     "dead_fraction": "atoms with no coefficient after the update (re-seeded when reseed is set)",
     "n_duplicates": "atoms replaced as near-duplicates (duplicate_threshold)",
@@ -134,7 +136,8 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduc
             "stop_reason": stop, "iterations": it, "atom_batch_size": atom_batch}
     if groups is not None:
         meta["group_atom_batch_sizes"] = [group_atom_batch(atom_batch, g, n_atoms) for g in groups]
-    return Dictionary(D, cfg.coder, centre, groups, history, meta)
+    coder = cfg.coder if cfg.eval_refit is None else replace(cfg.coder, refit=cfg.eval_refit)
+    return Dictionary(D, coder, centre, groups, history, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,7 +157,33 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     err_before, iters = None, []
     l0, l0_after = torch.zeros(Yb.shape[0], device=D.device), torch.zeros(Yb.shape[0], device=D.device)
     capped = eigensolved = 0
-    if groups is None:
+    reseeded = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
+    if groups is not None and cfg.matryoshka_loop == "reference":
+        codes = encode(Yb, D, cfg.coder.k, G=G, **coder)  # KSVD.jl codes with every atom before its loop
+        err_before = float((Yb - codes.decode(D)).pow(2).sum())
+        l0 += codes.l0()
+        clock.lap("code")
+        R = Yb
+        for g in groups:  # update g with its share of the codes, re-seed, re-code g on what groups < g left
+            Dg = D[g.start:g.end]
+            part = _group_share(codes, g)
+            Rg = R - part.decode(Dg)
+            stats = update_atoms(Rg, Dg, part, group_atom_batch(atom_batch, g, D.shape[0]), **update)
+            iters.append(stats.mean_rank1_iters)
+            capped, eigensolved = capped + stats.capped, eigensolved + stats.eigensolved
+            _count_usage(usage[g.start:g.end], part)
+            l0_after += part.l0()
+            dead_g = usage[g.start:g.end] == 0
+            if cfg.reseed is not None and bool(dead_g.any()):
+                _reseed(Dg, dead_g, Rg, cfg.reseed, gen)
+                reseeded[g.start:g.end] = dead_g
+            D[g.start:g.end] = Dg
+            clock.lap("update")
+            recoded = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=gram(Dg, cfg.coder.precision),
+                             **coder)
+            R = R - recoded.decode(Dg)
+            clock.lap("code")
+    elif groups is None:
         codes = encode(Yb, D, cfg.coder.k, G=G, **coder)
         R = Yb - codes.decode(D)
         err_before = float(R.pow(2).sum())
@@ -192,6 +221,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         dup = _duplicates(G, usage, cfg.duplicate_threshold)
         n_dup = int(dup.sum())
         dead = dead | dup
+    dead = dead & ~reseeded  # the reference loop re-seeded its groups' dead atoms already
     if cfg.reseed is not None and bool(dead.any()):
         _reseed(D, dead, R, cfg.reseed, gen)
         # recomputed whole (not patched): G must be a function of D alone, so a resumed fit sees the same G
@@ -203,6 +233,14 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     return dict(**clock.seconds, fvu=fvu, fvu_after_update=fvu_after, l0=float(l0.float().mean()),
                 l0_after_update=float(l0_after.float().mean()), dead_fraction=n_dead / D.shape[0], n_duplicates=n_dup,
                 rank1_iters=sum(iters) / len(iters), rank1_capped=capped, rank1_eigensolved=eigensolved, G=G)
+
+
+def _group_share(codes: Codes, group: Group) -> Codes:
+    """The entries of ``codes`` (global atom ids) on ``group``'s atoms, with ids local to the group; the other
+    slots are emptied (index 0, value 0)."""
+    inside = (codes.indices >= group.start) & (codes.indices < group.end) & (codes.values != 0)
+    return Codes(torch.where(inside, codes.indices - group.start, torch.zeros_like(codes.indices)),
+                 torch.where(inside, codes.values, torch.zeros_like(codes.values)))
 
 
 def group_atom_batch(atom_batch: int, group: Group, n_atoms: int) -> int:
@@ -298,7 +336,8 @@ def _stop_reason(cfg: LearnerConfig, history: list[dict], it: int, epoch: int, s
 
 
 class _BatchSource:
-    """Sample batches from a tensor (seeded per-epoch permutation) or from a re-iterable of batches."""
+    """Sample batches from a tensor (a seeded per-epoch permutation, or fixed consecutive batches with
+    ``sample_order="contiguous"``) or from a re-iterable of batches (in the order it yields them)."""
 
     def __init__(self, data: Tensor | Iterable[Tensor], cfg: LearnerConfig):
         self.cfg = cfg
@@ -347,6 +386,10 @@ class _BatchSource:
             if bs >= n:
                 if skip == 0:
                     yield self.tensor.to(self.device, torch.float32)
+                return
+            if self.cfg.sample_order == "contiguous":  # the reference's fixed batches, a partial last one skipped
+                for b in range(skip, n // bs):
+                    yield self.tensor[b * bs:(b + 1) * bs].to(self.device, torch.float32)
                 return
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e)
             perm = torch.randperm(n, generator=g)

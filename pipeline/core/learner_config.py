@@ -9,11 +9,18 @@ from typing import Any
 from pipeline.core.dictionary import CoderSettings
 from pipeline.core.validation import check_sparsity
 
-#: The paper's schedule (arXiv 2505.18441; KSVD.jl's ksvd_gemma.jl): one update per 65,536-sample batch,
-#: 3 epochs, no convergence stop, the reference's uniform init and random re-seeding, no centring.
-PAPER_SCHEDULE: dict[str, Any] = dict(batch_size=65_536, epochs=3, max_iters=None, tol=None,
+#: The reference's algorithm and the paper's schedule (arXiv 2505.18441; KSVD.jl and its ksvd_gemma.jl):
+#: KSVD.jl's signed matching pursuit with its stopping rules (codes up to k + 1 wide), exact rank-1 refits, its
+#: Matryoshka loop order, fixed contiguous 65,536-sample batches (a partial last one skipped), one update per
+#: batch, 3 epochs, no convergence stop, uniform init, random re-seeding of dead atoms, no near-duplicate
+#: replacement, no centring, and the least-squares refit its SAEBench wrapper encodes with. The same settings
+#: as a Hydra preset: ``dictionary=reference`` (conf/dictionary/reference.yaml).
+PAPER_SCHEDULE: dict[str, Any] = dict(nonnegative=False, reference_rules=True, refit=False, method="mp",
+                                      rtol=0.05, max_iter=None, rank1_solver="direct", approximate=False,
+                                      matryoshka_loop="reference", sample_order="contiguous",
+                                      batch_size=65_536, epochs=3, max_iters=None, tol=None,
                                       init="uniform", reseed="random", duplicate_threshold=None,
-                                      center=False)
+                                      center=False, eval_refit=True)
 
 
 @dataclass
@@ -50,6 +57,9 @@ class LearnerConfig:
     """One alternating step per atom (Rubinstein's approximate K-SVD) instead of iterating to rank1_tol."""
     batch_size: int = 65_536
     """Samples per iteration; a tensor with fewer rows is used whole each iteration."""
+    sample_order: str = "shuffled"
+    """"shuffled": a new random order every epoch (a last partial batch of at least half a batch is used);
+    "contiguous": the reference's fixed consecutive batches in store order, a partial last batch skipped."""
     max_iters: int | None = 200
     """Iteration cap (None: no cap)."""
     epochs: int | None = None
@@ -62,6 +72,9 @@ class LearnerConfig:
     """Iterations over which ``tol`` is judged."""
     center: bool = False
     """Subtract the data mean before fitting (exported later as the SAE's b_dec). The paper does not."""
+    eval_refit: bool | None = None
+    """``coder.refit`` of the saved dictionary, i.e. how it encodes after the fit (held-out FVU, SAEBench);
+    None: as in training. The reference trains without the least-squares refit and evaluates with it (True)."""
     init: str = "data"
     """"data": random distinct samples; "uniform": uniform(−0.5, 0.5) columns, normalised (the reference)."""
     reseed: str | None = "worst"
@@ -71,6 +84,11 @@ class LearnerConfig:
     atoms too); 0.95 lifts planted recovery from ~88% to ~95% (BENCHMARKS.md). None: off."""
     matryoshka: int | None = None
     """log2 of the smallest Matryoshka group (the paper uses 8); None: a plain dictionary."""
+    matryoshka_loop: str = "cascade"
+    """Order of a Matryoshka iteration. "cascade": code group g on what groups < g left, then update g with those
+    codes. "reference" (KSVD.jl's MatryoshkaLoop): code the batch with all atoms, then per group update g with
+    its share of those codes against what groups < g left, re-seed its dead atoms, re-code g with its budget,
+    subtract."""
     seed: int = 0
     """Seed of every random choice (init, shuffles, re-seeding, sample order)."""
     device: str | None = None
@@ -104,7 +122,8 @@ class LearnerConfig:
         check_sparsity(self.coder.k, self.n_atoms, d)
         self.coder.validate()
         choices = dict(init=("data", "uniform"), reseed=("worst", "random", None),
-                       rank1_solver=("direct", "gram", "alternating"))
+                       rank1_solver=("direct", "gram", "alternating"), sample_order=("shuffled", "contiguous"),
+                       matryoshka_loop=("cascade", "reference"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} = {getattr(self, key)!r} is not one of {allowed}.")

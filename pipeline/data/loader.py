@@ -192,11 +192,13 @@ def _gather(parts: list[torch.Tensor], part_of: np.ndarray, local: np.ndarray, d
 IN_MEMORY_SHARE = 0.25
 
 
-def training_data(store: "ActivationStore", batch_size: int, device: torch.device, seed: int):
-    """The store's training rows: one ``(n, d)`` tensor on ``device`` when they take at most
-    :data:`IN_MEMORY_SHARE` of its free memory, else a shuffled loader of ``(batch_size, d)`` batches."""
+def training_data(store: "ActivationStore", batch_size: int, device: torch.device, seed: int,
+                  shuffle: bool = True):
+    """The store's training rows: one ``(n, d)`` tensor on ``device`` (in store order) when they take at most
+    :data:`IN_MEMORY_SHARE` of its free memory, else a loader of full ``(batch_size, d)`` batches, shuffled
+    every epoch or, with ``shuffle=False``, consecutive in store order."""
     need = store.n_rows() * store.d * 4
     if need <= IN_MEMORY_SHARE * free_memory(device):
         return store.load_all(device=device)
     log.info("streaming the store (%.1f GB does not fit in memory comfortably)", need / 1e9)
-    return store.loader(batch_size, seed=seed, device=device, drop_last=True)
+    return store.loader(batch_size, seed=seed, device=device, drop_last=True, shuffle=shuffle)

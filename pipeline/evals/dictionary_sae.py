@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from pipeline.core.codes import Codes
-from pipeline.core.dictionary import CoderSettings, Dictionary
+from pipeline.core.dictionary import CoderSettings, Dictionary, code_width
 from pipeline.core.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
 from pipeline.core.matryoshka import groups_to_list
 from pipeline.core.coders import gram
@@ -176,7 +176,7 @@ class DictionarySAE(BaseSAE):
                 codes = run_coder(Y, self.atoms, self.gram_matrix, self.coder, self.groups)
             else:
                 part = run_coder(Y[nz], self.atoms, self.gram_matrix, self.coder, self.groups)
-                width = part.k if part.n else self.coder.k if self.groups is None else sum(g.budget for g in self.groups)
+                width = part.k if part.n else code_width(self.coder, self.groups)
                 idx = torch.zeros(Y.shape[0], width, dtype=torch.long, device=Y.device)
                 val = torch.zeros(Y.shape[0], width, dtype=torch.float32, device=Y.device)
                 if part.n:

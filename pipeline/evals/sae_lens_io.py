@@ -109,9 +109,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pipeline.core.coders import gram
-from pipeline.core.dictionary import CoderSettings, Dictionary
+from pipeline.core.dictionary import CoderSettings, Dictionary, code_width
 from pipeline.core.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
-from pipeline.core.matryoshka import groups_from_list, total_budget
+from pipeline.core.matryoshka import groups_from_list
 from pipeline.evals.dictionary_sae import ARCHITECTURE, DictionarySAE, split_signed
 from pipeline.utils.atomic import atomic_write, atomic_write_text
 
@@ -186,8 +186,9 @@ def step_cap(coder: CoderSettings) -> int:
 
 
 def code_cap(sae: DictionarySAE) -> int:
-    """Most atoms in one of our codes: k, or for a Matryoshka dictionary ``B`` = the sum of the group budgets."""
-    return sae.coder.k if sae.groups is None else total_budget(sae.groups)
+    """Most atoms in one of our codes: k (k + 1 with the reference's stopping rules), or for a Matryoshka
+    dictionary ``B`` = the sum of the group budgets (each + 1 with those rules)."""
+    return code_width(sae.coder, sae.groups)
 
 
 def stock_max_iterations(sae: DictionarySAE) -> int:
@@ -222,9 +223,11 @@ def why_not_exact(sae: DictionarySAE) -> list[str]:
         why.append(f"candidates = {c.candidates}: ours restricts its greedy loop to each row's top candidates; "
                    "stock searches all atoms.")
     if c.method == "mp" and step_cap(c) > c.k:
+        keep = (" (KSVD.jl's rules: unless that atom brought the residual under rtol or came at the last step, "
+                "when it keeps k + 1)" if c.reference_rules else "")
         why.append(f"step cap max_iter = {step_cap(c)} > k = {c.k}: ours keeps stepping (re-picking atoms) until "
-                   "a (k+1)-th distinct atom enters, then drops the smallest |coefficient|; stock's max_iterations "
-                   "counts steps, not distinct atoms.")
+                   f"a (k+1)-th distinct atom enters, then drops the smallest |coefficient|{keep}; stock's "
+                   "max_iterations counts steps, not distinct atoms.")
     if c.rtol > 0:
         why.append(f"rtol = {c.rtol}: ours stops a row once ||r|| <= rtol ||x - b_dec|| (relative); stock has "
                    "only an absolute threshold, disabled in the export.")
@@ -300,9 +303,12 @@ def describe_stock_encoder(sae: DictionarySAE, architecture: str) -> tuple[list[
                         f"reaches a (k+1)-th atom; stock max_iterations = {steps} steps: the same rule.")
         elif c.method == "mp":
             flip = " (a re-pick with the other sign is the same atom)" if sae.signed else ""
+            held = (f"holds at most k = {k} distinct atoms and usually k" if not c.reference_rules else
+                    f"usually holds k = {k} distinct atoms, and k + 1 where that (k+1)-th atom brought the residual "
+                    "under rtol or came at the last step (KSVD.jl's rules, which test the residual first)")
             diff.append(f"Step cap: ours takes up to max_iter = {cap} steps, re-picking atoms, until a (k+1)-th "
                         f"distinct atom enters{flip} (it then drops the smallest |coefficient| and stops), so it "
-                        f"holds at most k = {k} distinct atoms and usually k; stock counts steps: max_iterations = "
+                        f"{held}; stock counts steps: max_iterations = "
                         f"{steps}, so on rows where ours re-picks an atom stock stops earlier, with fewer atoms and "
                         "a different code.")
         if c.method == "omp":

@@ -350,3 +350,20 @@ def test_staged_write(tmp_path, planted, monkeypatch):
     assert (path / "README.md").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in path.iterdir()) == ["README.md", "cfg.json", "sae_weights.safetensors"]
+
+
+def test_reference_rules_export_with_k_plus_one_codes(tmp_path, planted_signed):
+    """A dictionary coding with KSVD.jl's rules (signed, k + 1 wide codes): the SAE wrapper gives up to k + 1
+    active latents, the export states the rule, and the exact loaders reproduce the k + 1 codes."""
+    x = planted_signed.Y[:400]
+    sae = _sae(planted_signed.D, nonnegative=False, max_iter=None, rtol=0.3, reference_rules=True)
+    l0 = (sae.encode(x) != 0).sum(-1)
+    assert int(l0.max()) == K_SPARSE + 1 and int((l0 == K_SPARSE + 1).sum()) > 0
+    assert sae.encode_sparse(x).k == K_SPARSE + 1
+    path = save_sae_lens(sae, tmp_path / "ref")
+    meta = _cfg(path)["metadata"]
+    assert meta["stock_fidelity"] == APPROXIMATE
+    assert any("KSVD.jl's rules" in s for s in meta["stock_encoder"]["why_not_exact"])
+    assert any("k + 1 where that (k+1)-th atom" in s for s in meta["differences"])
+    _exact_loaders_agree(path, sae, x[:200])
+    assert load_dictionary_sae(path).coder.reference_rules
