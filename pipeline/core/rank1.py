@@ -27,8 +27,9 @@ Convergence is tested on the atoms, against ``tol`` on ``1 − cos`` to the exac
   residual ``r = ‖A v − q v‖``, and an upper bound λ₂⁺ on every eigenvalue but the top one
   (``√(‖A‖_F² − q²)`` when A is formed, ``trace(A) − q = ‖E‖_F² − q`` when it is not), ``gap = q − λ₂⁺ > 0``
   gives the Davis-Kahan bound ``sin θ <= r / gap``. A refit not certified within ``max_steps`` (a small or
-  unprovable gap) is finished by an eigensolver on its Gram matrix (``torch.linalg.eigh`` in fp64), so signed
-  refits are always exact;
+  unprovable gap; handed over as soon as its Rayleigh quotient, rising at its latest rate, could not make the
+  gap positive before the cap) is finished by an eigensolver on its Gram matrix (``torch.linalg.eigh`` in
+  fp64), so signed refits are always exact;
 - non-negative refits (a local optimum; no certificate exists) stop once the estimated distance to the fixed
   point, ``δ ρ / (1 − ρ)`` from the latest step ``δ = ‖d_{t+1} − d_t‖`` (computed without cancellation) and
   the larger of the last two step ratios ρ, is within tol; one that hits the cap keeps its last
@@ -61,7 +62,7 @@ class Rank1Refit:
     capped: int
     """Non-negative refits that stopped at ``max_steps`` before ``tol`` (signed ones are finished exactly)."""
     eigensolved: int
-    """Signed refits finished by the eigensolver after ``max_steps``."""
+    """Signed refits finished by the eigensolver (not certified within ``max_steps``, or certain not to be)."""
 
 
 def refit_block(E: Tensor, d_old: Tensor, *, nonnegative: bool, tol: float, max_steps: int,
@@ -120,15 +121,31 @@ class _Convergence:
         self.prev = torch.zeros(B, device=device, dtype=dtype)  # step/0 = inf: the first rate is unknown
         self.last_rate = torch.full((B,), _MAX_RATE, device=device, dtype=dtype)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.stalled = torch.zeros(B, dtype=torch.bool, device=device)
+        self.prev_q: Tensor | None = None
 
-    def certify(self, residual: Tensor, q: Tensor, below: Tensor) -> None:
+    @property
+    def settled(self) -> Tensor:
+        """(B,) refits that need no further step: converged, or (signed) left to the eigensolver."""
+        return self.done | self.stalled
+
+    def certify(self, residual: Tensor, q: Tensor, below: Tensor, needed: Tensor, steps_left: int) -> None:
         """Signed: ``residual = ‖A v − q v‖`` for a unit v, Rayleigh quotient q of the symmetric PSD Gram A, and
         ``below`` an upper bound on every eigenvalue of A but the top one. With ``gap = q − below > 0``,
-        ``sin θ(v, top eigenvector) <= residual / gap`` (Davis-Kahan)."""
+        ``sin θ(v, top eigenvector) <= residual / gap`` (Davis-Kahan).
+
+        ``needed`` is the q at which the gap turns positive. A refit whose q, growing at its latest rate for the
+        ``steps_left`` remaining steps, would still not reach it cannot be certified before the cap (the Rayleigh
+        quotient of the power iteration rises ever more slowly): it is marked ``stalled`` and goes to the
+        eigensolver now instead of after the cap (nearly isotropic errors, e.g. from random atoms)."""
         gap = q - below
         sin2 = torch.where(gap > 0, (residual / gap.clamp(min=1e-30)).pow(2), torch.ones_like(q)).clamp(max=1)
         one_minus_cos = sin2 / (1 + (1 - sin2).sqrt())
         self.done = (one_minus_cos <= self.tol) | (q <= 0)
+        if self.prev_q is not None:
+            grew = (q - self.prev_q).clamp(min=0)
+            self.stalled = self.stalled | (~self.done & (gap <= 0) & (q + steps_left * grew < needed))
+        self.prev_q = q
 
     def update(self, step: Tensor) -> None:
         """Non-negative: ``step`` (B,) = ‖d_{t+1} − d_t‖ of the latest iteration. The contraction rate is the
@@ -166,9 +183,10 @@ def _light(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: i
             step = (z * Mz).sum(1).clamp(min=0).sqrt()
             conv.update(torch.where((q > 0) & (q2 > 0), step, torch.zeros_like(step)))
         else:
-            conv.certify((w2 - q2[:, None] * v2).norm(dim=1), q2, _second_eigenvalue_bound(fro2, q2))
+            conv.certify((w2 - q2[:, None] * v2).norm(dim=1), q2, _second_eigenvalue_bound(fro2, q2),
+                         (fro2 / 2).sqrt(), max_steps - steps)
         v, w, q = v2, w2, q2
-        if (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
+        if (steps % check_every == 0 or steps == max_steps) and bool(conv.settled.all()):
             break
     eigensolved = 0
     if not nonnegative:  # a refit not certified, or whose start E d_old was zero, is solved by the eigensolver
@@ -199,8 +217,9 @@ def _heavy_signed(E: Tensor, d_old: Tensor, tol: float, max_steps: int, check_ev
         u = torch.where(norm[:, None] > 0, u2, u)
         Nu = _bmv(N, u)
         q = (u * Nu).sum(1)
-        conv.certify((Nu - q[:, None] * u).norm(dim=1), q, _second_eigenvalue_bound(fro2, q))
-        if (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
+        conv.certify((Nu - q[:, None] * u).norm(dim=1), q, _second_eigenvalue_bound(fro2, q), (fro2 / 2).sqrt(),
+                     max_steps - steps)
+        if (steps % check_every == 0 or steps == max_steps) and bool(conv.settled.all()):
             break
     eigensolved = 0
     late = ~conv.done | (((u * Nu).sum(1) <= 0) & (fro2 > 0))
@@ -230,8 +249,9 @@ def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: 
         y = _bmv(Et, x)  # Eᵀx; for signed x = E u this is (EᵀE) u
         if not nonnegative:
             q = x.pow(2).sum(1)  # Rayleigh quotient of EᵀE at the unit u
-            conv.certify((y - q[:, None] * u).norm(dim=1), q, energy - q)  # λ₂ <= trace − λ₁ <= trace − q
-            if (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
+            # λ₂ <= trace − λ₁ <= trace − q: a certificate needs q > trace / 2
+            conv.certify((y - q[:, None] * u).norm(dim=1), q, energy - q, energy / 2, max_steps - steps)
+            if (steps % check_every == 0 or steps == max_steps) and bool(conv.settled.all()):
                 break
         u2, norm = _unit(y)
         u2 = torch.where(norm[:, None] > 0, u2, u)
