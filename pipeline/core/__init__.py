@@ -8,6 +8,7 @@
 - :mod:`~pipeline.core.dictionary`: ``Dictionary`` (atoms + coder settings + history; save / load);
 - :mod:`~pipeline.core.learner`: ``learn_dictionary`` / ``fit_dictionary``, the DB-KSVD loop, checkpoints;
 - :mod:`~pipeline.core.learner_config`: ``LearnerConfig`` (every option, documented) and ``PAPER_SCHEDULE``;
+- :mod:`~pipeline.core.batches`: the learner's sample batches (shuffled, or the reference's contiguous ones);
 - :mod:`~pipeline.core.validation`: input checks shared by the public functions;
 - :mod:`~pipeline.core.synthetic`: planted problems (Aharon-Elad-Bruckstein) to test recovery on.
 """

@@ -16,21 +16,20 @@ import logging
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline.utils.atomic import atomic_write
-from pipeline.utils.devices import resolve_device
 from pipeline.core.atom_update import Reduce, identity_reduce, update_atoms
+from pipeline.core.batches import BatchSource
 from pipeline.core.codes import Codes
 from pipeline.core.dictionary import Dictionary
 from pipeline.core.learner_config import PAPER_SCHEDULE, LearnerConfig
 from pipeline.core.matryoshka import Group, matryoshka_groups
 from pipeline.core.coders import encode, gram
-from pipeline.core.validation import check_samples
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,8 @@ HISTORY_FIELDS: dict[str, str] = {
     "n_duplicates": "atoms replaced as near-duplicates (duplicate_threshold)",
     "rank1_iters": "mean iterations per refit block (block solvers) or atom batch (alternating solver)",
     "rank1_capped": "refits stopped at rank1_max_iters before rank1_tol (logged as a warning)",
-    "rank1_eigensolved": "signed refits finished exactly by the eigensolver after rank1_max_iters",
+    "rank1_eigensolved": "signed refits finished exactly by the eigensolver (not certified within rank1_max_iters, "
+                         "or certain not to be)",
     "code_seconds": "wall time coding", "update_seconds": "wall time updating atoms",
     "reseed_seconds": "wall time re-seeding dead and duplicate atoms",
     "iteration": "1-based iteration number", "epoch": "0-based epoch", "rows": "samples in the batch",
@@ -79,7 +79,7 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduc
     """:func:`learn_dictionary` with its options as one typed :class:`LearnerConfig` (what the fit stage builds
     from the ``dictionary`` config node)."""
     n_atoms, k = cfg.n_atoms, cfg.coder.k
-    source = _BatchSource(data, cfg)
+    source = BatchSource(data, cfg)
     cfg.validate(source.d)
     device = source.device
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -331,84 +331,6 @@ def _stop_reason(cfg: LearnerConfig, history: list[dict], it: int, epoch: int, s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# data
-# ----------------------------------------------------------------------------------------------------------
-
-
-class _BatchSource:
-    """Sample batches from a tensor (a seeded per-epoch permutation, or fixed consecutive batches with
-    ``sample_order="contiguous"``) or from a re-iterable of batches (in the order it yields them)."""
-
-    def __init__(self, data: Tensor | Iterable[Tensor], cfg: LearnerConfig):
-        self.cfg = cfg
-        self.tensor = data if isinstance(data, Tensor) else None
-        self.iterable = None if isinstance(data, Tensor) else data
-        if self.tensor is not None:
-            check_samples(self.tensor, "data")
-            if self.tensor.shape[0] < cfg.n_atoms:
-                raise ValueError(f"data has {self.tensor.shape[0]} samples, fewer than n_atoms = "
-                                 f"{cfg.n_atoms}; use more samples or fewer atoms.")
-            self.d = self.tensor.shape[1]
-            default = self.tensor.device if self.tensor.device.type != "cpu" else None
-        else:
-            if not isinstance(data, Iterable):
-                raise ValueError(f"data must be a (n, d) tensor or an iterable of (b, d) tensors, "
-                                 f"got {type(data).__name__}.")
-            self.d = self.first_batch().shape[1]
-            default = None
-        self.device = resolve_device(cfg.device or default)
-
-    def first_batch(self) -> Tensor:
-        if self.tensor is not None:
-            return self.tensor[: max(self.cfg.batch_size, self.cfg.n_atoms)].to(self._dev(), torch.float32)
-        first = next(iter(self.iterable), None)
-        if first is None:
-            raise ValueError("data yielded no batches; check the activation store or iterable.")
-        first = first[0] if isinstance(first, (tuple, list)) else first
-        check_samples(first, "data batch")
-        if first.shape[0] < self.cfg.n_atoms and self.cfg.init == "data":
-            raise ValueError(f"the first batch has {first.shape[0]} samples, fewer than n_atoms = "
-                             f"{self.cfg.n_atoms}, so atoms cannot be initialised from data; use a larger batch "
-                             f"size or init='uniform'.")
-        return first.to(self._dev(), torch.float32)
-
-    def _dev(self) -> torch.device:
-        return getattr(self, "device", None) or torch.device("cpu")
-
-    def mean(self) -> Tensor:
-        if self.tensor is not None:
-            return self.tensor.float().mean(0).to(self.device)
-        return self.first_batch().mean(0)
-
-    def epoch(self, e: int, skip: int = 0) -> Iterator[Tensor]:
-        if self.tensor is not None:
-            n, bs = self.tensor.shape[0], self.cfg.batch_size
-            if bs >= n:
-                if skip == 0:
-                    yield self.tensor.to(self.device, torch.float32)
-                return
-            if self.cfg.sample_order == "contiguous":  # the reference's fixed batches, a partial last one skipped
-                for b in range(skip, n // bs):
-                    yield self.tensor[b * bs:(b + 1) * bs].to(self.device, torch.float32)
-                return
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e)
-            perm = torch.randperm(n, generator=g)
-            n_batches = n // bs + (1 if n % bs >= bs // 2 else 0)
-            for b in range(skip, n_batches):
-                idx = perm[b * bs:(b + 1) * bs].to(self.tensor.device)
-                yield self.tensor[idx].to(self.device, torch.float32)
-            return
-        # a loader that can replay a given epoch (e.g. ActivationLoader.epoch_batches) makes resume exact
-        batches = self.iterable.epoch_batches(e) if hasattr(self.iterable, "epoch_batches") else self.iterable
-        for b, batch in enumerate(batches):
-            if b < skip:
-                continue
-            batch = batch[0] if isinstance(batch, (tuple, list)) else batch
-            check_samples(batch, "data batch", d=self.d)
-            yield batch.to(self.device, torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
@@ -424,13 +346,16 @@ def _save_checkpoint(cfg: LearnerConfig, D: Tensor, centre: Tensor | None, histo
 
 
 #: Settings a checkpoint must share with the fit that resumes it.
-_RESUME_KEYS = ("n_atoms", "k", "method", "nonnegative", "matryoshka", "seed", "batch_size", "center", "init")
+_RESUME_KEYS = ("n_atoms", "k", "method", "nonnegative", "matryoshka", "seed", "batch_size", "center", "init",
+                "reference_rules", "matryoshka_loop", "sample_order")
+#: Values of settings added after checkpoints were first written (an older checkpoint ran with these).
+_RESUME_DEFAULTS = {"reference_rules": False, "matryoshka_loop": "cascade", "sample_order": "shuffled"}
 
 
 def _resume_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The :data:`_RESUME_KEYS` of a config as ``asdict`` writes it (coder fields nested under ``coder``)."""
     flat = {**config.get("coder", {}), **{key: v for key, v in config.items() if key != "coder"}}
-    return {key: flat.get(key) for key in _RESUME_KEYS}
+    return {key: flat.get(key, _RESUME_DEFAULTS.get(key)) for key in _RESUME_KEYS}
 
 
 def _load_checkpoint(cfg: LearnerConfig, device: torch.device) -> dict | None:

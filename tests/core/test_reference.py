@@ -153,15 +153,15 @@ def test_matryoshka_loops_differ():
 
 # ------------------------------------------------------------------------------------- the schedule
 def test_contiguous_batches_skip_the_partial_last_one():
-    from pipeline.core.learner import _BatchSource
+    from pipeline.core.batches import BatchSource
 
     Y = torch.arange(2500 * 3, dtype=torch.float32).reshape(2500, 3)
     cfg = LearnerConfig.from_options(8, 2, batch_size=1000, sample_order="contiguous")
     for epoch in (0, 1):
-        batches = list(_BatchSource(Y, cfg).epoch(epoch))
+        batches = list(BatchSource(Y, cfg).epoch(epoch))
         assert [b[0, 0].item() for b in batches] == [0.0, 3000.0]  # rows 0-999, 1000-1999; 500 left over
         assert all(b.shape == (1000, 3) for b in batches)
-    assert [b.shape[0] for b in _BatchSource(Y, cfg).epoch(0, skip=1)] == [1000]
+    assert [b.shape[0] for b in BatchSource(Y, cfg).epoch(0, skip=1)] == [1000]
 
 
 def test_reference_fit_trains_without_refit_and_saves_the_evaluation_refit():
@@ -191,3 +191,20 @@ def test_reference_preset_is_the_paper_schedule():
         assert paper.coder.reference_rules and paper.sample_order == "contiguous"
         assert paper.matryoshka_loop == "reference" and paper.eval_refit is True
         assert paper.coder.candidates is None and paper.coder.precision == "fp32"
+
+
+def test_resume_identity_covers_the_reference_switches():
+    """A checkpoint resumes only under the same reference switches; one written before they existed resumes under
+    their defaults (what it ran with)."""
+    from dataclasses import asdict
+
+    from pipeline.core.learner import _resume_identity
+
+    now = asdict(LearnerConfig.from_options(8, 2))
+    older = {key: v for key, v in now.items() if key not in ("matryoshka_loop", "sample_order")}
+    older["coder"] = {key: v for key, v in now["coder"].items() if key != "reference_rules"}
+    assert _resume_identity(older) == _resume_identity(now)
+    for change in (dict(sample_order="contiguous"), dict(matryoshka_loop="reference"),
+                   dict(reference_rules=True)):
+        other = asdict(LearnerConfig.from_options(8, 2, **change))
+        assert _resume_identity(other) != _resume_identity(now), change

@@ -1,0 +1,86 @@
+"""The learner's sample batches: from a tensor (a seeded permutation per epoch, or the reference's fixed
+contiguous batches) or from any re-iterable of ``(b, d)`` batches, e.g. an activation-store loader."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from pipeline.core.learner_config import LearnerConfig
+from pipeline.core.validation import check_samples
+from pipeline.utils.devices import resolve_device
+
+
+class BatchSource:
+    """Sample batches from a tensor (a seeded per-epoch permutation, or fixed consecutive batches with
+    ``sample_order="contiguous"``) or from a re-iterable of batches (in the order it yields them)."""
+
+    def __init__(self, data: Tensor | Iterable[Tensor], cfg: LearnerConfig):
+        self.cfg = cfg
+        self.tensor = data if isinstance(data, Tensor) else None
+        self.iterable = None if isinstance(data, Tensor) else data
+        if self.tensor is not None:
+            check_samples(self.tensor, "data")
+            if self.tensor.shape[0] < cfg.n_atoms:
+                raise ValueError(f"data has {self.tensor.shape[0]} samples, fewer than n_atoms = "
+                                 f"{cfg.n_atoms}; use more samples or fewer atoms.")
+            self.d = self.tensor.shape[1]
+            default = self.tensor.device if self.tensor.device.type != "cpu" else None
+        else:
+            if not isinstance(data, Iterable):
+                raise ValueError(f"data must be a (n, d) tensor or an iterable of (b, d) tensors, "
+                                 f"got {type(data).__name__}.")
+            self.d = self.first_batch().shape[1]
+            default = None
+        self.device = resolve_device(cfg.device or default)
+
+    def first_batch(self) -> Tensor:
+        if self.tensor is not None:
+            return self.tensor[: max(self.cfg.batch_size, self.cfg.n_atoms)].to(self._dev(), torch.float32)
+        first = next(iter(self.iterable), None)
+        if first is None:
+            raise ValueError("data yielded no batches; check the activation store or iterable.")
+        first = first[0] if isinstance(first, (tuple, list)) else first
+        check_samples(first, "data batch")
+        if first.shape[0] < self.cfg.n_atoms and self.cfg.init == "data":
+            raise ValueError(f"the first batch has {first.shape[0]} samples, fewer than n_atoms = "
+                             f"{self.cfg.n_atoms}, so atoms cannot be initialised from data; use a larger batch "
+                             f"size or init='uniform'.")
+        return first.to(self._dev(), torch.float32)
+
+    def _dev(self) -> torch.device:
+        return getattr(self, "device", None) or torch.device("cpu")
+
+    def mean(self) -> Tensor:
+        if self.tensor is not None:
+            return self.tensor.float().mean(0).to(self.device)
+        return self.first_batch().mean(0)
+
+    def epoch(self, e: int, skip: int = 0) -> Iterator[Tensor]:
+        if self.tensor is not None:
+            n, bs = self.tensor.shape[0], self.cfg.batch_size
+            if bs >= n:
+                if skip == 0:
+                    yield self.tensor.to(self.device, torch.float32)
+                return
+            if self.cfg.sample_order == "contiguous":  # the reference's fixed batches, a partial last one skipped
+                for b in range(skip, n // bs):
+                    yield self.tensor[b * bs:(b + 1) * bs].to(self.device, torch.float32)
+                return
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e)
+            perm = torch.randperm(n, generator=g)
+            n_batches = n // bs + (1 if n % bs >= bs // 2 else 0)
+            for b in range(skip, n_batches):
+                idx = perm[b * bs:(b + 1) * bs].to(self.tensor.device)
+                yield self.tensor[idx].to(self.device, torch.float32)
+            return
+        # a loader that can replay a given epoch (e.g. ActivationLoader.epoch_batches) makes resume exact
+        batches = self.iterable.epoch_batches(e) if hasattr(self.iterable, "epoch_batches") else self.iterable
+        for b, batch in enumerate(batches):
+            if b < skip:
+                continue
+            batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+            check_samples(batch, "data batch", d=self.d)
+            yield batch.to(self.device, torch.float32)
