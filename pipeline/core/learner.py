@@ -158,6 +158,16 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     l0, l0_after = torch.zeros(Yb.shape[0], device=D.device), torch.zeros(Yb.shape[0], device=D.device)
     capped = eigensolved = 0
     reseeded = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
+
+    def refit(R: Tensor, atoms: Tensor, codes: Codes, batch: int, used: Tensor) -> None:
+        """Update ``atoms`` (a view of D) against ``R`` and tally its statistics into this iteration's record."""
+        nonlocal capped, eigensolved
+        stats = update_atoms(R, atoms, codes, batch, **update)
+        iters.append(stats.mean_rank1_iters)
+        capped, eigensolved = capped + stats.capped, eigensolved + stats.eigensolved
+        _count_usage(used, codes)
+        l0_after.add_(codes.l0())
+
     if groups is not None and cfg.matryoshka_loop == "reference":
         codes = encode(Yb, D, cfg.coder.k, G=G, **coder)  # KSVD.jl codes with every atom before its loop
         err_before = float((Yb - codes.decode(D)).pow(2).sum())
@@ -165,19 +175,14 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         clock.lap("code")
         R = Yb
         for g in groups:  # update g with its share of the codes, re-seed, re-code g on what groups < g left
-            Dg = D[g.start:g.end]
+            Dg = D[g.start:g.end]  # a view: updated and re-seeded in place
             part = _group_share(codes, g)
             Rg = R - part.decode(Dg)
-            stats = update_atoms(Rg, Dg, part, group_atom_batch(atom_batch, g, D.shape[0]), **update)
-            iters.append(stats.mean_rank1_iters)
-            capped, eigensolved = capped + stats.capped, eigensolved + stats.eigensolved
-            _count_usage(usage[g.start:g.end], part)
-            l0_after += part.l0()
+            refit(Rg, Dg, part, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start:g.end])
             dead_g = usage[g.start:g.end] == 0
             if cfg.reseed is not None and bool(dead_g.any()):
                 _reseed(Dg, dead_g, Rg, cfg.reseed, gen)
                 reseeded[g.start:g.end] = dead_g
-            D[g.start:g.end] = Dg
             clock.lap("update")
             recoded = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=gram(Dg, cfg.coder.precision),
                              **coder)
@@ -189,28 +194,19 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         err_before = float(R.pow(2).sum())
         l0 += codes.l0()
         clock.lap("code")
-        stats = update_atoms(R, D, codes, atom_batch, **update)
+        refit(R, D, codes, atom_batch, usage)
         clock.lap("update")
-        iters.append(stats.mean_rank1_iters)
-        capped, eigensolved = stats.capped, stats.eigensolved
-        _count_usage(usage, codes)
-        l0_after += codes.l0()
     else:  # residual cascade: code group g on what groups < g left, update it, move on
         R = Yb
         for g in groups:
-            Dg = D[g.start:g.end]
+            Dg = D[g.start:g.end]  # a view: updated in place
             codes = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=G[g.start:g.end, g.start:g.end],
                            **coder)
             R = R - codes.decode(Dg)
             l0 += codes.l0()
             clock.lap("code")
-            stats = update_atoms(R, Dg, codes, group_atom_batch(atom_batch, g, D.shape[0]), **update)
+            refit(R, Dg, codes, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start:g.end])
             clock.lap("update")
-            D[g.start:g.end] = Dg
-            iters.append(stats.mean_rank1_iters)
-            capped, eigensolved = capped + stats.capped, eigensolved + stats.eigensolved
-            _count_usage(usage[g.start:g.end], codes)
-            l0_after += codes.l0()
     err_after = float(R.pow(2).sum())
     clock.lap("update")
     dead = usage == 0
