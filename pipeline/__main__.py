@@ -9,13 +9,19 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.runs.config import check_config_or_exit
+from pipeline.runs.distributed import leave, ranks
 from stages.orchestrator import print_outputs, run_pipeline
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     check_config_or_exit(cfg)
-    print_outputs(run_pipeline(cfg))
+    try:
+        folders = run_pipeline(cfg)
+    finally:
+        leave()
+    if ranks().is_main:
+        print_outputs(folders)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 
     python -m pipeline stage=fit dictionary.coder.k=64         # via the orchestrator (harvest reused)
     python -m stages.fit dictionary.n_atoms=4096          # this stage alone
+    torchrun --nproc_per_node=8 -m pipeline stage=fit     # data parallel over 8 GPUs (exact; rank 0 writes)
 
 Writes into ``<output_root>/<experiment>/fit-<hash>/``: ``dictionary/`` (Dictionary.save; its metadata holds
 the fit's spend: wall seconds, samples, updates, device, which the baselines are matched to), ``fit.ckpt`` (the
 learner's checkpoint; an interrupted fit resumes from it), ``metrics.json`` (held-out FVU, L0, dead fraction,
 coherence, the spend) and the completion marker.
+
+Under torchrun every rank fits (each codes its share of every batch, sums are all-reduced) and every rank
+resumes from the same checkpoint; only rank 0 writes, and whether to fit at all is rank 0's decision.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pipeline.evals.dictionary_sae import DictionarySAE
 from pipeline.evals.baselines.compare import FitSpend
 from pipeline.evals.heldout import heldout_stats
 from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs, section
+from pipeline.runs.distributed import agree, join, leave, rank_device, ranks
 from pipeline.runs.layout import (DICTIONARY_DIRNAME, STORE_DIRNAME, finished_stage_dir, is_done, mark_done, prepare,
                                   stage_config, stage_dir)
 from pipeline.utils.atomic import atomic_write_text
@@ -42,33 +47,50 @@ CHECKPOINT = "fit.ckpt"
 METRICS = "metrics.json"
 
 
+def fit_device(cfg: DictConfig) -> torch.device:
+    """Where this rank fits: ``dictionary.device`` (auto: CUDA when available), ``cuda:LOCAL_RANK`` under torchrun."""
+    return rank_device(resolve_device(section(cfg, "dictionary").device))
+
+
+def join_ranks(cfg: DictConfig):
+    """The torchrun launch's process group, joined on the fit device (None for one process)."""
+    return join(section(cfg, "distributed"), fit_device(cfg))
+
+
 def run(cfg: DictConfig) -> Path:
     """Fit (or reuse) the dictionary for ``cfg``; returns the fit stage folder."""
-    out = prepare(stage_dir(cfg, "fit"), cfg, "fit")
-    if is_done(out):
+    learner = section(cfg, "dictionary")
+    device = fit_device(cfg)
+    group = join_ranks(cfg)  # None unless launched by torchrun with several ranks
+    main = ranks().is_main
+    out = stage_dir(cfg, "fit")
+    if main:
+        prepare(out, cfg, "fit")
+    dict_dir = out / DICTIONARY_DIRNAME
+    done, fitted = agree(group, (is_done(out), (dict_dir / DICTIONARY_META).exists()))  # rank 0's view, for all
+    if done or (fitted and not main):  # the ranks > 0 only help fitting
         log.info("fit already finished: %s", out)
         return out
     store = ActivationStore(finished_stage_dir(cfg, "harvest") / STORE_DIRNAME)
-    learner = section(cfg, "dictionary")
-    device = resolve_device(learner.device)
     learner = dataclasses.replace(learner, device=str(device), checkpoint_path=str(out / CHECKPOINT), resume=True)
     data = training_data(store, learner.batch_size, device, learner.seed,
-                         shuffle=learner.sample_order == "shuffled")
-    heldout = store.heldout(device=device)
+                         shuffle=learner.sample_order == "shuffled", readers=ranks().local_world)
     metrics: dict[str, Any] = {"store": str(store.path), "hook": store.hook, "d": store.d,
                                "train_rows": store.n_rows(), "heldout_rows": store.n_rows("heldout")}
-    dict_dir = out / DICTIONARY_DIRNAME
-    if (dict_dir / DICTIONARY_META).exists():
+    if fitted:
         D = Dictionary.load(dict_dir, device)
         log.info("dictionary already fitted: %s", dict_dir)
     else:
         t = time.perf_counter()
-        D = fit_dictionary(data, learner)
+        D = fit_dictionary(data, learner, process_group=group)
+        if not main:
+            return out  # rank 0 saves the dictionary, which every rank holds
         spend = FitSpend.from_history(D.history, batch_size=learner.batch_size, device=str(device),
-                                      fit_seconds=time.perf_counter() - t)
+                                      fit_seconds=time.perf_counter() - t, ranks=ranks().world)
         D.metadata.update(store=str(store.path), hook=store.hook, model=store.manifest.get("meta", {}).get("model"),
                           fit_seconds=spend.seconds, spend=spend.as_dict())
         D.save(dict_dir)
+    heldout = store.heldout(device=device)
     view = DictionarySAE(D, section(cfg, "model").name, hook_layer(store.hook), store.hook, device=device)
     metrics["dictionary"] = heldout_metrics(view, heldout, iterations=len(D.history),
                                             fit_seconds=D.metadata.get("fit_seconds"), spend=D.metadata.get("spend"))
@@ -94,7 +116,12 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     check_config_or_exit(cfg)
-    print(run(cfg))
+    try:
+        out = run(cfg)
+    finally:
+        leave()
+    if ranks().is_main:
+        print(out)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ ran runs again (each resumes from what it wrote: harvest from its last complete 
 evaluate keeps finished result files). ``stage=<name>`` runs that stage's ``run(cfg)`` whatever its marker
 says (a finished harvest then re-checks its shards; a finished fit is reused); its inputs must exist.
 
+Under ``torchrun`` (:mod:`pipeline.runs.distributed`) every rank runs this loop: the fit on all ranks (whether it
+runs is rank 0's decision, broadcast), the stages before it on rank 0 while the others wait for its marker, the
+ones after it on rank 0 alone; only rank 0 removes markers.
+
 The orchestrator is the only module that imports the stages; the library (``pipeline/``) never does, and
 ``python -m pipeline`` (``pipeline/__main__.py``, where Hydra's ``@hydra.main`` must stand for ``python -m`` to
 find ``conf/``) is a thin wrapper over :func:`run_pipeline` here.
@@ -26,6 +30,8 @@ from omegaconf import DictConfig
 
 from pipeline.evals.report import REPORT_FILE
 from pipeline.runs.config import check_config, register_configs
+from pipeline.runs.config import section
+from pipeline.runs.distributed import ALL_RANK_STAGES, agree, ranks, wait_for
 from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir
 from stages import baselines, evaluate, fit, harvest, report
 
@@ -48,11 +54,22 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
     alone = cfg.stage != "all"
     out: dict[str, Path] = {}
     rerun_later = False
+    me = ranks()
     for stage in (cfg.stage,) if alone else STAGES:
         folder = stage_dir(cfg, stage)
-        if rerun_later:  # an earlier stage ran again: this one must follow (it resumes from what it has)
+        if me.distributed and stage not in ALL_RANK_STAGES and not me.is_main:
+            if STAGES.index(stage) < STAGES.index(ALL_RANK_STAGES[0]):  # rank 0 makes what the fit reads
+                wait_for(folder, stage, section(cfg, "distributed"))
+                out[stage] = folder
+            else:
+                log.info("%-8s runs on rank 0 (this is rank %d)", stage, me.rank)
+            continue
+        if rerun_later and me.is_main:  # an earlier stage ran again: this one must follow (it resumes)
             (folder / DONE_MARKER).unlink(missing_ok=True)
-        if is_done(folder) and not alone:
+        skip = is_done(folder) and not alone
+        if me.distributed and stage in ALL_RANK_STAGES:
+            skip = agree(fit.join_ranks(cfg), skip)
+        if skip:
             log.info("%-8s done already: %s", stage, folder)
             out[stage] = folder
             continue

@@ -12,9 +12,13 @@ Two solvers:
   of its Gram matrix. Signed refits are certified or finished by an eigensolver; non-negative ones that hit
   ``max_iters`` are counted.
 - ``solver="alternating"``: the matrix-free alternating minimisation ``x ← E_j d``, ``d ← E_jᵀx/‖E_jᵀx‖``
-  computed from scattered rows of R at every step. Its per-atom sums over samples pass through ``reduce``,
-  so a data-parallel run can all-reduce them (``torch.distributed.all_reduce``); it is the solver for such
-  runs and for ``approximate=True`` (one step: Rubinstein et al.'s approximate K-SVD).
+  computed from scattered rows of R at every step; the solver of ``approximate=True`` (one step: Rubinstein et
+  al.'s approximate K-SVD).
+
+Data parallel (``comm``, :mod:`pipeline.core.collective`): each rank holds its own samples' residual rows and
+codes; which atoms are used, the support sizes that plan the blocks, and every per-atom sum over samples
+(``Eᵀx``, Rayleigh quotients, energies) are all-reduced, so every rank makes the same refits as one process
+with all the samples ("direct": the distributed power iteration; "alternating" likewise; "gram" refuses).
 
 Atoms go in shuffled **atom batches**: all atoms of a batch are refitted against the same residual (Jacobi),
 then the residual is refreshed and the next batch sees the new atoms (Gauss-Seidel). Batch size 1 is exact
@@ -24,7 +28,7 @@ sequential K-SVD; one batch of all K atoms converges much worse (noted by the re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,9 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.core.codes import Codes
+from pipeline.core.collective import LOCAL, Collective
 from pipeline.core.rank1 import refit_block
-
-Reduce = Callable[[Tensor], Tensor]
 
 #: Largest number of gathered residual entries (rows × d) held at once by one compute chunk (CPU, CUDA).
 _GATHER_BUDGET = {"cpu": 1 << 25, "cuda": 1 << 28}
@@ -62,10 +65,6 @@ class UpdateStats:
     """Signed refits finished by the eigensolver after the cap (block solvers; exact)."""
 
 
-def identity_reduce(t: Tensor) -> Tensor:
-    return t
-
-
 def update_atoms(
     R: Tensor,
     D: Tensor,
@@ -78,7 +77,7 @@ def update_atoms(
     approximate: bool = False,
     solver: str = "direct",
     generator: torch.Generator | None = None,
-    reduce: Reduce = identity_reduce,
+    comm: Collective = LOCAL,
 ) -> UpdateStats:
     """One K-SVD sweep over the used atoms, in place.
 
@@ -92,29 +91,26 @@ def update_atoms(
             signed codes, estimated for non-negative ones); alternating, ``1 − d_newᵀ d`` between steps.
         max_iters: cap on iterations per refit block (block solvers) or atom batch (alternating).
         approximate: a single alternating step per atom (approximate K-SVD) instead of iterating to ``tol``.
-        solver: ``"direct"`` / ``"gram"`` (exact refits of gathered blocks) or ``"alternating"`` (matrix-free, the
-            one with a ``reduce`` hook).
-        generator: random source for the atom shuffle (CPU generator; determinism).
-        reduce: applied to every per-atom sum over samples (an all-reduce in data-parallel runs); only the
-            alternating solver has such sums.
+        solver: ``"direct"`` / ``"gram"`` (exact refits of gathered blocks) or ``"alternating"`` (matrix-free).
+        generator: random source for the atom shuffle (CPU generator; determinism; the same seed on every rank).
+        comm: data-parallel runs: R and codes hold this rank's samples; sums over samples are all-reduced.
 
     Returns:
         :class:`UpdateStats`.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver = {solver!r} is not one of {SOLVERS}.")
-    if solver in _BLOCK_SOLVERS and not approximate and reduce is not identity_reduce:
-        raise ValueError("a reduce hook (data-parallel update) needs solver='alternating': the block solvers "
-                         "iterate on each sample's coefficient, which a sum over ranks cannot reproduce.")
+    if solver == "gram" and not approximate and comm.distributed:
+        raise ValueError("solver='gram' forms sample-by-sample Gram matrices, which a data-parallel update cannot; "
+                         "use solver='direct' (rank1_solver=direct), the distributed power iteration.")
     K, d = D.shape
     device = D.device
     flat_val = codes.values.reshape(-1)
     flat_idx = codes.indices.reshape(-1)
     nz = (flat_val != 0).nonzero().squeeze(1)  # entry ids into the flattened code slots
     atoms = flat_idx[nz]
-    used = torch.zeros(K, dtype=torch.bool, device=device)
-    used[atoms] = True
-    used_ids = used.nonzero().squeeze(1)
+    support = comm.sum(torch.bincount(atoms, minlength=K))  # |ω_j| over all ranks
+    used_ids = (support > 0).nonzero().squeeze(1)
     n_used = int(used_ids.numel())
     if n_used == 0:
         return UpdateStats(0, 0.0)
@@ -127,9 +123,12 @@ def update_atoms(
     nz, ent_rank = nz[perm], ent_rank[perm]
     rows_all = nz // codes.k
     starts = torch.searchsorted(ent_rank, torch.arange(0, n_used + 1, device=device)).tolist()
+    # how the work is cut (blocks, chunks) must be the same on every rank: planned on the global support sizes
+    sizes = support[order].tolist() if comm.distributed else [starts[a + 1] - starts[a] for a in range(n_used)]
     if solver in _BLOCK_SOLVERS and not approximate:
-        return _update_blocks(R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val,
-                              nonnegative, tol, max_iters, solver)
+        return _update_blocks(R, D, codes, atom_batch_size, order, nz, rows_all, starts, sizes, flat_val,
+                              nonnegative, tol, max_iters, solver, comm)
+    plan = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     iters_total, n_batches, capped = 0, 0, 0
     budget = _GATHER_BUDGET.get(device.type, _GATHER_BUDGET["cpu"])
     for b0 in range(0, n_used, atom_batch_size):
@@ -139,14 +138,14 @@ def update_atoms(
         a0 = b0
         while a0 < b1:
             a1 = a0 + 1
-            while a1 < b1 and (starts[a1 + 1] - starts[a0]) * d <= budget:
+            while a1 < b1 and (plan[a1 + 1] - plan[a0]) * d <= budget:
                 a1 += 1
             e0, e1 = starts[a0], starts[a1]
             ent = nz[e0:e1]
             pos = ent_rank[e0:e1] - a0
             new_d, new_x, n_it, n_late = _rank1_fit(
                 R, D[order[a0:a1]], rows_all[e0:e1], pos, flat_val[ent],
-                nonnegative, tol, 1 if approximate else max_iters, reduce,
+                nonnegative, tol, 1 if approximate else max_iters, comm,
             )
             corrections.append((order[a0:a1], ent, rows_all[e0:e1], pos, new_d, new_x))
             iters_total += n_it
@@ -165,9 +164,10 @@ def update_atoms(
 
 
 def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor,
-                   rows_all: Tensor, starts: list[int], flat_val: Tensor, nonnegative: bool, tol: float,
-                   max_iters: int, method: str) -> UpdateStats:
-    """The sweep with a block solver: per atom batch, blocks of similar support size, gathered once."""
+                   rows_all: Tensor, starts: list[int], sizes: list[int], flat_val: Tensor, nonnegative: bool,
+                   tol: float, max_iters: int, method: str, comm: Collective) -> UpdateStats:
+    """The sweep with a block solver: per atom batch, blocks of similar support size (``sizes``: over all
+    ranks, so every rank cuts the same blocks), each gathered once from this rank's rows."""
     n_used = int(order.numel())
     n, d = R.shape
     device = D.device
@@ -180,11 +180,11 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
     Rx[n] = 0
     starts_t = torch.tensor(starts, device=device)
     counts = [starts[a + 1] - starts[a] for a in range(n_used)]
-    plan = [(b0, support_blocks(counts[b0:b0 + atom_batch_size], d, budget, method))
+    plan = [(b0, support_blocks(sizes[b0:b0 + atom_batch_size], d, budget, method))
             for b0 in range(0, n_used, atom_batch_size)]
     # one reused work buffer for the gathered blocks: a fresh multi-MB tensor per block would cost a page fault
     # per 4 KiB on CPU
-    size = max(len(r) * max(counts[b0 + i] for i in r) for b0, blocks in plan for r in blocks)
+    size = max(len(r) * max(counts[b0 + i] for i in r) for b0, blocks in plan for r in blocks)  # this rank's rows
     work_E = torch.empty(size, d, dtype=D.dtype, device=device)
     steps_total, n_blocks, capped, eigensolved = 0, 0, 0, 0
     for b0, blocks in plan:
@@ -206,7 +206,7 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
             E = flat.view(len(ranks), P, d)
             E.addcmul_(x_old[:, :, None], d_old[:, None, :])  # add the atom back: E = R[ω] + x dᵀ
             fit = refit_block(E, d_old, nonnegative=nonnegative, tol=tol, max_steps=max_iters, method=method,
-                              check_every=check_every)
+                              check_every=check_every, comm=comm)
             del E
             atom = torch.arange(len(ranks), device=device)[:, None].expand_as(mask)[mask]
             refits.append(_BlockRefit(ids, ent[mask], rows[mask], atom, d_old, x_old[mask], fit.atoms,
@@ -332,8 +332,8 @@ def _split_by_size(items: list[int], costs: list[int]) -> list[list[int]]:
 
 def _rank1_fit(
     R: Tensor, d_old: Tensor, rows: Tensor, pos: Tensor, x_old: Tensor,
-    nonnegative: bool, tol: float, max_iters: int, reduce: Reduce,
-) -> tuple[Tensor, Tensor, int]:
+    nonnegative: bool, tol: float, max_iters: int, comm: Collective,
+) -> tuple[Tensor, Tensor, int, int]:
     """Best rank-1 refit of a group of atoms against the same residual.
 
     Args:
@@ -352,7 +352,7 @@ def _rank1_fit(
     for steps in range(1, max_iters + 1):
         x = _project(Rg, d_old, d_cur, seg, x_old, nonnegative)
         xx = torch.zeros(B, dtype=d_old.dtype, device=d_old.device).index_add_(0, pos, x_old * x)
-        u = reduce(seg.sum_rows(Rg, x) + xx[:, None] * d_old)  # E_jᵀ x for every atom of the group
+        u = comm.sum(seg.sum_rows(Rg, x) + xx[:, None] * d_old)  # E_jᵀ x for every atom of the group
         norm = u.norm(dim=1, keepdim=True)
         d_new = torch.where(norm > 0, u / norm.clamp(min=torch.finfo(u.dtype).tiny), d_cur)
         change = 1 - (d_new * d_cur).sum(dim=1)

@@ -1,13 +1,20 @@
 """The learner's sample batches: from a tensor (a seeded permutation per epoch, or the reference's fixed
-contiguous batches) or from any re-iterable of ``(b, d)`` batches, e.g. an activation-store loader."""
+contiguous batches) or from any re-iterable of ``(b, d)`` batches, e.g. an activation-store loader.
+
+Data parallel, every rank builds the same batches and keeps its contiguous share of each
+(:meth:`~pipeline.core.collective.Collective.shard`); a loader whose ``epoch_batches(epoch, shard=...)`` takes
+the share gathers only those rows. The first batch (atom init, centring) is read whole by every rank, so the
+initial atoms are the single-process ones."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
+from pipeline.core.collective import LOCAL, Collective
 from pipeline.core.learner_config import LearnerConfig
 from pipeline.core.validation import check_samples
 from pipeline.utils.devices import resolve_device
@@ -17,8 +24,8 @@ class BatchSource:
     """Sample batches from a tensor (a seeded per-epoch permutation, or fixed consecutive batches with
     ``sample_order="contiguous"``) or from a re-iterable of batches (in the order it yields them)."""
 
-    def __init__(self, data: Tensor | Iterable[Tensor], cfg: LearnerConfig):
-        self.cfg = cfg
+    def __init__(self, data: Tensor | Iterable[Tensor], cfg: LearnerConfig, comm: Collective = LOCAL):
+        self.cfg, self.comm = cfg, comm
         self.tensor = data if isinstance(data, Tensor) else None
         self.iterable = None if isinstance(data, Tensor) else data
         if self.tensor is not None:
@@ -59,28 +66,40 @@ class BatchSource:
         return self.first_batch().mean(0)
 
     def epoch(self, e: int, skip: int = 0) -> Iterator[Tensor]:
+        """The batches of epoch ``e`` from batch ``skip`` on (this rank's share of each)."""
+        mine = self.comm.shard
         if self.tensor is not None:
             n, bs = self.tensor.shape[0], self.cfg.batch_size
             if bs >= n:
                 if skip == 0:
-                    yield self.tensor.to(self.device, torch.float32)
+                    yield self.tensor[mine(n)].to(self.device, torch.float32)
                 return
             if self.cfg.sample_order == "contiguous":  # the reference's fixed batches, a partial last one skipped
                 for b in range(skip, n // bs):
-                    yield self.tensor[b * bs:(b + 1) * bs].to(self.device, torch.float32)
+                    yield self.tensor[b * bs:(b + 1) * bs][mine(bs)].to(self.device, torch.float32)
                 return
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e)
             perm = torch.randperm(n, generator=g)
             n_batches = n // bs + (1 if n % bs >= bs // 2 else 0)
             for b in range(skip, n_batches):
-                idx = perm[b * bs:(b + 1) * bs].to(self.tensor.device)
+                idx = perm[b * bs:(b + 1) * bs]
+                idx = idx[mine(idx.numel())].to(self.tensor.device)
                 yield self.tensor[idx].to(self.device, torch.float32)
             return
         # a loader that can replay a given epoch (e.g. ActivationLoader.epoch_batches) makes resume exact
-        batches = self.iterable.epoch_batches(e) if hasattr(self.iterable, "epoch_batches") else self.iterable
+        sliced_here = self.comm.distributed
+        if hasattr(self.iterable, "epoch_batches"):
+            if self.comm.distributed and "shard" in inspect.signature(self.iterable.epoch_batches).parameters:
+                batches, sliced_here = self.iterable.epoch_batches(e, shard=mine), False
+            else:
+                batches = self.iterable.epoch_batches(e)
+        else:
+            batches = self.iterable
         for b, batch in enumerate(batches):
             if b < skip:
                 continue
             batch = batch[0] if isinstance(batch, (tuple, list)) else batch
             check_samples(batch, "data batch", d=self.d)
+            if sliced_here:
+                batch = batch[mine(batch.shape[0])]
             yield batch.to(self.device, torch.float32)

@@ -8,6 +8,11 @@ batch this is classic (batched) K-SVD iterated to convergence; with the paper's 
 
     >>> D = learn_dictionary(Y, n_atoms=4096, k=32)     # Y: (n, d) tensor or an iterable of (b, d) batches
     >>> codes = D.encode(Y_test); D.fvu(Y_test)
+
+Data parallel (``process_group``, e.g. ``torch.distributed.group.WORLD`` under torchrun): every rank passes the
+same data and codes its own contiguous share of each sample batch; every sum over samples is all-reduced
+(:mod:`pipeline.core.collective`), so the ranks hold the dictionary one process fits on the whole batches, up
+to floating-point summation order. Rank 0 alone writes the checkpoint and shows progress.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline.utils.atomic import atomic_write
-from pipeline.core.atom_update import Reduce, identity_reduce, update_atoms
+from pipeline.core.atom_update import update_atoms
 from pipeline.core.batches import BatchSource
 from pipeline.core.codes import Codes
+from pipeline.core.collective import LOCAL, Collective, collective
 from pipeline.core.dictionary import Dictionary
 from pipeline.core.learner_config import PAPER_SCHEDULE, LearnerConfig
 from pipeline.core.matryoshka import Group, matryoshka_groups
@@ -50,12 +56,12 @@ HISTORY_FIELDS: dict[str, str] = {
                          "or certain not to be)",
     "code_seconds": "wall time coding", "update_seconds": "wall time updating atoms",
     "reseed_seconds": "wall time re-seeding dead and duplicate atoms",
-    "iteration": "1-based iteration number", "epoch": "0-based epoch", "rows": "samples in the batch",
+    "iteration": "1-based iteration number", "epoch": "0-based epoch", "rows": "samples in the batch (all ranks)",
     "seconds": "learner clock since the start of the fit (resumed fits continue it)",
 }
 
 def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
-                     reduce: Reduce = identity_reduce, callback=None, **options) -> Dictionary:
+                     process_group=None, callback=None, **options) -> Dictionary:
     """Learn a dictionary of ``n_atoms`` unit-norm atoms for ``k``-sparse codes of ``data``.
 
     Args:
@@ -63,24 +69,29 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
             yield the same batches for resume to be exact), e.g. an activation-store reader.
         n_atoms: K.
         k: non-zeros per sample.
-        reduce: applied to per-atom sums over samples (an all-reduce for data-parallel fits).
+        process_group: a ``torch.distributed`` process group for a data-parallel fit (every rank calls with the
+            same data; each codes its share of every batch); None: one process.
         callback: called as ``callback(iteration, record, dictionary_atoms)`` after every iteration.
         **options: any field of :class:`LearnerConfig`.
 
     Returns:
         the :class:`~pipeline.core.dictionary.Dictionary` (on the fitting device), with its per-iteration history.
     """
-    return fit_dictionary(data, LearnerConfig.from_options(n_atoms, k, **options), reduce=reduce,
+    return fit_dictionary(data, LearnerConfig.from_options(n_atoms, k, **options), process_group=process_group,
                           callback=callback)
 
 
-def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduce: Reduce = identity_reduce,
+def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, process_group=None,
                    callback=None) -> Dictionary:
     """:func:`learn_dictionary` with its options as one typed :class:`LearnerConfig` (what the fit stage builds
     from the ``dictionary`` config node)."""
     n_atoms, k = cfg.n_atoms, cfg.coder.k
-    source = BatchSource(data, cfg)
+    comm = collective(process_group)
+    source = BatchSource(data, cfg, comm)
     cfg.validate(source.d)
+    if comm.distributed and cfg.rank1_solver == "gram" and not cfg.approximate:
+        raise ValueError("rank1_solver='gram' forms sample-by-sample Gram matrices, which a data-parallel fit "
+                         "cannot; use rank1_solver='direct' (the default).")
     device = source.device
     gen = torch.Generator().manual_seed(cfg.seed)
     groups = matryoshka_groups(n_atoms, k, cfg.matryoshka) if cfg.matryoshka is not None else None
@@ -100,40 +111,41 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduc
         history, it, epoch, batch_pos, elapsed0 = [], 0, 0, 0, 0.0
     G = gram(D, cfg.coder.precision)
     t0 = time.perf_counter() - elapsed0
-    bar = tqdm(total=cfg.max_iters, initial=it, disable=not cfg.progress, desc="DB-KSVD", unit="it")
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=not (cfg.progress and comm.is_main), desc="DB-KSVD",
+               unit="it")
     stop = _stop_reason(cfg, history, it, epoch, 0.0)
     while stop is None:
         for Yb in source.epoch(epoch, skip=batch_pos):
             Yb = Yb if centre is None else Yb - centre
-            rec = _iteration(Yb, D, G, cfg, groups, atom_batch, gen, reduce)
+            rec = _iteration(Yb, D, G, cfg, groups, atom_batch, gen, comm)
             G = rec.pop("G")
             it += 1
             batch_pos += 1
-            rec.update(iteration=it, epoch=epoch, rows=int(Yb.shape[0]), seconds=time.perf_counter() - t0)
+            rec.update(iteration=it, epoch=epoch, seconds=_agreed(comm, time.perf_counter() - t0, device))
             history.append(rec)
             bar.update(1)
             bar.set_postfix(fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.3f}")
-            if rec["rank1_capped"]:
+            if rec["rank1_capped"] and comm.is_main:
                 log.warning("iteration %d: %d rank-1 refits stopped at rank1_max_iters=%d before rank1_tol=%g "
                             "(their objective still improved); raise rank1_max_iters for exact refits",
                             it, rec["rank1_capped"], cfg.rank1_max_iters, cfg.rank1_tol)
             if callback is not None:
                 callback(it, rec, D)
             stop = _stop_reason(cfg, history, it, epoch, rec["seconds"])
-            if cfg.checkpoint_path and (it % cfg.checkpoint_every == 0 or stop is not None):
+            if cfg.checkpoint_path and comm.is_main and (it % cfg.checkpoint_every == 0 or stop is not None):
                 _save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
             if stop is not None:
                 break
         else:
             epoch += 1
             batch_pos = 0
-            stop = _stop_reason(cfg, history, it, epoch, time.perf_counter() - t0)
-            if cfg.checkpoint_path:
+            stop = _stop_reason(cfg, history, it, epoch, _agreed(comm, time.perf_counter() - t0, device))
+            if cfg.checkpoint_path and comm.is_main:
                 _save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
     bar.close()
     log.info("DB-KSVD stopped after %d iterations: %s", it, stop)
     meta = {"learner": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress",)},
-            "stop_reason": stop, "iterations": it, "atom_batch_size": atom_batch}
+            "stop_reason": stop, "iterations": it, "atom_batch_size": atom_batch, "ranks": comm.world}
     if groups is not None:
         meta["group_atom_batch_sizes"] = [group_atom_batch(atom_batch, g, n_atoms) for g in groups]
     coder = cfg.coder if cfg.eval_refit is None else replace(cfg.coder, refit=cfg.eval_refit)
@@ -146,13 +158,14 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, reduc
 
 
 def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: list[Group] | None,
-               atom_batch: int, gen: torch.Generator, reduce: Reduce) -> dict[str, Any]:
-    """Code one sample batch, update the atoms in place, re-seed; returns the iteration record + new G."""
+               atom_batch: int, gen: torch.Generator, comm: Collective = LOCAL) -> dict[str, Any]:
+    """Code one sample batch (this rank's share of it), update the atoms in place, re-seed; returns the
+    iteration record + new G."""
     coder = cfg.coder.kwargs() | dict(chunk_size=cfg.chunk_size, validate=False)
     update = dict(nonnegative=cfg.coder.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
-                  approximate=cfg.approximate, solver=cfg.rank1_solver, generator=gen, reduce=reduce)
+                  approximate=cfg.approximate, solver=cfg.rank1_solver, generator=gen, comm=comm)
     clock = _Clock(D.device)
-    denom = float((Yb - Yb.mean(0)).pow(2).sum().clamp(min=1e-30))
+    n_rows, denom = _rows_and_energy(Yb, comm)
     usage = torch.zeros(D.shape[0], device=D.device)
     err_before, iters = None, []
     l0, l0_after = torch.zeros(Yb.shape[0], device=D.device), torch.zeros(Yb.shape[0], device=D.device)
@@ -165,12 +178,12 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         stats = update_atoms(R, atoms, codes, batch, **update)
         iters.append(stats.mean_rank1_iters)
         capped, eigensolved = capped + stats.capped, eigensolved + stats.eigensolved
-        _count_usage(used, codes)
+        _count_usage(used, codes, comm)
         l0_after.add_(codes.l0())
 
     if groups is not None and cfg.matryoshka_loop == "reference":
         codes = encode(Yb, D, cfg.coder.k, G=G, **coder)  # KSVD.jl codes with every atom before its loop
-        err_before = float((Yb - codes.decode(D)).pow(2).sum())
+        err_before = _total(comm, (Yb - codes.decode(D)).pow(2).sum())
         l0 += codes.l0()
         clock.lap("code")
         R = Yb
@@ -181,7 +194,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
             refit(Rg, Dg, part, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start:g.end])
             dead_g = usage[g.start:g.end] == 0
             if cfg.reseed is not None and bool(dead_g.any()):
-                _reseed(Dg, dead_g, Rg, cfg.reseed, gen)
+                _reseed(Dg, dead_g, Rg, cfg.reseed, gen, comm)
                 reseeded[g.start:g.end] = dead_g
             clock.lap("update")
             recoded = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=gram(Dg, cfg.coder.precision),
@@ -191,7 +204,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     elif groups is None:
         codes = encode(Yb, D, cfg.coder.k, G=G, **coder)
         R = Yb - codes.decode(D)
-        err_before = float(R.pow(2).sum())
+        err_before = _total(comm, R.pow(2).sum())
         l0 += codes.l0()
         clock.lap("code")
         refit(R, D, codes, atom_batch, usage)
@@ -207,7 +220,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
             clock.lap("code")
             refit(R, Dg, codes, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start:g.end])
             clock.lap("update")
-    err_after = float(R.pow(2).sum())
+    err_after = _total(comm, R.pow(2).sum())
     clock.lap("update")
     dead = usage == 0
     n_dead = int(dead.sum())
@@ -219,16 +232,41 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         dead = dead | dup
     dead = dead & ~reseeded  # the reference loop re-seeded its groups' dead atoms already
     if cfg.reseed is not None and bool(dead.any()):
-        _reseed(D, dead, R, cfg.reseed, gen)
+        _reseed(D, dead, R, cfg.reseed, gen, comm)
         # recomputed whole (not patched): G must be a function of D alone, so a resumed fit sees the same G
         G = gram(D, cfg.coder.precision)
     clock.lap("reseed")
     fvu_after = err_after / denom
     # a cascade interleaves coding and updating, so its only error is the one after the updates
     fvu = fvu_after if err_before is None else err_before / denom
-    return dict(**clock.seconds, fvu=fvu, fvu_after_update=fvu_after, l0=float(l0.float().mean()),
-                l0_after_update=float(l0_after.float().mean()), dead_fraction=n_dead / D.shape[0], n_duplicates=n_dup,
-                rank1_iters=sum(iters) / len(iters), rank1_capped=capped, rank1_eigensolved=eigensolved, G=G)
+    l0_sum, l0_after_sum = comm.sum(l0.float().sum().reshape(1), l0_after.float().sum().reshape(1))
+    return dict(**clock.seconds, fvu=fvu, fvu_after_update=fvu_after, l0=float(l0_sum) / n_rows,
+                l0_after_update=float(l0_after_sum) / n_rows, dead_fraction=n_dead / D.shape[0],
+                n_duplicates=n_dup, rank1_iters=sum(iters) / len(iters), rank1_capped=capped,
+                rank1_eigensolved=eigensolved, rows=n_rows, G=G)
+
+
+def _rows_and_energy(Yb: Tensor, comm: Collective) -> tuple[int, float]:
+    """Rows of the whole batch (all ranks) and its centred energy ``Σ‖y − ȳ‖²`` (the FVU's denominator)."""
+    if not comm.distributed:
+        return int(Yb.shape[0]), float((Yb - Yb.mean(0)).pow(2).sum().clamp(min=1e-30))
+    count = torch.tensor([float(Yb.shape[0])], dtype=torch.float64, device=Yb.device)
+    total, count = comm.sum(Yb.sum(0, dtype=torch.float64), count)
+    mean = (total / count).to(Yb.dtype)
+    return int(count.item()), _total(comm, (Yb - mean).pow(2).sum(), floor=1e-30)
+
+
+def _total(comm: Collective, local: Tensor, floor: float | None = None) -> float:
+    """A scalar summed over ranks (optionally clamped below at ``floor``)."""
+    total = comm.sum(local.reshape(1))
+    return float(total.clamp(min=floor) if floor is not None else total)
+
+
+def _agreed(comm: Collective, seconds: float, device: torch.device) -> float:
+    """The learner clock every rank uses: the slowest rank's, so time-budget stops are taken together."""
+    if not comm.distributed:
+        return seconds
+    return float(comm.max(torch.tensor([seconds], dtype=torch.float64, device=device)))
 
 
 def _group_share(codes: Codes, group: Group) -> Codes:
@@ -266,8 +304,10 @@ class _Clock:
         self.t = now
 
 
-def _count_usage(usage: Tensor, codes: Codes) -> None:
-    usage.index_add_(0, codes.indices.reshape(-1), (codes.values.reshape(-1) != 0).float())
+def _count_usage(usage: Tensor, codes: Codes, comm: Collective = LOCAL) -> None:
+    """Add to ``usage: (K,)`` how many samples (of all ranks) use each atom."""
+    counts = torch.zeros_like(usage).index_add_(0, codes.indices.reshape(-1), (codes.values.reshape(-1) != 0).float())
+    usage.add_(comm.sum(counts))
 
 
 def _duplicates(G: Tensor, usage: Tensor, threshold: float) -> Tensor:
@@ -281,20 +321,37 @@ def _duplicates(G: Tensor, usage: Tensor, threshold: float) -> Tensor:
     return (best > threshold) & less_used
 
 
-def _reseed(D: Tensor, mask: Tensor, R: Tensor, how: str, gen: torch.Generator) -> None:
-    """Give the atoms in ``mask`` new directions: worst-reconstructed residuals or random."""
+def _reseed(D: Tensor, mask: Tensor, R: Tensor, how: str, gen: torch.Generator, comm: Collective = LOCAL) -> None:
+    """Give the atoms in ``mask`` new directions: worst-reconstructed residuals (of all ranks) or random."""
     ids = mask.nonzero().squeeze(1)
     m = int(ids.numel())
     if how == "worst":
-        err = R.pow(2).sum(dim=1)
-        take = min(m, int((err > 0).sum()))
-        rows = err.topk(take).indices if take > 0 else err[:0].long()
-        new = R[rows]
+        new = _worst_residuals(R, m, comm)
+        take = int(new.shape[0])
         if take < m:
             new = torch.cat([new, torch.randn(m - take, D.shape[1], generator=gen).to(D)])
     else:
         new = torch.randn(m, D.shape[1], generator=gen).to(D)
     D[ids] = new / new.norm(dim=1, keepdim=True).clamp(min=1e-30)
+
+
+def _worst_residuals(R: Tensor, m: int, comm: Collective) -> Tensor:
+    """(≤ m, d) the non-zero rows of the residual ``R`` with the largest norms, largest first; data parallel,
+    over every rank's rows (each rank offers its own m worst, every rank picks the same m of them)."""
+    err = R.pow(2).sum(dim=1)
+    if not comm.distributed:
+        take = min(m, int((err > 0).sum()))
+        return R[err.topk(take).indices] if take > 0 else R[:0]
+    local = min(m, int(err.numel()))
+    vals, rows = err.topk(local)
+    offer_vals = torch.full((m,), -1.0, dtype=err.dtype, device=err.device)
+    offer_vals[:local] = vals
+    offer_rows = torch.zeros(m, R.shape[1], dtype=R.dtype, device=R.device)
+    offer_rows[:local] = R[rows]
+    all_vals = torch.cat(comm.all_gather(offer_vals))
+    all_rows = torch.cat(comm.all_gather(offer_rows))
+    take = min(m, int((all_vals > 0).sum()))
+    return all_rows[all_vals.topk(take).indices] if take > 0 else R[:0]
 
 
 def _init_atoms(Y: Tensor, n_atoms: int, how: str, gen: torch.Generator) -> Tensor:

@@ -44,8 +44,8 @@ class LearnerConfig:
     atom batch's restricted errors are gathered once into contiguous blocks and each refit is iterated to
     ``rank1_tol`` (signed refits certified, or finished by an eigensolver), on the block itself ("direct":
     fastest on CPUs) or in the small space of its Gram matrix ("gram": one batched matmul, then cheap steps).
-    "alternating": matrix-free steps over scattered rows, the solver whose sums go through a data-parallel
-    ``reduce`` hook."""
+    "alternating": matrix-free steps over scattered rows. Data-parallel fits take "direct" or "alternating"
+    ("gram" pairs samples with samples, which ranks cannot)."""
     rank1_tol: float = 1e-6
     """Convergence threshold of each rank-1 refit: "direct" / "gram", 1 − cos between the atom and the exact
     refit (certified for signed codes, estimated for non-negative ones); "alternating", 1 − cos between

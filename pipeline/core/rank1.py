@@ -43,8 +43,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.core.collective import LOCAL, Collective
+
 #: Smallest step (‖d_{t+1} − d_t‖) treated as converged outright: fp32 resolves atom steps to about 1e-7.
 _STEP_FLOOR = 1e-6
+#: Largest number of entries of the d × d Grams a data-parallel eigensolve all-reduces at once.
+_GRAM_CHUNK = 1 << 25
 #: Upper bound on the estimated contraction rate (a ratio of 1 or more means "not contracting yet").
 _MAX_RATE = 0.999
 
@@ -66,7 +70,7 @@ class Rank1Refit:
 
 
 def refit_block(E: Tensor, d_old: Tensor, *, nonnegative: bool, tol: float, max_steps: int,
-                method: str = "direct", check_every: int = 1) -> Rank1Refit:
+                method: str = "direct", check_every: int = 1, comm: Collective = LOCAL) -> Rank1Refit:
     """Best rank-1 refits of a block of restricted errors, each warm started from its current atom.
 
     Args:
@@ -77,15 +81,21 @@ def refit_block(E: Tensor, d_old: Tensor, *, nonnegative: bool, tol: float, max_
         max_steps: iteration cap.
         method: ``"direct"`` (iterate on the block itself) or ``"gram"`` (form the small Gram first).
         check_every: iterations between convergence tests (each test is a host synchronisation on CUDA).
+        comm: data-parallel runs: each rank holds the rows of its own samples (P is its own padded size) and
+            every sum over rows is all-reduced, so every rank gets the refit of the union of the rows ("direct"
+            only: the Gram method pairs samples with samples).
 
     Returns:
         :class:`Rank1Refit`.
     """
     B, P, d = E.shape
     if method == "direct":
-        return _direct(E, d_old, nonnegative, tol, max_steps, check_every)
+        return _direct(E, d_old, nonnegative, tol, max_steps, check_every, comm)
     if method != "gram":
         raise ValueError(f"method = {method!r} is not 'direct' or 'gram'.")
+    if comm.distributed:
+        raise ValueError("method='gram' refits from sample-by-sample Gram matrices, which a data-parallel run "
+                         "cannot form; use method='direct' (rank1_solver=direct).")
     if P <= d:
         return _light(E, d_old, nonnegative, tol, max_steps, check_every)
     if not nonnegative:
@@ -232,23 +242,29 @@ def _heavy_signed(E: Tensor, d_old: Tensor, tol: float, max_steps: int, check_ev
 
 
 def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: int,
-            check_every: int) -> Rank1Refit:
+            check_every: int, comm: Collective = LOCAL) -> Rank1Refit:
     """Refits iterating on the block itself: ``x ← E d`` (non-negative: ``max(E d, 0)``), ``d ← Eᵀx / ‖Eᵀx‖``,
     two batched matrix-vector products per step over the contiguous block. Signed refits are certified with
     the trace bound (every eigenvalue of EᵀE below the top one is at most ``‖E‖_F² − q``); the rest are
-    finished by the eigensolver."""
+    finished by the eigensolver.
+
+    Data parallel, each step all-reduces ``Eᵀx`` (and, signed, ``‖x‖²``): one (B, d + 1) collective per step,
+    the distributed power iteration; the trace is reduced once, and refits left to the eigensolver reduce their
+    d × d Gram ``EᵀE``."""
     Et = E.transpose(1, 2)
     u = d_old
     x = _bmv(E, u)
     if nonnegative:
         x = x.clamp(min=0)
     conv = _Convergence(E.shape[0], tol, E.device, E.dtype)
-    energy = None if nonnegative else torch.linalg.vector_norm(E, dim=(1, 2)).pow(2)  # ‖E‖_F² = trace(EᵀE)
+    energy = None if nonnegative else comm.sum(torch.linalg.vector_norm(E, dim=(1, 2)).pow(2))  # trace(EᵀE)
     steps = 0
     for steps in range(1, max_steps + 1):
         y = _bmv(Et, x)  # Eᵀx; for signed x = E u this is (EᵀE) u
-        if not nonnegative:
-            q = x.pow(2).sum(1)  # Rayleigh quotient of EᵀE at the unit u
+        if nonnegative:
+            y = comm.sum(y)
+        else:
+            y, q = comm.sum(y, x.pow(2).sum(1))  # q: Rayleigh quotient of EᵀE at the unit u
             # λ₂ <= trace − λ₁ <= trace − q: a certificate needs q > trace / 2
             conv.certify((y - q[:, None] * u).norm(dim=1), q, energy - q, energy / 2, max_steps - steps)
             if (steps % check_every == 0 or steps == max_steps) and bool(conv.settled.all()):
@@ -264,22 +280,26 @@ def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: 
             break
     eigensolved = 0
     if not nonnegative:
-        late = ~conv.done | ((x.pow(2).sum(1) <= 0) & (energy > 0))
+        late = ~conv.done | ((comm.sum(x.pow(2).sum(1)) <= 0) & (energy > 0))
         if bool(late.any()):
             late = late.nonzero().squeeze(1)
-            u = u.index_copy(0, late, _top_right_vector(E.index_select(0, late), u.index_select(0, late)))
+            u = u.index_copy(0, late, _top_right_vector(E.index_select(0, late), u.index_select(0, late), comm))
             x = _bmv(E, u)
             eigensolved = int(late.numel())
     capped = int((~conv.done).sum()) if nonnegative else 0
     if nonnegative:
-        u, x = _keep_dead(u, x, x.norm(dim=1), d_old)
+        u, x = _keep_dead(u, x, comm.sum(x.pow(2).sum(1)).sqrt(), d_old)
     return Rank1Refit(u, x, steps, capped, eigensolved)
 
 
-def _top_right_vector(E: Tensor, ref: Tensor) -> Tensor:
-    """(B, d) top right singular vectors of E: (B, P, d), from the smaller of its two Gram matrices, oriented to
-    have a non-negative dot product with ``ref``."""
+def _top_right_vector(E: Tensor, ref: Tensor, comm: Collective = LOCAL) -> Tensor:
+    """(B, d) top right singular vectors of E: (B, P, d), from the smaller of its two Gram matrices (data
+    parallel: the d × d one, summed over ranks), oriented to have a non-negative dot product with ``ref``."""
     B, P, d = E.shape
+    if comm.distributed:  # in chunks of atoms: B d × d Grams can be GBs (d = 2304)
+        step = max(1, _GRAM_CHUNK // (d * d))
+        return torch.cat([_top_eigenvectors(comm.sum(torch.bmm(E[i:i + step].transpose(1, 2), E[i:i + step])),
+                                             ref[i:i + step]) for i in range(0, B, step)])
     if P > d:
         return _top_eigenvectors(torch.bmm(E.transpose(1, 2), E), ref)
     v = _top_eigenvectors(torch.bmm(E, E.transpose(1, 2)), _bmv(E, ref))

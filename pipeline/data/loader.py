@@ -15,7 +15,7 @@ import math
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -86,17 +86,20 @@ class ActivationLoader:
         """Make the next ``iter()`` yield epoch ``epoch`` (e.g. when resuming a fit mid-way)."""
         self.epoch = epoch
 
-    def epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
-        """The batches of epoch ``epoch`` (deterministic given seed and epoch)."""
+    def epoch_batches(self, epoch: int, shard: Callable[[int], slice] | None = None) -> Iterator[torch.Tensor]:
+        """The batches of epoch ``epoch`` (deterministic given seed and epoch).
+
+        ``shard``: for data-parallel readers, maps a batch's size to the slice of its rows this reader keeps
+        (:meth:`pipeline.core.collective.Collective.shard`); only those rows are gathered and moved."""
         if self.prefetch <= 0:
-            yield from self._produce(epoch)
+            yield from self._produce(epoch, shard)
             return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def work() -> None:
             try:
-                for batch in self._produce(epoch):
+                for batch in self._produce(epoch, shard):
                     while not stop.is_set():
                         try:
                             q.put(batch, timeout=0.1)
@@ -123,7 +126,7 @@ class ActivationLoader:
             stop.set()
             thread.join(timeout=5)
 
-    def _produce(self, epoch: int) -> Iterator[torch.Tensor]:
+    def _produce(self, epoch: int, shard: Callable[[int], slice] | None = None) -> Iterator[torch.Tensor]:
         shards = self.store.shards(self.split)
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(shards)) if self.shuffle else np.arange(len(shards))
@@ -160,7 +163,8 @@ class ActivationLoader:
                     e = min(s + b, n_full)
                     if last and e - s < b and self.drop_last:
                         break
-                    yield self._to_target(_gather(parts, part_of[s:e], local[s:e], work))
+                    keep = slice(s, e) if shard is None else _within(slice(s, e), shard(e - s))
+                    yield self._to_target(_gather(parts, part_of[keep], local[keep], work))
                 carry = _gather(parts, part_of[n_full:], local[n_full:], work)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -173,6 +177,11 @@ class ActivationLoader:
 
     def _to_target(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(device=self.device, dtype=self.dtype)
+
+
+def _within(outer: slice, inner: slice) -> slice:
+    """``inner`` (a slice of the rows of ``outer``) as a slice of the whole."""
+    return slice(outer.start + inner.start, outer.start + inner.stop)
 
 
 def _gather(parts: list[torch.Tensor], part_of: np.ndarray, local: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -193,12 +202,14 @@ IN_MEMORY_SHARE = 0.25
 
 
 def training_data(store: "ActivationStore", batch_size: int, device: torch.device, seed: int,
-                  shuffle: bool = True):
+                  shuffle: bool = True, readers: int = 1):
     """The store's training rows: one ``(n, d)`` tensor on ``device`` (in store order) when they take at most
     :data:`IN_MEMORY_SHARE` of its free memory, else a loader of full ``(batch_size, d)`` batches, shuffled
-    every epoch or, with ``shuffle=False``, consecutive in store order."""
+    every epoch or, with ``shuffle=False``, consecutive in store order. ``readers``: processes on this machine
+    loading it at once into host memory (data-parallel ranks), which share that memory."""
     need = store.n_rows() * store.d * 4
-    if need <= IN_MEMORY_SHARE * free_memory(device):
+    share = IN_MEMORY_SHARE / (max(1, readers) if device.type == "cpu" else 1)
+    if need <= share * free_memory(device):
         return store.load_all(device=device)
     log.info("streaming the store (%.1f GB does not fit in memory comfortably)", need / 1e9)
     return store.loader(batch_size, seed=seed, device=device, drop_last=True, shuffle=shuffle)

@@ -18,6 +18,8 @@ compare    :class:`pipeline.evals.baselines.compare.CompareConfig` the dataclass
            (budget and width of the baselines)
 eval       :class:`pipeline.evals.config.EvalConfig`             ``conf/eval/*.yaml`` (no defaults in code)
 wandb      :class:`pipeline.utils.tracking.TrackingConfig`       the dataclass (off); not part of any stage hash
+distributed :class:`pipeline.runs.distributed.DistributedConfig` the dataclass; how torchrun ranks join (backend,
+           timeouts); not part of any stage hash
 ========== ==================================================== ============================================
 
 Nodes that mirror a library dataclass (``learn_dictionary``'s options, the harvest's) take that dataclass's
@@ -40,6 +42,7 @@ from pipeline.data.text import TextSource
 from pipeline.evals.config import FIT_SAES, EvalConfig, validate_eval_config
 from pipeline.evals.baselines.compare import CompareConfig
 from pipeline.evals.baselines.config import BaselineSpec
+from pipeline.runs.distributed import DistributedConfig
 from pipeline.runs.layout import STAGES
 from pipeline.utils.devices import resolve_device
 from pipeline.utils.tracking import TrackingConfig
@@ -88,6 +91,8 @@ class PipelineConfig:
     wandb: TrackingConfig = field(default_factory=TrackingConfig)
     """Optional experiment tracking (off): the fit curve, each baseline's training (sae-lens's own logging) and
     the report's table, one wandb run per stage job, grouped by experiment."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """How the ranks of a ``torchrun`` launch join (ignored by one process): the backend and the timeouts."""
     experiment_name: str = MISSING
     """Runs go to ``<output_root>/<experiment_name>/<stage>-<hash>/``."""
     output_root: str = MISSING
@@ -179,6 +184,7 @@ def _check(cfg: DictConfig | dict) -> None:
                    **{f"baseline.{name}": spec.device for name, spec in baselines.items()})
     section(cfg, "compare").validate()
     section(cfg, "wandb")
+    section(cfg, "distributed").validate()
     for key in ("checkpoint_path", "resume"):
         if getattr(learner, key):
             raise ValueError(f"dictionary.{key} is set by the fit stage (its checkpoint lives in the fit folder); "

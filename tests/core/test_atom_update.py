@@ -1,14 +1,14 @@
-"""Batched K-SVD atom update: monotone for atom-batch size 1, exact residual bookkeeping, reduction hook (the
-alternating solver's; the Gram solver's exactness is pinned in test_rank1.py)."""
-
-import threading
+"""Batched K-SVD atom update: monotone for atom-batch size 1, exact residual bookkeeping, sums through the
+data-parallel collective (two thread ranks = one process; the Gram solver's exactness is pinned in test_rank1.py)."""
 
 import pytest
 import torch
 
 from pipeline.core.atom_update import objective, update_atoms
 from pipeline.core.coders import encode
+from pipeline.core.collective import LOCAL, Collective
 from pipeline.core.synthetic import planted_problem
+from tests.core.ranks import run_ranks
 
 
 @pytest.mark.parametrize("nonnegative", [True, False])
@@ -35,95 +35,90 @@ def test_atom_batch_size_one_never_increases_the_objective(nonnegative, approxim
         assert float(codes.values.min()) >= 0
 
 
-def test_every_per_atom_sum_goes_through_reduce():
+class _CountingLocal(Collective):
+    """One process, recording the shape of every sum it is asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sum(self, *tensors):
+        self.calls.append([tuple(t.shape) for t in tensors])
+        return tensors[0] if len(tensors) == 1 else tensors
+
+
+def test_every_per_atom_sum_goes_through_the_collective():
     p = planted_problem(seed=1)
     D = p.D.clone()
     codes = encode(p.Y, D, 3, nonnegative=False)
     R = p.Y - codes.decode(D)
-    calls = []
-
-    def reduce(t):
-        calls.append(t.shape)
-        return t
-
+    comm = _CountingLocal()
     stats = update_atoms(R, D, codes, 10, nonnegative=False, solver="alternating", tol=1e-4, max_iters=30,
-                         reduce=reduce)
-    # one (atoms of the batch, d) sum per alternating step of every atom batch (each batch is one chunk here)
+                         comm=comm)
+    assert comm.calls[0] == [(50,)]  # the support sizes
+    # then one (atoms of the batch, d) sum per alternating step of every atom batch (each batch is one chunk here)
     n_batches = -(-stats.n_used // 10)
-    assert len(calls) == round(stats.mean_rank1_iters * n_batches)
-    assert sorted(set(calls)) == sorted({(10, 20), (stats.n_used - 10 * (n_batches - 1), 20)})
+    steps = comm.calls[1:]
+    assert len(steps) == round(stats.mean_rank1_iters * n_batches)
+    assert sorted({c[0] for c in steps}) == sorted({(10, 20), (stats.n_used - 10 * (n_batches - 1), 20)})
 
 
-class ThreadAllReduce:
-    """An all-reduce between ``n`` threads (stand-ins for ranks): every rank gets the sum of all ranks'
-    tensors, added in rank order so every rank gets the same bits."""
-
-    def __init__(self, n: int):
-        self.slots = [None] * n
-        self.barrier = threading.Barrier(n, timeout=60)  # a rank that skips a call breaks it, not hangs
-
-    def for_rank(self, rank: int):
-        def reduce(t):
-            self.slots[rank] = t.clone()
-            self.barrier.wait()  # every rank has put its part
-            total = self.slots[0].clone()
-            for part in self.slots[1:]:
-                total += part
-            self.barrier.wait()  # every rank has read before the next call overwrites a slot
-            return total
-        return reduce
-
-
-def _sweep(Y, D, k, rows, reduce=None):
+def _sweep(Y, D, k, rows, comm=LOCAL, solver="alternating", nonnegative=False):
     """Code ``Y[rows]`` with D (fixed supports), then one atom-update sweep on them: (atoms, codes, residual)."""
     D = D.clone()
-    codes = encode(Y[rows], D, k, nonnegative=False)
+    codes = encode(Y[rows], D, k, nonnegative=nonnegative)
     R = Y[rows] - codes.decode(D)
-    opts = dict(nonnegative=False, solver="alternating", tol=-1.0, max_iters=6,  # tol < 0: always 6 steps, so
-                generator=torch.Generator().manual_seed(0))  # rounding cannot change where a refit stops
-    update_atoms(R, D, codes, 10, **opts, **({} if reduce is None else {"reduce": reduce}))
+    # alternating, tol < 0: always 6 steps, so rounding cannot change where a refit stops
+    opts = dict(tol=-1.0, max_iters=6) if solver == "alternating" else dict(tol=1e-6, max_iters=100)
+    update_atoms(R, D, codes, 10, nonnegative=nonnegative, solver=solver, generator=torch.Generator().manual_seed(0),
+                 comm=comm, **opts)
     return D, codes, R
 
 
-@pytest.mark.parametrize("split", ["halves", "interleaved"])
-def test_reduce_results_make_two_ranks_equal_one_process(split):
-    """Data parallel: two ranks each update with half the samples and an all-reduce as ``reduce``; their atoms
+@pytest.mark.parametrize("solver,nonnegative,split", [
+    ("alternating", False, "halves"), ("alternating", False, "interleaved"), ("direct", False, "halves"),
+    ("direct", False, "interleaved"), ("direct", True, "halves"), ("alternating", True, "interleaved")])
+def test_two_ranks_equal_one_process(solver, nonnegative, split):
+    """Data parallel: two ranks each update with half the samples, summing through the collective; their atoms
     (and each rank's codes and residual) equal a single process updating with all the samples."""
-    p = planted_problem(seed=1)
+    p = planted_problem(seed=1, nonnegative=nonnegative)
     D0 = torch.randn(50, 20, generator=torch.Generator().manual_seed(2))
     D0 = D0 / D0.norm(dim=1, keepdim=True)
     n = p.Y.shape[0]
     shards = [torch.arange(0, n // 2), torch.arange(n // 2, n)] if split == "halves" else \
         [torch.arange(0, n, 2), torch.arange(1, n, 2)]
-    for rows in shards:  # precondition: every rank refits the same atoms, so both make the same reduce calls
-        codes = encode(p.Y[rows], D0, 3, nonnegative=False)
-        assert codes.indices[codes.values != 0].unique().numel() == 50
-    single = _sweep(p.Y, D0, 3, torch.arange(n))
-
-    allreduce, results, errors = ThreadAllReduce(2), [None, None], []
-
-    def rank(r):
-        try:
-            results[r] = _sweep(p.Y, D0, 3, shards[r], allreduce.for_rank(r))
-        except Exception as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-            allreduce.barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    single = _sweep(p.Y, D0, 3, torch.arange(n), solver=solver, nonnegative=nonnegative)
+    results = run_ranks(2, lambda comm: _sweep(p.Y, D0, 3, shards[comm.rank], comm, solver, nonnegative))
     for r, rows in enumerate(shards):
         D, codes, R = results[r]
         torch.testing.assert_close(D, single[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(codes.to_dense(50), single[1].to_dense(50)[rows], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(R, single[2][rows], atol=1e-5, rtol=1e-5)
-    # control: a reduce that ignores the other rank (each rank fits its own half) does not give that result
+    # control: each rank fitting its own half alone does not give that result
     for rows in shards:
-        alone = _sweep(p.Y, D0, 3, rows)[0]
+        alone = _sweep(p.Y, D0, 3, rows, solver=solver, nonnegative=nonnegative)[0]
         assert float((alone - single[0]).abs().max()) > 1e-2
+
+
+def test_a_rank_without_samples_of_an_atom_still_joins_its_refit():
+    """Atoms used on one rank only (and a rank with no rows in some blocks) refit as in one process."""
+    p = planted_problem(seed=4)
+    D0 = p.D.clone()
+    codes = encode(p.Y, D0, 3, nonnegative=False)
+    first = codes.indices[:, 0]
+    rows_a = (first < 25).nonzero().squeeze(1)  # rank 0: samples whose first atom is in the first half
+    rows_b = (first >= 25).nonzero().squeeze(1)
+    shards = [rows_a, rows_b]
+    order = torch.cat(shards)
+    single = _sweep(p.Y[order], D0, 3, torch.arange(order.numel()), solver="direct")
+    results = run_ranks(2, lambda comm: _sweep(p.Y, D0, 3, shards[comm.rank], comm, "direct"))
+    for D, _, _ in results:
+        torch.testing.assert_close(D, single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gram_solver_refuses_data_parallel_updates():
+    p = planted_problem(seed=1)
+    with pytest.raises(ValueError, match="solver='direct'"):
+        run_ranks(2, lambda comm: _sweep(p.Y, p.D, 3, torch.arange(10), comm, "gram"))
 
 
 def test_unused_atoms_are_left_alone():

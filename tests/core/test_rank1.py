@@ -278,13 +278,6 @@ def test_support_blocks_cover_every_atom_once_and_keep_heavy_atoms_apart():
     assert sorted(i for b in direct for i in b) == flat and len(direct) <= 3
 
 
-@pytest.mark.parametrize("solver", ["direct", "gram"])
-def test_block_solvers_refuse_a_reduce_hook(solver):
-    Y, D, codes = _problem()
-    with pytest.raises(ValueError, match="solver='alternating'"):
-        update_atoms(Y - codes.decode(D), D, codes, 4, nonnegative=False, solver=solver, reduce=lambda t: t)
-
-
 def test_codes_type_is_unchanged():
     Y, D, codes = _problem()
     update_atoms(Y - codes.decode(D), D, codes, 4, nonnegative=False)

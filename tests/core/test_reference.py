@@ -111,7 +111,6 @@ def test_matryoshka_reference_loop_equals_ksvdjl():
     """One iteration of ``matryoshka_loop="reference"`` = KSVD.jl's MatryoshkaLoop on the same atoms: code with
     all atoms, then per group: exact refits with the group's share of those codes against E, re-code the group
     on E with its budget, subtract. One Jacobi batch per group (``atom_batch_size = K``), so order is moot."""
-    from pipeline.core.atom_update import identity_reduce
     from pipeline.core.learner import _iteration
     from pipeline.core.coders import gram
     from pipeline.core.matryoshka import matryoshka_groups
@@ -123,7 +122,7 @@ def test_matryoshka_reference_loop_equals_ksvdjl():
                                                "rank1_tol": 1e-13, "rank1_max_iters": 2000, "reseed": None,
                                                "progress": False})
     D = D0.clone()
-    rec = _iteration(Y, D, gram(D), cfg, groups, 32, torch.Generator().manual_seed(0), identity_reduce)
+    rec = _iteration(Y, D, gram(D), cfg, groups, 32, torch.Generator().manual_seed(0))
 
     Yn, Dn = Y.numpy(), D0.numpy().copy()
     X = np.stack([dense(ksvdjl_mp(y, Dn, k, 0.05, 4 * k), 32) for y in Yn])

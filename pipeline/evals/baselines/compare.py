@@ -6,7 +6,8 @@ The dictionary's fit spends wall time, samples and updates (:class:`FitSpend`, r
 
 =============== ======================================================================================
 ``equal_time``  ``factor`` × the dictionary's fit wall time (the default: what a user with that machine
-                time would get), on the baseline's device (a different device is recorded and warned about)
+                time would get), on the baseline's device (a different device is recorded and warned about);
+                a fit on N data-parallel ranks gives N × its wall time (device-seconds)
 ``equal_samples`` ``factor`` × the samples the dictionary's fit coded
 ``steps``       ``steps`` optimiser steps
 ``converged``   until the held-out FVU stops improving (``check_every``, ``rel_tol``, ``patience``), at most
@@ -88,11 +89,14 @@ class FitSpend:
     updates: int
     """Dictionary updates (iterations)."""
     device: str
-    """Where it ran."""
+    """Where it ran (rank 0's device for a data-parallel fit)."""
+    ranks: int = 1
+    """Data-parallel processes (devices) the fit ran on; ``equal_time`` matches their device-seconds,
+    ``ranks × seconds``, since a baseline trains on one device."""
 
     @classmethod
     def from_history(cls, history: Sequence[Mapping[str, Any]], *, batch_size: int, device: str,
-                     fit_seconds: float | None = None) -> "FitSpend":
+                     fit_seconds: float | None = None, ranks: int = 1) -> "FitSpend":
         """From a dictionary's per-iteration ``history`` (``seconds`` cumulative; ``rows`` per iteration, else
         ``batch_size``); ``fit_seconds``, the fit stage's own clock of the whole call, wins when larger (it
         also counts the initialisation; after a resume it counts only the resumed part, hence the max)."""
@@ -101,7 +105,7 @@ class FitSpend:
                              "fit_dictionary, so there is no fit time or sample count to match a baseline to.")
         seconds = max(float(history[-1].get("seconds", 0.0)), float(fit_seconds or 0.0))
         samples = sum(int(h.get("rows", batch_size)) for h in history)
-        return cls(seconds=seconds, samples=samples, updates=len(history), device=str(device))
+        return cls(seconds=seconds, samples=samples, updates=len(history), device=str(device), ranks=ranks)
 
     @classmethod
     def of_dictionary(cls, dictionary: Any) -> "FitSpend":
@@ -112,18 +116,19 @@ class FitSpend:
             return cls(**{k: v for k, v in meta["spend"].items() if k != "mode"})
         learner = meta.get("learner") or {}
         return cls.from_history(dictionary.history, batch_size=int(learner.get("batch_size") or 0),
-                                device=str(learner.get("device")), fit_seconds=meta.get("fit_seconds"))
+                                device=str(learner.get("device")), fit_seconds=meta.get("fit_seconds"),
+                                ranks=int(meta.get("ranks") or 1))
 
     def as_dict(self) -> dict[str, Any]:
         return {"mode": "fit", "seconds": self.seconds, "samples": self.samples, "updates": self.updates,
-                "device": self.device}
+                "device": self.device, "ranks": self.ranks}
 
 
 def matched_budget(compare: CompareConfig, spend: FitSpend) -> Budget:
     """The trainer budget of every baseline under ``compare`` against the dictionary's ``spend``."""
     compare.validate()
     if compare.budget == "equal_time":
-        return Budget("time", seconds=compare.factor * spend.seconds)
+        return Budget("time", seconds=compare.factor * spend.seconds * spend.ranks)
     if compare.budget == "equal_samples":
         return Budget("samples", samples=max(1, round(compare.factor * spend.samples)))
     if compare.budget == "steps":
@@ -142,9 +147,9 @@ def budget_summary(compare: CompareConfig, spend: FitSpend, *, seconds: float, s
     """A baseline's ``budget`` entry in ``saes.json``: what it was matched to and what it spent."""
     return {"mode": compare.budget, "factor": compare.factor, "seconds": seconds, "samples": samples,
             "steps": steps, "device": device,
-            "target_seconds": compare.factor * spend.seconds if compare.budget == "equal_time" else None,
+            "target_seconds": compare.factor * spend.seconds * spend.ranks if compare.budget == "equal_time" else None,
             "target_samples": round(compare.factor * spend.samples) if compare.budget == "equal_samples" else None,
-            "dictionary_device": spend.device}
+            "dictionary_device": spend.device, "dictionary_ranks": spend.ranks}
 
 
 __all__ = ["COMPARE_BUDGETS", "COMPARE_WIDTHS", "CompareConfig", "FitSpend", "budget_summary", "comparison_width",
