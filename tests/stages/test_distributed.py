@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import stages.orchestrator as orchestrator
 from pipeline.core.dictionary import Dictionary
