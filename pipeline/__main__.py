@@ -8,14 +8,15 @@ and the README, for the commands.
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.runs.config import check_config_or_exit
-from pipeline.runs.distributed import leave, ranks
+from pipeline.runs.config import check_config_or_exit, section
+from pipeline.runs.distributed import leave, pin_job_gpu, ranks
 from stages.orchestrator import print_outputs, run_pipeline
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     check_config_or_exit(cfg)
+    pin_job_gpu(section(cfg, "distributed"))
     try:
         folders = run_pipeline(cfg)
     finally:

@@ -12,7 +12,9 @@ says (a finished harvest then re-checks its shards; a finished fit is reused); i
 
 Under ``torchrun`` (:mod:`pipeline.runs.distributed`) every rank runs this loop: the fit on all ranks (whether it
 runs is rank 0's decision, broadcast), the stages before it on rank 0 while the others wait for its marker, the
-ones after it on rank 0 alone; only rank 0 removes markers.
+ones after it on rank 0 alone; only rank 0 removes markers. Jobs running at once (the points of a sweep on a
+launcher) take each stage folder's lock (:func:`~pipeline.runs.layout.stage_lock`) while they decide and run it,
+so a shared harvest is made once and the other points wait for it.
 
 The orchestrator is the only module that imports the stages; the library (``pipeline/``) never does, and
 ``python -m pipeline`` (``pipeline/__main__.py``, where Hydra's ``@hydra.main`` must stand for ``python -m`` to
@@ -21,6 +23,7 @@ find ``conf/``) is a thin wrapper over :func:`run_pipeline` here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ from pipeline.evals.report import REPORT_FILE
 from pipeline.runs.config import check_config, register_configs
 from pipeline.runs.config import section
 from pipeline.runs.distributed import ALL_RANK_STAGES, agree, ranks, wait_for
-from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir
+from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir, stage_lock
 from stages import baselines, evaluate, fit, harvest, report
 
 log = logging.getLogger(__name__)
@@ -64,20 +67,22 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
             else:
                 log.info("%-8s runs on rank 0 (this is rank %d)", stage, me.rank)
             continue
-        if rerun_later and me.is_main:  # an earlier stage ran again: this one must follow (it resumes)
-            (folder / DONE_MARKER).unlink(missing_ok=True)
-        skip = is_done(folder) and not alone
-        if me.distributed and stage in ALL_RANK_STAGES:
-            skip = agree(fit.join_ranks(cfg), skip)
-        if skip:
-            log.info("%-8s done already: %s", stage, folder)
-            out[stage] = folder
-            continue
-        rerun_later = True
-        t = time.perf_counter()
-        log.info("%-8s running -> %s", stage, folder)
-        out[stage] = stage_runner(stage)(cfg)
-        log.info("%-8s finished in %.1f s", stage, time.perf_counter() - t)
+        # one job at a time per stage folder (sweep points share them); ranks > 0 follow rank 0's decisions
+        with stage_lock(folder) if me.is_main else contextlib.nullcontext():
+            if rerun_later and me.is_main:  # an earlier stage ran again: this one must follow (it resumes)
+                (folder / DONE_MARKER).unlink(missing_ok=True)
+            skip = is_done(folder) and not alone
+            if me.distributed and stage in ALL_RANK_STAGES:
+                skip = agree(fit.join_ranks(cfg), skip)
+            if skip:
+                log.info("%-8s done already: %s", stage, folder)
+                out[stage] = folder
+                continue
+            rerun_later = True
+            t = time.perf_counter()
+            log.info("%-8s running -> %s", stage, folder)
+            out[stage] = stage_runner(stage)(cfg)
+            log.info("%-8s finished in %.1f s", stage, time.perf_counter() - t)
     return out
 
 

@@ -42,7 +42,7 @@ from pipeline.data.text import TextSource
 from pipeline.evals.config import FIT_SAES, EvalConfig, validate_eval_config
 from pipeline.evals.baselines.compare import CompareConfig
 from pipeline.evals.baselines.config import BaselineSpec
-from pipeline.runs.distributed import DistributedConfig
+from pipeline.runs.distributed import DistributedConfig, gpu_count
 from pipeline.runs.layout import STAGES
 from pipeline.utils.devices import resolve_device
 from pipeline.utils.tracking import TrackingConfig
@@ -102,10 +102,14 @@ class PipelineConfig:
 
 
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore (idempotent); call before composing ``conf/``."""
+    """Put the schema in Hydra's ConfigStore and the config's resolvers in OmegaConf (idempotent); call before
+    composing ``conf/``."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=PipelineConfig)
+    if not OmegaConf.has_resolver("gpu_count"):
+        OmegaConf.register_new_resolver("gpu_count", gpu_count)
 
 
 def section(cfg: DictConfig | dict, name: str) -> Any:

@@ -42,6 +42,9 @@ class DistributedConfig:
     this long (torchrun usually stops them sooner), instead of leaving them hanging."""
     wait_s: float = 7 * 24 * 3600.0
     """How long ranks > 0 wait for a stage rank 0 runs alone before them (the harvest)."""
+    pin_job_gpu: bool = False
+    """Sweeps on one machine (``launcher=local_gpus``): job n of a multirun makes GPU n mod (number of GPUs) its
+    current device, so the jobs running at once use different GPUs wherever their devices are ``auto``."""
 
     def validate(self) -> None:
         if self.backend not in ("auto", "nccl", "gloo"):
@@ -124,6 +127,26 @@ def agree(group, value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+def gpu_count() -> int:
+    """GPUs visible here, at least 1 (the ``${gpu_count:}`` config resolver: jobs at once on a launcher)."""
+    return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def pin_job_gpu(cfg: DistributedConfig) -> torch.device | None:
+    """With ``pin_job_gpu`` in a multirun job: make GPU ``job.num mod count`` this process's current device (index-
+    less ``cuda`` devices, i.e. ``auto``, then mean it); returns it, or None when nothing was pinned."""
+    if not cfg.pin_job_gpu or not torch.cuda.is_available():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().job.get("num") is None:
+        return None
+    device = torch.device("cuda", int(HydraConfig.get().job.num) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    log.info("sweep job %s pinned to %s", HydraConfig.get().job.num, device)
+    return device
 
 
 def wait_for(folder: Path, stage: str, cfg: DistributedConfig, poll_s: float = 5.0) -> None:

@@ -6,16 +6,20 @@ harvest therefore share one activation store, sweeps over ``dictionary.k`` share
 
 Each stage folder holds ``config.yaml`` (the resolved config it depends on) and, once finished,
 ``DONE.json`` (the completion marker, written last and atomically). A folder without the marker is an
-unfinished stage: it is resumed, never trusted.
+unfinished stage: it is resumed, never trusted. Jobs that run at once (sweep points on a launcher) share stage
+folders; :func:`stage_lock` lets one of them run a stage while the others wait, then find it done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +32,8 @@ STAGE_NODES = {"harvest": ("model", "data", "harvest"), "fit": ("dictionary",), 
                "evaluate": ("eval",), "report": ("report",)}
 #: Completion marker of a stage folder.
 DONE_MARKER = "DONE.json"
+#: Lock file of a stage folder (held while a job runs the stage).
+LOCK_FILE = ".lock"
 #: The resolved config a stage folder depends on.
 STAGE_CONFIG = "config.yaml"
 #: Inside the harvest folder: the activation store.
@@ -35,6 +41,28 @@ STORE_DIRNAME = "store"
 #: Inside the fit folder: the dictionary (``Dictionary.save``). The baselines stage folder holds one sae-lens
 #: folder per baseline, named as in the ``baseline`` config node.
 DICTIONARY_DIRNAME = "dictionary"
+
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def stage_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock (an exclusive ``flock`` on its :data:`LOCK_FILE`, released when the job ends, even
+    killed): concurrent jobs of one sweep (joblib, SLURM on a shared filesystem with locking) run a shared stage
+    one at a time, and the later ones find it done."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another job is running %s; waiting for it", folder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:
