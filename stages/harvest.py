@@ -10,6 +10,9 @@ Writes ``<output_root>/<experiment>/harvest-<hash>/store/`` (shards + manifest, 
 resumed from its last complete shard; a store with another identity (model, hooks, text, token count,
 settings) in the folder is refused. Run by name (``stage=harvest``) on a finished store, it checks every shard's
 sha256 and re-makes exactly the corrupted or missing ones.
+
+Under torchrun every rank harvests every world-th shard on its own device (``cuda:LOCAL_RANK``), rank 0 merges
+their ledgers into the manifest and writes the marker, the others wait for it.
 """
 
 from __future__ import annotations
@@ -26,27 +29,37 @@ from pipeline.data.models import describe_model, load_model
 from pipeline.data.store import find_bad_shards
 from pipeline.data.text import describe_source, iter_documents
 from pipeline.runs.config import check_config_or_exit, register_configs, section
+from pipeline.runs.distributed import rank_device, ranks, wait_for
 from pipeline.runs.layout import STORE_DIRNAME, is_done, mark_done, prepare, stage_dir
+from pipeline.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig | dict) -> Path:
     """Harvest (or reuse) the store of ``cfg``; returns the harvest stage folder."""
-    folder = prepare(stage_dir(cfg, "harvest"), cfg, "harvest")
-    if is_done(folder) and _intact(folder / STORE_DIRNAME):
+    me = ranks()
+    folder = stage_dir(cfg, "harvest")
+    if me.is_main:
+        prepare(folder, cfg, "harvest")
+    if is_done(folder) and (not me.is_main or _intact(folder / STORE_DIRNAME)):
         log.info("harvest already finished and every shard matches its sha256: %s", folder)
         return folder
     model_cfg, source, h = section(cfg, "model"), section(cfg, "data"), section(cfg, "harvest")
     identity = store_identity(model_cfg, source, h)
-    model = load_model(model_cfg.name, path=model_cfg.path, device=model_cfg.device, dtype=model_cfg.dtype,
+    device = model_cfg.device if not me.distributed else str(rank_device(resolve_device(model_cfg.device)))
+    model = load_model(model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype,
                        n_ctx=model_cfg.n_ctx)
     meta = {"model": describe_model(model, model_cfg.name, model_cfg.path), "text": describe_source(source)}
     store = harvest(model, lambda: iter_documents(source), folder / STORE_DIRNAME,
                     hooks=h.hook_list(model_cfg.layer), n_tokens=h.n_tokens, context_length=h.context_length,
                     batch_size=h.batch_size, dtype=h.dtype, shard_rows=h.shard_rows,
                     heldout_fraction=h.heldout_fraction, masking=h.masking(), identity=identity, meta=meta,
-                    progress=h.progress)
+                    progress=h.progress, part=(me.rank, me.world) if me.distributed else None,
+                    wait_s=section(cfg, "distributed").wait_s)
+    if not me.is_main:
+        wait_for(folder, "harvest", section(cfg, "distributed"))  # rank 0 merges the parts, then marks it done
+        return folder
     mark_done(folder, store=str(store))
     log.info("activation store: %s", store)
     return folder
@@ -66,7 +79,9 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     check_config_or_exit(cfg)
-    print(f"activation store: {run(cfg) / STORE_DIRNAME}")
+    folder = run(cfg)
+    if ranks().is_main:
+        print(f"activation store: {folder / STORE_DIRNAME}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ ran runs again (each resumes from what it wrote: harvest from its last complete 
 evaluate keeps finished result files). ``stage=<name>`` runs that stage's ``run(cfg)`` whatever its marker
 says (a finished harvest then re-checks its shards; a finished fit is reused); its inputs must exist.
 
-Under ``torchrun`` (:mod:`pipeline.runs.distributed`) every rank runs this loop: the fit on all ranks (whether it
-runs is rank 0's decision, broadcast), the stages before it on rank 0 while the others wait for its marker, the
-ones after it on rank 0 alone; only rank 0 removes markers. Jobs running at once (the points of a sweep on a
+Under ``torchrun`` (:mod:`pipeline.runs.distributed`) every rank runs this loop: the harvest and the fit on all
+ranks (whether the fit runs is rank 0's decision, broadcast), the stages after them on rank 0 alone; only rank 0
+removes markers. Jobs running at once (the points of a sweep on a
 launcher) take each stage folder's lock (:func:`~pipeline.runs.layout.stage_lock`) while they decide and run it,
 so a shared harvest is made once and the other points wait for it.
 
@@ -33,8 +33,7 @@ from omegaconf import DictConfig
 
 from pipeline.evals.report import REPORT_FILE
 from pipeline.runs.config import check_config, register_configs
-from pipeline.runs.config import section
-from pipeline.runs.distributed import ALL_RANK_STAGES, agree, ranks, wait_for
+from pipeline.runs.distributed import ALL_RANK_STAGES, agree, ranks
 from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir, stage_lock
 from stages import baselines, evaluate, fit, harvest, report
 
@@ -61,18 +60,14 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
     for stage in (cfg.stage,) if alone else STAGES:
         folder = stage_dir(cfg, stage)
         if me.distributed and stage not in ALL_RANK_STAGES and not me.is_main:
-            if STAGES.index(stage) < STAGES.index(ALL_RANK_STAGES[0]):  # rank 0 makes what the fit reads
-                wait_for(folder, stage, section(cfg, "distributed"))
-                out[stage] = folder
-            else:
-                log.info("%-8s runs on rank 0 (this is rank %d)", stage, me.rank)
+            log.info("%-8s runs on rank 0 (this is rank %d)", stage, me.rank)
             continue
         # one job at a time per stage folder (sweep points share them); ranks > 0 follow rank 0's decisions
         with stage_lock(folder) if me.is_main else contextlib.nullcontext():
             if rerun_later and me.is_main:  # an earlier stage ran again: this one must follow (it resumes)
                 (folder / DONE_MARKER).unlink(missing_ok=True)
             skip = is_done(folder) and not alone
-            if me.distributed and stage in ALL_RANK_STAGES:
+            if me.distributed and stage == "fit":  # the harvest needs no agreement: its marker is never removed
                 skip = agree(fit.join_ranks(cfg), skip)
             if skip:
                 log.info("%-8s done already: %s", stage, folder)

@@ -2,7 +2,9 @@
 
 :func:`harvest` runs a loaded ``HookedTransformer`` over fixed-length contexts and writes the activations of
 one or more hooks (one forward pass, ``stop_at_layer`` just above the deepest hook) into a resumable
-:class:`~pipeline.data.store.StoreWriter`.
+:class:`~pipeline.data.store.StoreWriter`. With ``part=(rank, world)`` several processes (torchrun ranks) share
+the work: each makes every world-th shard, rank 0 merges, and the store lists the shards, rows and held-out
+split a one-process harvest lists.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
             hooks: Sequence[str], n_tokens: int, context_length: int = 128, batch_size: int = 8,
             dtype: str = "float32", shard_rows: int = 65536, heldout_fraction: float = 0.05,
             masking: MaskingOptions | None = None, identity: dict[str, Any] | None = None,
-            meta: dict[str, Any] | None = None, progress: bool = True, verify: bool = True) -> Path:
+            meta: dict[str, Any] | None = None, progress: bool = True, verify: bool = True,
+            part: tuple[int, int] | None = None, wait_s: float = 7 * 24 * 3600.0) -> Path:
     """Harvest ``ceil(n_tokens / context_length)`` contexts of ``documents`` into a store at ``out_dir``.
 
     Every hook's rows are (tokens, d) with masked positions left out; contexts are split between ``train``
@@ -99,6 +102,11 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     every listed shard is first checked against its sha256 and exactly the missing or corrupted ones are
     re-made from their contexts (good shards keep their bytes and mtime; the manifest is rewritten
     atomically); then a complete store is returned, a partial one resumed.
+
+    ``part=(rank, world)``: this process makes shard indices ``i ≡ rank (mod world)`` (every rank reads the text
+    and skips the others' contexts), listing them in its own ledger; rank 0 then waits up to ``wait_s`` for the
+    other ranks' ledgers and merges them into the manifest. A complete store is verified and repaired by rank 0
+    alone (the others return at once). Other ranks return once their part is written.
     """
     masking = masking or MaskingOptions()
     if dtype not in DTYPES:
@@ -126,7 +134,12 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
                           "masked_tokens": tok.convert_ids_to_tokens(masked_ids)}}
     d_of = {h: _hook_width(model, h) for h in hooks}
     writer = StoreWriter(out_dir, header=header, dtype=store_dtype,
-                         hooks={h: {"layer": hook_layer(h), "d": d_of[h]} for h in hooks})
+                         hooks={h: {"layer": hook_layer(h), "d": d_of[h]} for h in hooks}, part=part)
+    if writer.part is not None and writer.complete and part[0] > 0:
+        return writer.path  # rank 0 verifies and repairs a finished store
+    if writer.part is not None and not writer.complete:
+        return _harvest_part(writer, model, documents, n_contexts, per_shard, context_length, batch_size,
+                             heldout_fraction, masked_ids, masking, store_dtype, hooks, progress, wait_s)
     bad = writer.bad_shards() if verify else {}
     if writer.complete and not bad:
         log.info("store %s is complete and every shard matches its sha256; nothing to do", out_dir)
@@ -171,6 +184,46 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     log.info("harvested %d tokens in %.1f s (%.0f tok/s) into %s", (done - start * per_shard) * context_length,
              elapsed, (done - start * per_shard) * context_length / max(elapsed, 1e-9), out_dir)
     return writer.finish(n_contexts=done, n_tokens_harvested=done * context_length)
+
+
+def _harvest_part(writer: StoreWriter, model: Any, documents: Iterable[str] | Callable[[], Iterable[str]],
+                  n_contexts: int, per_shard: int, context_length: int, batch_size: int, heldout_fraction: float,
+                  masked_ids: list[int], masking: MaskingOptions, store_dtype: torch.dtype, hooks: Sequence[str],
+                  progress: bool, wait_s: float) -> Path:
+    """This rank's shards of a store several processes harvest (see :func:`harvest`)."""
+    rank, world = writer.part
+    tok = model.tokenizer
+    bos = tok.bos_token_id if model.cfg.default_prepend_bos else None
+    docs = documents() if callable(documents) else documents
+    contexts = iter_contexts(docs, tok, context_length, bos)
+    ids_masked = torch.tensor(masked_ids, dtype=torch.long)
+    start, n_shards = writer.done_shards, math.ceil(n_contexts / per_shard)
+    mine = [i for i in range(start, n_shards) if i % world == rank and not writer.part_has(i)]
+    bar = tqdm(total=len(mine) * per_shard * context_length, unit="tok", unit_scale=True,
+               desc=f"harvest (rank {rank}/{world})", disable=not progress or rank != 0)
+    pos = sum(1 for _ in itertools.islice(contexts, start * per_shard))  # shards the manifest lists already
+    for index in mine:
+        lo = index * per_shard
+        pos += sum(1 for _ in itertools.islice(contexts, lo - pos))  # the other ranks' contexts
+        want = min(per_shard, n_contexts - lo)
+        batch_ctx = list(itertools.islice(contexts, want)) if pos == lo else []
+        pos += len(batch_ctx)
+        if not batch_ctx:
+            if index == 0:
+                raise ValueError("the text source yielded no complete context of "
+                                 f"{context_length} tokens (empty text?); check data.* or lower context_length")
+            break  # the text ran out before this shard
+        rows, counts = _harvest_shard(model, batch_ctx, lo, hooks, batch_size, heldout_fraction, ids_masked,
+                                      masking.outlier_norm_factor, store_dtype, bar)
+        writer.add_part_shard(index, rows, (lo, lo + len(batch_ctx)), counts)
+        if len(batch_ctx) < want:
+            break
+    bar.close()
+    writer.finish_part()
+    if rank != 0:
+        log.info("rank %d wrote its part of %s", rank, writer.path)
+        return writer.path
+    return writer.merge_parts(world, context_length=context_length, wait_s=wait_s)
 
 
 def _skip_done_shards(writer: StoreWriter, contexts: Iterable[list[int]], n_done: int,

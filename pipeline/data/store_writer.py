@@ -1,5 +1,11 @@
 """Writing an activation store (the format and the reader: :mod:`pipeline.data.store`): shards appended in
-order by a harvest, re-made in place by a repair, or imported from an existing array."""
+order by a harvest, re-made in place by a repair, or imported from an existing array.
+
+Several processes can harvest one store (``part=(rank, world)``): rank r makes the shard indices ``i ≡ r
+(mod world)`` and lists them in its own ledger ``part-<r>-of-<world>.json`` beside the manifest (each write
+atomic, so a killed rank resumes after its last listed shard); once every ledger says done, rank 0 folds them
+into the one manifest (:meth:`StoreWriter.merge_parts`), which then lists exactly what a one-process harvest
+lists, and removes the ledgers."""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,10 @@ from pipeline.utils.atomic import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
+#: A rank's ledger of the shards it made, when several processes harvest one store.
+PART_PATTERN = "part-{rank}-of-{world}.json"
+
+
 # --------------------------------------------------------------------------- writer
 class StoreWriter:
     """Writes shards of one or more hooks and keeps the manifest current (resumable).
@@ -31,9 +42,10 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, header: dict[str, Any], hooks: dict[str, dict[str, Any]],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, part: tuple[int, int] | None = None) -> None:
         self.path = Path(path)
         self.dtype = dtype
+        self.part = part if part is not None and part[1] > 1 else None
         header = json.loads(json.dumps(header))  # the form it takes in the manifest (lists, str keys)
         manifest_path = self.path / MANIFEST_NAME
         if manifest_path.is_file():
@@ -52,7 +64,14 @@ class StoreWriter:
                 self.manifest["hooks"][hook] = {**info, **{s: {"rows": 0, "shards": []} for s in SPLITS}}
         for hook in self.manifest["hooks"]:
             (self.path / hook).mkdir(parents=True, exist_ok=True)
-            for stale in (self.path / hook).glob(".*.tmp-*"):  # left by a killed write
+        if self.part is None:  # with other writers at work, their temporary files are not stale
+            self._remove_stale()
+        self.ledger = self._read_ledger() if self.part is not None else None
+
+    def _remove_stale(self) -> None:
+        """Delete temporary files left by killed writes."""
+        for hook in self.manifest["hooks"]:
+            for stale in (self.path / hook).glob(".*.tmp-*"):
                 stale.unlink()
         for stale in self.path.glob(".*.tmp-*"):
             stale.unlink()
@@ -118,6 +137,89 @@ class StoreWriter:
         if self.complete:
             self._mean_norms()
         self._write_manifest()
+
+    # ---- several writers -----------------------------------------------------------------------------
+    def _ledger_path(self, rank: int, world: int) -> Path:
+        return self.path / PART_PATTERN.format(rank=rank, world=world)
+
+    def _read_ledger(self) -> dict[str, Any]:
+        """This rank's ledger (shards it made, by index), keeping only shards whose files still match."""
+        rank, world = self.part
+        path = self._ledger_path(rank, world)
+        fresh = {"identity": self.manifest.get("identity"), "done": False, "shards": {}}
+        if not path.is_file():
+            return fresh
+        ledger = json.loads(path.read_text())
+        if ledger.get("identity") != self.manifest.get("identity"):
+            log.warning("%s is a ledger of another harvest; starting this rank's part afresh", path)
+            return fresh
+        for index, entry in list(ledger["shards"].items()):
+            files = [e for per in entry["hooks"].values() for e in per.values()]
+            if any(not (self.path / e["file"]).is_file() or
+                   sha256_bytes((self.path / e["file"]).read_bytes()) != e["sha256"] for e in files):
+                log.warning("shard %s of rank %d's part is missing or damaged; re-making it", index, rank)
+                del ledger["shards"][index]
+                ledger["done"] = False
+        return ledger
+
+    def part_has(self, index: int) -> bool:
+        return str(index) in self.ledger["shards"]
+
+    def add_part_shard(self, index: int, rows: dict[str, dict[str, torch.Tensor]], span: tuple[int, int],
+                       counts: dict[str, dict[str, int]] | None = None) -> None:
+        """Write shard ``index`` of this rank's part and list it in its ledger (not yet in the manifest)."""
+        entry = {"hooks": {h: {split: self._write_file(h, split, index, per[split], span) for split in SPLITS}
+                           for h, per in rows.items()},
+                 "counts": counts or {}}
+        self.ledger["shards"][str(index)] = entry
+        self._write_ledger()
+
+    def finish_part(self) -> None:
+        """Mark this rank's part done (the last shard it had to make is listed)."""
+        self.ledger["done"] = True
+        self._write_ledger()
+
+    def _write_ledger(self) -> None:
+        atomic_write_bytes(self._ledger_path(*self.part), json.dumps(self.ledger, indent=1).encode())
+
+    def merge_parts(self, world: int, *, context_length: int, wait_s: float, poll_s: float = 2.0) -> Path:
+        """Rank 0: wait until every rank's ledger is done, append their shards to the manifest in index order
+        (stopping at the first index nobody made: the text ran out there), finish the store with the harvested
+        contexts and tokens (as a one-process harvest records them), and remove the ledgers."""
+        t = time.monotonic()
+        ledgers: list[dict[str, Any]] = []
+        while True:
+            paths = [self._ledger_path(r, world) for r in range(world)]
+            ledgers = [json.loads(p.read_text()) if p.is_file() else {} for p in paths]
+            if all(led.get("done") for led in ledgers):
+                break
+            if time.monotonic() - t > wait_s:
+                late = [r for r, led in enumerate(ledgers) if not led.get("done")]
+                raise TimeoutError(f"ranks {late} did not finish their part of the harvest of {self.path} within "
+                                   f"{wait_s:.0f} s; check their logs (relaunching resumes every part)")
+            time.sleep(poll_s)
+        made = {int(i): e for led in ledgers for i, e in led["shards"].items()}
+        index = self.done_shards
+        while index in made:
+            entry = made.pop(index)
+            for hook, per_split in entry["hooks"].items():
+                listed = self.manifest["hooks"][hook]
+                for split in SPLITS:
+                    listed[split]["shards"].append(per_split[split])
+                    listed[split]["rows"] += per_split[split]["rows"]
+                for key, value in entry["counts"].get(hook, {}).items():
+                    listed.setdefault("counts", {})
+                    listed["counts"][key] = listed["counts"].get(key, 0) + int(value)
+            index += 1
+        if made:
+            log.warning("shards %s were made past the end of the text and are left out", sorted(made))
+        self._write_manifest()
+        n_contexts = self.span(self.done_shards - 1)[1] if self.done_shards else 0
+        path = self.finish(n_contexts=n_contexts, n_tokens_harvested=n_contexts * context_length)
+        for p in self.path.glob(PART_PATTERN.format(rank="*", world="*")):
+            p.unlink()
+        self._remove_stale()
+        return path
 
     def finish(self, **extra: Any) -> Path:
         """Mark the store complete, adding ``extra`` top-level entries and per-split mean norms."""

@@ -5,9 +5,10 @@ run on every rank.
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m pipeline
 
 torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in each process; a plain ``python -m pipeline`` has none
-and is one rank. The fit runs on every rank (data parallel, exact: :mod:`pipeline.core.collective`); the
-harvest runs on rank 0 while the others wait for its completion marker; the baselines, evaluation and report
-run once, on rank 0. Every rank must see the same ``output_root`` (a shared filesystem across nodes).
+and is one rank. The harvest runs on every rank (each makes every world-th shard; rank 0 merges them into one
+store); the fit runs on every rank (data parallel, exact: :mod:`pipeline.core.collective`); the baselines,
+evaluation and report run once, on rank 0. Every rank must see the same ``output_root`` (a shared filesystem
+across nodes).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pipeline.runs.layout import is_done
 
 log = logging.getLogger(__name__)
 
-#: Stages every rank runs; the others run on rank 0 only.
-ALL_RANK_STAGES = ("fit",)
+#: Stages every rank runs; the others (all after these) run on rank 0 only.
+ALL_RANK_STAGES = ("harvest", "fit")
 
 
 @dataclass
@@ -41,7 +42,7 @@ class DistributedConfig:
     """Timeout of every collective: a rank that dies or raises ends the others with an error after at most
     this long (torchrun usually stops them sooner), instead of leaving them hanging."""
     wait_s: float = 7 * 24 * 3600.0
-    """How long ranks > 0 wait for a stage rank 0 runs alone before them (the harvest)."""
+    """How long rank 0 waits for the other ranks' parts of the harvest, and they for rank 0 to merge them."""
     pin_job_gpu: bool = False
     """Sweeps on one machine (``launcher=local_gpus``): job n of a multirun makes GPU n mod (number of GPUs) its
     current device, so the jobs running at once use different GPUs wherever their devices are ``auto``."""

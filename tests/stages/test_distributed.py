@@ -1,12 +1,11 @@
-"""Stages under torchrun: ``torchrun --nproc_per_node=2 -m pipeline stage=fit`` on the smoke preset writes the
-dictionary a one-process fit stage writes (rank 0 alone writes), and the orchestrator's rank rules (ranks > 0
-wait for the harvest, join the fit, skip the stages after it) hold."""
+"""Stages under torchrun: ``torchrun --nproc_per_node=2 -m pipeline stage=harvest`` then ``stage=fit`` on the
+smoke preset write the store and the dictionary one process writes (rank 0 alone writes the dictionary), and
+the orchestrator's rank rules (every rank harvests and fits, only rank 0 runs the stages after the fit) hold."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,19 +32,33 @@ def _cfg(root: Path, *overrides: str):
 FIT = ("dictionary.duplicate_threshold=null",)
 
 
-def test_torchrun_fit_stage_equals_the_one_process_fit_stage(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    orchestrator.run_pipeline(_cfg(one, "stage=harvest"))
-    harvest = stage_dir(_cfg(one), "harvest")
-    shutil.copytree(harvest, two / harvest.relative_to(one))
-    single = Dictionary.load(fit.run(_cfg(one, *FIT)) / "dictionary")
-
+def _torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
-           "experiment=smoke", f"output_root={two}", "stage=fit", "distributed.timeout_s=120", *FIT]
+           "experiment=smoke", f"output_root={root}", "distributed.timeout_s=120", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _shard_list(store: Path) -> dict:
+    manifest = json.loads((store / "manifest.json").read_text())
+    return {hook: {split: [(s["file"], s["rows"], s["sha256"], s["span"]) for s in entry[split]["shards"]]
+                   for split in ("train", "heldout")} for hook, entry in manifest["hooks"].items()}
+
+
+def test_torchrun_harvest_and_fit_equal_the_one_process_stages(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    orchestrator.run_pipeline(_cfg(one, "stage=harvest"))
+    single = Dictionary.load(fit.run(_cfg(one, *FIT)) / "dictionary")
+
+    _torchrun(two, "stage=harvest")  # each rank harvests every other shard; rank 0 merges
+    stores = [stage_dir(_cfg(root), "harvest") / "store" for root in (one, two)]
+    assert (stores[1].parent / DONE_MARKER).is_file() and not list(stores[1].glob("part-*.json"))
+    assert _shard_list(stores[1]) == _shard_list(stores[0])  # same rows in the same shards and held-out split
+
+    proc = _torchrun(two, "stage=fit", *FIT)
     folder = stage_dir(_cfg(two, *FIT), "fit")
     assert (folder / DONE_MARKER).is_file()
     parallel = Dictionary.load(folder / "dictionary")
@@ -64,12 +77,11 @@ def test_torchrun_fit_stage_equals_the_one_process_fit_stage(tmp_path):
     assert proc.stdout.count("Outputs:") == 1
 
 
-def test_ranks_above_zero_wait_for_the_harvest_join_the_fit_and_skip_the_rest(tmp_path, monkeypatch):
+def test_ranks_above_zero_harvest_and_fit_and_skip_the_rest(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     calls = []
-    monkeypatch.setattr(orchestrator, "wait_for", lambda folder, stage, cfg: calls.append(("wait", stage)))
     monkeypatch.setattr(orchestrator.fit, "join_ranks", lambda cfg: "group")
     monkeypatch.setattr(orchestrator, "agree", lambda group, value: calls.append(("agree", value)) or False)
     monkeypatch.setattr(orchestrator, "stage_runner", lambda stage: lambda cfg: calls.append(("run", stage)) or
@@ -78,7 +90,7 @@ def test_ranks_above_zero_wait_for_the_harvest_join_the_fit_and_skip_the_rest(tm
     stage_dir(cfg, "report").mkdir(parents=True)
     (stage_dir(cfg, "report") / DONE_MARKER).write_text("{}")  # a rank > 0 never removes markers
     folders = orchestrator.run_pipeline(cfg)
-    assert calls == [("wait", "harvest"), ("agree", False), ("run", "fit")]
+    assert calls == [("run", "harvest"), ("agree", False), ("run", "fit")]
     assert list(folders) == ["harvest", "fit"]
     assert (stage_dir(cfg, "report") / DONE_MARKER).is_file()
     assert STAGES.index("fit") == 1
