@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 
-class Collective:
-    """One process: sums over samples are already complete, so every reduction returns its input."""
+class RankPlace:
+    """A process's place among ``world`` data-parallel ranks."""
 
     rank: int = 0
     world: int = 1
@@ -35,6 +35,10 @@ class Collective:
     def is_main(self) -> bool:
         """Whether this rank writes files, shows progress and logs per-iteration lines (rank 0)."""
         return self.rank == 0
+
+
+class Collective(RankPlace):
+    """One process: sums over samples are already complete, so every reduction returns its input."""
 
     def sum(self, *tensors: Tensor) -> tuple[Tensor, ...] | Tensor:
         """Element-wise sums over ranks of each tensor (one collective for all of them); returns new tensors

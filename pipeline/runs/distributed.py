@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipeline.core.collective import RankPlace
 from pipeline.runs.layout import is_done
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,13 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
-class Ranks:
+class Ranks(RankPlace):
     """This process's place in a launch."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def ranks() -> Ranks:
