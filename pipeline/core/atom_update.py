@@ -62,7 +62,9 @@ class UpdateStats:
     capped: int = 0
     """Refits stopped at the iteration cap before converging (non-negative, or the alternating solver)."""
     eigensolved: int = 0
-    """Signed refits finished by the eigensolver after the cap (block solvers; exact)."""
+    """Signed refits finished by the dense eigensolver (block solvers; exact)."""
+    lanczos: int = 0
+    """Signed refits not certified by power steps and converged by Lanczos ("direct")."""
 
 
 def update_atoms(
@@ -186,7 +188,7 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
     # per 4 KiB on CPU
     size = max(len(r) * max(counts[b0 + i] for i in r) for b0, blocks in plan for r in blocks)  # this rank's rows
     work_E = torch.empty(size, d, dtype=D.dtype, device=device)
-    steps_total, n_blocks, capped, eigensolved = 0, 0, 0, 0
+    steps_total, n_blocks, capped, eigensolved, lanczos = 0, 0, 0, 0, 0
     for b0, blocks in plan:
         refits = []
         for ranks in blocks:
@@ -215,10 +217,11 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
             n_blocks += 1
             capped += fit.capped
             eigensolved += fit.eigensolved
+            lanczos += fit.lanczos
         _apply_refits(Rx, D, flat_val, refits)  # Jacobi: every block above saw the same residual
     R.copy_(Rx[:n])
     codes.values.copy_(flat_val.view_as(codes.values))
-    return UpdateStats(n_used, steps_total / max(n_blocks, 1), capped, eigensolved)
+    return UpdateStats(n_used, steps_total / max(n_blocks, 1), capped, eigensolved, lanczos)
 
 
 class _BlockRefit(NamedTuple):

@@ -52,8 +52,10 @@ HISTORY_FIELDS: dict[str, str] = {
     "n_duplicates": "atoms replaced as near-duplicates (duplicate_threshold)",
     "rank1_iters": "mean iterations per refit block (block solvers) or atom batch (alternating solver)",
     "rank1_capped": "refits stopped at rank1_max_iters before rank1_tol (logged as a warning)",
-    "rank1_eigensolved": "signed refits finished exactly by the eigensolver (not certified within rank1_max_iters, "
-                         "or certain not to be)",
+    "rank1_eigensolved": "signed refits finished exactly by the dense eigensolver (not certified by power steps "
+                         "within rank1_max_iters, or certain not to be, and not converged by Lanczos)",
+    "rank1_lanczos": "signed refits not certified by power steps and converged by Lanczos to rank1_tol on its "
+                     "estimated angle (rank1_solver=direct)",
     "code_seconds": "wall time coding", "update_seconds": "wall time updating atoms",
     "reseed_seconds": "wall time re-seeding dead and duplicate atoms",
     "iteration": "1-based iteration number", "epoch": "0-based epoch", "rows": "samples in the batch (all ranks)",
@@ -169,15 +171,16 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     usage = torch.zeros(D.shape[0], device=D.device)
     err_before, iters = None, []
     l0, l0_after = torch.zeros(Yb.shape[0], device=D.device), torch.zeros(Yb.shape[0], device=D.device)
-    capped = eigensolved = 0
+    capped = eigensolved = lanczos = 0
     reseeded = torch.zeros(D.shape[0], dtype=torch.bool, device=D.device)
 
     def refit(R: Tensor, atoms: Tensor, codes: Codes, batch: int, used: Tensor) -> None:
         """Update ``atoms`` (a view of D) against ``R`` and tally its statistics into this iteration's record."""
-        nonlocal capped, eigensolved
+        nonlocal capped, eigensolved, lanczos
         stats = update_atoms(R, atoms, codes, batch, **update)
         iters.append(stats.mean_rank1_iters)
         capped, eigensolved = capped + stats.capped, eigensolved + stats.eigensolved
+        lanczos += stats.lanczos
         _count_usage(used, codes, comm)
         l0_after.add_(codes.l0())
 
@@ -243,7 +246,7 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     return dict(**clock.seconds, fvu=fvu, fvu_after_update=fvu_after, l0=float(l0_sum) / n_rows,
                 l0_after_update=float(l0_after_sum) / n_rows, dead_fraction=n_dead / D.shape[0],
                 n_duplicates=n_dup, rank1_iters=sum(iters) / len(iters), rank1_capped=capped,
-                rank1_eigensolved=eigensolved, rows=n_rows, G=G)
+                rank1_eigensolved=eigensolved, rank1_lanczos=lanczos, rows=n_rows, G=G)
 
 
 def _rows_and_energy(Yb: Tensor, comm: Collective) -> tuple[int, float]:

@@ -28,8 +28,10 @@ Convergence is tested on the atoms, against ``tol`` on ``1 − cos`` to the exac
   (``√(‖A‖_F² − q²)`` when A is formed, ``trace(A) − q = ‖E‖_F² − q`` when it is not), ``gap = q − λ₂⁺ > 0``
   gives the Davis-Kahan bound ``sin θ <= r / gap``. A refit not certified within ``max_steps`` (a small or
   unprovable gap; handed over as soon as its Rayleigh quotient, rising at its latest rate, could not make the
-  gap positive before the cap) is finished by an eigensolver on its Gram matrix (``torch.linalg.eigh`` in
-  fp64), so signed refits are always exact;
+  gap positive before the cap) is finished by an eigensolver: with ``"direct"``, Lanczos from the current
+  iterate to the same ``tol`` on its estimated angle (:mod:`pipeline.core.lanczos`), and a dense fp64
+  ``torch.linalg.eigh`` of its Gram matrix for any Lanczos leaves unconverged; with ``"gram"``, the dense
+  eigensolver of the Gram it formed;
 - non-negative refits (a local optimum; no certificate exists) stop once the estimated distance to the fixed
   point, ``δ ρ / (1 − ρ)`` from the latest step ``δ = ‖d_{t+1} − d_t‖`` (computed without cancellation) and
   the larger of the last two step ratios ρ, is within tol; one that hits the cap keeps its last
@@ -44,6 +46,7 @@ import torch
 from torch import Tensor
 
 from pipeline.core.collective import LOCAL, Collective
+from pipeline.core.lanczos import top_right_vectors
 
 #: Smallest step (‖d_{t+1} − d_t‖) treated as converged outright: fp32 resolves atom steps to about 1e-7.
 _STEP_FLOOR = 1e-6
@@ -66,7 +69,10 @@ class Rank1Refit:
     capped: int
     """Non-negative refits that stopped at ``max_steps`` before ``tol`` (signed ones are finished exactly)."""
     eigensolved: int
-    """Signed refits finished by the eigensolver (not certified within ``max_steps``, or certain not to be)."""
+    """Signed refits finished by the dense eigensolver (not certified within ``max_steps``, or certain not to be,
+    and, with "direct", not converged by Lanczos either)."""
+    lanczos: int = 0
+    """Signed refits ("direct") not certified by power steps and converged by Lanczos instead."""
 
 
 def refit_block(E: Tensor, d_old: Tensor, *, nonnegative: bool, tol: float, max_steps: int,
@@ -246,11 +252,11 @@ def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: 
     """Refits iterating on the block itself: ``x ← E d`` (non-negative: ``max(E d, 0)``), ``d ← Eᵀx / ‖Eᵀx‖``,
     two batched matrix-vector products per step over the contiguous block. Signed refits are certified with
     the trace bound (every eigenvalue of EᵀE below the top one is at most ``‖E‖_F² − q``); the rest are
-    finished by the eigensolver.
+    finished by Lanczos (and, where it does not converge, the dense eigensolver).
 
     Data parallel, each step all-reduces ``Eᵀx`` (and, signed, ``‖x‖²``): one (B, d + 1) collective per step,
     the distributed power iteration; the trace is reduced once, and refits left to the eigensolver reduce their
-    d × d Gram ``EᵀE``."""
+    d × d Gram ``EᵀE``; Lanczos steps reduce one (B, d) product each."""
     Et = E.transpose(1, 2)
     u = d_old
     x = _bmv(E, u)
@@ -278,18 +284,25 @@ def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: 
         u = u2
         if nonnegative and (steps % check_every == 0 or steps == max_steps) and bool(conv.done.all()):
             break
-    eigensolved = 0
+    eigensolved = lanczos = 0
     if not nonnegative:
         late = ~conv.done | ((comm.sum(x.pow(2).sum(1)) <= 0) & (energy > 0))
         if bool(late.any()):
             late = late.nonzero().squeeze(1)
-            u = u.index_copy(0, late, _top_right_vector(E.index_select(0, late), u.index_select(0, late), comm))
+            E_late, u_late = E.index_select(0, late), u.index_select(0, late)
+            found = top_right_vectors(E_late, u_late, tol=tol, max_steps=max_steps, comm=comm,
+                                      check_every=check_every)
+            vectors, dense = found.vectors, (~found.converged).nonzero().squeeze(1)
+            if dense.numel():  # Lanczos did not converge within max_steps: the dense eigensolver, exact
+                vectors = vectors.index_copy(0, dense, _top_right_vector(
+                    E_late.index_select(0, dense), u_late.index_select(0, dense), comm))
+            u = u.index_copy(0, late, vectors)
             x = _bmv(E, u)
-            eigensolved = int(late.numel())
+            eigensolved, lanczos = int(dense.numel()), int(late.numel() - dense.numel())
     capped = int((~conv.done).sum()) if nonnegative else 0
     if nonnegative:
         u, x = _keep_dead(u, x, comm.sum(x.pow(2).sum(1)).sqrt(), d_old)
-    return Rank1Refit(u, x, steps, capped, eigensolved)
+    return Rank1Refit(u, x, steps, capped, eigensolved, lanczos)
 
 
 def _top_right_vector(E: Tensor, ref: Tensor, comm: Collective = LOCAL) -> Tensor:

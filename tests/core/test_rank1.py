@@ -70,7 +70,9 @@ def test_a_signed_refit_that_hits_the_cap_is_finished_exactly_and_counted(method
     E = _spectrum_matrix(12, 16, [5.0, 4.95, 1.0], gen).float()[None]
     d_old = _unit_rows(torch.randn(1, 16, generator=gen))
     fit = refit_block(E.clone(), d_old, nonnegative=False, tol=1e-6, max_steps=3, method=method)
-    assert fit.eigensolved == 1 and fit.steps <= 3
+    # "direct" hands it to Lanczos (here exact: rank 3, an invariant Krylov space in 3 steps), "gram" to eigh
+    assert fit.eigensolved + fit.lanczos == 1 and fit.steps <= 3
+    assert (fit.lanczos == 1) == (method == "direct")
     assert float(torch.dot(fit.atoms[0].double(), _top_singular_vector(E[0])).abs()) >= 1 - 1e-6
 
 
@@ -84,7 +86,7 @@ def test_uncertifiable_refits_go_to_the_eigensolver_early(method):
     E = _pad(mats)
     d_old = _unit_rows(torch.randn(3, 48, generator=gen))
     fit = refit_block(E.clone(), d_old, nonnegative=False, tol=1e-6, max_steps=100, method=method)
-    assert fit.eigensolved == 3 and fit.steps <= 10, (fit.steps, fit.eigensolved)
+    assert fit.eigensolved + fit.lanczos == 3 and fit.steps <= 10, (fit.steps, fit.eigensolved, fit.lanczos)
     for b, Eb in enumerate(mats):
         assert float(torch.dot(fit.atoms[b].double(), _top_singular_vector(Eb)).abs()) >= 1 - 1e-6
 
