@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--signed-iters", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results_distributed.json")
     ap.add_argument("--project-only", action="store_true", help="recompute the projection of an existing --out")
+    ap.add_argument("--only", nargs="*", help="run only these variants, keeping the others' results in --out")
     args = ap.parse_args()
     if args.project_only:
         results = json.loads(Path(args.out).read_text())
@@ -107,6 +108,13 @@ def main() -> None:
     variants = {"non-negative (default)": dict(max_iters=args.iters),
                 "non-negative, no duplicate replacement": dict(max_iters=args.iters, duplicate_threshold=None),
                 "signed": dict(max_iters=args.signed_iters, nonnegative=False)}
+    if args.only:
+        unknown = set(args.only) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}; variants: {sorted(variants)}")
+        kept = json.loads(Path(args.out).read_text())["runs"] if Path(args.out).is_file() else {}
+        results["runs"] = {k_: v for k_, v in kept.items() if k_ not in args.only}
+        variants = {k_: v for k_, v in variants.items() if k_ in args.only}
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/Y.pt"
         torch.save(Y, data)
@@ -131,6 +139,8 @@ def main() -> None:
                                "update_wall_seconds": r0["wall"] / iters},
                 "mean_rank1_steps": sum(h["rank1_iters"] for h in single.history) / iters,
                 "eigensolved_per_update": sum(h["rank1_eigensolved"] for h in single.history) / iters,
+                "lanczos_per_update": sum(h.get("rank1_lanczos", 0) for h in single.history) / iters,
+                "date": results["date"],
             }
             results["runs"][name] = run
             print(name, json.dumps(run, indent=1), flush=True)
