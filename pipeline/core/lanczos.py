@@ -85,7 +85,10 @@ def top_right_vectors(E: Tensor, start: Tensor, *, tol: float, max_steps: int, c
                 done = invariant
             if bool(done.all()):
                 break
-        v = torch.where(b[:, None] > 0, w / b[:, None].clamp(min=torch.finfo(E.dtype).tiny), torch.zeros_like(w))
+        # a block whose Krylov space became invariant stops growing it (its next vector would be amplified
+        # rounding noise): v = 0 gives zero coefficients, decoupled from its T
+        grown = (b.double() > _INVARIANT * alpha[:, :steps].amax(1)) & (b > 0)
+        v = torch.where(grown[:, None], w / b[:, None].clamp(min=torch.finfo(E.dtype).tiny), torch.zeros_like(w))
         V[:, j + 1] = v
     coef = S[:, :, -1].to(E.dtype)  # the top Ritz vector's coordinates in the basis
     u = torch.bmm(coef.unsqueeze(1), V[:, : coef.shape[1]]).squeeze(1)
