@@ -4,6 +4,8 @@
 - :mod:`~pipeline.core.coders`: matching pursuit and Batch-OMP on the Gram matrix (``encode``);
 - :mod:`~pipeline.core.atom_update`: the K-SVD sweep over shuffled atom batches;
 - :mod:`~pipeline.core.rank1`: exact rank-1 refits of gathered blocks (on the block or its small Gram matrix);
+- :mod:`~pipeline.core.lanczos`: Lanczos top singular vectors for the refits power steps cannot certify;
+- :mod:`~pipeline.core.batched`: the batched matrix-vector product and row normalisation they share;
 - :mod:`~pipeline.core.matryoshka`: nested atom groups and the residual cascade;
 - :mod:`~pipeline.core.dictionary`: ``Dictionary`` (atoms + coder settings + history; save / load);
 - :mod:`~pipeline.core.learner`: ``learn_dictionary`` / ``fit_dictionary``, the DB-KSVD loop, checkpoints;

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.core.batched import bmv, unit_rows
 from pipeline.core.collective import LOCAL, Collective
 
 #: β below this fraction of θ₁ means the Krylov space is invariant: the Ritz pair is exact.
@@ -39,11 +40,6 @@ class LanczosResult:
     """Lanczos steps taken (the slowest block's)."""
 
 
-def _bmv(A: Tensor, v: Tensor) -> Tensor:
-    """(B, m) ``A_b v_b`` for A: (B, m, n), v: (B, n) (the row-product form, fastest on CPU)."""
-    return torch.bmm(v.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
-
-
 def top_right_vectors(E: Tensor, start: Tensor, *, tol: float, max_steps: int, comm: Collective = LOCAL,
                       check_every: int = 1) -> LanczosResult:
     """Top right singular vectors of ``E: (B, P, d)`` (zero padding rows allowed; data parallel: this rank's rows,
@@ -54,14 +50,14 @@ def top_right_vectors(E: Tensor, start: Tensor, *, tol: float, max_steps: int, c
     V = E.new_zeros(B, steps_cap + 1, d)
     alpha = torch.zeros(B, steps_cap, dtype=torch.float64, device=E.device)
     beta = torch.zeros(B, steps_cap, dtype=torch.float64, device=E.device)
-    v = start / start.norm(dim=1, keepdim=True).clamp(min=torch.finfo(E.dtype).tiny)
+    v = unit_rows(start)[0]
     V[:, 0] = v
     done = torch.zeros(B, dtype=torch.bool, device=E.device)
     S = torch.ones(B, 1, 1, dtype=torch.float64, device=E.device)
     steps = 0
     for j in range(steps_cap):
         steps = j + 1
-        w = comm.sum(_bmv(Et, _bmv(E, v)))  # A v
+        w = comm.sum(bmv(Et, bmv(E, v)))  # A v
         alpha[:, j] = (w * v).sum(1).double()
         basis = V[:, : j + 1]
         for _ in range(2):  # full re-orthogonalisation
@@ -92,6 +88,6 @@ def top_right_vectors(E: Tensor, start: Tensor, *, tol: float, max_steps: int, c
         V[:, j + 1] = v
     coef = S[:, :, -1].to(E.dtype)  # the top Ritz vector's coordinates in the basis
     u = torch.bmm(coef.unsqueeze(1), V[:, : coef.shape[1]]).squeeze(1)
-    u = u / u.norm(dim=1, keepdim=True).clamp(min=torch.finfo(E.dtype).tiny)
+    u = unit_rows(u)[0]
     u = torch.where((u * start).sum(1, keepdim=True) < 0, -u, u)
     return LanczosResult(u, done, steps)
