@@ -125,10 +125,11 @@ def update_atoms(
     nz, ent_rank = nz[perm], ent_rank[perm]
     rows_all = nz // codes.k
     starts = torch.searchsorted(ent_rank, torch.arange(0, n_used + 1, device=device)).tolist()
+    counts = [starts[a + 1] - starts[a] for a in range(n_used)]  # this rank's entries per atom, in order
     # how the work is cut (blocks, chunks) must be the same on every rank: planned on the global support sizes
-    sizes = support[order].tolist() if comm.distributed else [starts[a + 1] - starts[a] for a in range(n_used)]
+    sizes = support[order].tolist() if comm.distributed else counts
     if solver in _BLOCK_SOLVERS and not approximate:
-        return _update_blocks(R, D, codes, atom_batch_size, order, nz, rows_all, starts, sizes, flat_val,
+        return _update_blocks(R, D, codes, atom_batch_size, order, nz, rows_all, starts, counts, sizes, flat_val,
                               nonnegative, tol, max_iters, solver, comm)
     plan = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     iters_total, n_batches, capped = 0, 0, 0
@@ -166,10 +167,10 @@ def update_atoms(
 
 
 def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor,
-                   rows_all: Tensor, starts: list[int], sizes: list[int], flat_val: Tensor, nonnegative: bool,
-                   tol: float, max_iters: int, method: str, comm: Collective) -> UpdateStats:
+                   rows_all: Tensor, starts: list[int], counts: list[int], sizes: list[int], flat_val: Tensor,
+                   nonnegative: bool, tol: float, max_iters: int, method: str, comm: Collective) -> UpdateStats:
     """The sweep with a block solver: per atom batch, blocks of similar support size (``sizes``: over all
-    ranks, so every rank cuts the same blocks), each gathered once from this rank's rows."""
+    ranks, so every rank cuts the same blocks), each gathered once from this rank's rows (``counts`` per atom)."""
     n_used = int(order.numel())
     n, d = R.shape
     device = D.device
@@ -181,7 +182,6 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
     Rx[:n] = R
     Rx[n] = 0
     starts_t = torch.tensor(starts, device=device)
-    counts = [starts[a + 1] - starts[a] for a in range(n_used)]
     plan = [(b0, support_blocks(sizes[b0:b0 + atom_batch_size], d, budget, method))
             for b0 in range(0, n_used, atom_batch_size)]
     # one reused work buffer for the gathered blocks: a fresh multi-MB tensor per block would cost a page fault
