@@ -17,7 +17,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -137,16 +137,6 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
                          hooks={h: {"layer": hook_layer(h), "d": d_of[h]} for h in hooks}, part=part)
     if writer.part is not None and writer.complete and part[0] > 0:
         return writer.path  # rank 0 verifies and repairs a finished store
-    if writer.part is not None and not writer.complete:
-        return _harvest_part(writer, model, documents, n_contexts, per_shard, context_length, batch_size,
-                             heldout_fraction, masked_ids, masking, store_dtype, hooks, progress, wait_s)
-    bad = writer.bad_shards() if verify else {}
-    if writer.complete and not bad:
-        log.info("store %s is complete and every shard matches its sha256; nothing to do", out_dir)
-        return Path(out_dir)
-    start = writer.done_shards
-    item = torch.finfo(store_dtype).bits // 8
-    check_disk_space(Path(out_dir), (n_contexts - start * per_shard) * context_length * sum(d_of.values()) * item)
 
     docs = documents() if callable(documents) else documents
     contexts = iter_contexts(docs, tok, context_length, bos)
@@ -156,6 +146,16 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
         return _harvest_shard(model, batch_ctx, first, shard_hooks, batch_size, heldout_fraction, ids_masked,
                               masking.outlier_norm_factor, store_dtype, bar)
 
+    if writer.part is not None and not writer.complete:
+        return _harvest_part(writer, contexts, run_shard, hooks, n_contexts, per_shard, context_length, progress,
+                             wait_s)
+    bad = writer.bad_shards() if verify else {}
+    if writer.complete and not bad:
+        log.info("store %s is complete and every shard matches its sha256; nothing to do", out_dir)
+        return Path(out_dir)
+    start = writer.done_shards
+    item = torch.finfo(store_dtype).bits // 8
+    check_disk_space(Path(out_dir), (n_contexts - start * per_shard) * context_length * sum(d_of.values()) * item)
     _skip_done_shards(writer, contexts, start, bad, run_shard, context_length, progress)
     if writer.complete:
         log.info("re-made %d damaged shard index(es) of %s", len(bad), out_dir)
@@ -168,8 +168,7 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
         batch_ctx = list(itertools.islice(contexts, want))
         if not batch_ctx:
             if index == 0:
-                raise ValueError("the text source yielded no complete context of "
-                                 f"{context_length} tokens (empty text?); check data.* or lower context_length")
+                raise _empty_text(context_length)
             break
         rows, counts = run_shard(batch_ctx, index * per_shard, hooks, bar)
         writer.add_shard(index, rows, (index * per_shard, index * per_shard + len(batch_ctx)), counts)
@@ -186,17 +185,16 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     return writer.finish(n_contexts=done, n_tokens_harvested=done * context_length)
 
 
-def _harvest_part(writer: StoreWriter, model: Any, documents: Iterable[str] | Callable[[], Iterable[str]],
-                  n_contexts: int, per_shard: int, context_length: int, batch_size: int, heldout_fraction: float,
-                  masked_ids: list[int], masking: MaskingOptions, store_dtype: torch.dtype, hooks: Sequence[str],
-                  progress: bool, wait_s: float) -> Path:
-    """This rank's shards of a store several processes harvest (see :func:`harvest`)."""
+def _empty_text(context_length: int) -> ValueError:
+    return ValueError("the text source yielded no complete context of "
+                      f"{context_length} tokens (empty text?); check data.* or lower context_length")
+
+
+def _harvest_part(writer: StoreWriter, contexts: Iterator[list[int]], run_shard: Callable, hooks: Sequence[str],
+                  n_contexts: int, per_shard: int, context_length: int, progress: bool, wait_s: float) -> Path:
+    """This rank's shards of a store several processes harvest (see :func:`harvest`): ``contexts`` is the whole
+    text's context stream (the other ranks' contexts are skipped), ``run_shard`` harvest's shard runner."""
     rank, world = writer.part
-    tok = model.tokenizer
-    bos = tok.bos_token_id if model.cfg.default_prepend_bos else None
-    docs = documents() if callable(documents) else documents
-    contexts = iter_contexts(docs, tok, context_length, bos)
-    ids_masked = torch.tensor(masked_ids, dtype=torch.long)
     start, n_shards = writer.done_shards, math.ceil(n_contexts / per_shard)
     mine = [i for i in range(start, n_shards) if i % world == rank and not writer.part_has(i)]
     bar = tqdm(total=len(mine) * per_shard * context_length, unit="tok", unit_scale=True,
@@ -210,11 +208,9 @@ def _harvest_part(writer: StoreWriter, model: Any, documents: Iterable[str] | Ca
         pos += len(batch_ctx)
         if not batch_ctx:
             if index == 0:
-                raise ValueError("the text source yielded no complete context of "
-                                 f"{context_length} tokens (empty text?); check data.* or lower context_length")
+                raise _empty_text(context_length)
             break  # the text ran out before this shard
-        rows, counts = _harvest_shard(model, batch_ctx, lo, hooks, batch_size, heldout_fraction, ids_masked,
-                                      masking.outlier_norm_factor, store_dtype, bar)
+        rows, counts = run_shard(batch_ctx, lo, hooks, bar)
         writer.add_part_shard(index, rows, (lo, lo + len(batch_ctx)), counts)
         if len(batch_ctx) < want:
             break

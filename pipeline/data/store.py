@@ -127,12 +127,19 @@ def find_bad_shards(path: str | os.PathLike, manifest: dict[str, Any] | None = N
             continue
         for split in SPLITS:
             for index, shard in enumerate(entry[split]["shards"]):
-                file = path / shard["file"]
-                if not file.is_file():
-                    bad.append(BadShard(hook, split, index, shard["file"], "missing"))
-                elif sha256_file(file) != shard["sha256"]:
-                    bad.append(BadShard(hook, split, index, shard["file"], "sha256 mismatch"))
+                problem = shard_problem(path, shard)
+                if problem:
+                    bad.append(BadShard(hook, split, index, shard["file"], problem))
     return bad
+
+
+def shard_problem(path: str | os.PathLike, shard: dict[str, Any]) -> str | None:
+    """What is wrong with the file a manifest entry ``shard`` lists in the store at ``path``: ``"missing"``,
+    ``"sha256 mismatch"``, or None when its bytes match."""
+    file = Path(path) / shard["file"]
+    if not file.is_file():
+        return "missing"
+    return "sha256 mismatch" if sha256_file(file) != shard["sha256"] else None
 
 
 def check_disk_space(path: Path, needed_bytes: int, what: str = "the activation store") -> None:

@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 
 from pipeline.data.store import (DTYPES, MANIFEST_NAME, SHARD_PATTERN, SHARD_TENSOR, SPLITS,
                                  STORE_FORMAT, STORE_VERSION, check_disk_space, dtype_name,
-                                 find_bad_shards, heldout_mask, sha256_bytes)
+                                 find_bad_shards, heldout_mask, sha256_bytes, shard_problem)
 from pipeline.utils.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,31 @@ class StoreWriter:
         [start, end) of contexts (or rows, for imported arrays); ``counts[hook]`` extra tallies to add."""
         if index != self.done_shards:
             raise ValueError(f"shard {index} written out of order (next is {self.done_shards})")
-        for hook, per_split in rows.items():
+        self._list_shard(self._write_files(index, rows, span), counts)
+        self._write_manifest()
+
+    def _write_files(self, index: int, rows: dict[str, dict[str, torch.Tensor]],
+                     span: tuple[int, int]) -> dict[str, dict[str, dict[str, Any]]]:
+        """Write shard ``index``'s files (every hook and split); their manifest entries, ``[hook][split]``."""
+        return {hook: {split: self._write_file(hook, split, index, per_split[split], span) for split in SPLITS}
+                for hook, per_split in rows.items()}
+
+    def _list_shard(self, files: dict[str, dict[str, dict[str, Any]]],
+                    counts: dict[str, dict[str, int]] | None) -> None:
+        """Append one shard's file entries (``[hook][split]``) to the manifest and add its tallies."""
+        for hook, per_split in files.items():
             entry = self.manifest["hooks"][hook]
             for split in SPLITS:
-                new = self._write_file(hook, split, index, per_split[split], span)
-                entry[split]["shards"].append(new)
-                entry[split]["rows"] += new["rows"]
-            for key, value in (counts or {}).get(hook, {}).items():
-                entry.setdefault("counts", {})
-                entry["counts"][key] = entry["counts"].get(key, 0) + int(value)
-        self._write_manifest()
+                entry[split]["shards"].append(per_split[split])
+                entry[split]["rows"] += per_split[split]["rows"]
+        self._add_counts(counts)
+
+    def _add_counts(self, counts: dict[str, dict[str, int]] | None) -> None:
+        """Add ``counts[hook][key]`` to the manifest's per-hook tallies."""
+        for hook, tallies in (counts or {}).items():
+            entry = self.manifest["hooks"][hook].setdefault("counts", {})
+            for key, value in tallies.items():
+                entry[key] = entry.get(key, 0) + int(value)
 
     def bad_shards(self) -> dict[int, dict[str, list[str]]]:
         """The missing or corrupted shards (:func:`find_bad_shards`) as ``{index: {hook: [split, ...]}}``."""
@@ -131,9 +146,7 @@ class StoreWriter:
                                 "not bit-reproducible here); the manifest now records the new one", old["file"])
                 entry[split]["rows"] += new["rows"] - old["rows"]
                 entry[split]["shards"][index] = new
-            for key, value in (counts or {}).get(hook, {}).items():
-                entry.setdefault("counts", {})
-                entry["counts"][key] = entry["counts"].get(key, 0) + int(value)
+        self._add_counts(counts)
         if self.complete:
             self._mean_norms()
         self._write_manifest()
@@ -155,8 +168,7 @@ class StoreWriter:
             return fresh
         for index, entry in list(ledger["shards"].items()):
             files = [e for per in entry["hooks"].values() for e in per.values()]
-            if any(not (self.path / e["file"]).is_file() or
-                   sha256_bytes((self.path / e["file"]).read_bytes()) != e["sha256"] for e in files):
+            if any(shard_problem(self.path, e) for e in files):
                 log.warning("shard %s of rank %d's part is missing or damaged; re-making it", index, rank)
                 del ledger["shards"][index]
                 ledger["done"] = False
@@ -168,10 +180,7 @@ class StoreWriter:
     def add_part_shard(self, index: int, rows: dict[str, dict[str, torch.Tensor]], span: tuple[int, int],
                        counts: dict[str, dict[str, int]] | None = None) -> None:
         """Write shard ``index`` of this rank's part and list it in its ledger (not yet in the manifest)."""
-        entry = {"hooks": {h: {split: self._write_file(h, split, index, per[split], span) for split in SPLITS}
-                           for h, per in rows.items()},
-                 "counts": counts or {}}
-        self.ledger["shards"][str(index)] = entry
+        self.ledger["shards"][str(index)] = {"hooks": self._write_files(index, rows, span), "counts": counts or {}}
         self._write_ledger()
 
     def finish_part(self) -> None:
@@ -202,14 +211,7 @@ class StoreWriter:
         index = self.done_shards
         while index in made:
             entry = made.pop(index)
-            for hook, per_split in entry["hooks"].items():
-                listed = self.manifest["hooks"][hook]
-                for split in SPLITS:
-                    listed[split]["shards"].append(per_split[split])
-                    listed[split]["rows"] += per_split[split]["rows"]
-                for key, value in entry["counts"].get(hook, {}).items():
-                    listed.setdefault("counts", {})
-                    listed["counts"][key] = listed["counts"].get(key, 0) + int(value)
+            self._list_shard(entry["hooks"], entry["counts"])
             index += 1
         if made:
             log.warning("shards %s were made past the end of the text and are left out", sorted(made))
