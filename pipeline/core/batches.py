@@ -39,7 +39,8 @@ class BatchSource:
             if not isinstance(data, Iterable):
                 raise ValueError(f"data must be a (n, d) tensor or an iterable of (b, d) tensors, "
                                  f"got {type(data).__name__}.")
-            self.d = self.first_batch().shape[1]
+            # a loader that knows its width (the store's) is not read ahead for it: a batch can be shards' worth
+            self.d = getattr(data, "d", None) or self.first_batch().shape[1]
             default = None
         self.device = resolve_device(cfg.device or default)
 
@@ -60,10 +61,11 @@ class BatchSource:
     def _dev(self) -> torch.device:
         return getattr(self, "device", None) or torch.device("cpu")
 
-    def mean(self) -> Tensor:
+    def mean(self, first: Tensor) -> Tensor:
+        """(d,) the centre: the whole tensor's mean, or that of the ``first`` batch of an iterable."""
         if self.tensor is not None:
             return self.tensor.float().mean(0).to(self.device)
-        return self.first_batch().mean(0)
+        return first.mean(0)
 
     def epoch(self, e: int, skip: int = 0) -> Iterator[Tensor]:
         """The batches of epoch ``e`` from batch ``skip`` on (this rank's share of each)."""

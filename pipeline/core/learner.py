@@ -108,7 +108,7 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, proce
         log.info("resuming from %s at iteration %d", cfg.checkpoint_path, it)
     else:
         first = source.first_batch()
-        centre = source.mean() if cfg.center else None
+        centre = source.mean(first) if cfg.center else None
         D = _init_atoms(first if centre is None else first - centre, n_atoms, cfg.init, gen)
         history, it, epoch, batch_pos, elapsed0 = [], 0, 0, 0, 0.0
     G = gram(D, cfg.coder.precision)
