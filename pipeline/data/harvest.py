@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data.store import DTYPES, check_disk_space, dtype_name, heldout_mask
-from pipeline.data.store_writer import StoreWriter
+from pipeline.data.store import (CONTEXTS_TENSOR, DTYPES, POSITIONS_TENSOR, SHARD_TENSOR, TOKENS_TENSOR,
+                                 check_disk_space, dtype_name, heldout_mask)
+from pipeline.data.store_writer import StoreWriter, shard_rows_count
 from pipeline.data.models import describe_model
 from pipeline.data.text import iter_contexts
 
@@ -129,7 +130,7 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
                 "heldout_fraction": heldout_fraction, "masking": asdict(masking)}
     identity = identity or {"model": meta["model"], "text": meta.get("text"), **settings}
     header = {"identity": identity, **meta, **settings, "contexts_per_shard": per_shard,
-              "prepend_bos": bos is not None, "bos_token_id": bos,
+              "prepend_bos": bos is not None, "bos_token_id": bos, "token_ids": True,
               "masking": {**asdict(masking), "masked_token_ids": masked_ids,
                           "masked_tokens": tok.convert_ids_to_tokens(masked_ids)}}
     d_of = {h: _hook_width(model, h) for h in hooks}
@@ -243,7 +244,8 @@ def _skip_done_shards(writer: StoreWriter, contexts: Iterable[list[int]], n_done
         # a re-made shard keeps the positions of the old one; only outlier masking can move with numerics
         old_rows = {h: sum(writer.manifest["hooks"][h][split]["shards"][index]["rows"] for split in splits)
                     for h, splits in splits_of.items()}
-        counts = {h: {"masked_outlier": old_rows[h] - sum(len(x) for x in remade[h].values())} for h in remade}
+        counts = {h: {"masked_outlier": old_rows[h] - sum(map(shard_rows_count, remade[h].values()))}
+                  for h in remade}
         writer.replace_shard(index, remade, counts)
     bar.close()
     pos += sum(1 for _ in itertools.islice(contexts, max(expected - pos, 0)))
@@ -256,13 +258,19 @@ def _skip_done_shards(writer: StoreWriter, contexts: Iterable[list[int]], n_done
 def _harvest_shard(model: Any, contexts: list[list[int]], first: int, hooks: Sequence[str], batch_size: int,
                    heldout_fraction: float, ids_masked: torch.Tensor, outlier: float | None,
                    store_dtype: torch.dtype, bar: Any) -> tuple[dict, dict]:
-    """Run ``contexts`` (global index from ``first``) through the model; rows per hook and split."""
+    """Run ``contexts`` (global index from ``first``) through the model; per hook and split, the rows and their
+    token ids (a dict of the shard file's tensors, :class:`~pipeline.data.store.ShardTokens`)."""
     parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {"train": [], "heldout": []} for h in hooks}
+    where: dict[str, dict[str, list[torch.Tensor]]] = {h: {"train": [], "heldout": []} for h in hooks}
     counts = {h: {"positions": 0, "masked_special": 0, "masked_outlier": 0} for h in hooks}
     stop = stop_layer(hooks)
+    all_tokens = torch.tensor(contexts, dtype=torch.long).reshape(len(contexts), -1)
+    index = torch.arange(first, first + len(contexts))
+    held_all = torch.from_numpy(heldout_mask(index.numpy(), heldout_fraction))
     for b in range(0, len(contexts), batch_size):
-        tokens = torch.tensor(contexts[b:b + batch_size], dtype=torch.long)
-        held = torch.from_numpy(heldout_mask(np.arange(first + b, first + b + len(tokens)), heldout_fraction))
+        tokens = all_tokens[b:b + batch_size]
+        held = held_all[b:b + batch_size]
+        before = {"train": int((~held_all[:b]).sum()), "heldout": int(held_all[:b].sum())}  # earlier contexts
         keep_tok = ~torch.isin(tokens, ids_masked)
         _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=list(hooks), stop_at_layer=stop)
         for h in hooks:
@@ -281,8 +289,15 @@ def _harvest_shard(model: Any, contexts: list[list[int]], first: int, hooks: Seq
             for split, sel in (("train", ~held), ("heldout", held)):
                 rows_mask = (keep & sel[:, None]).to(acts.device)
                 parts[h][split].append(acts[rows_mask].to(store_dtype).cpu())
+                # row order = row-major over this split's contexts, as acts[rows_mask] takes them
+                flat = keep[sel].reshape(-1).nonzero().squeeze(1)
+                where[h][split].append(flat + before[split] * tokens.shape[1])
         bar.update(tokens.numel())
-    rows = {h: {s: torch.cat(v) for s, v in per.items()} for h, per in parts.items()}
+    rows = {h: {s: {SHARD_TENSOR: torch.cat(v),
+                    TOKENS_TENSOR: all_tokens[~held_all if s == "train" else held_all].to(torch.int32),
+                    CONTEXTS_TENSOR: index[~held_all if s == "train" else held_all],
+                    POSITIONS_TENSOR: torch.cat(where[h][s]).to(torch.int64)}
+                for s, v in per.items()} for h, per in parts.items()}
     return rows, counts
 
 

@@ -3,8 +3,14 @@
 Layout of a store directory::
 
     manifest.json                              MANIFEST_NAME: everything below, plus checksums
-    <hook name>/train-00000.safetensors        SHARD_PATTERN; one tensor SHARD_TENSOR of shape (rows, d)
-    <hook name>/heldout-00000.safetensors
+    <hook name>/train-00000.safetensors        SHARD_PATTERN; tensor SHARD_TENSOR of shape (rows, d), and
+    <hook name>/heldout-00000.safetensors      for harvested stores the rows' token ids (TOKENS_TENSOR,
+                                               CONTEXTS_TENSOR, POSITIONS_TENSOR: :class:`ShardTokens`)
+
+**Token ids travel with the rows.** A harvested shard file also holds the token ids of the contexts whose rows
+it stores and, for every row, where it sits among them, so what reads activations back (feature dashboards:
+which text makes a latent fire) needs no second forward pass over the corpus. An imported array has none
+(:meth:`ActivationStore.read_tokens` returns None).
 
 **Why safetensors and not a raw memmap.** bf16 is a first-class storage dtype here (half the disk and I/O of
 fp32, the dtype Gemma runs in) and numpy has no bf16, so a raw ``.npy``/memmap would need a side channel for
@@ -52,6 +58,12 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "{split}-{index:05d}.safetensors"
 SHARD_TENSOR = "activations"
+TOKENS_TENSOR = "token_ids"
+"""In a harvested shard file: (contexts, context_length) int32, the token ids of the shard's contexts of its split."""
+CONTEXTS_TENSOR = "contexts"
+"""In a harvested shard file: (contexts,) int64, the global index of each of those contexts."""
+POSITIONS_TENSOR = "positions"
+"""In a harvested shard file: (rows,) int64, each row's flat index into ``token_ids`` (context * L + position)."""
 STORE_FORMAT = "dbksvd-activation-store"
 STORE_VERSION = 1
 SPLITS = ("train", "heldout")
@@ -155,24 +167,44 @@ def check_disk_space(path: Path, needed_bytes: int, what: str = "the activation 
             "or write to a larger disk (another run folder).")
 
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32,
+              "I64": torch.int64}
 
 
-def _tensor_view(data: bytearray, path: Path) -> torch.Tensor:
-    """The :data:`SHARD_TENSOR` of a safetensors file's bytes, as a view (no copy)."""
+@dataclass(frozen=True)
+class ShardTokens:
+    """The token ids of one harvested shard file's rows."""
+
+    token_ids: torch.Tensor
+    """(contexts, context_length) int32: the shard's contexts of its split, in order."""
+    contexts: torch.Tensor
+    """(contexts,) int64: their global context index in the harvest."""
+    positions: torch.Tensor
+    """(rows,) int64: row i is the token ``token_ids.view(-1)[positions[i]]`` (masked positions have no row)."""
+
+
+def _safetensors_header(data: bytearray, path: Path) -> tuple[int, dict[str, Any]]:
     try:
         (n,) = struct.unpack_from("<Q", data, 0)
-        header = json.loads(bytes(data[8:8 + n]))
-        meta = header[SHARD_TENSOR]
+        return n, json.loads(bytes(data[8:8 + n]))
+    except (struct.error, ValueError) as exc:
+        raise ChecksumError(f"{path} is not a readable activation shard ({exc}); {REPAIR_HINT}") from None
+
+
+def _tensor_view(data: bytearray, path: Path, name: str = SHARD_TENSOR) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors file's bytes, as a view (no copy)."""
+    n, header = _safetensors_header(data, path)
+    try:
+        meta = header[name]
         dtype, shape = _ST_DTYPES[meta["dtype"]], meta["shape"]
         start, end = meta["data_offsets"]
-    except (struct.error, ValueError, KeyError) as exc:
+    except (ValueError, KeyError) as exc:
         raise ChecksumError(f"{path} is not a readable activation shard ({exc}); {REPAIR_HINT}") from None
     if 8 + n + end > len(data):
         raise ChecksumError(f"{path} is truncated; {REPAIR_HINT}")
     if end == start:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype, count=(end - start) // (torch.finfo(dtype).bits // 8),
+    return torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize,
                             offset=8 + n + start).view(shape)
 
 
@@ -231,6 +263,34 @@ class ActivationStore:
         zero-copy view of the file's bytes (read once into memory).
         """
         path = self.path / shard["file"]
+        x = _tensor_view(self._read_bytes(shard), path)
+        if tuple(x.shape) != (shard["rows"], self.d) or x.dtype != self.dtype:
+            raise ChecksumError(f"shard {shard['file']} holds {x.dtype} {tuple(x.shape)}, the manifest says "
+                                f"{self.dtype} ({shard['rows']}, {self.d}); {REPAIR_HINT}")
+        return x
+
+    def read_tokens(self, shard: dict[str, Any]) -> ShardTokens | None:
+        """The token ids of a shard's rows (:class:`ShardTokens`), or None when the store has none (an imported
+        array, or a store harvested before token ids were kept)."""
+        path = self.path / shard["file"]
+        data = self._read_bytes(shard)
+        _, header = _safetensors_header(data, path)
+        if TOKENS_TENSOR not in header:
+            return None
+        out = ShardTokens(*(_tensor_view(data, path, name) for name in (TOKENS_TENSOR, CONTEXTS_TENSOR,
+                                                                         POSITIONS_TENSOR)))
+        if out.positions.shape != (shard["rows"],) or len(out.contexts) != len(out.token_ids):
+            raise ChecksumError(f"shard {shard['file']} of {self.path} has token ids that do not match its rows; "
+                                f"{REPAIR_HINT}")
+        return out
+
+    def has_tokens(self) -> bool:
+        """Whether the store's shards keep their rows' token ids (a harvest does; an imported array does not)."""
+        return bool(self.manifest.get("token_ids"))
+
+    def _read_bytes(self, shard: dict[str, Any]) -> bytearray:
+        """A shard file's bytes, its sha256 checked the first time this object reads it (with ``verify``)."""
+        path = self.path / shard["file"]
         if not path.is_file():
             raise FileNotFoundError(f"shard {shard['file']} of {self.path} is missing; {REPAIR_HINT}")
         data = bytearray(path.stat().st_size)
@@ -241,11 +301,7 @@ class ActivationStore:
                 raise ChecksumError(f"shard {shard['file']} of {self.path} is corrupted (sha256 mismatch); "
                                     f"{REPAIR_HINT}")
             self._verified.add(shard["file"])
-        x = _tensor_view(data, path)
-        if tuple(x.shape) != (shard["rows"], self.d) or x.dtype != self.dtype:
-            raise ChecksumError(f"shard {shard['file']} holds {x.dtype} {tuple(x.shape)}, the manifest says "
-                                f"{self.dtype} ({shard['rows']}, {self.d}); {REPAIR_HINT}")
-        return x
+        return data
 
     def verify_all(self) -> None:
         """Check every shard of this hook (both splits) against its sha256; raises :class:`ChecksumError`

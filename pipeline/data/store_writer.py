@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 #: A rank's ledger of the shards it made, when several processes harvest one store.
 PART_PATTERN = "part-{rank}-of-{world}.json"
+
+ShardRows = Union[torch.Tensor, dict[str, torch.Tensor]]
+"""One hook's rows of one split of a shard: the (rows, d) activations, or a dict of the tensors its file holds
+(:data:`~pipeline.data.store.SHARD_TENSOR` and, from a harvest, the token ids: :class:`~pipeline.data.store.ShardTokens`)."""
+
+
+def shard_rows_count(rows: ShardRows) -> int:
+    """Number of activation rows in ``rows``."""
+    return len(rows[SHARD_TENSOR] if isinstance(rows, dict) else rows)
 
 
 # --------------------------------------------------------------------------- writer
@@ -85,7 +94,7 @@ class StoreWriter:
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
-    def add_shard(self, index: int, rows: dict[str, dict[str, torch.Tensor]], span: tuple[int, int],
+    def add_shard(self, index: int, rows: dict[str, dict[str, ShardRows]], span: tuple[int, int],
                   counts: dict[str, dict[str, int]] | None = None) -> None:
         """Write shard ``index``: ``rows[hook][split]`` is a (rows, d) tensor; ``span`` the covered
         [start, end) of contexts (or rows, for imported arrays); ``counts[hook]`` extra tallies to add."""
@@ -94,7 +103,7 @@ class StoreWriter:
         self._list_shard(self._write_files(index, rows, span), counts)
         self._write_manifest()
 
-    def _write_files(self, index: int, rows: dict[str, dict[str, torch.Tensor]],
+    def _write_files(self, index: int, rows: dict[str, dict[str, ShardRows]],
                      span: tuple[int, int]) -> dict[str, dict[str, dict[str, Any]]]:
         """Write shard ``index``'s files (every hook and split); their manifest entries, ``[hook][split]``."""
         return {hook: {split: self._write_file(hook, split, index, per_split[split], span) for split in SPLITS}
@@ -130,7 +139,7 @@ class StoreWriter:
         lo, hi = next(iter(self.manifest["hooks"].values()))["train"]["shards"][index]["span"]
         return int(lo), int(hi)
 
-    def replace_shard(self, index: int, rows: dict[str, dict[str, torch.Tensor]],
+    def replace_shard(self, index: int, rows: dict[str, dict[str, ShardRows]],
                       counts: dict[str, dict[str, int]] | None = None) -> None:
         """Re-write the files of already-listed shard ``index`` given in ``rows[hook][split]`` (only those:
         other files are left untouched), update their manifest entries (sha256, rows, norm sum), add ``counts``
@@ -177,7 +186,7 @@ class StoreWriter:
     def part_has(self, index: int) -> bool:
         return str(index) in self.ledger["shards"]
 
-    def add_part_shard(self, index: int, rows: dict[str, dict[str, torch.Tensor]], span: tuple[int, int],
+    def add_part_shard(self, index: int, rows: dict[str, dict[str, ShardRows]], span: tuple[int, int],
                        counts: dict[str, dict[str, int]] | None = None) -> None:
         """Write shard ``index`` of this rank's part and list it in its ledger (not yet in the manifest)."""
         self.ledger["shards"][str(index)] = {"hooks": self._write_files(index, rows, span), "counts": counts or {}}
@@ -231,13 +240,14 @@ class StoreWriter:
         self._write_manifest()
         return self.path
 
-    def _write_file(self, hook: str, split: str, index: int, x: torch.Tensor, span: Any) -> dict[str, Any]:
+    def _write_file(self, hook: str, split: str, index: int, rows: ShardRows, span: Any) -> dict[str, Any]:
         """Write one shard file atomically; returns its manifest entry."""
         d = self.manifest["hooks"][hook]["d"]
-        x = x.to(self.dtype).contiguous()
+        tensors = dict(rows) if isinstance(rows, dict) else {SHARD_TENSOR: rows}
+        x = tensors[SHARD_TENSOR] = tensors[SHARD_TENSOR].to(self.dtype).contiguous()
         if x.ndim != 2 or x.shape[1] != d:
             raise ValueError(f"shard for {hook} has shape {tuple(x.shape)}, expected (rows, {d})")
-        data = st_save({SHARD_TENSOR: x})
+        data = st_save({k: v.contiguous() for k, v in tensors.items()})
         rel = f"{hook}/{SHARD_PATTERN.format(split=split, index=index)}"
         atomic_write_bytes(self.path / rel, data)
         norm_sum = float(x.float().norm(dim=1).double().sum()) if len(x) else 0.0

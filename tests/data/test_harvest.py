@@ -87,9 +87,28 @@ def test_outlier_masking_drops_exactly_the_planted_outliers(tiny_hooked_model, t
         for split in ("train", "heldout"):
             for shard in m["hooks"][hook][split]["shards"]:
                 assert shard["sha256"] == hashlib.sha256((path / shard["file"]).read_bytes()).hexdigest()
+        _check_token_ids(store, tokens, cache[hook], held[:, 0])
     for key in ("model", "text", "context_length", "dtype", "heldout_fraction"):
         assert key in m
     assert m["hooks"][HOOKS[0]]["layer"] == 0 and m["hooks"][HOOKS[1]]["layer"] == 1
+
+
+def _check_token_ids(store, tokens, acts, held):
+    """Every stored row's token ids (``ShardTokens``) point at the context and position whose activation it is:
+    the contexts of each shard file are its split's, in order, with their ids; each row is ``acts[ctx, pos]``."""
+    assert store.has_tokens()
+    L = tokens.shape[1]
+    for split in ("train", "heldout"):
+        seen = []
+        for shard in store.shards(split):
+            t = store.read_tokens(shard)
+            assert t.token_ids.dtype == torch.int32 and t.positions.dtype == torch.int64
+            assert all(bool(held[c]) == (split == "heldout") for c in t.contexts.tolist())
+            torch.testing.assert_close(t.token_ids.long(), tokens[t.contexts])
+            ctx, pos = t.contexts[t.positions // L], t.positions % L
+            torch.testing.assert_close(store.read_shard(shard).float(), acts[ctx, pos], atol=1e-5, rtol=1e-5)
+            seen += t.contexts.tolist()
+        assert seen == [c for c in range(len(tokens)) if bool(held[c]) == (split == "heldout")]
 
 
 def test_uses_stop_at_layer(tiny_hooked_model, text_files, tmp_path, monkeypatch):

@@ -39,6 +39,8 @@ def test_import_splits_rows(store_path, rows):
     np.testing.assert_array_equal(store.load_all().numpy(), rows[~held])
     np.testing.assert_array_equal(store.heldout().numpy(), rows[held])
     assert store.mean_norm() == pytest.approx(float(np.linalg.norm(rows[~held], axis=1).mean()), rel=1e-6)
+    # an imported array has no token ids (feature dashboards then say so instead of guessing text)
+    assert not store.has_tokens() and store.read_tokens(store.shards()[0]) is None
 
 
 def test_every_row_once_per_epoch_shuffled(store_path):
