@@ -1,4 +1,5 @@
-"""The orchestrator: run the stages in order for one config, harvest → fit → baselines → evaluate → report.
+"""The orchestrator: run the stages in order for one config, harvest → fit → baselines → evaluate → dashboards →
+report.
 
     python -m pipeline                                   # the embedded offline default (CPU, real small LM)
     python -m pipeline experiment=gemma2b_paper          # a paper setup (hub + GPU)
@@ -31,18 +32,19 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
+from pipeline.evals.index_page import INDEX_FILE
 from pipeline.evals.report import REPORT_FILE
 from pipeline.runs.config import check_config, register_configs
 from pipeline.runs.distributed import ALL_RANK_STAGES, agree, ranks
 from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir, stage_lock
-from stages import baselines, evaluate, fit, harvest, report
+from stages import baselines, dashboards, evaluate, fit, harvest, report
 
 log = logging.getLogger(__name__)
 
 #: Each stage's plain ``run(cfg) -> folder``.
 RUNNERS: dict[str, Callable[[DictConfig], Path]] = {"harvest": harvest.run, "fit": fit.run,
                                                     "baselines": baselines.run, "evaluate": evaluate.run,
-                                                    "report": report.run}
+                                                    "dashboards": dashboards.run, "report": report.run}
 
 
 def stage_runner(stage: str) -> Callable[[DictConfig], Path]:
@@ -88,6 +90,7 @@ def print_outputs(folders: dict[str, Path]) -> None:
         print(f"  {stage:<9} {folder}")
     if "report" in folders and (folders["report"] / REPORT_FILE).exists():
         print(f"\nReport: {folders['report'] / REPORT_FILE}")
+        print(f"In a browser (report, plots, feature dashboards): {folders['report'] / INDEX_FILE}")
 
 
 register_configs()

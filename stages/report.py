@@ -1,9 +1,11 @@
-"""Report stage: ``report.md`` (table of every metric, fit curve, SAEBench-style plots, config) in its folder.
+"""Report stage: ``report.md`` (table of every metric, fit curve, SAEBench-style plots, config) in its folder, and
+``index.html`` beside it (the report as HTML, the plots, and links to every SAE's feature dashboards).
 
     python -m stages.report
 
 Gathers every finished or partial evaluate folder of the experiment (``<output_root>/<experiment>/evaluate-*``),
-so a sweep (Hydra multirun over dictionary settings) gets one combined table and plot.
+so a sweep (Hydra multirun over dictionary settings) gets one combined table and plot, and the finished dashboards
+folders (``dashboards-*``), so its index links every point's dashboards.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.evals.index_page import INDEX_FILE, write_index
 from pipeline.evals.report import REPORT_FILE, SUMMARY_FILE, write_report
 from pipeline.evals.results import SAES_FILE
 from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs
-from pipeline.runs.layout import experiment_dir, mark_done, prepare, stage_dir
+from pipeline.runs.layout import experiment_dir, is_done, mark_done, prepare, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +33,17 @@ def run(cfg: DictConfig | dict, *, eval_folders: list[str | Path] | None = None)
     if eval_folders is None:
         eval_folders = sorted(p for p in experiment_dir(cfg).glob("evaluate-*") if (p / SAES_FILE).exists())
     cfg_yaml = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(OmegaConf.create(cfg))
-    path = write_report([Path(p) for p in eval_folders], folder, cfg_yaml,
-                        title=f"DB-KSVD report: experiment `{cfg['experiment_name']}`")
+    title = f"DB-KSVD report: experiment `{cfg['experiment_name']}`"
+    path = write_report([Path(p) for p in eval_folders], folder, cfg_yaml, title=title)
+    dashboards = sorted(p for p in experiment_dir(cfg).glob("dashboards-*") if is_done(p))
+    index = write_index(folder, path, dashboards, title.replace("`", ""))
     with open_stage_tracker(cfg, "report", folder.name) as tracker:
         rows = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
         tracker.log_table("summary", rows)
         for row in rows:
             tracker.log_metrics(f"sae/{row['name']}", {k: v for k, v in row.items() if isinstance(v, (int, float))})
-    mark_done(folder, report=str(path), evaluations=[str(p) for p in eval_folders])
-    log.info("report: %s", path)
+    mark_done(folder, report=str(path), index=str(index), evaluations=[str(p) for p in eval_folders])
+    log.info("report: %s (open %s in a browser)", path, index)
     return folder
 
 
@@ -49,7 +54,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     check_config_or_exit(cfg)
     folder = run(cfg)
-    print(f"report: {folder / REPORT_FILE}")
+    print(f"report: {folder / REPORT_FILE}\nin a browser: {folder / INDEX_FILE}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ baseline   name -> :class:`pipeline.evals.baselines.BaselineSpec`  ``conf/baseli
 compare    :class:`pipeline.evals.baselines.compare.CompareConfig` the dataclass; presets override
            (budget and width of the baselines)
 eval       :class:`pipeline.evals.config.EvalConfig`             ``conf/eval/*.yaml`` (no defaults in code)
+dashboards :class:`pipeline.evals.dashboards.DashboardsConfig`   the dataclass; presets override
 wandb      :class:`pipeline.utils.tracking.TrackingConfig`       the dataclass (off); not part of any stage hash
 distributed :class:`pipeline.runs.distributed.DistributedConfig` the dataclass; how torchrun ranks join (backend,
            timeouts); not part of any stage hash
@@ -40,6 +41,7 @@ from pipeline.core.learner_config import LearnerConfig
 from pipeline.data.config import HarvestConfig, ModelConfig, parse_harvest_config
 from pipeline.data.text import TextSource
 from pipeline.evals.config import FIT_SAES, EvalConfig, validate_eval_config
+from pipeline.evals.dashboards.config import DashboardsConfig
 from pipeline.evals.baselines.compare import CompareConfig
 from pipeline.evals.baselines.config import BaselineSpec
 from pipeline.runs.distributed import DistributedConfig, gpu_count
@@ -86,6 +88,8 @@ class PipelineConfig:
     """How every baseline is matched to the dictionary: the budget (``equal_time`` by default) and the width."""
     eval: EvalConfig = MISSING
     """The SAEBench metrics, their sizes, and the SAEs they score."""
+    dashboards: DashboardsConfig = field(default_factory=DashboardsConfig)
+    """Feature dashboards of every SAE (the latents drawn, what each card shows)."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """The report stage."""
     wandb: TrackingConfig = field(default_factory=TrackingConfig)
@@ -203,11 +207,14 @@ def _check(cfg: DictConfig | dict) -> None:
     _prefixed(learner.validate, shape[0] if shape is not None else max(learner.coder.k, 1))
     evals = section(cfg, "eval")
     validate_eval_config(evals)
-    unknown = [s for s in evals.saes if s not in FIT_SAES and s not in baselines]
-    if unknown:
-        raise ValueError(f"eval.saes has unknown entries {unknown}: use {' / '.join(FIT_SAES)} or the name of a "
-                         f"configured baseline ({', '.join(baselines) or 'none configured: baseline=[]'}).")
-    _check_devices(eval=evals.device)
+    dashboards = section(cfg, "dashboards")
+    dashboards.validate()
+    for node, saes in (("eval", evals.saes), ("dashboards", dashboards.saes)):
+        unknown = [s for s in saes if s not in FIT_SAES and s not in baselines]
+        if unknown:
+            raise ValueError(f"{node}.saes has unknown entries {unknown}: use {' / '.join(FIT_SAES)} or the name of a "
+                             f"configured baseline ({', '.join(baselines) or 'none configured: baseline=[]'}).")
+    _check_devices(eval=evals.device, dashboards=dashboards.device)
 
 
 def _check_devices(**devices: str | None) -> None:

@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.utils.atomic import atomic_write_text
 
 #: The stages, in order.
-STAGES = ("harvest", "fit", "baselines", "evaluate", "report")
+STAGES = ("harvest", "fit", "baselines", "evaluate", "dashboards", "report")
 #: Config nodes each stage reads (beyond those of earlier stages).
 STAGE_NODES = {"harvest": ("model", "data", "harvest"), "fit": ("dictionary",), "baselines": ("baseline", "compare"),
-               "evaluate": ("eval",), "report": ("report",)}
+               "evaluate": ("eval",), "dashboards": ("dashboards",), "report": ("report",)}
 #: Completion marker of a stage folder.
 DONE_MARKER = "DONE.json"
 #: Lock file of a stage folder (held while a job runs the stage).

@@ -115,7 +115,7 @@ def test_changing_the_baselines_reuses_the_dictionary(smoke, monkeypatch):
     cfg = _cfg(cfg.output_root, "baseline=[jumprelu]", "compare.budget=steps", "compare.steps=3", "stage=all",
                "eval.metrics=[]")
     out = orchestrator.run_pipeline(cfg)
-    assert calls == ["baselines", "evaluate", "report"]
+    assert calls == ["baselines", "evaluate", "dashboards", "report"]
     assert out["fit"] == folders["fit"] and out["baselines"] != folders["baselines"]
     record = json.loads((out["baselines"] / "jumprelu" / "record.json").read_text())
     assert record["architecture"] == "jumprelu" and record["steps"] == 3
@@ -156,7 +156,7 @@ def test_deleting_a_marker_reruns_that_stage_and_later_ones(smoke, monkeypatch):
     (folders["evaluate"] / DONE_MARKER).unlink()
     calls = _record_calls(monkeypatch)
     orchestrator.run_pipeline(cfg)
-    assert calls == ["evaluate", "report"]
+    assert calls == ["evaluate", "dashboards", "report"]
     assert all((f / DONE_MARKER).is_file() for f in folders.values())
 
 
@@ -210,3 +210,30 @@ def test_a_hydra_multirun_sweep_is_gathered_into_one_report(smoke):
     text = (latest / "report.md").read_text()
     assert "k=4" in text.replace(" ", "") or "K256_k4" in text
     assert "K256_k8" in text or "k=8" in text.replace(" ", "")
+
+
+def test_dashboards_for_every_sae_open_in_a_browser(smoke):
+    """The smoke run's report folder has index.html linking the report, the plots and a dashboards page per SAE;
+    every local link resolves, and headless Chromium loads the pages without a console message and shows latent
+    cards with highlighted contexts (screenshot kept in outputs/test_artifacts/)."""
+    from tests.utils.browser import ARTIFACTS, local_links, open_page
+
+    _, folders = smoke
+    saes = [s["name"] for s in json.loads((folders["evaluate"] / "saes.json").read_text())]
+    summary = json.loads((folders["dashboards"] / "dashboards.json").read_text())
+    assert [s["name"] for s in summary["saes"]] == saes and all(s["drawn"] >= 8 for s in summary["saes"])
+    index = folders["report"] / "index.html"
+    page = open_page(index, screenshot=ARTIFACTS / "index.png")
+    assert page.console == []
+    links = local_links(index.read_text(), index.parent)
+    assert all(p.is_file() for p in links), [p for p in links if not p.is_file()]
+    pages = {p.name for p in links}
+    assert {"report.html", "report.md"} <= pages and {f"{name}.html" for name in saes} <= pages
+    for name in saes:
+        path = folders["dashboards"] / f"{name}.html"
+        page = open_page(path, screenshot=ARTIFACTS / f"dashboards_{name}.png")
+        assert page.console == []
+        cards = page.dom.count('class="card latent"')
+        assert cards == next(s["drawn"] for s in summary["saes"] if s["name"] == name)
+        assert page.dom.count('class="ctx"') >= cards and 'class="tok focus"' in page.dom
+        assert all(p.is_file() for p in local_links(path.read_text(), path.parent))
