@@ -111,6 +111,32 @@ class AutointerpConfig(MetricConfig):
 
 
 @dataclass
+class RavelConfig(MetricConfig):
+    """SAEBench's RAVEL (attribute disentanglement through an MDBM trained on the SAE's latents).
+
+    The keys below default here (not only in ``conf/``) so an ``eval.ravel`` node without them keeps today's
+    behaviour: SAEBench's data and model from the hub.
+    """
+
+    data_dir: Optional[str] = None
+    """Local RAVEL prompts, instead of SAEBench's download of ``adamkarvonen/ravel_prompts``: a folder holding
+    ``base/`` or the ``base/`` folder itself, with ``ravel_<entity>_{attribute_to_prompts, prompt_to_split,
+    entity_attributes, entity_to_split}.json`` for every entity type of ``config.entity_attribute_selection``.
+    Copied into the run's artifacts (never written to). None: the hub."""
+    model_dir: Optional[str] = None
+    """The HF model RAVEL loads, as a ``save_pretrained`` folder (config.json, weights, tokenizer). None:
+    ``model.path`` if set, else the converted folder of an offline model (smollm2-135m, gemma-3-270m), else
+    SAEBench's hub name (gemma-2-2b, pythia-160m-deduped only)."""
+    low_confidence_below_params: float = 2.0e9
+    """Models with fewer parameters get a low-confidence note (SAEBench's RAVEL targets >= 2B models)."""
+
+    def __post_init__(self) -> None:
+        if self.low_confidence_below_params < 0:
+            raise ValueError(f"eval.ravel.low_confidence_below_params={self.low_confidence_below_params} must be "
+                             ">= 0")
+
+
+@dataclass
 class EvalConfig:
     """The ``eval`` node: which SAEs go through which SAEBench metrics, at which sizes."""
 
@@ -145,8 +171,8 @@ class EvalConfig:
     """Targeted probe perturbation (SAEBench's ScrAndTppEvalConfig)."""
     autointerp: AutointerpConfig = MISSING
     """Automated interpretability."""
-    ravel: MetricConfig = MISSING
-    """RAVEL (SAEBench's RAVELEvalConfig)."""
+    ravel: RavelConfig = MISSING
+    """RAVEL (SAEBench's RAVELEvalConfig, local data / model folders)."""
     unlearning: MetricConfig = MISSING
     """Unlearning (SAEBench's UnlearningEvalConfig)."""
 

@@ -7,7 +7,9 @@ the duration of a run is enough:
   (:func:`use_loaded_model`);
 * datasets: ``load_dataset`` in SAEBench's dataset modules resolves names given in ``eval.local_datasets`` (and
   the labelled passages built here) to local files (:func:`local_datasets`);
-* cwd-relative writes go into the run folder (:func:`pushd`).
+* cwd-relative writes go into the run folder (:func:`pushd`);
+* RAVEL's HF model: its ``get_module`` finds the blocks of any decoder-only HF model (:func:`any_decoder_layers`),
+  and its ``from_pretrained`` calls load a local ``save_pretrained`` folder (:func:`local_hf_model`).
 """
 
 from __future__ import annotations
@@ -123,4 +125,95 @@ def local_datasets(local: dict[str, str]) -> Iterator[None]:
     loader = local_loader(dict(local))
     with patched_attr(dataset_utils, "load_dataset", loader), \
             patched_attr(dataset_creation, "load_dataset", loader):
+        yield
+
+
+# ------------------------------------------------------------------------------------------- HF models (RAVEL)
+#: Where a decoder-only HF causal LM keeps its blocks: ``model.model.layers`` (Llama, Gemma 2/3, Qwen, Mistral,
+#: ...) or ``model.gpt_neox.layers`` (GPT-NeoX / Pythia). SAEBench 0.6.0's ``get_module`` knows only
+#: Gemma2ForCausalLM and GPTNeoXForCausalLM.
+DECODER_LAYER_PATHS = ("model.layers", "gpt_neox.layers")
+
+
+def decoder_layers(model: Any) -> Any:
+    """The ``ModuleList`` of ``model``'s blocks (:data:`DECODER_LAYER_PATHS`); ``ValueError`` naming the
+    architecture when it has none of them."""
+    for path in DECODER_LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "__getitem__"):
+            return obj
+    arch = (getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__])[0]
+    raise ValueError(f"RAVEL cannot find the decoder blocks of {arch}: supported are HF causal LMs with "
+                     f"{' or '.join('model.' + p for p in DECODER_LAYER_PATHS)} (Llama, Gemma, Qwen, Mistral, "
+                     "GPT-NeoX, ...)")
+
+
+class TupleOutputLayer:
+    """One block, as SAEBench's RAVEL hooks expect it: forward hooks see the block's output as a tuple whose
+    first item is the residual stream (transformers >= 4.5x Llama-style blocks return a bare tensor; SAEBench
+    reads ``outputs[0]`` and rejects non-tuples). A hook's tuple result is unwrapped again for such blocks."""
+
+    def __init__(self, layer: Any):
+        self.layer = layer
+
+    def register_forward_hook(self, hook: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        def as_tuple(module: Any, inputs: Any, outputs: Any) -> Any:
+            if not isinstance(outputs, torch.Tensor):
+                return hook(module, inputs, outputs)
+            result = hook(module, inputs, (outputs,))
+            return result[0] if isinstance(result, tuple) else result
+
+        return self.layer.register_forward_hook(as_tuple, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.layer, name)
+
+
+def hf_layer_module(model: Any, layer_num: int) -> TupleOutputLayer:
+    """SAEBench's ``activation_collection.get_module`` for any decoder-only HF model (:func:`decoder_layers`):
+    block ``layer_num``, whose output is the residual stream after it (``blocks.<layer_num>.hook_resid_post``)."""
+    layers = decoder_layers(model)
+    if not 0 <= layer_num < len(layers):
+        raise ValueError(f"layer {layer_num} is out of range: the model has {len(layers)} blocks")
+    return TupleOutputLayer(layers[layer_num])
+
+
+@contextlib.contextmanager
+def any_decoder_layers() -> Iterator[None]:
+    """Make SAEBench's ``get_module`` (RAVEL's hooks) find the blocks of any :func:`decoder_layers` model."""
+    import sae_bench.sae_bench_utils.activation_collection as activation_collection
+
+    with patched_attr(activation_collection, "get_module", hf_layer_module):
+        yield
+
+
+class LocalPretrained:
+    """Stands in for a transformers ``Auto*`` class: ``from_pretrained(name)`` loads ``local[name]`` (a
+    ``save_pretrained`` folder, ``local_files_only``) when ``name`` is listed, anything else as before. With
+    ``freeze``, a loaded model's weights get ``requires_grad=False`` (RAVEL trains only its mask; the gradients
+    of the LLM's weights would be computed, kept and never used)."""
+
+    def __init__(self, auto: Any, local: dict[str, str], freeze: bool = False):
+        self.auto, self.local, self.freeze = auto, dict(local), freeze
+
+    def from_pretrained(self, name: Any, *args: Any, **kwargs: Any) -> Any:
+        target = self.local.get(str(name))
+        if target is not None:
+            name, kwargs = target, {**kwargs, "local_files_only": True}
+        obj = self.auto.from_pretrained(name, *args, **kwargs)
+        if self.freeze and hasattr(obj, "requires_grad_"):
+            obj.requires_grad_(False)
+        return obj
+
+
+@contextlib.contextmanager
+def local_hf_model(module: Any, local: dict[str, str], freeze: bool = True) -> Iterator[None]:
+    """Make ``module``'s ``AutoModelForCausalLM`` / ``AutoTokenizer`` load the names in ``local`` (name ->
+    ``save_pretrained`` folder) from disk (:class:`LocalPretrained`), the model frozen with ``freeze``."""
+    with patched_attr(module, "AutoModelForCausalLM", LocalPretrained(module.AutoModelForCausalLM, local, freeze)), \
+            patched_attr(module, "AutoTokenizer", LocalPretrained(module.AutoTokenizer, local)):
         yield
