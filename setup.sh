@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # One-command set-up for dbksvd-pipeline on a fresh machine (CPU). Idempotent: re-running is cheap.
 #   bash setup.sh            -> creates .venv and installs the project, its pins and the offline model/text
+#   bash setup.sh --tests    -> the same, plus what only the tests use: headless Chromium (Debian's chromium, to
+#                               open the generated pages) and llama.cpp's OpenAI-compatible server
+#                               (llama-cpp-python[server], compiled from source: ~10 min on 2 cores, once)
 # GPU users: install the CUDA torch of your choice first, then run with TORCH_SPEC=torch (see README).
 set -euo pipefail
 cd "$(dirname "$0")"
+TESTS=0
+for arg in "$@"; do
+    case "$arg" in
+        --tests) TESTS=1 ;;
+        *) echo "setup.sh: unknown option $arg (options: --tests)" >&2; exit 2 ;;
+    esac
+done
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -33,5 +43,23 @@ if ! ls "$AUSTEN_DIR"/r-cran-janeaustenr_*.deb >/dev/null 2>&1; then
         apt-get update -q >/dev/null
         ( cd "$AUSTEN_DIR" && apt-get download -q r-cran-janeaustenr )
     }
+fi
+# --- test-only tools (bash setup.sh --tests) --------------------------------------------------------
+if [ "$TESTS" = 1 ]; then
+    # the autointerp test's judge: llama.cpp's server on the offline SmolLM2 GGUF (no wheel on PyPI: compiled)
+    if ! python -c "import llama_cpp.server" 2>/dev/null; then
+        echo "building llama-cpp-python[server] from source (once; ~10 min on 2 cores)"
+        pip install -q "$TORCH_SPEC" -e ".[judge]" || \
+            echo "note: llama-cpp-python did not build here (needs cmake and a C++ compiler); the local-judge test will be skipped"
+    fi
+    # the dashboards test opens the generated pages in headless Chromium (skipped with the reason without it)
+    if ! command -v chromium >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || {
+                apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+        else
+            echo "note: no chromium and no root apt-get here; the browser checks of the tests will be skipped"
+        fi
+    fi
 fi
 echo "set-up done: activate with '. .venv/bin/activate'"

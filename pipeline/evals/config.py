@@ -10,7 +10,7 @@ metric, whose field names :func:`validate_eval_config` checks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig
@@ -104,10 +104,31 @@ class AbsorptionConfig(MetricConfig):
 
 @dataclass
 class AutointerpConfig(MetricConfig):
-    """SAEBench's automated interpretability (an OpenAI model explains and scores latents)."""
+    """SAEBench's automated interpretability: a judge LLM explains latents from their top activations, then
+    scores the explanations. The judge is any OpenAI-compatible endpoint (:mod:`pipeline.evals.judge`)."""
 
     api_key_env: str = MISSING
-    """Environment variable holding the judge's API key (unset: the metric is skipped with the reason)."""
+    """Environment variable holding the judge's API key. Unset and no ``base_url``: the metric is skipped with
+    the reason; with a ``base_url`` (a local server) no key is needed."""
+    base_url: Optional[str] = None
+    """The judge's OpenAI-compatible endpoint, e.g. ``http://localhost:8000/v1`` (vLLM, llama.cpp's
+    ``llama-server``, ``transformers serve``). None: OpenAI's API."""
+    model: str = "gpt-4o-mini"
+    """The judge model name sent with every request (SAEBench hard-codes gpt-4o-mini, the judge of its published
+    scores); for a local server, the name it serves (vLLM: the model path or ``--served-model-name``)."""
+    stream: bool = False
+    """Ask for streamed completions and join them (for servers that only stream, e.g. ``transformers serve``)."""
+    timeout_s: float = 120.0
+    """Seconds one judge request may take (the client retries twice)."""
+    extra_body: Dict[str, Any] = field(default_factory=dict)
+    """Server-specific options added to every judge request (e.g. ``{temperature: 0}``)."""
+    scoring_extra_body: Dict[str, Any] = field(default_factory=dict)
+    """Options added to the scoring requests only, where SAEBench parses comma-separated example numbers or
+    "None": constrained decoding for a small judge, e.g. llama.cpp's ``{grammar: ...}`` or vLLM's
+    ``{guided_regex: ...}`` (:data:`pipeline.evals.judge.SCORING_GRAMMAR` / ``SCORING_REGEX``)."""
+    low_confidence: Optional[bool] = None
+    """Flag the scores low-confidence in the report. None: flagged whenever the judge is not gpt-4o-mini (scores
+    are then not comparable with SAEBench's published ones, and a small judge explains and predicts poorly)."""
 
 
 @dataclass

@@ -62,7 +62,7 @@ def test_registry_covers_every_metric_node_of_the_schema():
 
 
 @pytest.mark.parametrize("metric, model_name, needle", [
-    ("autointerp", "tiny-local", "no judge API key"),
+    ("autointerp", "tiny-local", "no judge: autointerp asks an LLM"),
     ("ravel", "tiny-local", "RAVEL supports only"),
     ("ravel", "gemma-2-2b", "hub is unreachable"),
     ("unlearning", "tiny-local", "instruction-tuned"),

@@ -113,7 +113,7 @@ def test_existing_results_kept_and_autointerp_skipped_without_key(evaluated, eva
                  model=eval_inputs["model"])
     assert core.stat().st_mtime_ns == before
     skipped = {s["what"]: s["reason"] for s in json.loads((folder / "skipped.json").read_text())}
-    assert "no judge API key" in skipped["metric:autointerp"]
+    assert "no judge: autointerp asks an LLM" in skipped["metric:autointerp"]
 
 
 def test_saes_described(evaluated):
