@@ -141,7 +141,11 @@ def test_rule_is_the_harvests_position_by_position(eval_inputs, factor):
     assert int(special.sum()) == counts[HOOK]["masked_special"] > 0
     assert int(outlier.sum()) == counts[HOOK]["masked_outlier"] > 0
     assert not bool((special & outlier).any())
-    assert torch.equal(acts[~(special | outlier)], kept[HOOK]["train"])
+    stored = kept[HOOK]["train"]
+    assert torch.equal(acts[~(special | outlier)], stored["activations"])
+    # the token ids kept beside the rows point at the same positions
+    assert torch.equal(stored["positions"], (~(special | outlier)).reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(stored["token_ids"].long(), tokens)
     # no norm rule: only the special ids
     special2, outlier2 = FitRule(SPECIAL_IDS, None, group).left_out(tokens, acts)
     assert torch.equal(special2, special) and not bool(outlier2.any())
