@@ -87,7 +87,7 @@ def print_outputs(folders: dict[str, Path]) -> None:
     """Tell the user where each stage's folder, and the report, are."""
     print("\nOutputs:")
     for stage, folder in folders.items():
-        print(f"  {stage:<9} {folder}")
+        print(f"  {stage:<10} {folder}")
     if "report" in folders and (folders["report"] / REPORT_FILE).exists():
         print(f"\nReport: {folders['report'] / REPORT_FILE}")
         print(f"In a browser (report, plots, feature dashboards): {folders['report'] / INDEX_FILE}")

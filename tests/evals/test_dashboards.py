@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import random
 import types
 
 import pytest
@@ -15,9 +16,9 @@ from pipeline.data.harvest import MaskingOptions, harvest
 from pipeline.data.store import ActivationStore
 from pipeline.data.text import iter_contexts
 from pipeline.evals.dashboards import build_dashboards
-from pipeline.evals.dashboards.collect import read_store_text
+from pipeline.evals.dashboards.collect import encode_rows, read_store_text
 from pipeline.evals.dashboards.config import DashboardsConfig
-from pipeline.evals.dashboards.features import logit_weights
+from pipeline.evals.dashboards.features import TokenText, latent_view, logit_weights
 
 HOOK = "blocks.1.hook_resid_post"
 L = 16
@@ -100,6 +101,17 @@ def test_counts_top_activations_and_their_text_match_brute_force(run):
         first = card.split('<div class="ctx">')[1].split("</div>")[0]
         shown = "".join(part.split(">", 1)[1] for part in first.split("</span>")[:-1] if 'class="tok' in part)
         assert html.unescape(shown).replace("\u21b5", "\n") == window
+
+    # the top contexts: largest first, windows never overlapping one another
+    x, text = read_store_text(run["store"], 10_000)
+    codes = encode_rows(run["sae"], x, batch_size=100, device="cpu", progress=False)
+    for d in s["latents"]:
+        view = latent_view(d["index"], d["reason"], codes, text, TokenText(run["model"].tokenizer), run["cfg"],
+                           random.Random(0))
+        values = [c.value for c in view.top]
+        assert values == sorted(values, reverse=True) and values[0] == pytest.approx(d["max"])
+        where = [c.where for c in view.top]
+        assert all(a[0] != b[0] or abs(a[1] - b[1]) > 6 for i, a in enumerate(where) for b in where[i + 1:])
 
 
 def test_logits_are_the_decoder_direction_through_the_unembedding(run):

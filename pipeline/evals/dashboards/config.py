@@ -32,7 +32,7 @@ class DashboardsConfig:
     batch_size: int = 4096
     """Rows encoded at once."""
     n_top: int = 10
-    """Top-activating contexts shown per latent."""
+    """Top-activating contexts shown per latent (windows that would overlap one already shown are skipped)."""
     n_intervals: int = 4
     """The latent's non-zero activation range is cut into this many quantile intervals ..."""
     n_per_interval: int = 3

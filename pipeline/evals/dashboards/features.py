@@ -25,6 +25,8 @@ class Context:
     """Index in ``tokens`` of the activating token."""
     value: float
     """The latent's activation on it."""
+    where: tuple[int, int] = (0, 0)
+    """(context, position) of the activating token among the rows read."""
 
 
 @dataclass
@@ -101,15 +103,15 @@ def latent_view(j: int, reason: str, codes: SparseCodes, text: StoreText, decode
         at = torch.searchsorted(keys, want).clamp(max=max(len(keys) - 1, 0))
         acts = torch.where(keys[at] == want, by_key[at], 0.0) if len(keys) else torch.zeros(len(want))
         ids = text.token_ids[c, lo:hi].tolist()
-        return Context([(decode(t), float(a)) for t, a in zip(ids, acts.tolist())], p - lo, float(acts[p - lo]))
+        return Context([(decode(t), float(a)) for t, a in zip(ids, acts.tolist())], p - lo, float(acts[p - lo]),
+                       (c, p))
 
     count = len(rows)
     view = LatentView(j, reason, count, count / codes.n_rows, float(values.max()) if count else 0.0,
                       float(values.mean()) if count else 0.0, histogram(values, cfg.histogram_bins), [])
     if count == 0:
         return view
-    top = torch.topk(values, min(cfg.n_top, count)).indices
-    view.top = [context(int(rows[i])) for i in top]
+    view.top = [context(r) for r in top_rows(rows, values, text, cfg)]
     qs = torch.quantile(values, torch.linspace(0, 1, cfg.n_intervals + 1)) if count > 1 else values.repeat(2)
     for k in range(len(qs) - 1):
         lo, hi = float(qs[k]), float(qs[k + 1])
@@ -117,6 +119,25 @@ def latent_view(j: int, reason: str, codes: SparseCodes, text: StoreText, decode
         picks = rng.sample(inside.tolist(), min(cfg.n_per_interval, len(inside)))
         view.intervals.append((lo, hi, [context(int(rows[i])) for i in sorted(picks, key=lambda i: -values[i])]))
     return view
+
+
+def top_rows(rows: torch.Tensor, values: torch.Tensor, text: StoreText, cfg: DashboardsConfig) -> list[int]:
+    """The rows of the ``cfg.n_top`` largest activations whose windows do not overlap (a latent that fires on
+    neighbouring tokens would otherwise show one passage several times), largest first."""
+    span = cfg.window_before + cfg.window_after
+    order = torch.argsort(values, descending=True, stable=True)[: 64 * cfg.n_top].tolist()
+    chosen: list[int] = []
+    taken: dict[int, list[int]] = {}
+    for i in order:
+        r = int(rows[i])
+        c, p = int(text.ctx[r]), int(text.pos[r])
+        if any(abs(p - q) <= span for q in taken.get(c, [])):
+            continue
+        chosen.append(r)
+        taken.setdefault(c, []).append(p)
+        if len(chosen) == cfg.n_top:
+            break
+    return chosen
 
 
 def histogram(values: torch.Tensor, bins: int) -> list[tuple[float, float, int]]:
