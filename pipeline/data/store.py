@@ -262,18 +262,27 @@ class ActivationStore:
         With ``verify``, the sha256 is checked the first time this object reads the shard. The tensor is a
         zero-copy view of the file's bytes (read once into memory).
         """
-        path = self.path / shard["file"]
-        x = _tensor_view(self._read_bytes(shard), path)
+        return self._activations(self._read_bytes(shard), shard)
+
+    def read_tokens(self, shard: dict[str, Any]) -> ShardTokens | None:
+        """The token ids of a shard's rows (:class:`ShardTokens`), or None when the store has none (an imported
+        array, or a store harvested before token ids were kept)."""
+        return self._tokens(self._read_bytes(shard), shard)
+
+    def read_with_tokens(self, shard: dict[str, Any]) -> tuple[torch.Tensor, ShardTokens | None]:
+        """:meth:`read_shard` and :meth:`read_tokens` from one read of the file."""
+        data = self._read_bytes(shard)
+        return self._activations(data, shard), self._tokens(data, shard)
+
+    def _activations(self, data: bytearray, shard: dict[str, Any]) -> torch.Tensor:
+        x = _tensor_view(data, self.path / shard["file"])
         if tuple(x.shape) != (shard["rows"], self.d) or x.dtype != self.dtype:
             raise ChecksumError(f"shard {shard['file']} holds {x.dtype} {tuple(x.shape)}, the manifest says "
                                 f"{self.dtype} ({shard['rows']}, {self.d}); {REPAIR_HINT}")
         return x
 
-    def read_tokens(self, shard: dict[str, Any]) -> ShardTokens | None:
-        """The token ids of a shard's rows (:class:`ShardTokens`), or None when the store has none (an imported
-        array, or a store harvested before token ids were kept)."""
+    def _tokens(self, data: bytearray, shard: dict[str, Any]) -> ShardTokens | None:
         path = self.path / shard["file"]
-        data = self._read_bytes(shard)
         _, header = _safetensors_header(data, path)
         if TOKENS_TENSOR not in header:
             return None

@@ -55,8 +55,8 @@ def read_store_text(store: ActivationStore, max_rows: int) -> tuple[torch.Tensor
         for shard in store.shards(split):
             if n >= max_rows:
                 break
-            t = store.read_tokens(shard)
-            x = store.read_shard(shard)[: max_rows - n]
+            x, t = store.read_with_tokens(shard)
+            x = x[: max_rows - n]
             L = t.token_ids.shape[1]
             p = t.positions[: len(x)]
             rows.append(x)
