@@ -41,12 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.core import mp_kernel
 from pipeline.core.codes import Codes
 from pipeline.utils.devices import free_memory
 from pipeline.core.validation import check_atoms, check_samples, check_sparsity
 
 Method = Literal["mp", "omp"]
 Precision = Literal["fp32", "tf32", "bf16"]
+Kernel = Literal["auto", "torch", "numba"]
+KERNELS = ("auto", "torch", "numba")
 
 #: How often (in greedy steps) the MP loop checks whether every row has stopped, and compacts.
 _CHECK_EVERY = 4
@@ -69,6 +72,7 @@ def encode(
     chunk_size: int | None = None,
     candidates: int | None = None,
     precision: Precision = "fp32",
+    kernel: Kernel = "auto",
     validate: bool = True,
 ) -> Codes:
     """Sparse-code ``Y: (n, d)`` over unit-norm atoms ``D: (K, d)`` with at most ``k`` atoms per sample.
@@ -90,6 +94,10 @@ def encode(
         candidates: after two steps on all atoms, restrict MP's greedy loop to each sample's ``candidates``
             largest correlations (GPU speed; approximate).
         precision: matmul precision of ``Y Dᵀ``: ``"fp32"``, ``"tf32"`` or ``"bf16"``.
+        kernel: MP's greedy loop: ``"numba"`` (compiled, one pass per step over each sample's own correlation
+            row, :mod:`pipeline.core.mp_kernel`; CPU, all atoms), ``"torch"`` (batched tensor ops, any device,
+            the only one with ``candidates``), or ``"auto"``: numba wherever it applies. Both give the same codes
+            up to the rounding of a multiply-add.
         validate: check the inputs (NaN/Inf, shapes, unit norm); disable only in trusted inner loops.
 
     Returns:
@@ -111,6 +119,8 @@ def encode(
             raise ValueError(f"candidates = {candidates} must exceed k = {k} (or be None for all atoms).")
         if reference_rules and method != "mp":
             raise ValueError("reference_rules are matching pursuit's (KSVD.jl's); use method='mp'.")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
     dtype = torch.float64 if Y.dtype == torch.float64 else torch.float32
     device = D.device
     Dc = D.to(dtype)
@@ -119,6 +129,7 @@ def encode(
     if candidates is not None and candidates >= K:
         candidates = None
     max_iter = 4 * k if max_iter is None else max_iter
+    compiled = _use_compiled(kernel, method, device, candidates)
     n = Y.shape[0]
     if chunk_size is None:
         chunk_size = auto_chunk_size(K, k, method, candidates, device, bytes_per=torch.finfo(dtype).bits // 8)
@@ -127,7 +138,8 @@ def encode(
         Yc = Y[start:start + chunk_size].to(device=device, dtype=dtype)
         C0 = correlations(Yc, Dc, precision)
         if method == "mp":
-            codes = _mp_chunk(Yc, C0, Dc, G, k, nonnegative, rtol, refit, max_iter, candidates, reference_rules)
+            codes = _mp_chunk(Yc, C0, Dc, G, k, nonnegative, rtol, refit, max_iter, candidates, reference_rules,
+                              compiled)
         else:
             codes = _omp_chunk(Yc, C0, G, k, nonnegative, rtol)
         parts.append(codes)
@@ -135,6 +147,22 @@ def encode(
         empty = torch.zeros(0, k + int(reference_rules), device=device)
         return Codes(empty.long(), empty.to(dtype))
     return Codes.cat(parts)
+
+
+def _use_compiled(kernel: str, method: str, device: torch.device, candidates: int | None) -> bool:
+    """Whether MP runs the compiled per-sample loop (:mod:`pipeline.core.mp_kernel`) for ``kernel``."""
+    if kernel == "torch" or method != "mp":
+        return False
+    fits = device.type == "cpu" and candidates is None
+    if kernel == "numba":
+        if not fits:
+            raise ValueError(f"kernel='numba' runs matching pursuit on CPU over all atoms; here device={device}, "
+                             f"candidates={candidates}. Use kernel='torch' or 'auto'.")
+        if not mp_kernel.available():
+            raise RuntimeError("kernel='numba' needs numba (pip install numba, a dependency of this package); "
+                               "kernel='torch' runs without it.")
+        return True
+    return fits and mp_kernel.available()
 
 
 def gram(D: Tensor, precision: Precision = "fp32") -> Tensor:
@@ -204,13 +232,32 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
 
 
 def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, refit: bool,
-              max_iter: int, candidates: int | None, reference_rules: bool = False) -> Codes:
+              max_iter: int, candidates: int | None, reference_rules: bool = False, compiled: bool = False
+              ) -> Codes:
     """Matching pursuit on one chunk. ``C0: (m, K)`` initial correlations, consumed in place.
+
+    ``compiled`` runs the per-sample compiled loop (:func:`pipeline.core.mp_kernel.mp_codes`) instead of the
+    batched tensor loop below.
 
     With ``candidates``, the first :data:`_CANDIDATE_WARMUP` steps run on all K atoms (they remove the large
     shared directions, e.g. a residual stream's mean, that would otherwise fill every sample's candidate list
     with the same atoms); then each sample keeps its ``candidates`` largest current correlations.
     """
+    width = k + 1 if reference_rules else k
+    if compiled:
+        out_idx, out_val = mp_kernel.mp_codes(C0, G, Y.pow(2).sum(dim=1), rtol, k, max_iter, nonnegative,
+                                              reference_rules)
+    else:
+        out_idx, out_val = _mp_loop(Y, C0, G, k, nonnegative, rtol, max_iter, candidates, reference_rules)
+    indices, values = out_idx[:, :width], out_val[:, :width]
+    if refit:
+        values = refit_coefficients(G, indices, values, support_correlations(Y, D, indices), nonnegative)
+    return Codes(indices, values)
+
+
+def _mp_loop(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, max_iter: int,
+             candidates: int | None, reference_rules: bool) -> tuple[Tensor, Tensor]:
+    """The batched tensor loop of :func:`_mp_chunk`: ``(m, k + 1)`` atom ids and coefficients."""
     m, K = C0.shape
     device, dtype = C0.device, C0.dtype
     C, S = C0, None
@@ -280,15 +327,12 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
         slot_val[rows, drop] = torch.where(over, last_val, slot_val[rows, drop])
         slot_atom[rows, drop] = torch.where(over, last_atom, slot_atom[rows, drop])
         slot_val[:, k] = torch.where(over, torch.zeros_like(last_val), slot_val[:, k])
+        slot_atom[:, k] = torch.where(over, torch.zeros_like(last_atom), slot_atom[:, k])
         count = torch.where(over, torch.full_like(count, k), count)
         done = done | over | _under_rtol(energy, thresh, reference_rules)
     out_idx[live] = slot_atom
     out_val[live] = slot_val
-    width = k + 1 if reference_rules else k
-    indices, values = out_idx[:, :width], out_val[:, :width]
-    if refit:
-        values = refit_coefficients(G, indices, values, support_correlations(Y, D, indices), nonnegative)
-    return Codes(indices, values)
+    return out_idx, out_val
 
 
 def _under_rtol(energy: Tensor, thresh: Tensor, strict: bool) -> Tensor:

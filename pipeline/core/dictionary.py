@@ -15,7 +15,7 @@ from torch import Tensor
 from pipeline.utils.atomic import atomic_write, atomic_write_text
 from pipeline.core.codes import Codes
 from pipeline.core.matryoshka import Group, encode_cascade, groups_from_list, groups_to_list
-from pipeline.core.coders import encode, gram
+from pipeline.core.coders import KERNELS, encode, gram
 from pipeline.core.validation import check_atoms, check_samples
 
 #: Tensors of a saved dictionary (atoms, optional centre).
@@ -48,10 +48,13 @@ class CoderSettings:
     reference_rules: bool = False
     """KSVD.jl's matching-pursuit stopping rules exactly (strict rtol test before the k + 1 drop, so a sample can
     keep k + 1 atoms and codes are k + 1 wide); the ``reference`` preset sets it."""
+    kernel: str = "auto"
+    """MP's greedy loop: "numba" (compiled, per sample; CPU without candidates), "torch" (batched tensor ops,
+    any device) or "auto" (numba wherever it applies). The same codes up to rounding; a speed choice."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for a choice the coders do not have."""
-        choices = dict(method=("mp", "omp"), precision=("fp32", "tf32", "bf16"))
+        choices = dict(method=("mp", "omp"), precision=("fp32", "tf32", "bf16"), kernel=KERNELS)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"coder.{key} = {getattr(self, key)!r} is not one of {allowed}.")
@@ -64,7 +67,7 @@ class CoderSettings:
     def kwargs(self) -> dict[str, Any]:
         return dict(method=self.method, nonnegative=self.nonnegative, rtol=self.rtol, refit=self.refit,
                     max_iter=self.max_iter, candidates=self.candidates, precision=self.precision,
-                    reference_rules=self.reference_rules)
+                    reference_rules=self.reference_rules, kernel=self.kernel)
 
 
 def code_width(coder: CoderSettings, groups: list[Group] | None = None) -> int:

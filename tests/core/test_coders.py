@@ -42,12 +42,17 @@ def _reference_mp(y, D, k, nonnegative, rtol, max_iter):
     return out
 
 
+#: MP's two greedy loops: the batched tensor ops and the compiled per-sample loop (CPU).
+KERNELS = ["torch", "numba"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("nonnegative", [True, False])
 @pytest.mark.parametrize("rtol", [0.0, 0.3])
-def test_mp_equals_per_sample_reference(nonnegative, rtol):
+def test_mp_equals_per_sample_reference(nonnegative, rtol, kernel):
     Y, D = _problem(n=60)
     k = 5
-    codes = encode(Y, D, k, method="mp", nonnegative=nonnegative, rtol=rtol)
+    codes = encode(Y, D, k, method="mp", nonnegative=nonnegative, rtol=rtol, kernel=kernel)
     X = codes.to_dense(D.shape[0])
     for i in range(Y.shape[0]):
         ref = _reference_mp(Y[i], D, k, nonnegative, rtol, 4 * k)
@@ -115,11 +120,54 @@ def test_nonnegative_refit_stays_nonnegative_and_improves():
     assert float((Y - refit.decode(D)).pow(2).sum()) <= float((Y - plain.decode(D)).pow(2).sum()) * (1 + 1e-5)
 
 
-def test_chunking_does_not_change_codes():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_chunking_does_not_change_codes(kernel):
     Y, D = _problem(dtype=torch.float32)
-    a = encode(Y, D, 6, rtol=0.0).to_dense(D.shape[0])
-    b = encode(Y, D, 6, rtol=0.0, chunk_size=7).to_dense(D.shape[0])
+    a = encode(Y, D, 6, rtol=0.0, kernel=kernel).to_dense(D.shape[0])
+    b = encode(Y, D, 6, rtol=0.0, chunk_size=7, kernel=kernel).to_dense(D.shape[0])
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("reference_rules, rtol, max_iter", [(False, 0.0, None), (False, 0.3, None),
+                                                             (True, 0.2, None), (True, 0.0, 9)])
+def test_compiled_mp_equals_the_torch_loop(dtype, nonnegative, reference_rules, rtol, max_iter):
+    """Both loops make the same picks (ties included: duplicated and negated atoms give exactly equal |c|) and
+    the same coefficients up to the rounding of a multiply-add."""
+    Y, D = _problem(n=700, d=24, K=96, seed=3, dtype=dtype)
+    D = torch.cat([D[:80], D[:8], -D[8:16]])  # exact ties: j and 80 + j equal, 8 + j and 88 + j opposite
+    kw = dict(nonnegative=nonnegative, rtol=rtol, max_iter=max_iter, reference_rules=reference_rules)
+    a = encode(Y, D, 6, kernel="torch", **kw)
+    b = encode(Y, D, 6, kernel="numba", **kw)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    C = Y @ D.T  # the data must exercise the tie rules at the first pick
+    top = (C if nonnegative else C.abs()).max(dim=1, keepdim=True).values
+    assert int(((C if nonnegative else C.abs()) == top).sum(dim=1).gt(1).sum()) >= 20
+
+
+def test_compiled_mp_threads_do_not_change_codes():
+    Y, D = _problem(n=500, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = encode(Y, D, 6, kernel="numba")
+        torch.set_num_threads(3)
+        three = encode(Y, D, 6, kernel="numba")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.indices, three.indices) and torch.equal(one.values, three.values)
+
+
+def test_kernel_choice_is_checked():
+    Y, D = _problem(dtype=torch.float32)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        encode(Y, D, 4, kernel="fast")
+    with pytest.raises(ValueError, match="candidates=32"):
+        encode(Y, D, 4, kernel="numba", candidates=32)
+    auto = encode(Y, D, 4, candidates=32)  # auto: the torch loop, the one with candidate lists
+    assert auto.indices.shape == (Y.shape[0], 4)
 
 
 def test_candidate_restriction_stays_close_to_full_mp():

@@ -74,16 +74,17 @@ def _problem(n: int = 400, d: int = 12, K: int = 40, seed: int = 0) -> tuple[tor
 
 
 # ------------------------------------------------------------------------------------- the coder
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
 @pytest.mark.parametrize("rtol, max_iter, case", [
     (0.0, None, "drop"),        # no residual stop: a (k+1)-th atom enters and the smallest is dropped
     (0.3, None, "keep"),        # the (k+1)-th atom often brings the row under rtol: k + 1 kept (146 of 400)
     (0.0, 5, "cap"),            # the step cap right after the (k+1)-th atom: k + 1 kept
     (0.2, None, "mixed"),
 ])
-def test_mp_reference_rules_equal_ksvdjl(rtol, max_iter, case):
+def test_mp_reference_rules_equal_ksvdjl(rtol, max_iter, case, kernel):
     Y, D = _problem()
     k = 4
-    codes = encode(Y, D, k, nonnegative=False, rtol=rtol, max_iter=max_iter, reference_rules=True)
+    codes = encode(Y, D, k, nonnegative=False, rtol=rtol, max_iter=max_iter, reference_rules=True, kernel=kernel)
     assert codes.k == k + 1
     ours = codes.to_dense(D.shape[0]).numpy()
     want = np.stack([dense(ksvdjl_mp(y, D.numpy(), k, rtol, max_iter or 4 * k), D.shape[0]) for y in Y.numpy()])

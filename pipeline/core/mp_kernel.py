@@ -1,0 +1,89 @@
+"""Matching pursuit on CPU as one compiled loop per sample (numba), the coder's fast path on CPU.
+
+The batched torch loop in :mod:`pipeline.core.coders` moves the whole ``(m, K)`` correlation block through
+memory several times per greedy step (the max, the gathered Gram rows, the update) and runs ~25 small tensor
+ops per step for the support bookkeeping. Here each sample runs all its steps on its own correlation row,
+which stays in the core's L1/L2 cache (``K`` floats), with the max of the next step taken in the same pass as
+the update ``c -= a G[j]``; only the Gram rows it picks come from further away. Samples are split over
+``torch.get_num_threads()`` Python threads running the compiled function with the GIL released, so no numba
+threading layer is needed and several callers (thread ranks) can use it at once.
+
+The rules are those of the torch loop, step for step (``pipeline.core.coders`` documents them): argmax of c
+(non-negative: the largest positive c, stop when none; signed: the largest |c|, the positive one on a tie,
+the first index on equal values), the support table of k + 1 slots with the smallest-|coefficient| drop, and
+the ``rtol`` tests, KSVD.jl's strict order with ``reference_rules``. The updates are the same arithmetic in
+the same dtype, so results equal the torch loop's up to the rounding of one multiply-add.
+
+numba is imported lazily; :func:`available` says whether it can be used (the torch loop is the fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+#: Row pieces per thread: rows stop after different numbers of steps, so smaller pieces balance the threads.
+_PIECES_PER_THREAD = 4
+
+
+@functools.cache
+def _compiled():
+    """The compiled per-row kernel, or None when numba cannot be imported (logged once)."""
+    try:
+        from pipeline.core.mp_numba import mp_rows
+    except ImportError as err:  # pragma: no cover - numba is a dependency; this is the documented fallback
+        log.warning("numba is not importable (%s): matching pursuit on CPU uses the slower torch loop.", err)
+        return None
+    return mp_rows
+
+
+def available() -> bool:
+    """Whether the compiled coder can run here (numba importable)."""
+    return _compiled() is not None
+
+
+def mp_codes(C: Tensor, G: Tensor, norm2: Tensor, rtol: float, k: int, max_iter: int, nonnegative: bool,
+             reference_rules: bool) -> tuple[Tensor, Tensor]:
+    """Matching pursuit from the initial correlations, on CPU.
+
+    Args:
+        C: (m, K) correlations ``Y Dᵀ`` (fp32 or fp64, CPU), consumed in place.
+        G: (K, K) Gram matrix ``D Dᵀ`` with unit diagonal, same dtype.
+        norm2: (m,) ``‖y‖²`` of each sample.
+        rtol, k, max_iter, nonnegative, reference_rules: as :func:`pipeline.core.coders.encode`.
+
+    Returns:
+        ``indices: (m, k + 1)`` int64 and ``values: (m, k + 1)`` in C's dtype; slot k is used only when
+        ``reference_rules`` keeps k + 1 atoms, unused slots hold (0, 0).
+    """
+    kernel = _compiled()
+    if kernel is None:
+        raise RuntimeError("numba is not importable; use the torch loop (coders.encode(..., kernel='torch')).")
+    if C.device.type != "cpu":
+        raise ValueError(f"the compiled coder runs on CPU; C is on {C.device}.")
+    m = C.shape[0]
+    Cn = C.contiguous().numpy()
+    ints = np.int32 if Cn.dtype == np.float32 else np.int64
+    masks = np.array([np.iinfo(ints).max, -1], dtype=ints)  # all bits but the sign, all bits
+    Gn = G.to(C.dtype).contiguous().numpy()
+    n2 = norm2.to(C.dtype).contiguous().numpy()
+    th = ((rtol * rtol) * norm2).to(C.dtype).contiguous().numpy()
+    out_idx = np.zeros((m, k + 1), dtype=np.int64)
+    out_val = np.zeros((m, k + 1), dtype=Cn.dtype)
+    args = (Cn, Gn, masks, n2, th, k, max_iter, nonnegative, reference_rules, out_idx, out_val)
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or m < 64:
+        kernel(*args, 0, m)
+    else:
+        pieces = min(m, threads * _PIECES_PER_THREAD)
+        bounds = np.linspace(0, m, pieces + 1).astype(np.int64)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(lambda b: kernel(*args, int(b[0]), int(b[1])), zip(bounds[:-1], bounds[1:])))
+    return torch.from_numpy(out_idx), torch.from_numpy(out_val)
