@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.core import update_kernel
 from pipeline.core.codes import Codes
+from pipeline.core.coders import KERNELS
 from pipeline.core.collective import LOCAL, Collective
 from pipeline.core.rank1 import refit_block
 
@@ -80,6 +82,7 @@ def update_atoms(
     solver: str = "direct",
     generator: torch.Generator | None = None,
     comm: Collective = LOCAL,
+    kernel: str = "auto",
 ) -> UpdateStats:
     """One K-SVD sweep over the used atoms, in place.
 
@@ -96,6 +99,10 @@ def update_atoms(
         solver: ``"direct"`` / ``"gram"`` (exact refits of gathered blocks) or ``"alternating"`` (matrix-free).
         generator: random source for the atom shuffle (CPU generator; determinism; the same seed on every rank).
         comm: data-parallel runs: R and codes hold this rank's samples; sums over samples are all-reduced.
+        kernel: ``"numba"`` runs the non-negative "direct" refits and the residual corrections as compiled
+            per-atom loops that read each atom's rows of R in place (:mod:`pipeline.core.update_numba`; CPU,
+            one process); ``"torch"`` the batched block solver; ``"auto"`` numba wherever it applies. Each
+            atom then stops on its own convergence estimate instead of its block's slowest atom's.
 
     Returns:
         :class:`UpdateStats`.
@@ -128,6 +135,9 @@ def update_atoms(
     counts = [starts[a + 1] - starts[a] for a in range(n_used)]  # this rank's entries per atom, in order
     # how the work is cut (blocks, chunks) must be the same on every rank: planned on the global support sizes
     sizes = support[order].tolist() if comm.distributed else counts
+    if _use_compiled(kernel, solver, approximate, nonnegative, comm, R, D):
+        return update_kernel.update(R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val, tol,
+                                    max_iters)
     if solver in _BLOCK_SOLVERS and not approximate:
         return _update_blocks(R, D, codes, atom_batch_size, order, nz, rows_all, starts, counts, sizes, flat_val,
                               nonnegative, tol, max_iters, solver, comm)
@@ -164,6 +174,26 @@ def update_atoms(
             flat_val[ent] = new_x
     codes.values.copy_(flat_val.view_as(codes.values))
     return UpdateStats(n_used, iters_total / max(n_batches, 1), capped)
+
+
+def _use_compiled(kernel: str, solver: str, approximate: bool, nonnegative: bool, comm: Collective, R: Tensor,
+                  D: Tensor) -> bool:
+    """Whether this sweep runs the compiled non-negative refits (``kernel``; see :func:`update_atoms`)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel = {kernel!r} is not one of {KERNELS}.")
+    fits = (solver == "direct" and not approximate and nonnegative and not comm.distributed
+            and D.device.type == "cpu" and R.dtype == D.dtype)
+    if kernel == "numba" and not fits:
+        raise ValueError("kernel='numba' refits non-negative codes with the direct solver on CPU in one process; "
+                         "use kernel='torch' or 'auto' for this update.")
+    if kernel == "torch" or not fits:
+        return False
+    if not update_kernel.available():
+        if kernel == "numba":
+            raise RuntimeError("kernel='numba' needs numba (a dependency of this package); kernel='torch' runs "
+                               "without it.")
+        return False
+    return True
 
 
 def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor,

@@ -49,8 +49,9 @@ class CoderSettings:
     """KSVD.jl's matching-pursuit stopping rules exactly (strict rtol test before the k + 1 drop, so a sample can
     keep k + 1 atoms and codes are k + 1 wide); the ``reference`` preset sets it."""
     kernel: str = "auto"
-    """MP's greedy loop: "numba" (compiled, per sample; CPU without candidates), "torch" (batched tensor ops,
-    any device) or "auto" (numba wherever it applies). The same codes up to rounding; a speed choice."""
+    """Where the CPU loops run: "numba" (compiled per-sample MP, and in fits the compiled per-atom non-negative
+    refits; CPU, no candidate lists, one process), "torch" (batched tensor ops, any device) or "auto" (numba
+    wherever it applies). A speed choice: the same codes up to rounding, refits the same to ``rank1_tol``."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for a choice the coders do not have."""

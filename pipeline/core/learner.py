@@ -165,7 +165,8 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     iteration record + new G."""
     coder = cfg.coder.kwargs() | dict(chunk_size=cfg.chunk_size, validate=False)
     update = dict(nonnegative=cfg.coder.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
-                  approximate=cfg.approximate, solver=cfg.rank1_solver, generator=gen, comm=comm)
+                  approximate=cfg.approximate, solver=cfg.rank1_solver, generator=gen, comm=comm,
+                  kernel=cfg.coder.kernel)
     clock = _Clock(D.device)
     n_rows, denom = _rows_and_energy(Yb, comm)
     usage = torch.zeros(D.shape[0], device=D.device)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline.core.atom_update import objective, update_atoms
+from pipeline.core.codes import Codes
 from pipeline.core.coders import encode
 from pipeline.core.collective import LOCAL, Collective
 from pipeline.core.synthetic import planted_problem
@@ -69,8 +70,10 @@ def _sweep(Y, D, k, rows, comm=LOCAL, solver="alternating", nonnegative=False):
     R = Y[rows] - codes.decode(D)
     # alternating, tol < 0: always 6 steps, so rounding cannot change where a refit stops
     opts = dict(tol=-1.0, max_iters=6) if solver == "alternating" else dict(tol=1e-6, max_iters=100)
+    # kernel="torch": the single process runs the data-parallel runs' solver (the compiled one stops each atom on
+    # its own estimate, so it agrees to the refit tolerance only: test_compiled_nonnegative_update_...)
     update_atoms(R, D, codes, 10, nonnegative=nonnegative, solver=solver, generator=torch.Generator().manual_seed(0),
-                 comm=comm, **opts)
+                 comm=comm, kernel="torch", **opts)
     return D, codes, R
 
 
@@ -143,3 +146,55 @@ def test_gpu_and_cpu_segment_sums_agree():
     bags = seg.sum_rows(Rg, w)
     seg.bags = False
     torch.testing.assert_close(bags, seg.sum_rows(Rg, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 7, 50])
+def test_compiled_nonnegative_update_equals_the_block_solver(dtype, batch):
+    """The compiled per-atom refits (kernel='numba') and the torch block solver reach the same refits (to the
+    tolerance: each atom stops on its own estimate there, on its block's slowest atom here), with the same
+    Gauss-Seidel order over atom batches and exact residual bookkeeping."""
+    p = planted_problem(nonnegative=True, seed=5)
+    Y = p.Y.to(dtype)
+    D0 = torch.randn(50, 20, generator=torch.Generator().manual_seed(1), dtype=dtype).abs()
+    D0 = D0 / D0.norm(dim=1, keepdim=True)
+    codes0 = encode(Y, D0, 3)
+    out = {}
+    for kernel in ("torch", "numba"):
+        D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
+        R = Y - codes.decode(D)
+        stats = update_atoms(R, D, codes, batch, tol=1e-10, max_iters=500, kernel=kernel,
+                             generator=torch.Generator().manual_seed(4))
+        assert stats.capped == 0 and stats.n_used == codes0.indices[codes0.values != 0].unique().numel()
+        torch.testing.assert_close(R, Y - codes.decode(D), atol=1e-4, rtol=1e-4)
+        assert float(codes.values.min()) >= 0 and torch.equal(codes.indices, codes0.indices)
+        out[kernel] = D, codes, objective(Y, D, codes)
+    cos = (out["torch"][0] * out["numba"][0]).sum(1)
+    assert float((1 - cos).max()) < (1e-4 if dtype == torch.float32 else 1e-8)
+    torch.testing.assert_close(out["numba"][1].values, out["torch"][1].values, atol=1e-3, rtol=1e-3)
+    assert abs(out["numba"][2] - out["torch"][2]) <= 1e-5 * out["torch"][2]
+    assert out["numba"][2] < objective(Y, D0, codes0)
+
+
+def test_compiled_update_keeps_an_atom_no_sample_projects_onto():
+    """An atom whose restricted error has no positive projection keeps its direction with zero coefficients,
+    as the block solver does."""
+    Y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    D = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    codes = Codes(torch.tensor([[2], [1]]), torch.tensor([[0.5], [1.0]]))  # atom 2 fits y0 = (1, 0) badly
+    for kernel in ("torch", "numba"):
+        Dk, ck = D.clone(), Codes(codes.indices.clone(), codes.values.clone())
+        R = Y - ck.decode(Dk)
+        update_atoms(R, Dk, ck, 1, kernel=kernel, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(Dk[2], D[2]) and float(ck.values[0, 0]) == 0.0, kernel
+        torch.testing.assert_close(R, Y - ck.decode(Dk))
+
+
+def test_compiled_update_refuses_what_it_does_not_do():
+    p = planted_problem(seed=1)
+    codes = encode(p.Y, p.D, 3, nonnegative=False)
+    R = p.Y - codes.decode(p.D)
+    with pytest.raises(ValueError, match="kernel='numba' refits non-negative"):
+        update_atoms(R, p.D.clone(), codes, 5, nonnegative=False, kernel="numba")
+    with pytest.raises(ValueError, match="kernel = 'fast'"):
+        update_atoms(R, p.D.clone(), codes, 5, kernel="fast")
