@@ -69,6 +69,7 @@ def mp_codes(C: Tensor, G: Tensor, norm2: Tensor, rtol: float, k: int, max_iter:
     if C.device.type != "cpu":
         raise ValueError(f"the compiled coder runs on CPU; C is on {C.device}.")
     m = C.shape[0]
+    C, G, norm2 = C.detach(), G.detach(), norm2.detach()  # pursuit has no gradient; numpy() refuses graphs
     Cn = C.contiguous().numpy()
     ints = np.int32 if Cn.dtype == np.float32 else np.int64
     masks = np.array([np.iinfo(ints).max, -1], dtype=ints)  # all bits but the sign, all bits

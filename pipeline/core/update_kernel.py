@@ -93,3 +93,21 @@ def _balanced(starts: np.ndarray, parts: int) -> list[tuple[int, int]]:
     cuts = np.searchsorted(starts, np.linspace(0, starts[-1], parts + 1)[1:-1])
     bounds = sorted({0, B, *[int(min(max(c, 1), B - 1)) for c in cuts]})
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the CPU loops a fit uses, for fp32 and fp64: the coder's and the
+    update's. ``setup.sh`` calls it, so a first fit's clock (the equal-time budget) holds no compilation."""
+    from pipeline.core.atom_update import update_atoms
+    from pipeline.core.coders import encode
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        D = torch.randn(24, 8, generator=g, dtype=dtype).abs()
+        D = D / D.norm(dim=1, keepdim=True)
+        Y = torch.randn(64, 8, generator=g, dtype=dtype).abs()
+        for nonnegative in (True, False):
+            encode(Y, D, 3, nonnegative=nonnegative, kernel="numba")
+        codes = encode(Y, D, 3, kernel="numba")
+        update_atoms(Y - codes.decode(D), D, codes, 4, kernel="numba", generator=g)
+

@@ -198,3 +198,15 @@ def test_compiled_update_refuses_what_it_does_not_do():
         update_atoms(R, p.D.clone(), codes, 5, nonnegative=False, kernel="numba")
     with pytest.raises(ValueError, match="kernel = 'fast'"):
         update_atoms(R, p.D.clone(), codes, 5, kernel="fast")
+
+
+def test_warm_up_compiles_the_fit_loops_for_both_dtypes():
+    """setup.sh's warm-up leaves compiled coder and update loops for fp32 and fp64 (a first fit's clock then
+    holds no compilation)."""
+    from pipeline.core import mp_numba, update_numba
+    from pipeline.core.update_kernel import warm_up
+
+    warm_up()
+    for dispatcher in (mp_numba.mp_rows, update_numba.refit_atoms, update_numba.apply_refits):
+        dtypes = {str(sig[0].dtype) for sig in dispatcher.signatures}
+        assert {"float32", "float64"} <= dtypes, (dispatcher, dtypes)
