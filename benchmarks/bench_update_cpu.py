@@ -9,7 +9,9 @@ starting from a fitted dictionary (``--dictionary``) or one warmed up here for `
    the objective after the update, the FVU after re-coding with the updated atoms, refits capped or finished
    by the eigensolver, and the atoms' agreement with the tightest variant;
 3. sae-lens TopK training (batch 1024, the default run's recipe) over the same rows: the marginal time of one
-   pass, from runs of 1 and 4 passes (so set-up is not counted).
+   pass, from runs of 1 and 4 passes (so set-up is not counted);
+4. ``--rounds`` rounds that each time the coder, the default update, the capped update and a TopK pass one after
+   another: the medians of the per-round ratios are the headline figures (the VM's speed drifts).
 
 Usage: python benchmarks/bench_update_cpu.py --store outputs/default/harvest-*/store \
            [--dictionary outputs/default/fit-*/dictionary] [--out benchmarks/results_update_cpu.json]
@@ -106,6 +108,35 @@ def bench_topk_pass(Y: torch.Tensor, K: int, k: int) -> dict:
     return {"runs": runs, "seconds_per_pass": per_pass, "rows_per_second": Y.shape[0] / per_pass}
 
 
+def bench_rounds(Y: torch.Tensor, D0: torch.Tensor, k: int, rounds: int) -> dict:
+    """The headline ratios measured round by round, each round timing, one after another on the same VM minute:
+    the coder, the default update, the capped update the issue started from, and a pass of TopK steps. The
+    medians of the per-round ratios are reported (this VM's speed drifts by 1.5x within an hour)."""
+    G = gram(D0)
+    atom_batch = max(1, D0.shape[0] // 128)
+    default, before = VARIANTS[list(VARIANTS)[-1]], VARIANTS[list(VARIANTS)[0]]
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        codes0 = encode(Y, D0, k, G=G)
+        code = time.perf_counter() - t
+        secs = {}
+        for name, opts in (("update", default), ("before", before)):
+            D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
+            R = Y - codes.decode(D)
+            t = time.perf_counter()
+            update_atoms(R, D, codes, atom_batch, generator=torch.Generator().manual_seed(0), **opts)
+            secs[name] = time.perf_counter() - t
+        topk = bench_topk_pass(Y, D0.shape[0], k)["seconds_per_pass"]
+        out.append({"code": code, "update": secs["update"], "capped_update": secs["before"], "topk_pass": topk,
+                    "iteration_over_topk_pass": (code + secs["update"]) / topk,
+                    "update_speedup_vs_capped": secs["before"] / secs["update"]})
+        print(json.dumps(out[-1]), flush=True)
+    med = {key: statistics.median(r[key] for r in out) for key in out[0]}
+    return {"rounds": out, "median": med,
+            "range": {key: [min(r[key] for r in out), max(r[key] for r in out)] for key in out[0]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", required=True, help="activation store folder")
@@ -115,6 +146,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--warm-iters", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved headline timing")
     ap.add_argument("--out", default="benchmarks/results_update_cpu.json")
     args = ap.parse_args()
     from pipeline.data.store import ActivationStore
@@ -138,6 +170,7 @@ def main() -> None:
            "K": D0.shape[0], "k": args.k, "start": start}
     res["update"] = bench_updates(Y, D0, args.k, args.repeats)
     res["topk_sae"] = bench_topk_pass(Y, D0.shape[0], args.k)
+    res["rounds"] = bench_rounds(Y, D0, args.k, args.rounds)
     default = res["update"]["variants"][list(VARIANTS)[-1]]
     before = res["update"]["variants"][list(VARIANTS)[0]]
     iteration = res["update"]["code_seconds"] + default["seconds"]
@@ -150,6 +183,8 @@ def main() -> None:
         "iteration_rows_per_second": Y.shape[0] / iteration,
         "topk_pass_rows_per_second": res["topk_sae"]["rows_per_second"],
         "iteration_over_topk_pass": iteration / res["topk_sae"]["seconds_per_pass"],
+        "interleaved_rounds_median": res["rounds"]["median"],
+        "interleaved_rounds_range": res["rounds"]["range"],
     }
     print(json.dumps(res["summary"], indent=2), flush=True)
     Path(args.out).write_text(json.dumps(res, indent=2))

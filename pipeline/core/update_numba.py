@@ -30,15 +30,26 @@ def _dot(a, b):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
-def _project(R, rows, x_old, d_old, u, x):
-    """``x = max(E u, 0)`` for the atom's rows; returns ``Σ x²``."""
+def _pass(R, rows, x_old, d_old, u, x, y):
+    """One pass over the atom's rows: ``x = max(E u, 0)`` and, from the same rows while they are in cache,
+    ``y = Eᵀx = Σ x_r R_r + (Σ x_r x_old,r) d_old``; returns ``Σ x²``."""
     ov = _dot(d_old, u)
-    total = x[0] * 0
+    d = y.shape[0]
+    y[:] = 0
+    w = x[0] - x[0]
+    total = w
     for r in range(rows.shape[0]):
-        v = _dot(R[rows[r]], u) + x_old[r] * ov
-        v = v if v > 0 else v * 0
+        row = R[rows[r]]
+        v = _dot(row, u) + x_old[r] * ov
+        v = v if v > 0 else v - v
         x[r] = v
-        total += v * v
+        if v != 0:
+            total += v * v
+            w += v * x_old[r]
+            for i in range(d):
+                y[i] += v * row[i]
+    for i in range(d):
+        y[i] += w * d_old[i]
     return total
 
 
@@ -48,49 +59,33 @@ def refit_atoms(R, D_old, rows, x_old, starts, lo, hi, tol, max_steps, D_new, x_
 
     ``D_old: (B, d)`` the batch's atoms; atom b's entries are ``starts[b]:starts[b+1]`` of ``rows`` (sample rows)
     and ``x_old`` (coefficients). Writes ``D_new: (B, d)``, ``x_new`` (per entry), ``steps_out`` and
-    ``capped_out`` (1 where the cap was hit before ``tol``) per atom.
+    ``capped_out`` (1 where the cap was hit before ``tol``) per atom. Each step is one pass over the rows: the
+    coefficients of the current atom and the next atom's direction ``Eᵀx`` are computed together.
     """
     d = R.shape[1]
     max_step = np.sqrt(max(2 * tol, 0.0)) if tol >= 0 else -1.0  # 1 − cos θ <= tol ⇔ θ <= √(2 tol)
     y = np.empty(d, dtype=R.dtype)
-    u2 = np.empty(d, dtype=R.dtype)
     for b in range(lo, hi):
         e0, e1 = starts[b], starts[b + 1]
         rb, xo, xb = rows[e0:e1], x_old[e0:e1], x_new[e0:e1]
         d_old = D_old[b]
         u = D_new[b]
         u[:] = d_old
-        _project(R, rb, xo, d_old, u, xb)
+        energy = _pass(R, rb, xo, d_old, u, xb, y)
         prev = 0.0
         last_rate = MAX_RATE
         done = False
         steps = 0
         for steps in range(1, max_steps + 1):
-            y[:] = 0
-            w = 0.0
-            for r in range(rb.shape[0]):
-                xr = xb[r]
-                if xr != 0:
-                    row = R[rb[r]]
-                    for i in range(d):
-                        y[i] += xr * row[i]
-                    w += xr * xo[r]
-            norm2 = 0.0
-            for i in range(d):
-                y[i] += w * d_old[i]
-                norm2 += y[i] * y[i]
-            norm = np.sqrt(norm2)
+            norm = np.sqrt(_dot(y, y))
+            step2 = 0.0
             if norm > 0:
                 for i in range(d):
-                    u2[i] = y[i] / norm
-            else:
-                u2[:] = u
-            step2 = 0.0
-            for i in range(d):
-                step2 += (u2[i] - u[i]) ** 2
+                    v = y[i] / norm
+                    step2 += (v - u[i]) ** 2
+                    u[i] = v
             step = np.sqrt(step2)
-            u[:] = u2
-            _project(R, rb, xo, d_old, u, xb)
+            energy = _pass(R, rb, xo, d_old, u, xb, y)
             # the block solver's estimate of the distance to the fixed point (rank1._Convergence.update)
             rate = step / prev if prev > 0 else (np.nan if step == 0 else np.inf)
             rate = min(rate, MAX_RATE) if not np.isnan(rate) else rate
@@ -102,7 +97,7 @@ def refit_atoms(R, D_old, rows, x_old, starts, lo, hi, tol, max_steps, D_new, x_
                 break
         steps_out[b] = steps
         capped_out[b] = 0 if done else 1
-        if _dot(xb, xb) <= 0:  # no sample has a positive projection: keep the direction, zero coefficients
+        if energy <= 0:  # no sample has a positive projection: keep the direction, zero coefficients
             u[:] = d_old
             xb[:] = 0
 
