@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.core import update_kernel
+from pipeline.core import compiled, update_kernel
 from pipeline.core.codes import Codes
 from pipeline.core.coders import KERNELS
 from pipeline.core.collective import LOCAL, Collective
@@ -188,7 +188,7 @@ def _use_compiled(kernel: str, solver: str, approximate: bool, nonnegative: bool
                          "use kernel='torch' or 'auto' for this update.")
     if kernel == "torch" or not fits:
         return False
-    if not update_kernel.available():
+    if not compiled.available():
         if kernel == "numba":
             raise RuntimeError("kernel='numba' needs numba (a dependency of this package); kernel='torch' runs "
                                "without it.")

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.core import mp_kernel
+from pipeline.core import compiled, mp_kernel
 from pipeline.core.codes import Codes
 from pipeline.utils.devices import free_memory
 from pipeline.core.validation import check_atoms, check_samples, check_sparsity
@@ -160,11 +160,11 @@ def _use_compiled(kernel: str, method: str, device: torch.device, candidates: in
         if not fits:
             raise ValueError(f"kernel='numba' runs matching pursuit on CPU over all atoms; here device={device}, "
                              f"candidates={candidates}. Use kernel='torch' or 'auto'.")
-        if not mp_kernel.available():
+        if not compiled.available():
             raise RuntimeError("kernel='numba' needs numba (pip install numba, a dependency of this package); "
                                "kernel='torch' runs without it.")
         return True
-    return fits and mp_kernel.available()
+    return fits and compiled.available()
 
 
 def gram(D: Tensor, precision: Precision = "fp32") -> Tensor:

@@ -14,39 +14,22 @@ the first index on equal values), the support table of k + 1 slots with the smal
 the ``rtol`` tests, KSVD.jl's strict order with ``reference_rules``. The updates are the same arithmetic in
 the same dtype, so results equal the torch loop's up to the rounding of one multiply-add.
 
-numba is imported lazily; :func:`available` says whether it can be used (the torch loop is the fallback).
+numba is imported lazily (:mod:`pipeline.core.compiled`, which says whether it can be used; the torch loop is the
+fallback).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from pipeline.core import compiled
 
 #: Row pieces per thread: rows stop after different numbers of steps, so smaller pieces balance the threads.
 _PIECES_PER_THREAD = 4
-
-
-@functools.cache
-def _compiled():
-    """The compiled per-row kernel, or None when numba cannot be imported (logged once)."""
-    try:
-        from pipeline.core.mp_numba import mp_rows
-    except ImportError as err:  # pragma: no cover - numba is a dependency; this is the documented fallback
-        log.warning("numba is not importable (%s): matching pursuit on CPU uses the slower torch loop.", err)
-        return None
-    return mp_rows
-
-
-def available() -> bool:
-    """Whether the compiled coder can run here (numba importable)."""
-    return _compiled() is not None
 
 
 def mp_codes(C: Tensor, G: Tensor, norm2: Tensor, rtol: float, k: int, max_iter: int, nonnegative: bool,
@@ -63,9 +46,10 @@ def mp_codes(C: Tensor, G: Tensor, norm2: Tensor, rtol: float, k: int, max_iter:
         ``indices: (m, k + 1)`` int64 and ``values: (m, k + 1)`` in C's dtype; slot k is used only when
         ``reference_rules`` keeps k + 1 atoms, unused slots hold (0, 0).
     """
-    kernel = _compiled()
-    if kernel is None:
+    kernels = compiled.module("mp_numba")
+    if kernels is None:
         raise RuntimeError("numba is not importable; use the torch loop (coders.encode(..., kernel='torch')).")
+    kernel = kernels.mp_rows
     if C.device.type != "cpu":
         raise ValueError(f"the compiled coder runs on CPU; C is on {C.device}.")
     m = C.shape[0]

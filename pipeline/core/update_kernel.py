@@ -9,32 +9,14 @@ them (Gauss-Seidel), exactly the order of the block solver.
 
 from __future__ import annotations
 
-import functools
-import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.core import compiled
 from pipeline.core.codes import Codes
-
-log = logging.getLogger(__name__)
-
-
-@functools.cache
-def _compiled():
-    try:
-        from pipeline.core import update_numba
-    except ImportError as err:  # pragma: no cover - numba is a dependency; this is the documented fallback
-        log.warning("numba is not importable (%s): the atom update uses the torch block solver.", err)
-        return None
-    return update_numba
-
-
-def available() -> bool:
-    """Whether the compiled update can run here (numba importable)."""
-    return _compiled() is not None
 
 
 def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor, rows_all: Tensor,
@@ -44,7 +26,7 @@ def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tens
     the codes; returns :class:`~pipeline.core.atom_update.UpdateStats` (iterations: mean over atoms)."""
     from pipeline.core.atom_update import UpdateStats
 
-    kernels = _compiled()
+    kernels = compiled.module("update_numba")
     Rc = R if R.is_contiguous() else R.contiguous()
     Rn = Rc.numpy()
     rows = rows_all.numpy()
