@@ -36,8 +36,8 @@ def _pass(R, rows, x_old, d_old, u, x, y):
     ov = _dot(d_old, u)
     d = y.shape[0]
     y[:] = 0
-    w = x[0] - x[0]
-    total = w
+    w = 0.0
+    total = 0.0
     for r in range(rows.shape[0]):
         row = R[rows[r]]
         v = _dot(row, u) + x_old[r] * ov
@@ -87,9 +87,10 @@ def refit_atoms(R, D_old, rows, x_old, starts, lo, hi, tol, max_steps, D_new, x_
             step = np.sqrt(step2)
             energy = _pass(R, rb, xo, d_old, u, xb, y)
             # the block solver's estimate of the distance to the fixed point (rank1._Convergence.update)
-            rate = step / prev if prev > 0 else (np.nan if step == 0 else np.inf)
-            rate = min(rate, MAX_RATE) if not np.isnan(rate) else rate
-            rho = rate if np.isnan(last_rate) else (last_rate if np.isnan(rate) else max(last_rate, rate))
+            # (written without inf or NaN, which fastmath may not honour: prev is 0 only at the first step, where
+            # the block solver's step/0 = inf is clamped to MAX_RATE; a zero step is converged outright)
+            rate = min(step / prev, MAX_RATE) if prev > 0 else MAX_RATE
+            rho = max(last_rate, rate)
             remaining = step * rho / (1 - rho)
             done = step <= STEP_FLOOR or max(remaining, step) <= max_step
             last_rate, prev = rate, step
