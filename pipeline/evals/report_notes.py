@@ -30,6 +30,7 @@ def how_to_read(rows: list[Row], cols: list[str]) -> list[str]:
     else:
         lines.append(f"- **No dictionary** in these evaluations: the table lists baselines only ({arch}).")
     lines += _budget_lines(rows, bases)
+    lines += _sparsity_lines(rows)
     lines += _width_lines(rows)
     lines += _position_lines(rows, cols)
     return lines + [""]
@@ -81,6 +82,25 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
     elif devices:
         out.append(f"- Every recorded budget ran on `{next(iter(devices))}`.")
     return out
+
+
+#: Relative distance of a row's held-out L0 from its k beyond which the row is flagged as not at matched L0.
+L0_MISMATCH = 0.1
+
+
+def _sparsity_lines(rows: list[Row]) -> list[str]:
+    """Rows whose held-out L0 is more than :data:`L0_MISMATCH` from their k: FVUs at different L0s do not rank
+    methods (a short budget can leave a BatchTopK threshold or a JumpReLU L0 penalty short of its target)."""
+    off = []
+    for r in rows:
+        l0 = r.value("L0 (held-out)")
+        if r.k and l0 is not None and math.isfinite(l0) and abs(l0 - r.k) > L0_MISMATCH * r.k:
+            off.append(f"`{r.name}` (held-out L0 {fmt(l0)} against k = {r.k})")
+    if not off:
+        return []
+    return ["- **Not at matched L0**: " + ", ".join(off) + ". Compare their FVU and loss recovered only with rows at "
+            "a similar L0; a longer budget (`compare.factor`) or a sweep of the architecture's sparsity setting "
+            "brings a baseline to its target."]
 
 
 def _width_lines(rows: list[Row]) -> list[str]:

@@ -214,6 +214,7 @@ def test_how_to_read_names_modes_and_warns_on_devices(tmp_path):
     assert "`equal_samples`" not in how and "`converged`" not in how
     assert "against 3 baseline SAEs" in how
     assert "devices differ" not in how and "Every recorded budget ran on `cpu`" in how
+    assert "Not at matched L0" not in how  # every row is at its k
     assert "special tokens (412) and attention-sink outliers (37) left out" in how
     assert "(9,891 rows)" in how
     # a baseline on another device: warned, equal_time across devices is not a fair match
@@ -221,6 +222,18 @@ def test_how_to_read_names_modes_and_warns_on_devices(tmp_path):
     how2 = other.read_text().split("## How to read this", 1)[1].split("## Metrics", 1)[0]
     assert "Warning: devices differ" in how2 and "cuda: `topk_K2048_k32`" in how2
     assert "`equal_time` budget across devices is not a fair match" in how2
+
+
+def test_how_to_read_flags_rows_off_their_target_l0(tmp_path):
+    from pipeline.evals.report import write_report
+
+    descs = _comparison_descs()
+    descs[1]["l0"] = 49.46  # batchtopk: its threshold short of k = 32 after a short budget
+    descs[2]["l0"] = 34.0  # within 10%: not flagged
+    md = write_report([_write_folder(tmp_path / "a" / "evaluate-x", descs)], tmp_path / "o1").read_text()
+    how = md.split("## How to read this", 1)[1].split("## Metrics", 1)[0]
+    assert "**Not at matched L0**: `batchtopk_K2048_k32` (held-out L0 49.46 against k = 32)." in how
+    assert "topk_K1024_k32` (held-out" not in how
 
 
 def test_how_to_read_differing_budgets_factor_and_no_baseline(tmp_path):
