@@ -37,7 +37,7 @@ from torch import Tensor
 
 from pipeline.core import compiled, update_kernel
 from pipeline.core.codes import Codes
-from pipeline.core.coders import KERNELS
+from pipeline.core.compiled import KERNELS
 from pipeline.core.collective import LOCAL, Collective
 from pipeline.core.rank1 import refit_block
 
@@ -112,6 +112,7 @@ def update_atoms(
     if solver == "gram" and not approximate and comm.distributed:
         raise ValueError("solver='gram' forms sample-by-sample Gram matrices, which a data-parallel update cannot; "
                          "use solver='direct' (rank1_solver=direct), the distributed power iteration.")
+    run_compiled = _use_compiled(kernel, solver, approximate, nonnegative, comm, R, D)
     K, d = D.shape
     device = D.device
     flat_val = codes.values.reshape(-1)
@@ -132,12 +133,12 @@ def update_atoms(
     nz, ent_rank = nz[perm], ent_rank[perm]
     rows_all = nz // codes.k
     starts = torch.searchsorted(ent_rank, torch.arange(0, n_used + 1, device=device)).tolist()
+    if run_compiled:
+        return update_kernel.update(R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val, tol,
+                                    max_iters)
     counts = [starts[a + 1] - starts[a] for a in range(n_used)]  # this rank's entries per atom, in order
     # how the work is cut (blocks, chunks) must be the same on every rank: planned on the global support sizes
     sizes = support[order].tolist() if comm.distributed else counts
-    if _use_compiled(kernel, solver, approximate, nonnegative, comm, R, D):
-        return update_kernel.update(R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val, tol,
-                                    max_iters)
     if solver in _BLOCK_SOLVERS and not approximate:
         return _update_blocks(R, D, codes, atom_batch_size, order, nz, rows_all, starts, counts, sizes, flat_val,
                               nonnegative, tol, max_iters, solver, comm)
@@ -183,17 +184,8 @@ def _use_compiled(kernel: str, solver: str, approximate: bool, nonnegative: bool
         raise ValueError(f"kernel = {kernel!r} is not one of {KERNELS}.")
     fits = (solver == "direct" and not approximate and nonnegative and not comm.distributed
             and D.device.type == "cpu" and R.dtype == D.dtype)
-    if kernel == "numba" and not fits:
-        raise ValueError("kernel='numba' refits non-negative codes with the direct solver on CPU in one process; "
-                         "use kernel='torch' or 'auto' for this update.")
-    if kernel == "torch" or not fits:
-        return False
-    if not compiled.available():
-        if kernel == "numba":
-            raise RuntimeError("kernel='numba' needs numba (a dependency of this package); kernel='torch' runs "
-                               "without it.")
-        return False
-    return True
+    return compiled.use(kernel, fits, "kernel='numba' refits non-negative codes with the direct solver on CPU in "
+                                      "one process; use kernel='torch' or 'auto' for this update.")
 
 
 def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor,

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.core import compiled, mp_kernel
+from pipeline.core.compiled import KERNELS
 from pipeline.core.codes import Codes
 from pipeline.utils.devices import free_memory
 from pipeline.core.validation import check_atoms, check_samples, check_sparsity
@@ -51,7 +52,6 @@ from pipeline.core.validation import check_atoms, check_samples, check_sparsity
 Method = Literal["mp", "omp"]
 Precision = Literal["fp32", "tf32", "bf16"]
 Kernel = Literal["auto", "torch", "numba"]
-KERNELS = ("auto", "torch", "numba")
 
 #: How often (in greedy steps) the MP loop checks whether every row has stopped, and compacts.
 _CHECK_EVERY = 4
@@ -153,18 +153,11 @@ def encode(
 
 def _use_compiled(kernel: str, method: str, device: torch.device, candidates: int | None) -> bool:
     """Whether MP runs the compiled per-sample loop (:mod:`pipeline.core.mp_kernel`) for ``kernel``."""
-    if kernel == "torch" or method != "mp":
+    if method != "mp":
         return False
-    fits = device.type == "cpu" and candidates is None
-    if kernel == "numba":
-        if not fits:
-            raise ValueError(f"kernel='numba' runs matching pursuit on CPU over all atoms; here device={device}, "
-                             f"candidates={candidates}. Use kernel='torch' or 'auto'.")
-        if not compiled.available():
-            raise RuntimeError("kernel='numba' needs numba (pip install numba, a dependency of this package); "
-                               "kernel='torch' runs without it.")
-        return True
-    return fits and compiled.available()
+    return compiled.use(kernel, device.type == "cpu" and candidates is None,
+                        f"kernel='numba' runs matching pursuit on CPU over all atoms; here device={device}, "
+                        f"candidates={candidates}. Use kernel='torch' or 'auto'.")
 
 
 def gram(D: Tensor, precision: Precision = "fp32") -> Tensor:

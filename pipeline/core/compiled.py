@@ -1,5 +1,6 @@
 """The numba-compiled CPU loops (``mp_numba``: matching pursuit; ``update_numba``: non-negative atom refits),
-imported lazily: numba's import and its cache load cost ~1 s, paid only by the first CPU fit or encode."""
+imported lazily: numba's import and its cache load cost ~1 s, paid only by the first CPU fit or encode. The
+``kernel`` choice that selects them (:func:`use`), and their ahead-of-time compilation (:func:`warm_up`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import logging
 from types import ModuleType
 
 log = logging.getLogger(__name__)
+
+#: The ``kernel`` choices: "numba" (the compiled loops), "torch" (batched tensor ops) or "auto" (numba wherever
+#: it applies).
+KERNELS = ("auto", "torch", "numba")
 
 
 @functools.cache
@@ -24,3 +29,40 @@ def module(name: str) -> ModuleType | None:
 def available() -> bool:
     """Whether the compiled loops can run here (numba importable)."""
     return module("mp_numba") is not None and module("update_numba") is not None
+
+
+def use(kernel: str, fits: bool, unfit: str) -> bool:
+    """Whether a loop runs compiled for ``kernel`` (one of :data:`KERNELS`, checked by the caller): never with
+    "torch"; with "auto" where it ``fits`` and numba imports; with "numba" where it fits (else ``ValueError``
+    with the message ``unfit``) and numba imports (else ``RuntimeError``)."""
+    if kernel == "torch":
+        return False
+    if not fits:
+        if kernel == "numba":
+            raise ValueError(unfit)
+        return False
+    if available():
+        return True
+    if kernel == "numba":
+        raise RuntimeError("kernel='numba' needs numba (pip install numba, a dependency of this package); "
+                           "kernel='torch' runs without it.")
+    return False
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the CPU loops a fit uses, for fp32 and fp64: the coder's and the
+    update's. ``setup.sh`` calls it, so a first fit's clock (the equal-time budget) holds no compilation."""
+    import torch
+
+    from pipeline.core.atom_update import update_atoms
+    from pipeline.core.coders import encode
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        D = torch.randn(24, 8, generator=g, dtype=dtype).abs()
+        D = D / D.norm(dim=1, keepdim=True)
+        Y = torch.randn(64, 8, generator=g, dtype=dtype).abs()
+        for nonnegative in (True, False):
+            encode(Y, D, 3, nonnegative=nonnegative, kernel="numba")
+        codes = encode(Y, D, 3, kernel="numba")
+        update_atoms(Y - codes.decode(D), D, codes, 4, kernel="numba", generator=g)

@@ -87,6 +87,13 @@ def _update(c, g, a, masks, nonnegative):
 
 
 @numba.njit(nogil=True, cache=True)
+def _under(e, th, strict):
+    """The rtol test of :func:`pipeline.core.coders._under_rtol`: ``e < th or e <= 0`` (KSVD.jl's, strict) or
+    ``e <= th``."""
+    return (e < th or e <= 0) if strict else e <= th
+
+
+@numba.njit(nogil=True, cache=True)
 def mp_rows(C, G, masks, norm2, thresh, k, max_iter, nonnegative, reference_rules, out_idx, out_val, lo, hi):
     """Matching pursuit on rows ``lo:hi`` of ``C: (m, K)`` (consumed), writing ``out_idx, out_val: (m, k+1)``.
 
@@ -101,7 +108,7 @@ def mp_rows(C, G, masks, norm2, thresh, k, max_iter, nonnegative, reference_rule
         th = thresh[i]
         idx = out_idx[i]
         val = out_val[i]
-        if norm2[i] <= 0 or ((e < th or e <= 0) if reference_rules else e <= th):
+        if norm2[i] <= 0 or _under(e, th, reference_rules):
             continue
         count = 0
         best = _largest(bits, mask, nonnegative)
@@ -123,7 +130,7 @@ def mp_rows(C, G, masks, norm2, thresh, k, max_iter, nonnegative, reference_rule
                 count += 1
             else:
                 val[pos] += a
-            under = (e < th or e <= 0) if reference_rules else e <= th
+            under = _under(e, th, reference_rules)
             if count > k:
                 if reference_rules and (under or step == max_iter - 1):
                     break  # KSVD.jl tests the residual first: k + 1 atoms stay

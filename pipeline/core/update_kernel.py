@@ -45,7 +45,7 @@ def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tens
             D_old = D[ids].contiguous().numpy()
             e0, e1 = starts[b0], starts[b1]
             st = starts_np[b0:b1 + 1] - e0
-            xo = x[e0:e1].copy()
+            xo = x[e0:e1]  # read by both kernels; overwritten with xn only after them
             xn = np.empty_like(xo)
             D_new = np.empty_like(D_old)
             args = (Rn, D_old, rows[e0:e1], xo, st)
@@ -75,21 +75,4 @@ def _balanced(starts: np.ndarray, parts: int) -> list[tuple[int, int]]:
     cuts = np.searchsorted(starts, np.linspace(0, starts[-1], parts + 1)[1:-1])
     bounds = sorted({0, B, *[int(min(max(c, 1), B - 1)) for c in cuts]})
     return list(zip(bounds[:-1], bounds[1:]))
-
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the CPU loops a fit uses, for fp32 and fp64: the coder's and the
-    update's. ``setup.sh`` calls it, so a first fit's clock (the equal-time budget) holds no compilation."""
-    from pipeline.core.atom_update import update_atoms
-    from pipeline.core.coders import encode
-
-    g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.float64):
-        D = torch.randn(24, 8, generator=g, dtype=dtype).abs()
-        D = D / D.norm(dim=1, keepdim=True)
-        Y = torch.randn(64, 8, generator=g, dtype=dtype).abs()
-        for nonnegative in (True, False):
-            encode(Y, D, 3, nonnegative=nonnegative, kernel="numba")
-        codes = encode(Y, D, 3, kernel="numba")
-        update_atoms(Y - codes.decode(D), D, codes, 4, kernel="numba", generator=g)
 
