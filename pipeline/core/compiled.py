@@ -7,7 +7,12 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
+import threading
+from collections.abc import Callable
 from types import ModuleType
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,58 @@ def use(kernel: str, fits: bool, unfit: str) -> bool:
         raise RuntimeError("kernel='numba' needs numba (pip install numba, a dependency of this package); "
                            "kernel='torch' runs without it.")
     return False
+
+
+def threads() -> int:
+    """Threads for a compiled loop whose threads wait for each other at spin barriers: torch's thread count,
+    at most the cores this process may run on (a spinning thread holds its core)."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores))
+
+
+def run_threads(work: Callable[[int], object], n: int, abort: np.ndarray | None = None) -> None:
+    """``work(t)`` for t = 0 … n − 1, each on its own thread (t = 0 on the calling one), all at once: compiled
+    ``nogil`` calls, which may meet at spin barriers. If one raises, ``abort`` (a one-element int64 array: the
+    barriers' abort flag, :mod:`pipeline.core.spin`) is set to 1 so the others leave their barriers, and the
+    first error is raised once all have returned."""
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            work(t)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other threads are released
+            _set(abort)
+            errors.append(err)
+
+    if n == 1:
+        run(0)
+    else:
+        started = []
+        try:
+            for t in range(1, n):
+                thread = threading.Thread(target=run, args=(t,), name=f"compiled-{t}")
+                thread.start()
+                started.append(thread)
+        except BaseException:  # a thread that cannot start: release the started ones from their barriers
+            _set(abort)
+            for thread in started:
+                thread.join()
+            raise
+        run(0)
+        for thread in started:
+            thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _set(flag: np.ndarray | None) -> None:
+    if flag is not None:
+        flag[0] = 1
 
 
 def warm_up() -> None:

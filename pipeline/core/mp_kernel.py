@@ -4,9 +4,9 @@ The batched torch loop in :mod:`pipeline.core.coders` moves the whole ``(m, K)``
 memory several times per greedy step (the max, the gathered Gram rows, the update) and runs ~25 small tensor
 ops per step for the support bookkeeping. Here each sample runs all its steps on its own correlation row,
 which stays in the core's L1/L2 cache (``K`` floats), with the max of the next step taken in the same pass as
-the update ``c -= a G[j]``; only the Gram rows it picks come from further away. Samples are split over
-``torch.get_num_threads()`` Python threads running the compiled function with the GIL released, so no numba
-threading layer is needed and several callers (thread ranks) can use it at once.
+the update ``c -= a G[j]``; only the Gram rows it picks come from further away. Pieces of samples are taken one
+at a time by Python threads (:func:`pipeline.core.compiled.threads` of them) running the compiled function with
+the GIL released, so no numba threading layer is needed and several callers (thread ranks) can use it at once.
 
 The rules are those of the torch loop, step for step (``pipeline.core.coders`` documents them): argmax of c
 (non-negative: the largest positive c, stop when none; signed: the largest |c|, the positive one on a tie,
@@ -20,7 +20,7 @@ fallback).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import itertools
 
 import numpy as np
 import torch
@@ -63,12 +63,14 @@ def mp_codes(C: Tensor, G: Tensor, norm2: Tensor, rtol: float, k: int, max_iter:
     out_idx = np.zeros((m, k + 1), dtype=np.int64)
     out_val = np.zeros((m, k + 1), dtype=Cn.dtype)
     args = (Cn, Gn, masks, n2, th, k, max_iter, nonnegative, reference_rules, out_idx, out_val)
-    threads = max(1, torch.get_num_threads())
-    if threads == 1 or m < 64:
-        kernel(*args, 0, m)
-    else:
-        pieces = min(m, threads * _PIECES_PER_THREAD)
-        bounds = np.linspace(0, m, pieces + 1).astype(np.int64)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(lambda b: kernel(*args, int(b[0]), int(b[1])), zip(bounds[:-1], bounds[1:])))
+    threads = compiled.threads() if m >= 64 else 1
+    pieces = min(m, threads * _PIECES_PER_THREAD)
+    bounds = np.linspace(0, m, pieces + 1).astype(np.int64)
+    claim = itertools.count()  # each thread takes the next piece (next() on a count is atomic under the GIL)
+
+    def work(_thread: int) -> None:
+        while (i := next(claim)) < pieces:
+            kernel(*args, bounds[i], bounds[i + 1])
+
+    compiled.run_threads(work, threads)
     return torch.from_numpy(out_idx), torch.from_numpy(out_val)
