@@ -95,6 +95,11 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, proce
         raise ValueError("rank1_solver='gram' forms sample-by-sample Gram matrices, which a data-parallel fit "
                          "cannot; use rank1_solver='direct' (the default).")
     device = source.device
+    if cfg.coder.kernel == "numba" and (comm.distributed or device.type != "cpu"):
+        where = "a data-parallel fit" if comm.distributed else f"a fit on {device.type}"
+        raise ValueError(f"coder.kernel = 'numba' forces the compiled CPU loops, and {where} cannot run them all "
+                         "(the compiled atom update is for one process on CPU); use coder.kernel='auto', which "
+                         "compiles what it can and runs the rest with torch.")
     gen = torch.Generator().manual_seed(cfg.seed)
     groups = matryoshka_groups(n_atoms, k, cfg.matryoshka) if cfg.matryoshka is not None else None
     atom_batch = cfg.atom_batch_size or max(1, n_atoms // 128)

@@ -163,6 +163,26 @@ def test_bad_input_raises_clear_errors(data, kwargs, message):
         learn_dictionary(data, progress=False, **kwargs)
 
 
+def test_forced_compiled_loops_are_refused_before_coding_in_a_data_parallel_fit():
+    """kernel='numba' in a data-parallel fit is refused with the fix named, before any batch is coded (the
+    compiled update runs in one process); 'auto' fits."""
+    from tests.core.ranks import run_ranks
+
+    Y = planted_problem(seed=0).Y
+
+    def fit(comm, kernel):
+        try:
+            return learn_dictionary(Y, 50, 3, process_group=comm, kernel=kernel, max_iters=1, tol=None,
+                                    progress=False)
+        except ValueError as err:
+            return err
+
+    errors = run_ranks(2, lambda comm: fit(comm, "numba"))
+    assert all(isinstance(e, ValueError) and "a data-parallel fit" in str(e) and "kernel='auto'" in str(e)
+               for e in errors)
+    assert all(len(D.history) == 1 for D in run_ranks(2, lambda comm: fit(comm, "auto")))
+
+
 def test_matryoshka_groups_get_atom_batches_scaled_to_their_size():
     from pipeline.core.learner import group_atom_batch
     from pipeline.core.matryoshka import matryoshka_groups
