@@ -11,7 +11,10 @@ starting from a fitted dictionary (``--dictionary``) or one warmed up here for `
 3. sae-lens TopK training (batch 1024, the default run's recipe) over the same rows: the marginal time of one
    pass, from runs of 1 and 4 passes (so set-up is not counted);
 4. ``--rounds`` rounds that each time the coder, the default update, the capped update and a TopK pass one after
-   another: the medians of the per-round ratios are the headline figures (the VM's speed drifts).
+   another: the medians of the per-round ratios are the headline figures (the VM's speed drifts);
+5. two fits of ``--fit-iters`` iterations from the same start over the store's other rows, one with the default
+   update and one with the capped update, at equal samples: held-out FVU on the benchmark's rows and wall time
+   (the objective a whole fit reaches, not one update's).
 
 Usage: python benchmarks/bench_update_cpu.py --store outputs/default/harvest-*/store \
            [--dictionary outputs/default/fit-*/dictionary] [--out benchmarks/results_update_cpu.json]
@@ -137,6 +140,29 @@ def bench_rounds(Y: torch.Tensor, D0: torch.Tensor, k: int, rounds: int) -> dict
             "range": {key: [min(r[key] for r in out), max(r[key] for r in out)] for key in out[0]}}
 
 
+#: The update the issue started from, as learner options (the "alternating, tol 1e-4, cap 30" variant).
+CAPPED_FIT = dict(rank1_solver="alternating", rank1_tol=1e-4, rank1_max_iters=30)
+
+
+def bench_fits(Y_train: torch.Tensor, Y_test: torch.Tensor, K: int, k: int, rows: int, iters: int,
+               seeds: int) -> dict:
+    """Held-out FVU and wall time of ``iters``-iteration fits (batches of ``rows``) with the default update and
+    with the capped one, from the same seeds (initial atoms, batch order), data and coder settings."""
+    out = {"default": [], "capped update": []}
+    for seed in range(seeds):
+        for name, opts in (("default", {}), ("capped update", CAPPED_FIT)):
+            t = time.perf_counter()
+            dictionary = learn_dictionary(Y_train, K, k, batch_size=rows, max_iters=iters, tol=None,
+                                          progress=False, seed=seed, **opts)
+            out[name].append({"seed": seed, "seconds": time.perf_counter() - t,
+                              "held_out_fvu": dictionary.fvu(Y_test),
+                              "last_batch_fvu": dictionary.history[-1]["fvu"]})
+            print(name, json.dumps(out[name][-1]), flush=True)
+    out["held_out_fvu_default_minus_capped"] = [a["held_out_fvu"] - b["held_out_fvu"]
+                                                for a, b in zip(out["default"], out["capped update"])]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", required=True, help="activation store folder")
@@ -147,6 +173,8 @@ def main() -> None:
     ap.add_argument("--warm-iters", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved headline timing")
+    ap.add_argument("--fit-iters", type=int, default=8, help="iterations of each fit of the fit comparison (0: skip)")
+    ap.add_argument("--fit-seeds", type=int, default=3, help="seeds of the fit comparison")
     ap.add_argument("--out", default="benchmarks/results_update_cpu.json")
     args = ap.parse_args()
     from pipeline.data.store import ActivationStore
@@ -154,7 +182,8 @@ def main() -> None:
     store = ActivationStore(args.store)
     Y_all = store.load_all()
     g = torch.Generator().manual_seed(123)
-    Y = Y_all[torch.randperm(Y_all.shape[0], generator=g)[: args.rows]].float()
+    perm = torch.randperm(Y_all.shape[0], generator=g)
+    Y = Y_all[perm[: args.rows]].float()
     if args.dictionary:
         from pipeline.core.dictionary import Dictionary
 
@@ -171,6 +200,9 @@ def main() -> None:
     res["update"] = bench_updates(Y, D0, args.k, args.repeats)
     res["topk_sae"] = bench_topk_pass(Y, D0.shape[0], args.k)
     res["rounds"] = bench_rounds(Y, D0, args.k, args.rounds)
+    if args.fit_iters:
+        res["fits"] = bench_fits(Y_all[perm[args.rows:]].float(), Y, D0.shape[0], args.k, args.rows, args.fit_iters,
+                                 args.fit_seeds)
     default = res["update"]["variants"][list(VARIANTS)[-1]]
     before = res["update"]["variants"][list(VARIANTS)[0]]
     iteration = res["update"]["code_seconds"] + default["seconds"]
