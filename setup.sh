@@ -42,7 +42,7 @@ if ! ls "$AUSTEN_DIR"/r-cran-janeaustenr_*.deb >/dev/null 2>&1; then
         ( cd "$AUSTEN_DIR" && apt-get download -q r-cran-janeaustenr )
     }
 fi
-# compile the CPU fit's loops (numba) now, so that the first fit's clock holds no compilation (~20 s, cached)
+# compile the CPU fit's loops (numba) now, so that the first fit's clock holds no compilation (~45 s, cached)
 python -c "from pipeline.core.compiled import warm_up; warm_up()" || echo "note: the compiled CPU loops did not build; fits use the torch loops"
 # --- test-only tools (bash setup.sh --tests) --------------------------------------------------------
 if [ "$TESTS" = 1 ]; then

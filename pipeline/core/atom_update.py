@@ -99,10 +99,11 @@ def update_atoms(
         solver: ``"direct"`` / ``"gram"`` (exact refits of gathered blocks) or ``"alternating"`` (matrix-free).
         generator: random source for the atom shuffle (CPU generator; determinism; the same seed on every rank).
         comm: data-parallel runs: R and codes hold this rank's samples; sums over samples are all-reduced.
-        kernel: ``"numba"`` runs the non-negative "direct" refits and the residual corrections as compiled
-            per-atom loops that read each atom's rows of R in place (:mod:`pipeline.core.update_numba`; CPU,
-            one process); ``"torch"`` the batched block solver; ``"auto"`` numba wherever it applies. Each
-            atom then stops on its own convergence estimate instead of its block's slowest atom's.
+        kernel: ``"numba"`` runs the "direct" refits and the residual corrections as compiled per-atom loops
+            that read each atom's rows of R in place (:mod:`pipeline.core.update_numba`; CPU, one process;
+            signed refits by Lanczos from the start, not power steps first); ``"torch"`` the batched block
+            solver; ``"auto"`` numba wherever it applies. Each atom then stops on its own test instead of
+            waiting for its block's slowest atom.
 
     Returns:
         :class:`UpdateStats`.
@@ -112,7 +113,7 @@ def update_atoms(
     if solver == "gram" and not approximate and comm.distributed:
         raise ValueError("solver='gram' forms sample-by-sample Gram matrices, which a data-parallel update cannot; "
                          "use solver='direct' (rank1_solver=direct), the distributed power iteration.")
-    run_compiled = _use_compiled(kernel, solver, approximate, nonnegative, comm, R, D)
+    run_compiled = _use_compiled(kernel, solver, approximate, comm, R, D)
     K, d = D.shape
     device = D.device
     flat_val = codes.values.reshape(-1)
@@ -134,8 +135,8 @@ def update_atoms(
     rows_all = nz // codes.k
     starts = torch.searchsorted(ent_rank, torch.arange(0, n_used + 1, device=device)).tolist()
     if run_compiled:
-        return update_kernel.update(R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val, tol,
-                                    max_iters)
+        return update_kernel.update(R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val,
+                                    nonnegative, tol, max_iters)
     counts = [starts[a + 1] - starts[a] for a in range(n_used)]  # this rank's entries per atom, in order
     # how the work is cut (blocks, chunks) must be the same on every rank: planned on the global support sizes
     sizes = support[order].tolist() if comm.distributed else counts
@@ -177,15 +178,14 @@ def update_atoms(
     return UpdateStats(n_used, iters_total / max(n_batches, 1), capped)
 
 
-def _use_compiled(kernel: str, solver: str, approximate: bool, nonnegative: bool, comm: Collective, R: Tensor,
-                  D: Tensor) -> bool:
-    """Whether this sweep runs the compiled non-negative refits (``kernel``; see :func:`update_atoms`)."""
+def _use_compiled(kernel: str, solver: str, approximate: bool, comm: Collective, R: Tensor, D: Tensor) -> bool:
+    """Whether this sweep runs the compiled refits (``kernel``; see :func:`update_atoms`)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel = {kernel!r} is not one of {KERNELS}.")
-    fits = (solver == "direct" and not approximate and nonnegative and not comm.distributed
-            and D.device.type == "cpu" and R.dtype == D.dtype)
-    return compiled.use(kernel, fits, "kernel='numba' refits non-negative codes with the direct solver on CPU in "
-                                      "one process; use kernel='torch' or 'auto' for this update.")
+    fits = (solver == "direct" and not approximate and not comm.distributed and D.device.type == "cpu"
+            and R.dtype == D.dtype)
+    return compiled.use(kernel, fits, "kernel='numba' refits atoms with the direct solver (not approximate) on CPU "
+                                      "in one process; use kernel='torch' or 'auto' for this update.")
 
 
 def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor,

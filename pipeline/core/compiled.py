@@ -5,11 +5,13 @@ imported lazily: numba's import and its cache load cost ~1 s, paid only by the f
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import logging
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -21,10 +23,41 @@ log = logging.getLogger(__name__)
 KERNELS = ("auto", "torch", "numba")
 
 
+#: The modules of compiled functions, which call each other across modules.
+COMPILED_MODULES = ("spin", "refit_numba", "update_numba", "mp_numba")
+#: Beside numba's cache files: a digest of :data:`COMPILED_MODULES`' sources when the cache was last checked.
+SOURCES_STAMP = "compiled-sources.sha256"
+
+
+@functools.cache
+def fresh_cache(here: Path = Path(__file__).parent) -> None:
+    """Drop numba's cached machine code of :data:`COMPILED_MODULES` when any of their sources changed since it
+    was written. numba checks only the source file of the function it loads, so after a ``git pull`` that
+    changed ``refit_numba.py`` alone, ``update_numba.sweep`` (which inlines its refits) would load stale code.
+    Only numba's default cache folder (``__pycache__`` beside the sources, in ``here``) is checked, not
+    ``NUMBA_CACHE_DIR``."""
+    digest = hashlib.sha256(b"".join((here / f"{name}.py").read_bytes() for name in COMPILED_MODULES)).hexdigest()
+    cache = here / "__pycache__"
+    stamp = cache / SOURCES_STAMP
+    try:
+        if stamp.exists() and stamp.read_text().strip() == digest:
+            return
+        cache.mkdir(exist_ok=True)
+        for path in cache.iterdir():
+            if path.suffix in (".nbi", ".nbc") and path.name.split(".")[0] in COMPILED_MODULES:
+                path.unlink(missing_ok=True)
+        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest + "\n")
+        tmp.replace(stamp)
+    except OSError as err:  # a read-only install: numba then cannot cache there either
+        log.debug("numba cache check skipped: %s", err)
+
+
 @functools.cache
 def module(name: str) -> ModuleType | None:
     """``pipeline.core.<name>``, or None when numba cannot be imported (logged once; the torch loops run)."""
     try:
+        fresh_cache()
         return importlib.import_module(f"pipeline.core.{name}")
     except ImportError as err:  # pragma: no cover - numba is a dependency; this is the documented fallback
         log.warning("numba is not importable (%s): the CPU fit and coder use the slower torch loops.", err)

@@ -132,11 +132,10 @@ class LearnerConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} = {value} must be >= 1.")
-        if self.coder.kernel == "numba" and not (self.coder.nonnegative and self.rank1_solver == "direct"
-                                                 and not self.approximate):
+        if self.coder.kernel == "numba" and not (self.rank1_solver == "direct" and not self.approximate):
             raise ValueError("coder.kernel = 'numba' forces the compiled loops, and the atom update has them only for "
-                             "non-negative codes with rank1_solver='direct' (not approximate); use coder.kernel="
-                             "'auto', which compiles what it can and runs the rest with torch.")
+                             "rank1_solver='direct' (not approximate); use coder.kernel='auto', which compiles what "
+                             "it can and runs the rest with torch.")
         if self.resume and not self.checkpoint_path:
             raise ValueError("resume=True needs checkpoint_path (the file to resume from).")
         if self.max_iters is None and self.epochs is None and self.time_budget is None and self.tol is None:

@@ -19,14 +19,16 @@ from pipeline.core.codes import Codes
 
 
 def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor, rows_all: Tensor,
-           starts: list[int], flat_val: Tensor, tol: float, max_iters: int):
+           starts: list[int], flat_val: Tensor, nonnegative: bool, tol: float, max_iters: int):
     """One sweep over the used atoms ``order`` (their code entries ``nz`` sorted by atom, atom a's being
     ``starts[a]:starts[a+1]``, in sample rows ``rows_all``), in place on ``R: (n, d)``, ``D: (K, d)`` and
-    the codes; returns :class:`~pipeline.core.atom_update.UpdateStats` (iterations: mean over atoms)."""
+    the codes; returns :class:`~pipeline.core.atom_update.UpdateStats` (iterations: mean over atoms; signed,
+    Lanczos steps; ``lanczos``: signed refits stopped on the Lanczos estimate rather than certified)."""
     from pipeline.core.atom_update import UpdateStats
 
     kernels = compiled.module("update_numba")
     spin = compiled.module("spin")
+    refit = compiled.module("refit_numba")
     Rc = R if R.is_contiguous() else R.contiguous()
     Rn = Rc.numpy()
     n_used = int(order.numel())
@@ -35,7 +37,7 @@ def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tens
     x_new = np.empty_like(x_old)
     D_new = np.empty((n_used, D.shape[1]), dtype=Rn.dtype)
     steps = np.zeros(n_used, dtype=np.int64)
-    capped = np.zeros(n_used, dtype=np.int64)
+    outcome = np.zeros(n_used, dtype=np.int64)
     batch = max(1, int(atom_batch_size))
     # each batch's positions, the atoms with most entries first (a thread that takes a large one last waits)
     claim_order = np.lexsort((-np.diff(starts_np), np.arange(n_used) // batch)).astype(np.int64)
@@ -44,8 +46,8 @@ def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tens
     sync = np.zeros(spin.SYNC_SLOTS, dtype=np.int64)
     claims = np.zeros(-(-n_used // batch), dtype=np.int64)
     D_in = D.detach().contiguous().numpy()
-    args = (Rn, D_in, order.numpy(), rows_all.numpy(), x_old, starts_np, claim_order, batch, tol, max_iters, D_new,
-            x_new, steps, capped, sync, claims)
+    args = (Rn, D_in, order.numpy(), rows_all.numpy(), x_old, starts_np, claim_order, batch, not nonnegative, tol,
+            max_iters, D_new, x_new, steps, outcome, sync, claims)
     compiled.run_threads(lambda t: kernels.sweep(*args, cuts[t], cuts[t + 1], threads), threads,
                          sync[spin.ABORT:spin.ABORT + 1])
     if Rc is not R:
@@ -53,4 +55,6 @@ def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tens
     D[order] = torch.from_numpy(D_new)
     flat_val[nz] = torch.from_numpy(x_new)
     codes.values.copy_(flat_val.view_as(codes.values))
-    return UpdateStats(n_used, float(steps.mean()) if n_used else 0.0, int(capped.sum()))
+    ended = np.bincount(outcome, minlength=4)
+    return UpdateStats(n_used, float(steps.mean()) if n_used else 0.0, capped=int(ended[refit.CAPPED]),
+                       eigensolved=int(ended[refit.DENSE]), lanczos=int(ended[refit.LANCZOS]))

@@ -148,32 +148,70 @@ def test_gpu_and_cpu_segment_sums_agree():
     torch.testing.assert_close(bags, seg.sum_rows(Rg, w), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("nonnegative", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 7, 50])
-def test_compiled_nonnegative_update_equals_the_block_solver(dtype, batch):
+def test_compiled_update_equals_the_block_solver(dtype, batch, nonnegative):
     """The compiled per-atom refits (kernel='numba') and the torch block solver reach the same refits (to the
-    tolerance: each atom stops on its own estimate there, on its block's slowest atom here), with the same
-    Gauss-Seidel order over atom batches and exact residual bookkeeping."""
-    p = planted_problem(nonnegative=True, seed=5)
+    tolerance: each atom stops on its own test there, on its block's slowest atom here; signed, by Lanczos from
+    the start there, power steps first here), with the same Gauss-Seidel order over atom batches and exact
+    residual bookkeeping."""
+    p = planted_problem(nonnegative=nonnegative, seed=5)
     Y = p.Y.to(dtype)
-    D0 = torch.randn(50, 20, generator=torch.Generator().manual_seed(1), dtype=dtype).abs()
-    D0 = D0 / D0.norm(dim=1, keepdim=True)
-    codes0 = encode(Y, D0, 3)
+    D0 = torch.randn(50, 20, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    D0 = (D0.abs() if nonnegative else D0) / D0.norm(dim=1, keepdim=True)
+    codes0 = encode(Y, D0, 3, nonnegative=nonnegative)
     out = {}
     for kernel in ("torch", "numba"):
         D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
         R = Y - codes.decode(D)
-        stats = update_atoms(R, D, codes, batch, tol=1e-10, max_iters=500, kernel=kernel,
+        stats = update_atoms(R, D, codes, batch, tol=1e-10, max_iters=500, kernel=kernel, nonnegative=nonnegative,
                              generator=torch.Generator().manual_seed(4))
         assert stats.capped == 0 and stats.n_used == codes0.indices[codes0.values != 0].unique().numel()
         torch.testing.assert_close(R, Y - codes.decode(D), atol=1e-4, rtol=1e-4)
-        assert float(codes.values.min()) >= 0 and torch.equal(codes.indices, codes0.indices)
+        assert torch.equal(codes.indices, codes0.indices)
+        assert float(codes.values.min()) >= 0 or not nonnegative
         out[kernel] = D, codes, objective(Y, D, codes)
     cos = (out["torch"][0] * out["numba"][0]).sum(1)
     assert float((1 - cos).max()) < (1e-4 if dtype == torch.float32 else 1e-8)
     torch.testing.assert_close(out["numba"][1].values, out["torch"][1].values, atol=1e-3, rtol=1e-3)
     assert abs(out["numba"][2] - out["torch"][2]) <= 1e-5 * out["torch"][2]
     assert out["numba"][2] < objective(Y, D0, codes0)
+
+
+def _one_atom_problem(sigmas, seed=0, m=40, d=24):
+    """One atom used by every sample, with coefficients such that its restricted error is exactly the data
+    ``Y: (m, d)`` (fp64), whose leading singular values are ``sigmas`` (plus 1e-3 noise)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, len(sigmas), generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(d, len(sigmas), generator=g, dtype=torch.float64))[0]
+    Y = (U * torch.tensor(sigmas, dtype=torch.float64)) @ V.T + 1e-3 * torch.randn(m, d, generator=g,
+                                                                                  dtype=torch.float64)
+    D = torch.randn(1, d, generator=g, dtype=torch.float64)
+    D = D / D.norm()
+    codes = Codes(torch.zeros(m, 1, dtype=torch.long), (Y @ D[0])[:, None])
+    return Y, D, codes
+
+
+@pytest.mark.parametrize("sigmas, max_iters, ended", [
+    ([10.0, 9.7, 3.0, 1.0], 100, "lanczos"),  # σ₂/σ₁ = 0.97: no trace-bound certificate, Lanczos converges
+    ([10.0, 1.0], 100, "certified"),  # a dominant top pair: certified by the trace bound
+    ([10.0, 9.7, 9.5, 9.3, 1.0], 2, "eigensolved"),  # two Lanczos steps cannot: the dense eigensolver
+])
+def test_compiled_signed_refit_equals_the_svd(sigmas, max_iters, ended):
+    """A compiled signed refit is the top right singular vector of the restricted error (oriented along the old
+    atom) with coefficients E u, however it ended, and says how it ended."""
+    Y, D, codes = _one_atom_problem(sigmas)
+    R = Y - codes.decode(D)
+    d_old = D[0].clone()
+    stats = update_atoms(R, D, codes, 1, nonnegative=False, tol=1e-6, max_iters=max_iters, kernel="numba")
+    top = torch.linalg.svd(Y, full_matrices=False).Vh[0]
+    top = top if float(top @ d_old) >= 0 else -top
+    assert 1 - float(D[0] @ top) <= 1e-6
+    torch.testing.assert_close(codes.values[:, 0], Y @ D[0])
+    torch.testing.assert_close(R, Y - codes.decode(D))
+    counts = {"lanczos": stats.lanczos, "eigensolved": stats.eigensolved}
+    assert counts == {key: int(key == ended) for key in counts}
 
 
 def test_compiled_update_keeps_an_atom_no_sample_projects_onto():
@@ -198,27 +236,30 @@ def test_compiled_update_threads_do_not_change_the_result(monkeypatch, threads):
     also exercise the barrier with a thread waiting on a busy core."""
     from pipeline.core import compiled
 
-    p = planted_problem(nonnegative=True, seed=7)
-    D0 = torch.randn(50, 20, generator=torch.Generator().manual_seed(2)).abs()
-    D0 = D0 / D0.norm(dim=1, keepdim=True)
-    codes0 = encode(p.Y, D0, 3)
-    out = []
-    for n in (1, threads):
-        monkeypatch.setattr(compiled, "threads", lambda n=n: n)
-        D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
-        R = p.Y - codes.decode(D)
-        update_atoms(R, D, codes, 6, kernel="numba", generator=torch.Generator().manual_seed(3))
-        out.append((D, codes.values, R))
-    for a, b in zip(*out):
-        assert torch.equal(a, b)
+    for nonnegative in (True, False):
+        p = planted_problem(nonnegative=nonnegative, seed=7)
+        D0 = torch.randn(50, 20, generator=torch.Generator().manual_seed(2)).abs()
+        D0 = D0 / D0.norm(dim=1, keepdim=True)
+        codes0 = encode(p.Y, D0, 3, nonnegative=nonnegative)
+        out = []
+        for n in (1, threads):
+            monkeypatch.setattr(compiled, "threads", lambda n=n: n)
+            D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
+            R = p.Y - codes.decode(D)
+            update_atoms(R, D, codes, 6, kernel="numba", nonnegative=nonnegative,
+                         generator=torch.Generator().manual_seed(3))
+            out.append((D, codes.values, R))
+        for a, b in zip(*out):
+            assert torch.equal(a, b), nonnegative
 
 
 def test_compiled_update_refuses_what_it_does_not_do():
     p = planted_problem(seed=1)
     codes = encode(p.Y, p.D, 3, nonnegative=False)
     R = p.Y - codes.decode(p.D)
-    with pytest.raises(ValueError, match="kernel='numba' refits non-negative"):
-        update_atoms(R, p.D.clone(), codes, 5, nonnegative=False, kernel="numba")
+    for opts in (dict(solver="gram"), dict(solver="alternating"), dict(approximate=True)):
+        with pytest.raises(ValueError, match="kernel='numba' refits atoms with the direct solver"):
+            update_atoms(R, p.D.clone(), codes, 5, nonnegative=False, kernel="numba", **opts)
     with pytest.raises(ValueError, match="kernel = 'fast'"):
         update_atoms(R, p.D.clone(), codes, 5, kernel="fast")
 

@@ -156,7 +156,7 @@ def test_paper_schedule_on_an_iterable_with_centring():
     (torch.randn(100, 20), dict(n_atoms=50, k=3, bogus=1), "unknown option"),
     (torch.randn(100, 20), dict(n_atoms=50, k=3, method="lasso"), "method"),
     ([torch.randn(100, 20), torch.randn(100, 21)], dict(n_atoms=50, k=3, max_iters=3), "d = 21"),
-    (torch.randn(100, 20), dict(n_atoms=50, k=3, kernel="numba", nonnegative=False), "coder.kernel = 'numba'"),
+    (torch.randn(100, 20), dict(n_atoms=50, k=3, kernel="numba", rank1_solver="gram"), "coder.kernel = 'numba'"),
 ])
 def test_bad_input_raises_clear_errors(data, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -191,8 +191,8 @@ def _naive_refit(Y, D, X, j):
     return omega, atom, E @ atom
 
 
-@pytest.mark.parametrize("solver", ["direct", "gram"])
-def test_atom_batch_one_equals_naive_sequential_ksvd(solver):
+@pytest.mark.parametrize("solver,kernel", [("direct", "numba"), ("direct", "torch"), ("gram", "auto")])
+def test_atom_batch_one_equals_naive_sequential_ksvd(solver, kernel):
     Y, D, codes = _problem()
     K = D.shape[0]
     order = _shuffled_used_atoms(codes, K, seed=7)
@@ -201,15 +201,15 @@ def test_atom_batch_one_equals_naive_sequential_ksvd(solver):
         omega, atom, x = _naive_refit(Y.double(), Dn, Xn, j)
         Dn[j], Xn[omega, j] = atom, x
     Dg, R = D.clone(), Y - codes.decode(D)
-    update_atoms(R, Dg, codes, 1, nonnegative=False, tol=1e-12, solver=solver,
+    update_atoms(R, Dg, codes, 1, nonnegative=False, tol=1e-12, solver=solver, kernel=kernel,
                  generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(Dg.double(), Dn, atol=2e-4, rtol=0)
     torch.testing.assert_close(codes.to_dense(K).double(), Xn, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(R, Y - codes.decode(Dg), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("solver", ["direct", "gram"])
-def test_one_atom_batch_is_a_jacobi_sweep(solver):
+@pytest.mark.parametrize("solver,kernel", [("direct", "numba"), ("direct", "torch"), ("gram", "auto")])
+def test_one_atom_batch_is_a_jacobi_sweep(solver, kernel):
     Y, D, codes = _problem(seed=1)
     K = D.shape[0]
     D0, X0 = D.double().clone(), codes.to_dense(K).double()
@@ -218,7 +218,7 @@ def test_one_atom_batch_is_a_jacobi_sweep(solver):
         omega, atom, x = _naive_refit(Y.double(), D0, X0, j)
         Dn[j], Xn[omega, j] = atom, x
     Dg, R = D.clone(), Y - codes.decode(D)
-    update_atoms(R, Dg, codes, K, nonnegative=False, tol=1e-12, solver=solver,
+    update_atoms(R, Dg, codes, K, nonnegative=False, tol=1e-12, solver=solver, kernel=kernel,
                  generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(Dg.double(), Dn, atol=2e-4, rtol=0)
     torch.testing.assert_close(codes.to_dense(K).double(), Xn, atol=2e-4, rtol=1e-4)

@@ -81,3 +81,30 @@ def test_fetch_add_returns_the_old_value():
 
     a = np.array([0, 10, 0], dtype=np.int64)
     assert twice(a) == (10, 15) and a[1] == 13
+
+
+def test_cached_machine_code_is_dropped_when_any_compiled_source_changes(tmp_path):
+    """numba re-checks only the source file of the function it loads: a change to refit_numba.py alone would
+    leave update_numba.sweep's cache (which inlines the refits) stale. compiled.fresh_cache drops the cached code
+    of every compiled module when any of their sources changed, and nothing else."""
+    from pathlib import Path
+
+    src = Path(compiled.__file__).parent
+    for name in compiled.COMPILED_MODULES:
+        (tmp_path / f"{name}.py").write_bytes((src / f"{name}.py").read_bytes())
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    ours = [cache / "update_numba.sweep-33.py311.nbi", cache / "update_numba.sweep-33.py311.1.nbc"]
+    theirs = cache / "coders.helper-10.py311.nbi"
+    check = compiled.fresh_cache.__wrapped__  # uncached: called here once per state
+    for path in [*ours, theirs]:
+        path.write_bytes(b"")
+    check(tmp_path)  # no stamp yet: the cache is of unknown sources
+    assert not any(p.exists() for p in ours) and theirs.exists()
+    for path in ours:
+        path.write_bytes(b"")
+    check(tmp_path)  # same sources: kept
+    assert all(p.exists() for p in ours)
+    (tmp_path / "refit_numba.py").write_text((src / "refit_numba.py").read_text() + "\n# changed\n")
+    check(tmp_path)
+    assert not any(p.exists() for p in ours) and theirs.exists()
