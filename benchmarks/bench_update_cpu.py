@@ -12,7 +12,9 @@ starting from a fitted dictionary (``--dictionary``) or one warmed up here for `
    pass, from runs of 1 and 4 passes (so set-up is not counted);
 4. ``--rounds`` rounds that each time the coder, the default update, the capped update and a TopK pass one after
    another: the medians of the per-round ratios are the headline figures (the VM's speed drifts);
-5. two fits of ``--fit-iters`` iterations from the same start over the store's other rows, one with the default
+5. signed codes (KSVD.jl's pursuit, the reference mode's): the torch block solver (power steps, then batched
+   Lanczos) against the compiled per-atom Lanczos refits, wall time, objective and atom agreement;
+6. two fits of ``--fit-iters`` iterations from the same start over the store's other rows, one with the default
    update and one with the capped update, at equal samples: held-out FVU on the benchmark's rows and wall time
    (the objective a whole fit reaches, not one update's).
 
@@ -140,6 +142,32 @@ def bench_rounds(Y: torch.Tensor, D0: torch.Tensor, k: int, rounds: int) -> dict
             "range": {key: [min(r[key] for r in out), max(r[key] for r in out)] for key in out[0]}}
 
 
+def bench_signed(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> dict:
+    """The signed update (the reference mode's): torch block solver against the compiled refits."""
+    codes0 = encode(Y, D0, k, G=gram(D0), nonnegative=False, reference_rules=True)
+    atom_batch = max(1, D0.shape[0] // 128)
+    out, atoms = {}, {}
+    for kernel in ("torch", "numba"):
+        secs = []
+        for _ in range(repeats):
+            D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
+            R = Y - codes.decode(D)
+            t = time.perf_counter()
+            stats = update_atoms(R, D, codes, atom_batch, nonnegative=False, kernel=kernel,
+                                 generator=torch.Generator().manual_seed(0))
+            secs.append(time.perf_counter() - t)
+        atoms[kernel] = D
+        out[kernel] = {"seconds": statistics.median(secs), "all_seconds": secs,
+                       "fvu_after_update": objective(Y, D, codes) / float((Y - Y.mean(0)).pow(2).sum()),
+                       "mean_iters": stats.mean_rank1_iters, "lanczos": stats.lanczos,
+                       "eigensolved": stats.eigensolved}
+        print("signed", kernel, json.dumps(out[kernel]), flush=True)
+    cos = (atoms["torch"] * atoms["numba"]).sum(1)
+    out["atoms_1_minus_cos"] = {"worst": float((1 - cos).max()), "mean": float((1 - cos).mean())}
+    out["speedup"] = out["torch"]["seconds"] / out["numba"]["seconds"]
+    return out
+
+
 #: The update the issue started from, as learner options (the "alternating, tol 1e-4, cap 30" variant).
 CAPPED_FIT = dict(rank1_solver="alternating", rank1_tol=1e-4, rank1_max_iters=30)
 
@@ -200,6 +228,7 @@ def main() -> None:
     res["update"] = bench_updates(Y, D0, args.k, args.repeats)
     res["topk_sae"] = bench_topk_pass(Y, D0.shape[0], args.k)
     res["rounds"] = bench_rounds(Y, D0, args.k, args.rounds)
+    res["signed"] = bench_signed(Y, D0, args.k, args.repeats)
     if args.fit_iters:
         res["fits"] = bench_fits(Y_all[perm[args.rows:]].float(), Y, D0.shape[0], args.k, args.rows, args.fit_iters,
                                  args.fit_seeds)
