@@ -49,8 +49,8 @@ class CoderSettings:
     """KSVD.jl's matching-pursuit stopping rules exactly (strict rtol test before the k + 1 drop, so a sample can
     keep k + 1 atoms and codes are k + 1 wide); the ``reference`` preset sets it."""
     kernel: str = "auto"
-    """Where the CPU loops run: "numba" (compiled per-sample MP, and in fits the compiled per-atom non-negative
-    refits; CPU, no candidate lists, one process), "torch" (batched tensor ops, any device) or "auto" (numba
+    """Where the CPU loops run: "numba" (compiled per-sample MP, and in fits the compiled atom-update sweep with
+    per-atom refits, rank1_solver="direct"; CPU, no candidate lists, one process), "torch" (batched tensor ops, any device) or "auto" (numba
     wherever it applies). A speed choice: the same codes up to rounding, refits the same to ``rank1_tol``."""
 
     def validate(self) -> None:
