@@ -183,7 +183,7 @@ def _use_compiled(kernel: str, solver: str, approximate: bool, comm: Collective,
     if kernel not in KERNELS:
         raise ValueError(f"kernel = {kernel!r} is not one of {KERNELS}.")
     fits = (solver == "direct" and not approximate and not comm.distributed and D.device.type == "cpu"
-            and R.dtype == D.dtype)
+            and R.dtype == D.dtype and R.dtype in (torch.float32, torch.float64))
     return compiled.use(kernel, fits, "kernel='numba' refits atoms with the direct solver (not approximate) on CPU "
                                       "in one process; use kernel='torch' or 'auto' for this update.")
 

@@ -1,4 +1,4 @@
-"""The non-negative atom update on CPU through compiled loops: the driver of :mod:`pipeline.core.update_numba`
+"""The atom update on CPU through compiled loops: the driver of :mod:`pipeline.core.update_numba`
 (numba, imported lazily), called by :func:`pipeline.core.atom_update.update_atoms`.
 
 Atom batches go in the shuffled order :func:`~pipeline.core.atom_update.update_atoms` planned; within a batch the
