@@ -1,6 +1,8 @@
-"""The numba-compiled CPU loops (``mp_numba``: matching pursuit; ``update_numba``: non-negative atom refits),
-imported lazily: numba's import and its cache load cost ~1 s, paid only by the first CPU fit or encode. The
-``kernel`` choice that selects them (:func:`use`), and their ahead-of-time compilation (:func:`warm_up`)."""
+"""The numba-compiled CPU loops (``mp_numba``: matching pursuit; ``update_numba``: the atom-update sweep, with
+``refit_numba``'s per-atom refits and ``spin``'s barriers), imported lazily: numba's import and its cache load
+cost ~1 s, paid only by the first CPU fit or encode. The ``kernel`` choice that selects them (:func:`use`), the
+threads that run them (:func:`threads`, :func:`run_threads`), the check that their cache is of the current
+sources (:func:`fresh_cache`), and their ahead-of-time compilation (:func:`warm_up`)."""
 
 from __future__ import annotations
 

@@ -50,8 +50,9 @@ class CoderSettings:
     keep k + 1 atoms and codes are k + 1 wide); the ``reference`` preset sets it."""
     kernel: str = "auto"
     """Where the CPU loops run: "numba" (compiled per-sample MP, and in fits the compiled atom-update sweep with
-    per-atom refits, rank1_solver="direct"; CPU, no candidate lists, one process), "torch" (batched tensor ops, any device) or "auto" (numba
-    wherever it applies). A speed choice: the same codes up to rounding, refits the same to ``rank1_tol``."""
+    per-atom refits, rank1_solver="direct"; CPU, no candidate lists, one process), "torch" (batched tensor ops,
+    any device) or "auto" (numba wherever it applies). A speed choice: the same codes up to rounding, refits the
+    same to ``rank1_tol``."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field for a choice the coders do not have."""
