@@ -81,7 +81,7 @@ def test_two_process_fits_equal_the_one_process_fit(tmp_path):
     results, codes, _ = _spawn(tmp_path, "equal", data_file, runs)
     assert codes == [0, 0], results
     for i, (mode, opts) in enumerate(MODES.items()):
-        # kernel="torch": one process on CPU would refit non-negative atoms with the compiled per-atom loops,
+        # kernel="torch": one process on CPU would refit atoms with the compiled per-atom loops,
         # which stop each atom on its own estimate (the same refits to rank1_tol, not to rounding); data-parallel
         # updates run the block solver, so the one-process reference runs it too
         single = learn_dictionary(Y, K, k, progress=False, kernel="torch", **COMMON, **opts)

@@ -30,7 +30,7 @@ def _cfg(root: Path, *overrides: str):
 #: them by iteration 2 and the two trajectories part (so does a one-process fit of the data times 1 + 1e-7 noise;
 #: BENCHMARKS.md (g)). Everything else is continuous and the ranks match the one-process fit to ~1e-7.
 #: And the torch block solver in the one-process fit too: data-parallel updates always run it, while one process
-#: on CPU would refit non-negative atoms with the compiled per-atom loops, which agree with it to rank1_tol only.
+#: on CPU would refit atoms with the compiled per-atom loops, which agree with it to rank1_tol only.
 FIT = ("dictionary.duplicate_threshold=null", "dictionary.coder.kernel=torch")
 
 
