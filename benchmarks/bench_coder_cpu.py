@@ -38,8 +38,14 @@ def main() -> None:
     Y, D = p.Y, p.D
     G = gram(D)
     Gn = G.numpy()
-    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-           "date": time.strftime("%Y-%m-%d"), "d": d, "K": K, "k": k, "torch": torch.__version__}
+    res = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "d": d,
+        "K": K,
+        "k": k,
+        "torch": torch.__version__,
+    }
     t_sk, t_ours = [], []
     for _ in range(args.rounds):
         Ys = Y[: args.n_sklearn]
@@ -59,8 +65,11 @@ def main() -> None:
     res["omp_max_abs_code_diff"] = float(np.abs(X_ours - X_sk).max())
     res["sklearn_omp_rel_err"] = rel(X_sk, Y[: args.n_sklearn])
     res["omp_rel_err"] = rel(ours.to_dense(K).numpy(), Y)
-    for name, kw in {"mp_signed": dict(nonnegative=False), "mp_signed_refit": dict(nonnegative=False, refit=True),
-                     "mp_nonneg": dict(nonnegative=True)}.items():
+    for name, kw in {
+        "mp_signed": dict(nonnegative=False),
+        "mp_signed_refit": dict(nonnegative=False, refit=True),
+        "mp_nonneg": dict(nonnegative=True),
+    }.items():
         rates = []
         for _ in range(args.rounds):
             t = time.perf_counter()

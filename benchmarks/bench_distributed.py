@@ -10,7 +10,8 @@ On real activations (``--store``, the default run's), K = 2048, k = 32, 16,384-r
 3. A projection to Gemma-2-2B size (d = 2304, K = 16384, atom batch K/128) on 8 × H200 (NVLink) and on 2 nodes
    (400 Gb/s links), from the measured calls and bytes per update and stated latency/bandwidth assumptions.
 
-Usage: python benchmarks/bench_distributed.py --store outputs/default/harvest-*/store [--out benchmarks/results_distributed.json]
+Usage: python benchmarks/bench_distributed.py --store outputs/default/harvest-*/store
+                                               [--out benchmarks/results_distributed.json]
        python benchmarks/bench_distributed.py --store X --project-only     # redo only the projection
 """
 
@@ -46,14 +47,24 @@ def worker(rank: int, world: int, init: str, data: str, opts: dict, out: str) ->
     from pipeline.core.collective import ProcessGroupCollective
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=30))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=timedelta(minutes=30)
+    )
     comm = ProcessGroupCollective(dist.group.WORLD)
     Y = torch.load(data)
     t = time.perf_counter()
     D = learn_dictionary(Y, K, k, process_group=comm, **opts)
-    torch.save(dict(atoms=D.atoms, history=D.history, wall=time.perf_counter() - t, calls=comm.calls,
-                    bytes=comm.bytes, comm_seconds=comm.seconds), f"{out}.{rank}")
+    torch.save(
+        dict(
+            atoms=D.atoms,
+            history=D.history,
+            wall=time.perf_counter() - t,
+            calls=comm.calls,
+            bytes=comm.bytes,
+            comm_seconds=comm.seconds,
+        ),
+        f"{out}.{rank}",
+    )
     dist.destroy_process_group()
 
 
@@ -73,9 +84,12 @@ def two_ranks(data: str, opts: dict) -> list[dict]:
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     diff = (a - b).abs()
-    return {"max_abs": float(diff.max()), "median_abs": float(diff.median()),
-            "worst_1_minus_cos": float((1 - (a * b).sum(1)).max()),
-            "atoms_over_1e-4": int((diff.max(1).values > 1e-4).sum())}
+    return {
+        "max_abs": float(diff.max()),
+        "median_abs": float(diff.median()),
+        "worst_1_minus_cos": float((1 - (a * b).sum(1)).max()),
+        "atoms_over_1e-4": int((diff.max(1).values > 1e-4).sum()),
+    }
 
 
 def heldout_fvu(atoms: torch.Tensor, like: Dictionary, Y: torch.Tensor) -> float:
@@ -101,13 +115,24 @@ def main() -> None:
     store = ActivationStore(args.store)
     Y = store.load_all()[: args.rows]
     heldout = store.heldout()[:8192]
-    results: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                     "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": int(Y.shape[0]),
-                     "d": int(Y.shape[1]), "K": K, "k": k, "batch_size": BASE["batch_size"], "runs": {}}
+    results: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": int(Y.shape[0]),
+        "d": int(Y.shape[1]),
+        "K": K,
+        "k": k,
+        "batch_size": BASE["batch_size"],
+        "runs": {},
+    }
     noise = 1 + 1e-7 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(1))
-    variants = {"non-negative (default)": dict(max_iters=args.iters),
-                "non-negative, no duplicate replacement": dict(max_iters=args.iters, duplicate_threshold=None),
-                "signed": dict(max_iters=args.signed_iters, nonnegative=False)}
+    variants = {
+        "non-negative (default)": dict(max_iters=args.iters),
+        "non-negative, no duplicate replacement": dict(max_iters=args.iters, duplicate_threshold=None),
+        "signed": dict(max_iters=args.signed_iters, nonnegative=False),
+    }
     if args.only:
         unknown = set(args.only) - set(variants)
         if unknown:
@@ -128,15 +153,22 @@ def main() -> None:
             r0, iters = ranks[0], len(single.history)
             run = {
                 "iterations": iters,
-                "one_process_seconds": single_wall, "two_process_seconds": r0["wall"],
+                "one_process_seconds": single_wall,
+                "two_process_seconds": r0["wall"],
                 "two_ranks_vs_one": compare(r0["atoms"], single.atoms),
                 "rank0_vs_rank1": compare(r0["atoms"], ranks[1]["atoms"]),
                 "control_one_process_data_x_1e-7_noise": compare(perturbed.atoms, single.atoms),
-                "heldout_fvu": {"one": single.fvu(heldout), "two": heldout_fvu(r0["atoms"], single, heldout),
-                                "control": perturbed.fvu(heldout)},
-                "per_update": {"collectives": r0["calls"] / iters, "bytes": r0["bytes"] / iters,
-                               "seconds_in_collectives": r0["comm_seconds"] / iters,
-                               "update_wall_seconds": r0["wall"] / iters},
+                "heldout_fvu": {
+                    "one": single.fvu(heldout),
+                    "two": heldout_fvu(r0["atoms"], single, heldout),
+                    "control": perturbed.fvu(heldout),
+                },
+                "per_update": {
+                    "collectives": r0["calls"] / iters,
+                    "bytes": r0["bytes"] / iters,
+                    "seconds_in_collectives": r0["comm_seconds"] / iters,
+                    "update_wall_seconds": r0["wall"] / iters,
+                },
                 "mean_rank1_steps": sum(h["rank1_iters"] for h in single.history) / iters,
                 "eigensolved_per_update": sum(h["rank1_eigensolved"] for h in single.history) / iters,
                 "lanczos_per_update": sum(h.get("rank1_lanczos", 0) for h in single.history) / iters,
@@ -162,11 +194,16 @@ def project(results: dict, d_g: int = 2304, K_g: int = 16384) -> dict:
         power_bytes = max(run["per_update"]["bytes"] - gram_bytes, 0.0)
         nbytes = power_bytes * (K_g / K) * ((d_g + 1) / (d + 1)) + (eig / K) * K_g * d_g * d_g * 4
         calls = run["per_update"]["collectives"]
-        out[name] = {"bytes_per_update": nbytes, "collectives_per_update": calls,
-                     "eigensolved_share": eig / K,
-                     "seconds_per_update": {link: calls * lat + 2 * nbytes / bw for link, (lat, bw) in LINKS.items()}}
-    return {"assumptions": {k_: {"latency_s": v[0], "bus_bandwidth_Bps": v[1]} for k_, v in LINKS.items()},
-            "per_update": out}
+        out[name] = {
+            "bytes_per_update": nbytes,
+            "collectives_per_update": calls,
+            "eigensolved_share": eig / K,
+            "seconds_per_update": {link: calls * lat + 2 * nbytes / bw for link, (lat, bw) in LINKS.items()},
+        }
+    return {
+        "assumptions": {k_: {"latency_s": v[0], "bus_bandwidth_Bps": v[1]} for k_, v in LINKS.items()},
+        "per_update": out,
+    }
 
 
 if __name__ == "__main__":

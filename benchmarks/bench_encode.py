@@ -33,7 +33,7 @@ def _data(args) -> torch.Tensor:
             raise SystemExit(f"the store has {Y.shape[0]} rows; need {need}")
         return Y[:need].float()
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(args.d, args.d, generator=g) / args.d ** 0.5
+    A = torch.randn(args.d, args.d, generator=g) / args.d**0.5
     return torch.randn(args.tokens + args.K, args.d, generator=g) @ A + 0.3 * torch.randn(args.d, generator=g)
 
 
@@ -73,11 +73,11 @@ def main() -> None:
 
     Y = _data(args)
     args.d = Y.shape[1]
-    atoms = Y[args.tokens:args.tokens + args.K]
+    atoms = Y[args.tokens : args.tokens + args.K]
     atoms = atoms / atoms.norm(dim=1, keepdim=True)
-    X = Y[:args.tokens].to(args.device)
+    X = Y[: args.tokens].to(args.device)
     L = 128
-    batches = [X[s:s + 32 * L].reshape(-1, L, args.d) for s in range(0, X.shape[0] - 32 * L + 1, 32 * L)]
+    batches = [X[s : s + 32 * L].reshape(-1, L, args.d) for s in range(0, X.shape[0] - 32 * L + 1, 32 * L)]
     n_tok = sum(b.shape[0] * b.shape[1] for b in batches)
 
     topk = TopKSAE(args.d, args.K, args.k, "bench", 0, torch.device(args.device), torch.float32)
@@ -102,15 +102,30 @@ def main() -> None:
         d = Dictionary(atoms.clone(), CoderSettings(k=args.k, **kw))
         sae = DictionarySAE(d, "bench", 0, device=args.device, cache_bytes=0)
         t = _time(sae.encode, batches, args.repeats)
-        rows.append({"encoder": f"DictionarySAE.encode, {label}", "tok_per_s": n_tok / t, "slowdown": t / t_topk,
-                     "fvu": fvu(sae)})
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
-            "d": args.d, "K": args.K, "k": args.k, "tokens": n_tok, "batch": f"{len(batches)} x (32, {L}, d)",
-            "data": f"store {args.store}" if args.store else "correlated Gaussian", "rows": rows}
+        rows.append(
+            {
+                "encoder": f"DictionarySAE.encode, {label}",
+                "tok_per_s": n_tok / t,
+                "slowdown": t / t_topk,
+                "fvu": fvu(sae),
+            }
+        )
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "d": args.d,
+        "K": args.K,
+        "k": args.k,
+        "tokens": n_tok,
+        "batch": f"{len(batches)} x (32, {L}, d)",
+        "data": f"store {args.store}" if args.store else "correlated Gaussian",
+        "rows": rows,
+    }
     Path(args.out).write_text(json.dumps(meta, indent=2))
-    print(f"d={args.d} K={args.K} k={args.k}, {n_tok} tokens, {meta['data']}, {meta['threads']} threads, "
-          f"{args.device}")
+    print(f"d={args.d} K={args.K} k={args.k}, {n_tok} tokens, {meta['data']}, {meta['threads']} threads, {args.device}")
     print("| encoder | tokens/s | × TopK time | FVU on batch 1 |")
     print("|---|---|---|---|")
     for r in rows:

@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.atom_update import identity_reduce, update_atoms  # noqa: E402
-from pipeline.core.codes import Codes  # noqa: E402
-from pipeline.core.learner import _iteration, LearnerConfig, learn_dictionary  # noqa: E402
 from pipeline.core.coders import correlations, encode, gram  # noqa: E402
+from pipeline.core.codes import Codes  # noqa: E402
+from pipeline.core.learner import LearnerConfig, _iteration, learn_dictionary  # noqa: E402
 
 
 def sync():
@@ -59,7 +59,7 @@ def activation_like(n, d, K_true=32768, k_true=64, seed=0, device="cuda"):
         m = min(16384, n - s)
         idx = torch.randint(0, K_true, (m, k_true), device=device, generator=g)
         val = torch.rand(m, k_true, device=device, generator=g) ** 4 * 10
-        Y[s:s + m] = torch.nn.functional.embedding_bag(idx, H, per_sample_weights=val, mode="sum")
+        Y[s : s + m] = torch.nn.functional.embedding_bag(idx, H, per_sample_weights=val, mode="sum")
     Y += 0.3 * torch.randn(n, d, device=device, generator=g) + mean
     return Y, H
 
@@ -86,11 +86,12 @@ def main():
         return time.perf_counter() - t_start > args.budget
 
     Y_all, H = activation_like(2 * n_code + 8192, d, device=dev)  # one distribution for every split below
-    Y, Yfit, Yheld = Y_all[:n_code], Y_all[: 2 * n_code], Y_all[2 * n_code:]
+    Y, Yfit, Yheld = Y_all[:n_code], Y_all[: 2 * n_code], Y_all[2 * n_code :]
     D = H[:K].clone()  # half of the hidden atoms: the exact coder reconstructs part of each sample
 
     def fvu(c, Yr):
         return float((Yr - c.decode(D)).pow(2).sum() / (Yr - Yr.mean(0)).pow(2).sum())
+
     G = gram(D)
     res["matmul"] = {}
     for p in ("fp32", "tf32", "bf16"):
@@ -121,8 +122,12 @@ def main():
         s, c = timed(lambda: encode(Y, D, k, G=G, validate=False, **kw), repeat=2)
         err = fvu(c, Y)
         same = float((c.to_dense(K) != 0).eq(ref.to_dense(K) != 0).all(dim=1).float().mean()) if n_code <= 65536 else -1
-        res["coder"][name] = {"tokens_per_s": n_code / s, "fvu": err, "fvu_change_vs_exact": (err - err_ref) / err_ref,
-                              "rows_same_support": same}
+        res["coder"][name] = {
+            "tokens_per_s": n_code / s,
+            "fvu": err,
+            "fvu_change_vs_exact": (err - err_ref) / err_ref,
+            "rows_same_support": same,
+        }
         print(name, res["coder"][name], flush=True)
         save()
     # topk cost alone (candidate selection)
@@ -131,7 +136,7 @@ def main():
     for M in (256, 1024):
         s, _ = timed(lambda: C0.topk(min(M, K), dim=1), repeat=2)
         res.setdefault("topk_select_tokens_per_s", {})[M] = nt / s
-    del C0
+    C0 = None  # frees the correlations
     print("topk", res.get("topk_select_tokens_per_s"), flush=True)
     if not over():
         no = min(16384, n_code)
@@ -147,11 +152,16 @@ def main():
     for fast in (False, True):
         if over():
             break
-        for ab in ((512, 2048) if not args.small else (32, 256)):
+        for ab in (512, 2048) if not args.small else (32, 256):
             if over():
                 break
-            cfg = LearnerConfig.from_options(K, k, atom_batch_size=ab, progress=False,
-                                **(dict(precision="bf16", candidates=min(512, K // 2)) if fast else {}))
+            cfg = LearnerConfig.from_options(
+                K,
+                k,
+                atom_batch_size=ab,
+                progress=False,
+                **(dict(precision="bf16", candidates=min(512, K // 2)) if fast else {}),
+            )
             G = gram(D, cfg.coder.precision)
             Dw = D.clone()
             gen = torch.Generator().manual_seed(0)
@@ -164,8 +174,11 @@ def main():
 
             s, rec = timed(one_iteration, repeat=2, warmup=1)
             key = f"{'fast' if fast else 'exact'} coder, atom batch {ab}"
-            res["fit_iteration"][key] = {"tokens_per_s": n_fit / s, "seconds": s,
-                                         **{k_: v for k_, v in rec.items() if k_ != "G"}}
+            res["fit_iteration"][key] = {
+                "tokens_per_s": n_fit / s,
+                "seconds": s,
+                **{k_: v for k_, v in rec.items() if k_ != "G"},
+            }
             print(key, res["fit_iteration"][key], flush=True)
             save()
 
@@ -185,7 +198,7 @@ def main():
             secs = []
             for steps in (10, 40):
                 t = time.perf_counter()
-                train_baseline(Y[:bs * 8], d, K, k, spec, Budget("steps", steps=steps))
+                train_baseline(Y[: bs * 8], d, K, k, spec, Budget("steps", steps=steps))
                 sync()
                 secs.append(time.perf_counter() - t)
             key = f"{arch} {'bf16 autocast' if autocast else 'fp32'}"
@@ -197,8 +210,18 @@ def main():
     # alternating one), same codes: seconds per update, iterations, objective after it
     res["update_solvers"] = {}
     Yb = Yfit[: 65536 if not args.small else 2048]
-    D0 = learn_dictionary(Yb, K, k, batch_size=Yb.shape[0], max_iters=2, tol=None, precision="bf16",
-                          candidates=min(512, K // 2), progress=False, device=dev).atoms
+    D0 = learn_dictionary(
+        Yb,
+        K,
+        k,
+        batch_size=Yb.shape[0],
+        max_iters=2,
+        tol=None,
+        precision="bf16",
+        candidates=min(512, K // 2),
+        progress=False,
+        device=dev,
+    ).atoms
     codes0 = encode(Yb, D0, k, precision="bf16", candidates=min(512, K // 2))
     for solver, tol in (("direct", 1e-6), ("gram", 1e-6), ("alternating", 1e-4)):
         if over():
@@ -210,34 +233,54 @@ def main():
             R = Yb - codes.decode(D)
             sync()
             t = time.perf_counter()
-            stats = update_atoms(R, D, codes, max(1, K // 128), solver=solver, tol=tol,
-                                 generator=torch.Generator().manual_seed(0))
+            stats = update_atoms(
+                R, D, codes, max(1, K // 128), solver=solver, tol=tol, generator=torch.Generator().manual_seed(0)
+            )
             sync()
             secs.append(time.perf_counter() - t)
         res["update_solvers"][f"{solver} tol {tol:g}"] = {
-            "seconds": secs[-1], "tokens_per_s": Yb.shape[0] / secs[-1], "mean_iters": stats.mean_rank1_iters,
-            "capped": stats.capped, "objective_fvu": float(R.pow(2).sum() / (Yb - Yb.mean(0)).pow(2).sum())}
+            "seconds": secs[-1],
+            "tokens_per_s": Yb.shape[0] / secs[-1],
+            "mean_iters": stats.mean_rank1_iters,
+            "capped": stats.capped,
+            "objective_fvu": float(R.pow(2).sum() / (Yb - Yb.mean(0)).pow(2).sum()),
+        }
         print("update", solver, res["update_solvers"][f"{solver} tol {tol:g}"], flush=True)
         save()
 
     # short real fits: paper-style schedule (2 epochs of 65,536-row batches) on activation-like data, fast coder,
     # for several atom-batch sizes (quality vs time at this scale), scored on held-out rows
     res["short_fit"] = {}
-    for ab in ((128, 512, 2048, K) if not args.small else (16, 256)):
+    for ab in (128, 512, 2048, K) if not args.small else (16, 256):
         if over():
             break
         t = time.perf_counter()
-        Dl = learn_dictionary(Yfit, K, k, batch_size=65536 if not args.small else 1024, epochs=2, max_iters=None,
-                              tol=None, precision="bf16", candidates=min(512, K // 2), progress=False,
-                              device=dev, atom_batch_size=ab)
+        Dl = learn_dictionary(
+            Yfit,
+            K,
+            k,
+            batch_size=65536 if not args.small else 1024,
+            epochs=2,
+            max_iters=None,
+            tol=None,
+            precision="bf16",
+            candidates=min(512, K // 2),
+            progress=False,
+            device=dev,
+            atom_batch_size=ab,
+        )
         sync()
         secs = time.perf_counter() - t
         res["short_fit"][f"atom batch {ab}"] = {
-            "rows": Yfit.shape[0], "iterations": len(Dl.history), "seconds": secs,
-            "tokens_per_s": Yfit.shape[0] * 2 / secs, "heldout_fvu": Dl.fvu(Yheld),
+            "rows": Yfit.shape[0],
+            "iterations": len(Dl.history),
+            "seconds": secs,
+            "tokens_per_s": Yfit.shape[0] * 2 / secs,
+            "heldout_fvu": Dl.fvu(Yheld),
             "fvu_per_iteration": [round(h["fvu"], 4) for h in Dl.history],
             "dead_fraction": [round(h["dead_fraction"], 4) for h in Dl.history],
-            "phase_seconds_last": {k_: round(v, 4) for k_, v in Dl.history[-1].items() if k_.endswith("_seconds")}}
+            "phase_seconds_last": {k_: round(v, 4) for k_, v in Dl.history[-1].items() if k_.endswith("_seconds")},
+        }
         print("short fit", ab, res["short_fit"][f"atom batch {ab}"], flush=True)
         save()
     res["wall_s"] = time.perf_counter() - t_start

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.store import ActivationStore
-from pipeline.data.store_writer import import_array
 from pipeline.data.harvest import harvest, hook_names
 from pipeline.data.models import describe_model, load_model
+from pipeline.data.store import ActivationStore
+from pipeline.data.store_writer import import_array
 from pipeline.data.text import TextSource, describe_source, iter_documents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +45,18 @@ def bench_harvest(tmp: Path, n_tokens: int, batch_size: int) -> tuple[dict, Path
     source = TextSource(kind="austen")
     meta = {"model": describe_model(model, "smollm2-135m"), "text": describe_source(source)}
     t0 = time.perf_counter()
-    path = harvest(model, lambda: iter_documents(source), tmp / "smollm2", hooks=hook_names([15]),
-                   n_tokens=n_tokens, context_length=128, batch_size=batch_size, heldout_fraction=0.05,
-                   meta=meta, progress=False)
+    path = harvest(
+        model,
+        lambda: iter_documents(source),
+        tmp / "smollm2",
+        hooks=hook_names([15]),
+        n_tokens=n_tokens,
+        context_length=128,
+        batch_size=batch_size,
+        heldout_fraction=0.05,
+        meta=meta,
+        progress=False,
+    )
     secs = time.perf_counter() - t0
     # the forward pass alone, for the same batch shape
     tokens = torch.randint(1000, 20000, (batch_size, 128))
@@ -103,33 +112,48 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = os.getloadavg()[0]
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, 1-min load {load:.1f} at the end")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, 1-min load {load:.1f} at the end"
+    )
 
 
 def render(h: dict, readers: list[dict], learner: dict | None) -> str:
-    lines = [SECTION, "",
-             f"Measured {dt.date.today().isoformat()} by `benchmarks/bench_harvest.py` on {machine()}; no GPU.", "",
-             "| what | figure |", "|---|---|",
-             f"| harvest, SmolLM2-135M layer 15 on Austen, 128-token contexts, batch {h['batch']}, fp32 "
-             f"({h['tokens']:,} tokens) | **{h['tok_s']:,.0f} tokens/s** |",
-             f"| the forward pass alone (`run_with_cache`, `stop_at_layer=16`), same batch | {h['fwd_tok_s']:,.0f} "
-             "tokens/s |",
-             f"| model load (converted model cached) | {h['load_s']:.1f} s |"]
+    lines = [
+        SECTION,
+        "",
+        f"Measured {dt.date.today().isoformat()} by `benchmarks/bench_harvest.py` on {machine()}; no GPU.",
+        "",
+        "| what | figure |",
+        "|---|---|",
+        f"| harvest, SmolLM2-135M layer 15 on Austen, 128-token contexts, batch {h['batch']}, fp32 "
+        f"({h['tokens']:,} tokens) | **{h['tok_s']:,.0f} tokens/s** |",
+        f"| the forward pass alone (`run_with_cache`, `stop_at_layer=16`), same batch | {h['fwd_tok_s']:,.0f} "
+        "tokens/s |",
+        f"| model load (converted model cached) | {h['load_s']:.1f} s |",
+    ]
     for r in readers:
-        lines.append(f"| reader to {r['device']}, {r['n']:,} × {r['d']} rows stored {r['dtype']}, shuffled, "
-                     f"prefetched float32 batches of {r['batch']}: first epoch (sha256 checked) / second | "
-                     f"**{r['epoch0']:,.0f} / {r['epoch1']:,.0f} rows/s** |")
+        lines.append(
+            f"| reader to {r['device']}, {r['n']:,} × {r['d']} rows stored {r['dtype']}, shuffled, "
+            f"prefetched float32 batches of {r['batch']}: first epoch (sha256 checked) / second | "
+            f"**{r['epoch0']:,.0f} / {r['epoch1']:,.0f} rows/s** |"
+        )
     if learner:
-        lines.append(f"| for comparison: DB-KSVD learner on the harvested rows (K={learner['n_atoms']}, "
-                     f"k={learner['k']}, batch {learner['batch']}, 1 epoch, CPU) | {learner['rows_s']:,.0f} rows/s |")
-    lines += ["", "Harvest on CPU is bound by the model's forward pass (the loop, masking, shard writes and "
-              "checksums cost the difference between the first two rows). On this CPU the reader outruns the CPU "
-              "learner many times over, so a CPU fit is never bound by it. For GPU fits (the learner reaches "
-              "10^5-10^6 rows/s at d=2304 on an H200, `shared/design.md`) batches are gathered and cast on the "
-              "GPU, leaving the CPU only the shard reads and first-epoch checksums; that path was not measured "
-              "here: run `python benchmarks/bench_harvest.py --reader-only --device cuda --no-write` on the GPU "
-              "machine.", ""]
+        lines.append(
+            f"| for comparison: DB-KSVD learner on the harvested rows (K={learner['n_atoms']}, "
+            f"k={learner['k']}, batch {learner['batch']}, 1 epoch, CPU) | {learner['rows_s']:,.0f} rows/s |"
+        )
+    lines += [
+        "",
+        "Harvest on CPU is bound by the model's forward pass (the loop, masking, shard writes and "
+        "checksums cost the difference between the first two rows). On this CPU the reader outruns the CPU "
+        "learner many times over, so a CPU fit is never bound by it. For GPU fits (the learner reaches "
+        "10^5-10^6 rows/s at d=2304 on an H200, `shared/design.md`) batches are gathered and cast on the "
+        "GPU, leaving the CPU only the shard reads and first-epoch checksums; that path was not measured "
+        "here: run `python benchmarks/bench_harvest.py --reader-only --device cuda --no-write` on the GPU "
+        "machine.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -151,12 +175,16 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if os.getloadavg()[0] > 0.5:
-        print(f"warning: load average {os.getloadavg()[0]:.1f}: other processes compete for the cores; "
-              "CPU figures will be low")
+        print(
+            f"warning: load average {os.getloadavg()[0]:.1f}: other processes compete for the cores; "
+            "CPU figures will be low"
+        )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        readers = [bench_reader(tmp, args.reader_rows, 576, "float32", device=args.device),
-                   bench_reader(tmp, args.reader_rows // 2, 2304, "bfloat16", device=args.device)]
+        readers = [
+            bench_reader(tmp, args.reader_rows, 576, "float32", device=args.device),
+            bench_reader(tmp, args.reader_rows // 2, 2304, "bfloat16", device=args.device),
+        ]
         for r in readers:
             print(f"reader: {r}")
         if args.reader_only:

@@ -29,12 +29,17 @@ def atom_batch_sweep(Y: torch.Tensor, Yh: torch.Tensor, K: int, k: int, iters: i
     out = []
     for ab in sizes:
         t = time.perf_counter()
-        D = learn_dictionary(Y, K, k, atom_batch_size=ab, max_iters=iters, tol=None, progress=False, seed=0,
-                             batch_size=Y.shape[0])
+        D = learn_dictionary(
+            Y, K, k, atom_batch_size=ab, max_iters=iters, tol=None, progress=False, seed=0, batch_size=Y.shape[0]
+        )
         secs = time.perf_counter() - t
-        rec = {"atom_batch_size": ab, "seconds": secs, "heldout_fvu": D.fvu(Yh),
-               "train_fvu_per_iter": [round(h["fvu"], 5) for h in D.history],
-               "update_seconds_per_iter": None}
+        rec = {
+            "atom_batch_size": ab,
+            "seconds": secs,
+            "heldout_fvu": D.fvu(Yh),
+            "train_fvu_per_iter": [round(h["fvu"], 5) for h in D.history],
+            "update_seconds_per_iter": None,
+        }
         out.append(rec)
         print(json.dumps({k_: v for k_, v in rec.items() if k_ != "train_fvu_per_iter"}), flush=True)
     return out
@@ -51,8 +56,9 @@ def recovery_curve(checkpoints: list[int], variants: dict[str, dict]) -> dict[st
                 if it in curve:
                     curve[it].append(recovered_fraction(_p.D, D))
 
-            learn_dictionary(p.Y, 50, 3, seed=seed, progress=False, max_iters=max(checkpoints), tol=None,
-                             callback=cb, **opts)
+            learn_dictionary(
+                p.Y, 50, 3, seed=seed, progress=False, max_iters=max(checkpoints), tol=None, callback=cb, **opts
+            )
         out[name] = {str(c): sum(v) / len(v) for c, v in curve.items()}
         print(name, out[name], flush=True)
     return out
@@ -67,8 +73,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results_learner_cpu.json")
     args = ap.parse_args()
-    res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
-           "torch": torch.__version__}
+    res = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
     if args.store:
         from pipeline.data.store import ActivationStore
 
@@ -78,19 +87,28 @@ def main() -> None:
         res["data"] = f"{store.path} ({store.hook}), {Y.shape[0]} train rows, d={Y.shape[1]}"
     else:
         p = planted_problem(d=64, n_atoms=2 * args.n_atoms, k=args.k // 4, n=args.rows + 4096, seed=0)
-        Y, Yh = p.Y[: args.rows], p.Y[args.rows:]
+        Y, Yh = p.Y[: args.rows], p.Y[args.rows :]
         res["data"] = "planted"
     K = args.n_atoms
-    res["atom_batch_sweep"] = {"K": K, "k": args.k, "iterations": args.iters,
-                               "runs": atom_batch_sweep(Y, Yh, K, args.k, args.iters, [1, 16, 256, K])}
+    res["atom_batch_sweep"] = {
+        "K": K,
+        "k": args.k,
+        "iterations": args.iters,
+        "runs": atom_batch_sweep(Y, Yh, K, args.k, args.iters, [1, 16, 256, K]),
+    }
     Path(args.out).write_text(json.dumps(res, indent=2))
     res["planted_recovery_vs_iterations"] = recovery_curve(
         [5, 10, 20, 40, 80],
-        {"defaults (MP, non-negative)": {}, "defaults, signed": {"nonnegative": False},
-         "no duplicate replacement": {"duplicate_threshold": None},
-         "OMP coder": {"method": "omp"},
-         "reference-like (uniform init, random re-seed, no duplicates)": dict(init="uniform", reseed="random",
-                                                                              duplicate_threshold=None)})
+        {
+            "defaults (MP, non-negative)": {},
+            "defaults, signed": {"nonnegative": False},
+            "no duplicate replacement": {"duplicate_threshold": None},
+            "OMP coder": {"method": "omp"},
+            "reference-like (uniform init, random re-seed, no duplicates)": dict(
+                init="uniform", reseed="random", duplicate_threshold=None
+            ),
+        },
+    )
     Path(args.out).write_text(json.dumps(res, indent=2))
 
 

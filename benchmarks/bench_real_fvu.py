@@ -26,9 +26,9 @@ from sklearn.decomposition import MiniBatchDictionaryLearning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.store import ActivationStore  # noqa: E402
-from pipeline.core.learner import learn_dictionary  # noqa: E402
 from pipeline.core.coders import encode  # noqa: E402
+from pipeline.core.learner import learn_dictionary  # noqa: E402
+from pipeline.data.store import ActivationStore  # noqa: E402
 from pipeline.evals.baselines import BaselineSpec, Budget, train_baseline  # noqa: E402
 
 
@@ -50,10 +50,16 @@ def main() -> None:
     Y = store.load_all()[: args.rows]
     Yh = store.heldout()[:8192]
     K, k = args.n_atoms, args.k
-    res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
-           "data": f"{store.manifest.get('meta', {}).get('model', {}).get('name', '?')} {store.hook}, "
-                   f"{Y.shape[0]} train rows, {Yh.shape[0]} held-out rows, d={Y.shape[1]}",
-           "n_atoms": K, "k": k, "budget_s": args.budget, "results": {}}
+    res = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "data": f"{store.manifest.get('meta', {}).get('model', {}).get('name', '?')} {store.hook}, "
+        f"{Y.shape[0]} train rows, {Yh.shape[0]} held-out rows, d={Y.shape[1]}",
+        "n_atoms": K,
+        "k": k,
+        "budget_s": args.budget,
+        "results": {},
+    }
 
     methods = set(args.methods.split(","))
     previous = json.loads(Path(args.out).read_text())["results"] if Path(args.out).exists() else {}
@@ -70,12 +76,14 @@ def main() -> None:
 
 def run_dbksvd(Y, Yh, K, k, args, res) -> None:
     t = time.perf_counter()
-    D = learn_dictionary(Y, K, k, time_budget=args.budget, max_iters=None, tol=None, batch_size=16384,
-                         progress=False)
+    D = learn_dictionary(Y, K, k, time_budget=args.budget, max_iters=None, tol=None, batch_size=16384, progress=False)
     codes = D.encode(Yh)
     res["results"]["DB-KSVD (MP, non-negative)"] = {
-        "train_seconds": time.perf_counter() - t, "iterations": len(D.history),
-        "heldout_fvu": fvu(Yh, D.decode(codes)), "heldout_l0": float(codes.l0().float().mean())}
+        "train_seconds": time.perf_counter() - t,
+        "iterations": len(D.history),
+        "heldout_fvu": fvu(Yh, D.decode(codes)),
+        "heldout_l0": float(codes.l0().float().mean()),
+    }
     print(res["results"], flush=True)
 
 
@@ -84,8 +92,15 @@ def run_sklearn(Y, Yh, K, k, args, res) -> None:
     # minutes per mini-batch here); the learned dictionary is then scored with OMP at L0 = k
     t = time.perf_counter()
     alpha = 0.1 * float(Y.norm(dim=1).mean()) / np.sqrt(Y.shape[1])
-    mbdl = MiniBatchDictionaryLearning(n_components=K, batch_size=256, alpha=alpha, random_state=0,
-                                       fit_algorithm="cd", transform_algorithm="omp", transform_n_nonzero_coefs=k)
+    mbdl = MiniBatchDictionaryLearning(
+        n_components=K,
+        batch_size=256,
+        alpha=alpha,
+        random_state=0,
+        fit_algorithm="cd",
+        transform_algorithm="omp",
+        transform_n_nonzero_coefs=k,
+    )
     Yn = Y.numpy()
     rng = np.random.default_rng(0)
     steps = 0
@@ -97,16 +112,31 @@ def run_sklearn(Y, Yh, K, k, args, res) -> None:
     A = A / A.norm(dim=1, keepdim=True).clamp(min=1e-12)
     c = encode(Yh, A, k, method="omp", nonnegative=False, rtol=0.0)
     res["results"]["sklearn MiniBatchDictionaryLearning (+ OMP codes)"] = {
-        "train_seconds": secs, "partial_fit_steps": steps, "heldout_fvu": fvu(Yh, c.decode(A)),
-        "heldout_l0": float(c.l0().float().mean()), "alpha": alpha}
+        "train_seconds": secs,
+        "partial_fit_steps": steps,
+        "heldout_fvu": fvu(Yh, c.decode(A)),
+        "heldout_l0": float(c.l0().float().mean()),
+        "alpha": alpha,
+    }
     print(res["results"], flush=True)
 
 
 def run_topk(Y, Yh, K, k, args, res) -> None:
-    r = train_baseline(Y, Y.shape[1], K, k, BaselineSpec("topk", batch_size=1024, device="cpu"),
-                       Budget("time", seconds=args.budget), heldout=Yh).record
-    res["results"]["TopK SAE (sae-lens)"] = {"train_seconds": r.seconds, "steps": r.steps,
-                                             "heldout_fvu": r.heldout_fvu, "heldout_l0": r.heldout_l0}
+    r = train_baseline(
+        Y,
+        Y.shape[1],
+        K,
+        k,
+        BaselineSpec("topk", batch_size=1024, device="cpu"),
+        Budget("time", seconds=args.budget),
+        heldout=Yh,
+    ).record
+    res["results"]["TopK SAE (sae-lens)"] = {
+        "train_seconds": r.seconds,
+        "steps": r.steps,
+        "heldout_fvu": r.heldout_fvu,
+        "heldout_l0": r.heldout_l0,
+    }
 
 
 if __name__ == "__main__":

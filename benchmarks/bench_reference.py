@@ -8,7 +8,8 @@
    3 epochs), each's held-out FVU with its own saved coder (the reference's with its evaluation refit, and
    without), mean L0, dead atoms and wall time.
 
-Usage: python benchmarks/bench_reference.py [--store outputs/default/harvest-*/store] [--out benchmarks/results_reference.json]
+Usage: python benchmarks/bench_reference.py [--store outputs/default/harvest-*/store]
+                                             [--out benchmarks/results_reference.json]
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from pipeline.core.learner import PAPER_SCHEDULE, learn_dictionary  # noqa: E402
 from pipeline.core.synthetic import planted_problem, recovered_fraction  # noqa: E402
 
 #: The reference's algorithm without its schedule (the planted problem is fitted whole every iteration).
-REFERENCE_ALGORITHM = {k: v for k, v in PAPER_SCHEDULE.items()
-                       if k not in ("batch_size", "epochs", "max_iters", "tol", "sample_order")}
+REFERENCE_ALGORITHM = {
+    k: v for k, v in PAPER_SCHEDULE.items() if k not in ("batch_size", "epochs", "max_iters", "tol", "sample_order")
+}
 
 
 def recovery(checkpoints: list[int]) -> dict[str, dict[str, float]]:
-    variants = {"ours (defaults, signed codes)": dict(nonnegative=False),
-                "reference": dict(REFERENCE_ALGORITHM)}
+    variants = {"ours (defaults, signed codes)": dict(nonnegative=False), "reference": dict(REFERENCE_ALGORITHM)}
     out = {}
     for name, opts in variants.items():
         curve: dict[int, list[float]] = {c: [] for c in checkpoints}
@@ -45,8 +46,18 @@ def recovery(checkpoints: list[int]) -> dict[str, dict[str, float]]:
                 if it in curve:
                     curve[it].append(recovered_fraction(_p.D, D))
 
-            learn_dictionary(p.Y, 50, 3, seed=seed, progress=False, max_iters=max(checkpoints), tol=None,
-                             batch_size=p.Y.shape[0], callback=cb, **opts)
+            learn_dictionary(
+                p.Y,
+                50,
+                3,
+                seed=seed,
+                progress=False,
+                max_iters=max(checkpoints),
+                tol=None,
+                batch_size=p.Y.shape[0],
+                callback=cb,
+                **opts,
+            )
         out[name] = {str(c): round(sum(v) / len(v), 3) for c, v in curve.items()}
         print(name, out[name], flush=True)
     return out
@@ -57,19 +68,27 @@ def on_store(store_path: str, K: int, k: int) -> list[dict]:
 
     store = ActivationStore(store_path)
     Y, Yh = store.load_all(), store.heldout()
-    runs = {"ours (default preset)": dict(batch_size=16384, max_iters=24, tol=None),
-            "reference (dictionary=reference)": dict(PAPER_SCHEDULE)}
+    runs = {
+        "ours (default preset)": dict(batch_size=16384, max_iters=24, tol=None),
+        "reference (dictionary=reference)": dict(PAPER_SCHEDULE),
+    }
     out = []
     for name, opts in runs.items():
         t = time.perf_counter()
         D = learn_dictionary(Y, K, k, progress=False, **opts)
         secs = time.perf_counter() - t
         codes = D.encode(Yh)
-        rec = {"run": name, "updates": len(D.history), "rows_seen": sum(h["rows"] for h in D.history),
-               "fit_seconds": round(secs, 1), "heldout_fvu": round(D.fvu(Yh), 4),
-               "heldout_l0": round(float(codes.l0().float().mean()), 2),
-               "dead_fraction_last": round(D.history[-1]["dead_fraction"], 4), "signed": D.signed,
-               "code_width": D.code_width}
+        rec = {
+            "run": name,
+            "updates": len(D.history),
+            "rows_seen": sum(h["rows"] for h in D.history),
+            "fit_seconds": round(secs, 1),
+            "heldout_fvu": round(D.fvu(Yh), 4),
+            "heldout_l0": round(float(codes.l0().float().mean()), 2),
+            "dead_fraction_last": round(D.history[-1]["dead_fraction"], 4),
+            "signed": D.signed,
+            "code_width": D.code_width,
+        }
         if D.coder.refit:  # the reference evaluates with its refit; also without
             raw = D.encode(Yh, refit=False)
             err = float((Yh - D.decode(raw)).pow(2).sum()) / float((Yh - Yh.mean(0)).pow(2).sum())
@@ -86,11 +105,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results_reference.json")
     args = ap.parse_args()
-    res = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
-           "torch": torch.__version__, "planted_recovery": recovery([5, 10, 20, 40, 80])}
+    res = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "planted_recovery": recovery([5, 10, 20, 40, 80]),
+    }
     if args.store:
-        res["store"] = {"path": args.store, "n_atoms": args.n_atoms, "k": args.k,
-                        "runs": on_store(args.store, args.n_atoms, args.k)}
+        res["store"] = {
+            "path": args.store,
+            "n_atoms": args.n_atoms,
+            "k": args.k,
+            "runs": on_store(args.store, args.n_atoms, args.k),
+        }
     Path(args.out).write_text(json.dumps(res, indent=2))
 
 

@@ -38,19 +38,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.atom_update import objective, update_atoms  # noqa: E402
-from pipeline.core.codes import Codes  # noqa: E402
 from pipeline.core.coders import encode, gram  # noqa: E402
+from pipeline.core.codes import Codes  # noqa: E402
 from pipeline.core.learner import learn_dictionary  # noqa: E402
 
 VARIANTS = {
-    "alternating, tol 1e-4, cap 30 (the update before the Gram solver)":
-        dict(solver="alternating", tol=1e-4, max_iters=30),
+    "alternating, tol 1e-4, cap 30 (the update before the Gram solver)": dict(
+        solver="alternating", tol=1e-4, max_iters=30
+    ),
     "alternating, tol 1e-6, cap 100": dict(solver="alternating", tol=1e-6, max_iters=100),
     "gram, tol 1e-6, cap 100": dict(solver="gram", tol=1e-6, max_iters=100),
-    "direct, tol 1e-6, cap 100 (torch block solver; the default on GPUs and in data-parallel runs)":
-        dict(solver="direct", tol=1e-6, max_iters=100, kernel="torch"),
-    "direct, tol 1e-6, cap 100, compiled per-atom refits (default on CPU)":
-        dict(solver="direct", tol=1e-6, max_iters=100, kernel="numba"),
+    "direct, tol 1e-6, cap 100 (torch block solver; the default on GPUs and in data-parallel runs)": dict(
+        solver="direct", tol=1e-6, max_iters=100, kernel="torch"
+    ),
+    "direct, tol 1e-6, cap 100, compiled per-atom refits (default on CPU)": dict(
+        solver="direct", tol=1e-6, max_iters=100, kernel="numba"
+    ),
 }
 
 
@@ -67,15 +70,20 @@ def bench_updates(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> di
     torch_codes = encode(Y[:4096], D0, k, G=G, kernel="torch")  # warm
     t = time.perf_counter()
     torch_codes = encode(Y, D0, k, G=G, kernel="torch")
-    out = {"code_seconds": code_seconds, "code_seconds_torch_loop": time.perf_counter() - t,
-           "same_supports_as_torch_loop": float((torch_codes.indices.sort(1).values
-                                                 == codes0.indices.sort(1).values).all(1).float().mean()),
-           "fvu_before": _fvu(Y, Y - codes0.decode(D0)), "variants": {}}
+    out = {
+        "code_seconds": code_seconds,
+        "code_seconds_torch_loop": time.perf_counter() - t,
+        "same_supports_as_torch_loop": float(
+            (torch_codes.indices.sort(1).values == codes0.indices.sort(1).values).all(1).float().mean()
+        ),
+        "fvu_before": _fvu(Y, Y - codes0.decode(D0)),
+        "variants": {},
+    }
     atoms = {}
     atom_batch = max(1, D0.shape[0] // 128)
     for name, opts in VARIANTS.items():
         secs = []
-        for r in range(repeats):
+        for _ in range(repeats):
             D = D0.clone()
             codes = Codes(codes0.indices.clone(), codes0.values.clone())
             R = Y - codes.decode(D)
@@ -85,17 +93,23 @@ def bench_updates(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> di
         recoded = encode(Y, D, k, G=gram(D))
         atoms[name] = D
         out["variants"][name] = {
-            "seconds": statistics.median(secs), "all_seconds": secs,
+            "seconds": statistics.median(secs),
+            "all_seconds": secs,
             "fvu_after_update": objective(Y, D, codes) / float((Y - Y.mean(0)).pow(2).sum()),
-            "fvu_recoded": _fvu(Y, Y - recoded.decode(D)), "mean_iters": stats.mean_rank1_iters,
-            "capped": stats.capped, "eigensolved": stats.eigensolved, "atoms_refitted": stats.n_used}
-        print(name, json.dumps({k_: v for k_, v in out["variants"][name].items() if k_ != "all_seconds"}),
-              flush=True)
+            "fvu_recoded": _fvu(Y, Y - recoded.decode(D)),
+            "mean_iters": stats.mean_rank1_iters,
+            "capped": stats.capped,
+            "eigensolved": stats.eigensolved,
+            "atoms_refitted": stats.n_used,
+        }
+        print(name, json.dumps({k_: v for k_, v in out["variants"][name].items() if k_ != "all_seconds"}), flush=True)
     ref = atoms[list(VARIANTS)[-1]]
     for name, D in atoms.items():
         cos = (D * ref).sum(1).abs()
-        out["variants"][name]["atoms_vs_default"] = {"min_abs_cos": float(cos.min()),
-                                                     "mean_1_minus_abs_cos": float((1 - cos).mean())}
+        out["variants"][name]["atoms_vs_default"] = {
+            "min_abs_cos": float(cos.min()),
+            "mean_1_minus_abs_cos": float((1 - cos).mean()),
+        }
     return out
 
 
@@ -133,13 +147,23 @@ def bench_rounds(Y: torch.Tensor, D0: torch.Tensor, k: int, rounds: int) -> dict
             update_atoms(R, D, codes, atom_batch, generator=torch.Generator().manual_seed(0), **opts)
             secs[name] = time.perf_counter() - t
         topk = bench_topk_pass(Y, D0.shape[0], k)["seconds_per_pass"]
-        out.append({"code": code, "update": secs["update"], "capped_update": secs["before"], "topk_pass": topk,
-                    "iteration_over_topk_pass": (code + secs["update"]) / topk,
-                    "update_speedup_vs_capped": secs["before"] / secs["update"]})
+        out.append(
+            {
+                "code": code,
+                "update": secs["update"],
+                "capped_update": secs["before"],
+                "topk_pass": topk,
+                "iteration_over_topk_pass": (code + secs["update"]) / topk,
+                "update_speedup_vs_capped": secs["before"] / secs["update"],
+            }
+        )
         print(json.dumps(out[-1]), flush=True)
     med = {key: statistics.median(r[key] for r in out) for key in out[0]}
-    return {"rounds": out, "median": med,
-            "range": {key: [min(r[key] for r in out), max(r[key] for r in out)] for key in out[0]}}
+    return {
+        "rounds": out,
+        "median": med,
+        "range": {key: [min(r[key] for r in out), max(r[key] for r in out)] for key in out[0]},
+    }
 
 
 def bench_signed(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> dict:
@@ -153,14 +177,19 @@ def bench_signed(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> dic
             D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
             R = Y - codes.decode(D)
             t = time.perf_counter()
-            stats = update_atoms(R, D, codes, atom_batch, nonnegative=False, kernel=kernel,
-                                 generator=torch.Generator().manual_seed(0))
+            stats = update_atoms(
+                R, D, codes, atom_batch, nonnegative=False, kernel=kernel, generator=torch.Generator().manual_seed(0)
+            )
             secs.append(time.perf_counter() - t)
         atoms[kernel] = D
-        out[kernel] = {"seconds": statistics.median(secs), "all_seconds": secs,
-                       "fvu_after_update": objective(Y, D, codes) / float((Y - Y.mean(0)).pow(2).sum()),
-                       "mean_iters": stats.mean_rank1_iters, "lanczos": stats.lanczos,
-                       "eigensolved": stats.eigensolved}
+        out[kernel] = {
+            "seconds": statistics.median(secs),
+            "all_seconds": secs,
+            "fvu_after_update": objective(Y, D, codes) / float((Y - Y.mean(0)).pow(2).sum()),
+            "mean_iters": stats.mean_rank1_iters,
+            "lanczos": stats.lanczos,
+            "eigensolved": stats.eigensolved,
+        }
         print("signed", kernel, json.dumps(out[kernel]), flush=True)
     cos = (atoms["torch"] * atoms["numba"]).sum(1)
     out["atoms_1_minus_cos"] = {"worst": float((1 - cos).max()), "mean": float((1 - cos).mean())}
@@ -172,22 +201,28 @@ def bench_signed(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> dic
 CAPPED_FIT = dict(rank1_solver="alternating", rank1_tol=1e-4, rank1_max_iters=30)
 
 
-def bench_fits(Y_train: torch.Tensor, Y_test: torch.Tensor, K: int, k: int, rows: int, iters: int,
-               seeds: int) -> dict:
+def bench_fits(Y_train: torch.Tensor, Y_test: torch.Tensor, K: int, k: int, rows: int, iters: int, seeds: int) -> dict:
     """Held-out FVU and wall time of ``iters``-iteration fits (batches of ``rows``) with the default update and
     with the capped one, from the same seeds (initial atoms, batch order), data and coder settings."""
     out = {"default": [], "capped update": []}
     for seed in range(seeds):
         for name, opts in (("default", {}), ("capped update", CAPPED_FIT)):
             t = time.perf_counter()
-            dictionary = learn_dictionary(Y_train, K, k, batch_size=rows, max_iters=iters, tol=None,
-                                          progress=False, seed=seed, **opts)
-            out[name].append({"seed": seed, "seconds": time.perf_counter() - t,
-                              "held_out_fvu": dictionary.fvu(Y_test),
-                              "last_batch_fvu": dictionary.history[-1]["fvu"]})
+            dictionary = learn_dictionary(
+                Y_train, K, k, batch_size=rows, max_iters=iters, tol=None, progress=False, seed=seed, **opts
+            )
+            out[name].append(
+                {
+                    "seed": seed,
+                    "seconds": time.perf_counter() - t,
+                    "held_out_fvu": dictionary.fvu(Y_test),
+                    "last_batch_fvu": dictionary.history[-1]["fvu"],
+                }
+            )
             print(name, json.dumps(out[name][-1]), flush=True)
-    out["held_out_fvu_default_minus_capped"] = [a["held_out_fvu"] - b["held_out_fvu"]
-                                                for a, b in zip(out["default"], out["capped update"])]
+    out["held_out_fvu_default_minus_capped"] = [
+        a["held_out_fvu"] - b["held_out_fvu"] for a, b in zip(out["default"], out["capped update"])
+    ]
     return out
 
 
@@ -218,20 +253,27 @@ def main() -> None:
         D0 = Dictionary.load(args.dictionary).atoms.float()
         start = f"fitted dictionary {args.dictionary}"
     else:
-        D0 = learn_dictionary(Y_all, args.n_atoms, args.k, batch_size=args.rows, max_iters=args.warm_iters,
-                              tol=None, progress=False).atoms
+        D0 = learn_dictionary(
+            Y_all, args.n_atoms, args.k, batch_size=args.rows, max_iters=args.warm_iters, tol=None, progress=False
+        ).atoms
         start = f"{args.warm_iters} warm-up iterations of the default learner"
-    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-           "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-           "data": f"{store.path} ({store.hook}), {Y.shape[0]} random rows, d={Y.shape[1]}",
-           "K": D0.shape[0], "k": args.k, "start": start}
+    res = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+        "data": f"{store.path} ({store.hook}), {Y.shape[0]} random rows, d={Y.shape[1]}",
+        "K": D0.shape[0],
+        "k": args.k,
+        "start": start,
+    }
     res["update"] = bench_updates(Y, D0, args.k, args.repeats)
     res["topk_sae"] = bench_topk_pass(Y, D0.shape[0], args.k)
     res["rounds"] = bench_rounds(Y, D0, args.k, args.rounds)
     res["signed"] = bench_signed(Y, D0, args.k, args.repeats)
     if args.fit_iters:
-        res["fits"] = bench_fits(Y_all[perm[args.rows:]].float(), Y, D0.shape[0], args.k, args.rows, args.fit_iters,
-                                 args.fit_seeds)
+        res["fits"] = bench_fits(
+            Y_all[perm[args.rows :]].float(), Y, D0.shape[0], args.k, args.rows, args.fit_iters, args.fit_seeds
+        )
     default = res["update"]["variants"][list(VARIANTS)[-1]]
     before = res["update"]["variants"][list(VARIANTS)[0]]
     iteration = res["update"]["code_seconds"] + default["seconds"]

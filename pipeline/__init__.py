@@ -16,8 +16,8 @@ The public API::
     D = learn_dictionary(Y, n_atoms=4096, k=32)      # Y: (n, d) tensor or an iterable of (b, d) batches
 """
 
-from pipeline.core.codes import Codes
 from pipeline.core.coders import encode, gram
+from pipeline.core.codes import Codes
 from pipeline.core.dictionary import CoderSettings, Dictionary
 from pipeline.core.learner import fit_dictionary, learn_dictionary
 from pipeline.core.learner_config import PAPER_SCHEDULE, LearnerConfig
@@ -26,5 +26,17 @@ from pipeline.data.store import ActivationStore
 
 __version__ = "0.1.0"
 
-__all__ = ["ActivationStore", "Codes", "CoderSettings", "Dictionary", "LearnerConfig", "PAPER_SCHEDULE", "encode",
-           "fit_dictionary", "gram", "learn_dictionary", "planted_problem", "recovered_fraction"]
+__all__ = [
+    "ActivationStore",
+    "Codes",
+    "CoderSettings",
+    "Dictionary",
+    "LearnerConfig",
+    "PAPER_SCHEDULE",
+    "encode",
+    "fit_dictionary",
+    "gram",
+    "learn_dictionary",
+    "planted_problem",
+    "recovered_fraction",
+]

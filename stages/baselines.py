@@ -28,10 +28,17 @@ from pipeline.data.store import ActivationStore
 from pipeline.evals.baselines import BaselineSpec, load_record, save_baseline, train_baseline
 from pipeline.evals.baselines.compare import FitSpend, budget_summary, comparison_width, matched_budget
 from pipeline.evals.baselines.io import RECORD_FILE, SUMMARY_FILE
-from pipeline.runs.config import (baseline_specs, check_config_or_exit, open_stage_tracker, register_configs,
-                                  section)
-from pipeline.runs.layout import (DICTIONARY_DIRNAME, STORE_DIRNAME, finished_stage_dir, is_done, mark_done, prepare,
-                                  stage_config, stage_dir)
+from pipeline.runs.config import baseline_specs, check_config_or_exit, open_stage_tracker, register_configs, section
+from pipeline.runs.layout import (
+    DICTIONARY_DIRNAME,
+    STORE_DIRNAME,
+    finished_stage_dir,
+    is_done,
+    mark_done,
+    prepare,
+    stage_config,
+    stage_dir,
+)
 from pipeline.utils.atomic import atomic_write_text
 from pipeline.utils.devices import resolve_device
 from pipeline.utils.tracking import sae_lens_logging
@@ -64,48 +71,99 @@ def run(cfg: DictConfig) -> Path:
         if not (folder / RECORD_FILE).exists():
             config = {**stage_config(cfg, "baselines"), "baseline": {name: dataclasses.asdict(spec)}}
             with open_stage_tracker(cfg, "baselines", f"{name}-{out.name}", config) as tracker:
-                trained = train_one(name, spec, store, folder, width=width, k=D.coder.k, budget=budget,
-                                    seed=learner.seed, metadata=_lens_metadata(model.name, store),
-                                    logging=sae_lens_logging(tracker))
+                trained = train_one(
+                    name,
+                    spec,
+                    store,
+                    folder,
+                    width=width,
+                    k=D.coder.k,
+                    budget=budget,
+                    seed=learner.seed,
+                    metadata=_lens_metadata(model.name, store),
+                    logging=sae_lens_logging(tracker),
+                )
                 tracker.log_curve("curve", trained.record.curve or [], x="seconds")  # after fit(): see tracking
-                tracker.log_metrics("heldout", {"fvu": trained.record.heldout_fvu, "l0": trained.record.heldout_l0,
-                                                "dead_fraction": trained.record.heldout_dead_fraction,
-                                                "seconds": trained.record.seconds,
-                                                "samples": trained.record.samples})
+                tracker.log_metrics(
+                    "heldout",
+                    {
+                        "fvu": trained.record.heldout_fvu,
+                        "l0": trained.record.heldout_l0,
+                        "dead_fraction": trained.record.heldout_dead_fraction,
+                        "seconds": trained.record.seconds,
+                        "samples": trained.record.samples,
+                    },
+                )
         record = load_record(folder)
-        summary[name] = {**record, "budget_summary": budget_summary(
-            compare, spend, seconds=record["seconds"], samples=record["samples"], steps=record["steps"],
-            device=record.get("device") or "?")}
+        summary[name] = {
+            **record,
+            "budget_summary": budget_summary(
+                compare,
+                spend,
+                seconds=record["seconds"],
+                samples=record["samples"],
+                steps=record["steps"],
+                device=record.get("device") or "?",
+            ),
+        }
         if record.get("device") and record["device"] != spend.device and compare.budget == "equal_time":
-            log.warning("baseline %s trained on %s but the dictionary on %s: equal_time across devices is not a "
-                        "like-for-like budget", name, record["device"], spend.device)
+            log.warning(
+                "baseline %s trained on %s but the dictionary on %s: equal_time across devices is not a "
+                "like-for-like budget",
+                name,
+                record["device"],
+                spend.device,
+            )
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
     mark_done(out, baselines=sorted(summary), budget=compare.budget, dictionary_spend=spend.as_dict())
     return out
 
 
-def train_one(name: str, spec: BaselineSpec, store: ActivationStore, folder: Path, *, width: int, k: int,
-              budget: Any, seed: int, metadata: dict[str, Any], logging: dict[str, Any] | None = None) -> Any:
+def train_one(
+    name: str,
+    spec: BaselineSpec,
+    store: ActivationStore,
+    folder: Path,
+    *,
+    width: int,
+    k: int,
+    budget: Any,
+    seed: int,
+    metadata: dict[str, Any],
+    logging: dict[str, Any] | None = None,
+) -> Any:
     """Train one baseline on ``store``'s training rows (held-out rows for its statistics), save it to ``folder``
     and return it (:class:`~pipeline.evals.baselines.TrainedBaseline`)."""
     device = resolve_device(spec.device)
     data = training_data(store, spec.batch_size, device, seed)
-    log.info("baseline %s: %s, width %d, k %d, budget %s on %s", name, spec.architecture, width, k,
-             budget.describe(), device)
-    trained = train_baseline(data, store.d, width, k, spec, budget, heldout=store.heldout(device=device),
-                             progress=True, logging=logging)
+    log.info(
+        "baseline %s: %s, width %d, k %d, budget %s on %s", name, spec.architecture, width, k, budget.describe(), device
+    )
+    trained = train_baseline(
+        data, store.d, width, k, spec, budget, heldout=store.heldout(device=device), progress=True, logging=logging
+    )
     r = trained.record
-    log.info("baseline %s: %d steps, %d samples in %.1f s, held-out FVU %.4f, L0 %.1f", name, r.steps, r.samples,
-             r.seconds, r.heldout_fvu, r.heldout_l0)
+    log.info(
+        "baseline %s: %d steps, %d samples in %.1f s, held-out FVU %.4f, L0 %.1f",
+        name,
+        r.steps,
+        r.samples,
+        r.seconds,
+        r.heldout_fvu,
+        r.heldout_l0,
+    )
     save_baseline(trained, folder, metadata)
     return trained
 
 
 def _lens_metadata(model_name: str, store: ActivationStore) -> dict[str, Any]:
     """What SAEBench reads from a sae-lens SAE's ``cfg.metadata``: the model, the hook, the context size."""
-    return {"model_name": model_name, "hook_name": store.hook,
-            "context_size": int(store.manifest.get("context_length") or 0) or None,
-            "prepend_bos": bool(store.manifest.get("prepend_bos", True))}
+    return {
+        "model_name": model_name,
+        "hook_name": store.hook,
+        "context_size": int(store.manifest.get("context_length") or 0) or None,
+        "prepend_bos": bool(store.manifest.get("prepend_bos", True)),
+    }
 
 
 register_configs()

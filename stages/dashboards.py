@@ -47,8 +47,10 @@ def run(cfg: DictConfig | dict, *, model: Any = None) -> Path:
     model_cfg, _, harvest = parse_harvest_config(cfg)
     store = ActivationStore(run_store_dir(cfg))
     if not store.has_tokens():
-        reason = (f"the store at {store.path} keeps no token ids (an imported array, or a harvest made before "
-                  "token ids were kept); re-harvest into a fresh output folder to get dashboards")
+        reason = (
+            f"the store at {store.path} keeps no token ids (an imported array, or a harvest made before "
+            "token ids were kept); re-harvest into a fresh output folder to get dashboards"
+        )
         write_index(folder / INDEX_FILE, [], [{"what": "every SAE", "reason": reason}], "No dashboards.")
         mark_done(folder, drawn=[], skipped=reason)
         return folder
@@ -57,16 +59,27 @@ def run(cfg: DictConfig | dict, *, model: Any = None) -> Path:
     names = list(baseline_specs(cfg))
     baselines_dir = finished_stage_dir(cfg, "baselines") if names and any(s != "dictionary" for s in d.saes) else None
     context = int(store.manifest.get("context_length") or harvest.context_length)
-    saes, skipped = fit_records(d.saes, finished_stage_dir(cfg, "fit") / DICTIONARY_DIRNAME, baselines_dir, names,
-                                model_name=model_cfg.name, hook=store.hook, layer=hook_layer(store.hook),
-                                device=device, cache_mb=0, context_size=context,
-                                prepend_bos=bool(store.manifest.get("prepend_bos", True)))
+    saes, skipped = fit_records(
+        d.saes,
+        finished_stage_dir(cfg, "fit") / DICTIONARY_DIRNAME,
+        baselines_dir,
+        names,
+        model_name=model_cfg.name,
+        hook=store.hook,
+        layer=hook_layer(store.hook),
+        device=device,
+        cache_mb=0,
+        context_size=context,
+        prepend_bos=bool(store.manifest.get("prepend_bos", True)),
+    )
     if model is None:
-        model = load_model(model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype,
-                           n_ctx=model_cfg.n_ctx)
+        model = load_model(
+            model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype, n_ctx=model_cfg.n_ctx
+        )
     judged = autointerp_notes(saes, stage_dir(cfg, "evaluate") / RESULTS_SUBDIR)
-    summary = build_dashboards([(r.name, r.sae) for r in saes], store, model, d, folder, device=device,
-                               judged=judged, skipped=skipped)
+    summary = build_dashboards(
+        [(r.name, r.sae) for r in saes], store, model, d, folder, device=device, judged=judged, skipped=skipped
+    )
     mark_done(folder, drawn=[s["name"] for s in summary["saes"]])
     return folder
 
@@ -79,8 +92,9 @@ def autointerp_notes(saes: list[SAERecord], results_dir: Path) -> dict[str, dict
         path = r.result_path(results_dir, "autointerp")
         if path.is_file():
             per = json.loads(path.read_text(encoding="utf-8")).get("eval_result_unstructured") or {}
-            out[r.name] = {int(k): {"explanation": v.get("explanation"), "score": v.get("score")}
-                           for k, v in per.items()}
+            out[r.name] = {
+                int(k): {"explanation": v.get("explanation"), "score": v.get("score")} for k, v in per.items()
+            }
     return out
 
 

@@ -4,8 +4,8 @@
     python -m stages.evaluate eval=paper                   # SAEBench's full sizes (hub data, GPU)
     python -m stages.evaluate eval.metrics=[core,sparse_probing]
 
-Inputs: the fit stage's dictionary, the baselines stage's sae-lens SAEs, the harvest stage's activation store. Outputs in the
-stage folder (layout: :mod:`pipeline.evals.results`): SAEBench's result files ``eval_results/<metric>/``,
+Inputs: the fit stage's dictionary, the baselines stage's sae-lens SAEs, the harvest stage's activation store.
+Outputs in the stage folder (layout: :mod:`pipeline.evals.results`): SAEBench's result files ``eval_results/<metric>/``,
 ``saes.json``, ``skipped.json``, ``failed.json``, ``eval_info.json`` and ``sae_lens/<name>/``. The config:
 :class:`pipeline.evals.config.EvalConfig`; the metrics: :mod:`pipeline.evals.metrics`. An existing result file
 is kept unless ``eval.force_rerun``; the stage is marked done only when no metric failed, so a re-run retries
@@ -39,12 +39,19 @@ from pipeline.utils.devices import resolve_device
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig | dict, *, run_dir: str | Path | None = None, fit_dir: str | Path | None = None,
-        baselines_dir: str | Path | None = None, store_dir: str | Path | None = None, model: Any = None) -> Path:
+def run(
+    cfg: DictConfig | dict,
+    *,
+    run_dir: str | Path | None = None,
+    fit_dir: str | Path | None = None,
+    baselines_dir: str | Path | None = None,
+    store_dir: str | Path | None = None,
+    model: Any = None,
+) -> Path:
     """Evaluate the configured experiment's dictionary (and baselines); returns the stage folder.
 
-    ``run_dir`` / ``fit_dir`` / ``baselines_dir`` / ``store_dir`` default to the run layout's folders; ``model`` may be passed in
-    already loaded (else it is loaded from ``cfg.model``). SAEBench switches autograd off globally (SCR/TPP
+    ``run_dir`` / ``fit_dir`` / ``baselines_dir`` / ``store_dir`` default to the run layout's folders; ``model`` may be
+    passed in already loaded (else it is loaded from ``cfg.model``). SAEBench switches autograd off globally (SCR/TPP
     call ``torch.set_grad_enabled(False)``); the caller's mode is restored, so later work in the same process
     (the next job of a sweep) can still train.
     """
@@ -55,8 +62,14 @@ def run(cfg: DictConfig | dict, *, run_dir: str | Path | None = None, fit_dir: s
         torch.set_grad_enabled(grad)
 
 
-def _run(cfg: DictConfig | dict, run_dir: str | Path | None, fit_dir: str | Path | None,
-         baselines_dir: str | Path | None, store_dir: str | Path | None, model: Any) -> Path:
+def _run(
+    cfg: DictConfig | dict,
+    run_dir: str | Path | None,
+    fit_dir: str | Path | None,
+    baselines_dir: str | Path | None,
+    store_dir: str | Path | None,
+    model: Any,
+) -> Path:
     e = parse_eval_config(cfg["eval"] if "eval" in cfg else None)
     validate_eval_config(e)
     model_cfg, source, harvest = parse_harvest_config(cfg)
@@ -71,32 +84,64 @@ def _run(cfg: DictConfig | dict, run_dir: str | Path | None, fit_dir: str | Path
     names = list(baseline_specs(cfg))
     if baselines_dir is None and names and any(s != "dictionary" for s in e.saes):
         baselines_dir = finished_stage_dir(cfg, "baselines")
-    saes, skipped = fit_records(e.saes, fit / DICTIONARY_DIRNAME, Path(baselines_dir) if baselines_dir else None,
-                                names, model_name=model_cfg.name, hook=store.hook, layer=hook_layer(store.hook),
-                                device=device, cache_mb=e.encode_cache_mb, context_size=context_length,
-                                prepend_bos=bool(store.manifest.get("prepend_bos", True)))
+    saes, skipped = fit_records(
+        e.saes,
+        fit / DICTIONARY_DIRNAME,
+        Path(baselines_dir) if baselines_dir else None,
+        names,
+        model_name=model_cfg.name,
+        hook=store.hook,
+        layer=hook_layer(store.hook),
+        device=device,
+        cache_mb=e.encode_cache_mb,
+        context_size=context_length,
+        prepend_bos=bool(store.manifest.get("prepend_bos", True)),
+    )
     describe_heldout(saes, store.heldout())
     export_sae_lens(saes, folder / layout.SAE_LENS_SUBDIR)
     hub_saes, hub_skipped = hub_records(e.hub_baselines, hub_ok, results, METRICS)
     saes, skipped = saes + hub_saes, skipped + hub_skipped
 
     if model is None and e.metrics:
-        model = load_model(model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype,
-                           n_ctx=model_cfg.n_ctx)
+        model = load_model(
+            model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype, n_ctx=model_cfg.n_ctx
+        )
     n_params = sum(p.numel() for p in model.parameters()) if model is not None else 0
     llm_dtype = str(next(model.parameters()).dtype).replace("torch.", "") if model is not None else "float32"
-    info: dict[str, Any] = {"model": {"name": model_cfg.name, "path": model_cfg.path, "hook": store.hook,
-                                      "n_params": n_params}, "device": device, "sizes": {}, "notes": []}
+    info: dict[str, Any] = {
+        "model": {"name": model_cfg.name, "path": model_cfg.path, "hook": store.hook, "n_params": n_params},
+        "device": device,
+        "sizes": {},
+        "notes": [],
+    }
     labelled = None
     if needs_labelled(e.metrics):  # the labelled text (document x dialogue) in SAEBench's layout
-        labelled = build_labelled_text(folder / layout.LABELLED_SUBDIR, labelled_documents(e.labelled.jsonl),
-                                       min_words=e.labelled.min_words, test_every=e.labelled.test_every)
+        labelled = build_labelled_text(
+            folder / layout.LABELLED_SUBDIR,
+            labelled_documents(e.labelled.jsonl),
+            min_words=e.labelled.min_words,
+            test_every=e.labelled.test_every,
+        )
         info["labelled_data"] = labelled.summary()
 
-    ctx = EvalContext(model=model, model_config=model_cfg, n_params=n_params, saes=saes, results_dir=results,
-                      artifacts_dir=folder / layout.ARTIFACTS_SUBDIR, device=device, llm_dtype=llm_dtype,
-                      llm_batch_size=e.llm_batch_size, force_rerun=e.force_rerun, store=store,
-                      text_source=source, labelled=labelled, eval=e, hub_reachable=hub_ok, info=info)
+    ctx = EvalContext(
+        model=model,
+        model_config=model_cfg,
+        n_params=n_params,
+        saes=saes,
+        results_dir=results,
+        artifacts_dir=folder / layout.ARTIFACTS_SUBDIR,
+        device=device,
+        llm_dtype=llm_dtype,
+        llm_batch_size=e.llm_batch_size,
+        force_rerun=e.force_rerun,
+        store=store,
+        text_source=source,
+        labelled=labelled,
+        eval=e,
+        hub_reachable=hub_ok,
+        info=info,
+    )
     outcome = run_metrics(ctx, e.metrics)
 
     info["timings_s"] = outcome.timings
@@ -106,8 +151,12 @@ def _run(cfg: DictConfig | dict, run_dir: str | Path | None, fit_dir: str | Path
     layout.write_json(folder / layout.FAILED_FILE, outcome.failed)
     layout.write_json(folder / layout.INFO_FILE, info)
     if outcome.failed:
-        log.error("evaluate: %d metric(s) failed (%s); see %s. Re-run to retry them (finished results are kept).",
-                  len(outcome.failed), ", ".join(f["metric"] for f in outcome.failed), folder / layout.FAILED_FILE)
+        log.error(
+            "evaluate: %d metric(s) failed (%s); see %s. Re-run to retry them (finished results are kept).",
+            len(outcome.failed),
+            ", ".join(f["metric"] for f in outcome.failed),
+            folder / layout.FAILED_FILE,
+        )
     else:
         mark_done(folder, metrics=e.metrics, saes=[r.selected[0] for r in saes], seconds=info["total_eval_s"])
     return folder

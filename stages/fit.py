@@ -28,16 +28,24 @@ from omegaconf import DictConfig
 
 from pipeline.core.dictionary import DICTIONARY_META, Dictionary
 from pipeline.core.learner import fit_dictionary
+from pipeline.data.harvest import hook_layer
 from pipeline.data.loader import training_data
 from pipeline.data.store import ActivationStore
-from pipeline.data.harvest import hook_layer
-from pipeline.evals.dictionary_sae import DictionarySAE
 from pipeline.evals.baselines.compare import FitSpend
+from pipeline.evals.dictionary_sae import DictionarySAE
 from pipeline.evals.heldout import heldout_stats
 from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs, section
 from pipeline.runs.distributed import agree, join, leave, rank_device, ranks
-from pipeline.runs.layout import (DICTIONARY_DIRNAME, STORE_DIRNAME, finished_stage_dir, is_done, mark_done, prepare,
-                                  stage_config, stage_dir)
+from pipeline.runs.layout import (
+    DICTIONARY_DIRNAME,
+    STORE_DIRNAME,
+    finished_stage_dir,
+    is_done,
+    mark_done,
+    prepare,
+    stage_config,
+    stage_dir,
+)
 from pipeline.utils.atomic import atomic_write_text
 from pipeline.utils.devices import resolve_device
 
@@ -73,10 +81,21 @@ def run(cfg: DictConfig) -> Path:
         return out
     store = ActivationStore(finished_stage_dir(cfg, "harvest") / STORE_DIRNAME)
     learner = dataclasses.replace(learner, device=str(device), checkpoint_path=str(out / CHECKPOINT), resume=True)
-    data = training_data(store, learner.batch_size, device, learner.seed,
-                         shuffle=learner.sample_order == "shuffled", readers=ranks().local_world)
-    metrics: dict[str, Any] = {"store": str(store.path), "hook": store.hook, "d": store.d,
-                               "train_rows": store.n_rows(), "heldout_rows": store.n_rows("heldout")}
+    data = training_data(
+        store,
+        learner.batch_size,
+        device,
+        learner.seed,
+        shuffle=learner.sample_order == "shuffled",
+        readers=ranks().local_world,
+    )
+    metrics: dict[str, Any] = {
+        "store": str(store.path),
+        "hook": store.hook,
+        "d": store.d,
+        "train_rows": store.n_rows(),
+        "heldout_rows": store.n_rows("heldout"),
+    }
     if fitted:
         D = Dictionary.load(dict_dir, device)
         log.info("dictionary already fitted: %s", dict_dir)
@@ -85,15 +104,30 @@ def run(cfg: DictConfig) -> Path:
         D = fit_dictionary(data, learner, process_group=group)
         if not main:
             return out  # rank 0 saves the dictionary, which every rank holds
-        spend = FitSpend.from_history(D.history, batch_size=learner.batch_size, device=str(device),
-                                      fit_seconds=time.perf_counter() - t, ranks=ranks().world)
-        D.metadata.update(store=str(store.path), hook=store.hook, model=store.manifest.get("meta", {}).get("model"),
-                          fit_seconds=spend.seconds, spend=spend.as_dict())
+        spend = FitSpend.from_history(
+            D.history,
+            batch_size=learner.batch_size,
+            device=str(device),
+            fit_seconds=time.perf_counter() - t,
+            ranks=ranks().world,
+        )
+        D.metadata.update(
+            store=str(store.path),
+            hook=store.hook,
+            model=store.manifest.get("meta", {}).get("model"),
+            fit_seconds=spend.seconds,
+            spend=spend.as_dict(),
+        )
         D.save(dict_dir)
     heldout = store.heldout(device=device)
     view = DictionarySAE(D, section(cfg, "model").name, hook_layer(store.hook), store.hook, device=device)
-    metrics["dictionary"] = heldout_metrics(view, heldout, iterations=len(D.history),
-                                            fit_seconds=D.metadata.get("fit_seconds"), spend=D.metadata.get("spend"))
+    metrics["dictionary"] = heldout_metrics(
+        view,
+        heldout,
+        iterations=len(D.history),
+        fit_seconds=D.metadata.get("fit_seconds"),
+        spend=D.metadata.get("spend"),
+    )
     atomic_write_text(out / METRICS, json.dumps(metrics, indent=2))
     with open_stage_tracker(cfg, "fit", out.name, stage_config(cfg, "fit")) as tracker:
         tracker.log_curve("fit", D.history, x="iteration")
@@ -106,8 +140,13 @@ def run(cfg: DictConfig) -> Path:
 def heldout_metrics(sae: Any, Y: torch.Tensor, **extra: Any) -> dict[str, Any]:
     """``metrics.json``'s entry for one SAE: :func:`~pipeline.evals.heldout.heldout_stats` on ``Y: (n, d)``."""
     s = heldout_stats(sae, Y)
-    return {"heldout_fvu": s["fvu"], "heldout_l0": s["l0"], "heldout_dead_fraction": s["dead_fraction"],
-            "mean_max_abs_cos": s["mean_max_abs_cos"], **extra}
+    return {
+        "heldout_fvu": s["fvu"],
+        "heldout_l0": s["l0"],
+        "heldout_dead_fraction": s["dead_fraction"],
+        "mean_max_abs_cos": s["mean_max_abs_cos"],
+        **extra,
+    }
 
 
 register_configs()

@@ -48,15 +48,26 @@ def run(cfg: DictConfig | dict) -> Path:
     model_cfg, source, h = section(cfg, "model"), section(cfg, "data"), section(cfg, "harvest")
     identity = store_identity(model_cfg, source, h)
     device = model_cfg.device if not me.distributed else str(rank_device(resolve_device(model_cfg.device)))
-    model = load_model(model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype,
-                       n_ctx=model_cfg.n_ctx)
+    model = load_model(model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype, n_ctx=model_cfg.n_ctx)
     meta = {"model": describe_model(model, model_cfg.name, model_cfg.path), "text": describe_source(source)}
-    store = harvest(model, lambda: iter_documents(source), folder / STORE_DIRNAME,
-                    hooks=h.hook_list(model_cfg.layer), n_tokens=h.n_tokens, context_length=h.context_length,
-                    batch_size=h.batch_size, dtype=h.dtype, shard_rows=h.shard_rows,
-                    heldout_fraction=h.heldout_fraction, masking=h.masking(), identity=identity, meta=meta,
-                    progress=h.progress, part=(me.rank, me.world) if me.distributed else None,
-                    wait_s=section(cfg, "distributed").wait_s)
+    store = harvest(
+        model,
+        lambda: iter_documents(source),
+        folder / STORE_DIRNAME,
+        hooks=h.hook_list(model_cfg.layer),
+        n_tokens=h.n_tokens,
+        context_length=h.context_length,
+        batch_size=h.batch_size,
+        dtype=h.dtype,
+        shard_rows=h.shard_rows,
+        heldout_fraction=h.heldout_fraction,
+        masking=h.masking(),
+        identity=identity,
+        meta=meta,
+        progress=h.progress,
+        part=(me.rank, me.world) if me.distributed else None,
+        wait_s=section(cfg, "distributed").wait_s,
+    )
     if not me.is_main:
         wait_for(folder, "harvest", section(cfg, "distributed"))  # rank 0 merges the parts, then marks it done
         return folder

@@ -27,8 +27,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -42,9 +42,14 @@ from stages import baselines, dashboards, evaluate, fit, harvest, report
 log = logging.getLogger(__name__)
 
 #: Each stage's plain ``run(cfg) -> folder``.
-RUNNERS: dict[str, Callable[[DictConfig], Path]] = {"harvest": harvest.run, "fit": fit.run,
-                                                    "baselines": baselines.run, "evaluate": evaluate.run,
-                                                    "dashboards": dashboards.run, "report": report.run}
+RUNNERS: dict[str, Callable[[DictConfig], Path]] = {
+    "harvest": harvest.run,
+    "fit": fit.run,
+    "baselines": baselines.run,
+    "evaluate": evaluate.run,
+    "dashboards": dashboards.run,
+    "report": report.run,
+}
 
 
 def stage_runner(stage: str) -> Callable[[DictConfig], Path]:

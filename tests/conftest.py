@@ -22,11 +22,13 @@ TINY_N_CTX = 64
 TINY_D_MODEL = 32
 TINY_LAYERS = 2
 
-_WORDS = ("the a one every some old young quiet bright small large river house garden letter morning evening "
-          "walked wrote read found kept gave sister brother friend mother father visitor neighbour village "
-          "town road window door table chair book candle carriage ball dance dinner rain sun cold warm "
-          "slowly kindly often never always because although while after before and but or with from into "
-          "under over near far happy sad proud gentle clever honest").split()
+_WORDS = (
+    "the a one every some old young quiet bright small large river house garden letter morning evening "
+    "walked wrote read found kept gave sister brother friend mother father visitor neighbour village "
+    "town road window door table chair book candle carriage ball dance dinner rain sun cold warm "
+    "slowly kindly often never always because although while after before and but or with from into "
+    "under over near far happy sad proud gentle clever honest"
+).split()
 
 
 def compose_config(*overrides: str) -> Any:
@@ -56,7 +58,7 @@ def make_documents(n_docs: int, seed: int = 0) -> list[str]:
     sents = make_sentences(n_docs * 12, seed)
     docs = []
     for i in range(n_docs):
-        chunk = sents[i * 12:(i + 1) * 12]
+        chunk = sents[i * 12 : (i + 1) * 12]
         cut = rng.randint(3, 9)
         docs.append(" ".join(chunk[:cut]) + "\n\n" + " ".join(chunk[cut:]))
     return docs
@@ -71,8 +73,9 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<bos>", "<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<bos>", "<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator(make_sentences(2000, seed=1), trainer=trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     out = tmp_path_factory.mktemp("tiny_tokenizer")
@@ -92,9 +95,19 @@ def tiny_hooked_model(tiny_tokenizer):
     """A randomly initialised 2-layer HookedTransformer (d=32, n_ctx=64) with the tiny tokenizer."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=TINY_LAYERS, d_model=TINY_D_MODEL, n_ctx=TINY_N_CTX, d_head=8,
-                                  n_heads=4, d_mlp=64, d_vocab=len(tiny_tokenizer), act_fn="gelu",
-                                  normalization_type="LN", seed=0, model_name="tiny-test")
+    cfg = HookedTransformerConfig(
+        n_layers=TINY_LAYERS,
+        d_model=TINY_D_MODEL,
+        n_ctx=TINY_N_CTX,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=len(tiny_tokenizer),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+        model_name="tiny-test",
+    )
     return HookedTransformer(cfg, tokenizer=tiny_tokenizer).eval()
 
 
@@ -104,11 +117,20 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Pat
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=TINY_D_MODEL, intermediate_size=64,
-                      num_hidden_layers=TINY_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=TINY_N_CTX, rope_theta=5000.0, tie_word_embeddings=False,
-                      bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                      pad_token_id=tiny_tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=TINY_D_MODEL,
+        intermediate_size=64,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_N_CTX,
+        rope_theta=5000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     out = tmp_path_factory.mktemp("tiny_hf")
     LlamaForCausalLM(cfg).eval().save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
@@ -131,8 +153,13 @@ def text_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             fh.write(json.dumps({"text": doc}) + "\n")
     pq.write_table(pa.table({"text": docs}), root / "docs.parquet")
     (root / "empty.jsonl").write_text("")
-    return {"txt_glob": root / "txt" / "*.txt", "jsonl": root / "docs.jsonl", "parquet": root / "docs.parquet",
-            "empty": root / "empty.jsonl", "docs": docs}
+    return {
+        "txt_glob": root / "txt" / "*.txt",
+        "jsonl": root / "docs.jsonl",
+        "parquet": root / "docs.parquet",
+        "empty": root / "empty.jsonl",
+        "docs": docs,
+    }
 
 
 # ======================================================================================================
@@ -152,7 +179,7 @@ def make_labelled_documents(n_titles: int = 3, n_paragraphs: int = 96, seed: int
         sents = make_sentences(n_paragraphs * 3, seed=seed + t)
         paras = []
         for i in range(n_paragraphs):
-            body = " ".join(sents[3 * i:3 * i + 3])
+            body = " ".join(sents[3 * i : 3 * i + 3])
             if i % 2:
                 body = f'"{body}" said the {rng.choice(["sister", "friend", "visitor"])}.'
             paras.append(body)
@@ -172,30 +199,56 @@ def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path, tex
     root = tmp_path_factory.mktemp("eval_inputs")
     model = load_model("tiny-local", path=tiny_hf_dir)
     docs = make_documents(120, seed=3)
-    store = harvest(model, docs, root / "harvest" / "store", hooks=["blocks.1.hook_resid_post"], n_tokens=3200,
-                    context_length=EVAL_CONTEXT, batch_size=8, heldout_fraction=0.1, progress=False)
+    store = harvest(
+        model,
+        docs,
+        root / "harvest" / "store",
+        hooks=["blocks.1.hook_resid_post"],
+        n_tokens=3200,
+        context_length=EVAL_CONTEXT,
+        batch_size=8,
+        heldout_fraction=0.1,
+        progress=False,
+    )
     from pipeline.data.store import ActivationStore
 
     Y = ActivationStore(store).load_all()
     g = torch.Generator().manual_seed(0)
     atoms = Y[torch.randperm(Y.shape[0], generator=g)[:64]]
     atoms = atoms / atoms.norm(dim=1, keepdim=True)
-    d = Dictionary(atoms, CoderSettings(k=4), history=[{"iteration": i, "fvu": 1.0 / (i + 1), "l0": 4.0,
-                                                         "dead_fraction": 0.0, "seconds": float(i)}
-                                                        for i in range(3)])
+    d = Dictionary(
+        atoms,
+        CoderSettings(k=4),
+        history=[
+            {"iteration": i, "fvu": 1.0 / (i + 1), "l0": 4.0, "dead_fraction": 0.0, "seconds": float(i)}
+            for i in range(3)
+        ],
+    )
     fit = root / "fit"
     d.save(fit / "dictionary")
-    trained = train_baseline(Y, Y.shape[1], 64, 4, BaselineSpec("topk", batch_size=256, device="cpu"),
-                             Budget("steps", steps=5))
+    trained = train_baseline(
+        Y, Y.shape[1], 64, 4, BaselineSpec("topk", batch_size=256, device="cpu"), Budget("steps", steps=5)
+    )
     baselines = root / "baselines"
-    save_baseline(trained, baselines / "topk", {"model_name": "tiny-local", "hook_name": "blocks.1.hook_resid_post",
-                                                "context_size": EVAL_CONTEXT})
+    save_baseline(
+        trained,
+        baselines / "topk",
+        {"model_name": "tiny-local", "hook_name": "blocks.1.hook_resid_post", "context_size": EVAL_CONTEXT},
+    )
     labelled = root / "labelled.jsonl"
     labelled.write_text("".join(json.dumps(r) + "\n" for r in make_labelled_documents()))
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    return {"root": root, "store": store, "fit": fit, "baselines": baselines, "labelled": labelled, "corpus": corpus,
-            "model": model, "tiny_hf_dir": tiny_hf_dir}
+    return {
+        "root": root,
+        "store": store,
+        "fit": fit,
+        "baselines": baselines,
+        "labelled": labelled,
+        "corpus": corpus,
+        "model": model,
+        "tiny_hf_dir": tiny_hf_dir,
+    }
 
 
 def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> Any:
@@ -205,30 +258,71 @@ def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> A
 
     probing = {"dataset_names": ["austen_labelled"], "context_length": EVAL_CONTEXT, "sae_batch_size": 16}
     scr_tpp = {**probing, "train_set_size": 40, "test_set_size": 20, "probe_epochs": 2, "n_values": [2, 5]}
-    return OmegaConf.create({
-        "output_root": str(out), "experiment_name": "tiny",
-        "model": {"name": "tiny-local", "path": str(inputs["tiny_hf_dir"]), "device": "cpu", "dtype": "float32",
-                  "n_ctx": None, "layer": 1},
-        "data": {"kind": "files", "paths": [str(inputs["corpus"])]},
-        "harvest": {"n_tokens": 3200, "context_length": EVAL_CONTEXT, "heldout_fraction": 0.1, "progress": False},
-        "baseline": {"topk": {"architecture": "topk"}},
-        "eval": {
-            "metrics": metrics, "saes": ["dictionary", "baselines"], "hub_baselines": [], "device": None,
-            "llm_batch_size": 8, "force_rerun": False, "local_datasets": {}, "encode_cache_mb": 256,
-            "labelled": {"jsonl": str(inputs["labelled"]), "min_words": 5, "test_every": 3},
-            "core": {"dataset": None, "context_size": EVAL_CONTEXT, "batch_size_prompts": 4,
-                     "n_eval_reconstruction_batches": 1, "n_eval_sparsity_variance_batches": 2},
-            "absorption": {"vocab_size": 120, "min_words_per_letter": 2, "low_confidence_below_params": 2.0e9,
-                           "config": {"min_feats_for_eval": 1, "min_GT_probe_f1": 0.0, "max_k_value": 2,
-                                      "k_sparse_probe_num_epochs": 2, "llm_batch_size": 16}},
-            "sparse_probing": {"config": {**probing, "probe_train_set_size": 40, "probe_test_set_size": 20,
-                                          "k_values": [1, 2]}},
-            "scr": {"config": {**scr_tpp, "column1_vals_lookup": {"austen_labelled": [["book0", "book1"]]}}},
-            "tpp": {"config": scr_tpp},
-            "autointerp": {"api_key_env": "OPENAI_API_KEY", "config": {
-                "n_latents": 3, "total_tokens": 4000, "llm_context_size": EVAL_CONTEXT, "n_top_ex_for_generation": 2,
-                "n_iw_sampled_ex_for_generation": 1, "n_top_ex_for_scoring": 1, "n_random_ex_for_scoring": 2,
-                "n_iw_sampled_ex_for_scoring": 1, "buffer": 2}},
-            "ravel": {"config": {}}, "unlearning": {"config": {}},
-        },
-    })
+    return OmegaConf.create(
+        {
+            "output_root": str(out),
+            "experiment_name": "tiny",
+            "model": {
+                "name": "tiny-local",
+                "path": str(inputs["tiny_hf_dir"]),
+                "device": "cpu",
+                "dtype": "float32",
+                "n_ctx": None,
+                "layer": 1,
+            },
+            "data": {"kind": "files", "paths": [str(inputs["corpus"])]},
+            "harvest": {"n_tokens": 3200, "context_length": EVAL_CONTEXT, "heldout_fraction": 0.1, "progress": False},
+            "baseline": {"topk": {"architecture": "topk"}},
+            "eval": {
+                "metrics": metrics,
+                "saes": ["dictionary", "baselines"],
+                "hub_baselines": [],
+                "device": None,
+                "llm_batch_size": 8,
+                "force_rerun": False,
+                "local_datasets": {},
+                "encode_cache_mb": 256,
+                "labelled": {"jsonl": str(inputs["labelled"]), "min_words": 5, "test_every": 3},
+                "core": {
+                    "dataset": None,
+                    "context_size": EVAL_CONTEXT,
+                    "batch_size_prompts": 4,
+                    "n_eval_reconstruction_batches": 1,
+                    "n_eval_sparsity_variance_batches": 2,
+                },
+                "absorption": {
+                    "vocab_size": 120,
+                    "min_words_per_letter": 2,
+                    "low_confidence_below_params": 2.0e9,
+                    "config": {
+                        "min_feats_for_eval": 1,
+                        "min_GT_probe_f1": 0.0,
+                        "max_k_value": 2,
+                        "k_sparse_probe_num_epochs": 2,
+                        "llm_batch_size": 16,
+                    },
+                },
+                "sparse_probing": {
+                    "config": {**probing, "probe_train_set_size": 40, "probe_test_set_size": 20, "k_values": [1, 2]}
+                },
+                "scr": {"config": {**scr_tpp, "column1_vals_lookup": {"austen_labelled": [["book0", "book1"]]}}},
+                "tpp": {"config": scr_tpp},
+                "autointerp": {
+                    "api_key_env": "OPENAI_API_KEY",
+                    "config": {
+                        "n_latents": 3,
+                        "total_tokens": 4000,
+                        "llm_context_size": EVAL_CONTEXT,
+                        "n_top_ex_for_generation": 2,
+                        "n_iw_sampled_ex_for_generation": 1,
+                        "n_top_ex_for_scoring": 1,
+                        "n_random_ex_for_scoring": 2,
+                        "n_iw_sampled_ex_for_scoring": 1,
+                        "buffer": 2,
+                    },
+                },
+                "ravel": {"config": {}},
+                "unlearning": {"config": {}},
+            },
+        }
+    )

@@ -83,48 +83,55 @@ def test_runs_that_differ_after_harvest_share_the_store():
     assert stage_dir(a, "fit") != stage_dir(c, "fit")  # a fit depends on its store
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["dictionary.coder.k=1000"], "dictionary.*exceeds the dimension"),
-    (["dictionary.n_atoms=4", "dictionary.coder.k=8"], "smaller than k"),
-    (["model.layer=30"], "layer 30 does not exist"),
-    (["+dictionary.atoms=4"], r"dictionary\.atoms"),
-    (["+dictionary.coder.colour=red"], r"dictionary\.coder\.colour"),
-    (["+baseline.topk.learning_rate=1"], r"baseline\.topk\.learning_rate"),
-    (["baseline.topk.lr=-1"], r"baseline\.topk: lr=-1"),
-    (["baseline.topk.architecture=gated"], r"baseline\.topk: architecture='gated'"),
-    (["compare.budget=forever"], r"compare\.budget='forever'"),
-    (["compare.budget=steps"], r"compare\.budget=steps needs compare\.steps"),
-    (["eval.saes=[dictionary,jumprelu]"], r"eval\.saes has unknown entries \['jumprelu'\]"),
-    (["+harvest.n_tokenz=4"], r"harvest\.n_tokenz"),
-    (["+colour=blue"], "colour"),
-    (["stage=train"], "stage='train'"),
-    (["dictionary.coder.method=lasso"], r"coder\.method = 'lasso'"),
-    (["dictionary.init=zeros"], "init = 'zeros'"),
-    (["harvest.heldout_fraction=1.5"], r"harvest\.heldout_fraction"),
-    (["harvest.dtype=int8"], r"harvest\.dtype"),
-    (["+dictionary.checkpoint_path=/tmp/x.ckpt"], r"dictionary\.checkpoint_path is set by the fit stage"),
-    (["data=local_files"], r"data\.paths"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dictionary.coder.k=1000"], "dictionary.*exceeds the dimension"),
+        (["dictionary.n_atoms=4", "dictionary.coder.k=8"], "smaller than k"),
+        (["model.layer=30"], "layer 30 does not exist"),
+        (["+dictionary.atoms=4"], r"dictionary\.atoms"),
+        (["+dictionary.coder.colour=red"], r"dictionary\.coder\.colour"),
+        (["+baseline.topk.learning_rate=1"], r"baseline\.topk\.learning_rate"),
+        (["baseline.topk.lr=-1"], r"baseline\.topk: lr=-1"),
+        (["baseline.topk.architecture=gated"], r"baseline\.topk: architecture='gated'"),
+        (["compare.budget=forever"], r"compare\.budget='forever'"),
+        (["compare.budget=steps"], r"compare\.budget=steps needs compare\.steps"),
+        (["eval.saes=[dictionary,jumprelu]"], r"eval\.saes has unknown entries \['jumprelu'\]"),
+        (["+harvest.n_tokenz=4"], r"harvest\.n_tokenz"),
+        (["+colour=blue"], "colour"),
+        (["stage=train"], "stage='train'"),
+        (["dictionary.coder.method=lasso"], r"coder\.method = 'lasso'"),
+        (["dictionary.init=zeros"], "init = 'zeros'"),
+        (["harvest.heldout_fraction=1.5"], r"harvest\.heldout_fraction"),
+        (["harvest.dtype=int8"], r"harvest\.dtype"),
+        (["+dictionary.checkpoint_path=/tmp/x.ckpt"], r"dictionary\.checkpoint_path is set by the fit stage"),
+        (["data=local_files"], r"data\.paths"),
+    ],
+)
 def test_bad_config_fails_naming_the_key(overrides, message):
     """Keys added with `+` get past Hydra's struct mode; the one check catches them, naming the key."""
     with pytest.raises(ValueError, match=message):
         check_config(compose_config(*overrides))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("dictionary.colour=red", "dictionary.colour"),
-    ("harvest.n_tokenz=4", "harvest.n_tokenz"),
-    ("dictionary.coder.k=abc", "dictionary.coder.k"),
-    ("harvest.n_tokens=many", "harvest.n_tokens"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("dictionary.colour=red", "dictionary.colour"),
+        ("harvest.n_tokenz=4", "harvest.n_tokenz"),
+        ("dictionary.coder.k=abc", "dictionary.coder.k"),
+        ("harvest.n_tokens=many", "harvest.n_tokens"),
+    ],
+)
 def test_the_schema_rejects_unknown_keys_and_bad_types_at_composition(override, key):
     with pytest.raises(ConfigCompositionException, match=key.replace(".", r"\.")):
         compose_config(override)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given on a machine without CUDA")
-@pytest.mark.parametrize("override", ["dictionary.device=cuda", "model.device=cuda", "baseline.topk.device=cuda:0",
-                                      "eval.device=cuda"])
+@pytest.mark.parametrize(
+    "override", ["dictionary.device=cuda", "model.device=cuda", "baseline.topk.device=cuda:0", "eval.device=cuda"]
+)
 def test_a_cuda_device_without_cuda_fails_before_any_work(override):
     node = override.rsplit(".", 1)[0]
     with pytest.raises(ValueError, match=rf"{node}\.device: device 'cuda.*use device=cpu"):

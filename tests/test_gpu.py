@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.core.learner import learn_dictionary
 from pipeline.core.coders import encode
+from pipeline.core.learner import learn_dictionary
 from pipeline.core.synthetic import planted_problem, recovered_fraction
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -12,8 +12,15 @@ from tests.conftest import REPO
 
 #: Rank of each layer: a module may import its own rank or lower. ``evals`` sits above ``data`` (it reads
 #: stores and loads models); ``data`` must not import ``evals``.
-RANKS = {"pipeline.utils": 0, "pipeline.core": 1, "pipeline.data": 2, "pipeline.evals": 3, "pipeline.runs": 4,
-         "stages": 5, "stages.orchestrator": 6}
+RANKS = {
+    "pipeline.utils": 0,
+    "pipeline.core": 1,
+    "pipeline.data": 2,
+    "pipeline.evals": 3,
+    "pipeline.runs": 4,
+    "stages": 5,
+    "stages.orchestrator": 6,
+}
 #: Entry points that sit above everything: the command line (imports the orchestrator) and the public-API
 #: facade (re-exports the lower layers).
 TOP = {"pipeline.__main__", "pipeline"}
@@ -86,25 +93,31 @@ def test_imports_point_down(module, path):
     assert violations(module, imports_of(path.read_text(), module)) == []
 
 
-@pytest.mark.parametrize("module, source, expected", [
-    ("pipeline.core.learner", "from pipeline.data.store import ActivationStore", "higher layer"),
-    ("pipeline.data.harvest", "def f():\n    from pipeline.evals import report", "higher layer"),
-    ("pipeline.evals.report", "import stages.report", "higher layer"),
-    ("pipeline.runs.layout", "from stages.orchestrator import main", "higher layer"),
-    ("stages.fit", "from stages.harvest import run", "imports another stage"),
-    ("pipeline.core.coders", "from pipeline import encode", "facade"),
-    ("pipeline.data.store", "from ..evals import heldout", "higher layer"),
-])
+@pytest.mark.parametrize(
+    "module, source, expected",
+    [
+        ("pipeline.core.learner", "from pipeline.data.store import ActivationStore", "higher layer"),
+        ("pipeline.data.harvest", "def f():\n    from pipeline.evals import report", "higher layer"),
+        ("pipeline.evals.report", "import stages.report", "higher layer"),
+        ("pipeline.runs.layout", "from stages.orchestrator import main", "higher layer"),
+        ("stages.fit", "from stages.harvest import run", "imports another stage"),
+        ("pipeline.core.coders", "from pipeline import encode", "facade"),
+        ("pipeline.data.store", "from ..evals import heldout", "higher layer"),
+    ],
+)
 def test_the_checker_catches_each_kind_of_violation(module, source, expected):
     found = violations(module, imports_of(source, module))
     assert found and expected in found[0]
 
 
-@pytest.mark.parametrize("module, source", [
-    ("pipeline.evals.report", "from pipeline.data.store import ActivationStore"),
-    ("stages.orchestrator", "from stages import fit, harvest"),
-    ("stages.fit", "from pipeline.runs.layout import stage_dir\nfrom pipeline.utils.atomic import atomic_write"),
-    ("pipeline.data.store", "from .harvest import x"),
-])
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        ("pipeline.evals.report", "from pipeline.data.store import ActivationStore"),
+        ("stages.orchestrator", "from stages import fit, harvest"),
+        ("stages.fit", "from pipeline.runs.layout import stage_dir\nfrom pipeline.utils.atomic import atomic_write"),
+        ("pipeline.data.store", "from .harvest import x"),
+    ],
+)
 def test_the_checker_allows_downward_imports(module, source):
     assert violations(module, imports_of(source, module)) == []

@@ -1,9 +1,9 @@
 """The README's library example runs as written and prints what it says."""
 
 import re
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -54,6 +54,7 @@ def test_every_readme_command_composes_and_validates(argv):
     if "-m" in args:
         assert args.index("-m") == 0, f"`-m` must come before the overrides: python -m {' '.join(argv)}"
     overrides = [a for a in args if a not in ("-m", "--cfg", "job")]
+
     def is_sweep(o: str) -> bool:  # key=a,b (Hydra's sweep), not key=[a,b] (a list value)
         return "," in o and not o.split("=", 1)[-1].startswith("[")
 
@@ -83,8 +84,12 @@ def test_every_override_quoted_in_the_prose_composes():
     from tests.conftest import compose_config
 
     node = r"(?:model|data|harvest|dictionary|baseline|eval|report)\.[\w.]+"
-    quoted = [tok for span in re.findall(r"`([^`\n]+)`", README.read_text()) for tok in span.split()
-              if re.fullmatch(rf"{node}=[^,\s]+", tok)]
+    quoted = [
+        tok
+        for span in re.findall(r"`([^`\n]+)`", README.read_text())
+        for tok in span.split()
+        if re.fullmatch(rf"{node}=[^,\s]+", tok)
+    ]
     assert "dictionary.coder.precision=bf16" in quoted
     for override in quoted:
         check_config(compose_config(override))

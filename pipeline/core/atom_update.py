@@ -37,8 +37,8 @@ from torch import Tensor
 
 from pipeline.core import compiled, update_kernel
 from pipeline.core.codes import Codes
-from pipeline.core.compiled import KERNELS
 from pipeline.core.collective import LOCAL, Collective
+from pipeline.core.compiled import KERNELS
 from pipeline.core.rank1 import refit_block
 
 #: Largest number of gathered residual entries (rows × d) held at once by one compute chunk (CPU, CUDA).
@@ -111,8 +111,10 @@ def update_atoms(
     if solver not in SOLVERS:
         raise ValueError(f"solver = {solver!r} is not one of {SOLVERS}.")
     if solver == "gram" and not approximate and comm.distributed:
-        raise ValueError("solver='gram' forms sample-by-sample Gram matrices, which a data-parallel update cannot; "
-                         "use solver='direct' (rank1_solver=direct), the distributed power iteration.")
+        raise ValueError(
+            "solver='gram' forms sample-by-sample Gram matrices, which a data-parallel update cannot; "
+            "use solver='direct' (rank1_solver=direct), the distributed power iteration."
+        )
     run_compiled = _use_compiled(kernel, solver, approximate, comm, R, D)
     K, d = D.shape
     device = D.device
@@ -135,14 +137,31 @@ def update_atoms(
     rows_all = nz // codes.k
     starts = torch.searchsorted(ent_rank, torch.arange(0, n_used + 1, device=device)).tolist()
     if run_compiled:
-        return update_kernel.update(R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val,
-                                    nonnegative, tol, max_iters)
+        return update_kernel.update(
+            R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val, nonnegative, tol, max_iters
+        )
     counts = [starts[a + 1] - starts[a] for a in range(n_used)]  # this rank's entries per atom, in order
     # how the work is cut (blocks, chunks) must be the same on every rank: planned on the global support sizes
     sizes = support[order].tolist() if comm.distributed else counts
     if solver in _BLOCK_SOLVERS and not approximate:
-        return _update_blocks(R, D, codes, atom_batch_size, order, nz, rows_all, starts, counts, sizes, flat_val,
-                              nonnegative, tol, max_iters, solver, comm)
+        return _update_blocks(
+            R,
+            D,
+            codes,
+            atom_batch_size,
+            order,
+            nz,
+            rows_all,
+            starts,
+            counts,
+            sizes,
+            flat_val,
+            nonnegative,
+            tol,
+            max_iters,
+            solver,
+            comm,
+        )
     plan = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     iters_total, n_batches, capped = 0, 0, 0
     budget = _GATHER_BUDGET.get(device.type, _GATHER_BUDGET["cpu"])
@@ -159,8 +178,15 @@ def update_atoms(
             ent = nz[e0:e1]
             pos = ent_rank[e0:e1] - a0
             new_d, new_x, n_it, n_late = _rank1_fit(
-                R, D[order[a0:a1]], rows_all[e0:e1], pos, flat_val[ent],
-                nonnegative, tol, 1 if approximate else max_iters, comm,
+                R,
+                D[order[a0:a1]],
+                rows_all[e0:e1],
+                pos,
+                flat_val[ent],
+                nonnegative,
+                tol,
+                1 if approximate else max_iters,
+                comm,
             )
             corrections.append((order[a0:a1], ent, rows_all[e0:e1], pos, new_d, new_x))
             iters_total += n_it
@@ -182,15 +208,40 @@ def _use_compiled(kernel: str, solver: str, approximate: bool, comm: Collective,
     """Whether this sweep runs the compiled refits (``kernel``; see :func:`update_atoms`)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel = {kernel!r} is not one of {KERNELS}.")
-    fits = (solver == "direct" and not approximate and not comm.distributed and D.device.type == "cpu"
-            and R.dtype == D.dtype and R.dtype in (torch.float32, torch.float64))
-    return compiled.use(kernel, fits, "kernel='numba' refits atoms with the direct solver (not approximate) on CPU "
-                                      "in one process; use kernel='torch' or 'auto' for this update.")
+    fits = (
+        solver == "direct"
+        and not approximate
+        and not comm.distributed
+        and D.device.type == "cpu"
+        and R.dtype == D.dtype
+        and R.dtype in (torch.float32, torch.float64)
+    )
+    return compiled.use(
+        kernel,
+        fits,
+        "kernel='numba' refits atoms with the direct solver (not approximate) on CPU "
+        "in one process; use kernel='torch' or 'auto' for this update.",
+    )
 
 
-def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor,
-                   rows_all: Tensor, starts: list[int], counts: list[int], sizes: list[int], flat_val: Tensor,
-                   nonnegative: bool, tol: float, max_iters: int, method: str, comm: Collective) -> UpdateStats:
+def _update_blocks(
+    R: Tensor,
+    D: Tensor,
+    codes: Codes,
+    atom_batch_size: int,
+    order: Tensor,
+    nz: Tensor,
+    rows_all: Tensor,
+    starts: list[int],
+    counts: list[int],
+    sizes: list[int],
+    flat_val: Tensor,
+    nonnegative: bool,
+    tol: float,
+    max_iters: int,
+    method: str,
+    comm: Collective,
+) -> UpdateStats:
     """The sweep with a block solver: per atom batch, blocks of similar support size (``sizes``: over all
     ranks, so every rank cuts the same blocks), each gathered once from this rank's rows (``counts`` per atom)."""
     n_used = int(order.numel())
@@ -204,8 +255,10 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
     Rx[:n] = R
     Rx[n] = 0
     starts_t = torch.tensor(starts, device=device)
-    plan = [(b0, support_blocks(sizes[b0:b0 + atom_batch_size], d, budget, method))
-            for b0 in range(0, n_used, atom_batch_size)]
+    plan = [
+        (b0, support_blocks(sizes[b0 : b0 + atom_batch_size], d, budget, method))
+        for b0 in range(0, n_used, atom_batch_size)
+    ]
     # one reused work buffer for the gathered blocks: a fresh multi-MB tensor per block would cost a page fault
     # per 4 KiB on CPU
     size = max(len(r) * max(counts[b0 + i] for i in r) for b0, blocks in plan for r in blocks)  # this rank's rows
@@ -229,12 +282,19 @@ def _update_blocks(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, ord
             torch.index_select(Rx, 0, rows.view(-1), out=flat)
             E = flat.view(len(ranks), P, d)
             E.addcmul_(x_old[:, :, None], d_old[:, None, :])  # add the atom back: E = R[ω] + x dᵀ
-            fit = refit_block(E, d_old, nonnegative=nonnegative, tol=tol, max_steps=max_iters, method=method,
-                              check_every=check_every, comm=comm)
+            fit = refit_block(
+                E,
+                d_old,
+                nonnegative=nonnegative,
+                tol=tol,
+                max_steps=max_iters,
+                method=method,
+                check_every=check_every,
+                comm=comm,
+            )
             del E
             atom = torch.arange(len(ranks), device=device)[:, None].expand_as(mask)[mask]
-            refits.append(_BlockRefit(ids, ent[mask], rows[mask], atom, d_old, x_old[mask], fit.atoms,
-                                      fit.coefs[mask]))
+            refits.append(_BlockRefit(ids, ent[mask], rows[mask], atom, d_old, x_old[mask], fit.atoms, fit.coefs[mask]))
             steps_total += fit.steps
             n_blocks += 1
             capped += fit.capped
@@ -324,7 +384,7 @@ def support_blocks(counts: list[int], d: int, budget: int, method: str = "direct
     blocks = []
     for g in groups:
         cap = max(1, budget // max(1, max(counts[i] for i in g) * d))
-        blocks.extend(g[i:i + cap] for i in range(0, len(g), cap))
+        blocks.extend(g[i : i + cap] for i in range(0, len(g), cap))
     return blocks
 
 
@@ -356,8 +416,15 @@ def _split_by_size(items: list[int], costs: list[int]) -> list[list[int]]:
 
 
 def _rank1_fit(
-    R: Tensor, d_old: Tensor, rows: Tensor, pos: Tensor, x_old: Tensor,
-    nonnegative: bool, tol: float, max_iters: int, comm: Collective,
+    R: Tensor,
+    d_old: Tensor,
+    rows: Tensor,
+    pos: Tensor,
+    x_old: Tensor,
+    nonnegative: bool,
+    tol: float,
+    max_iters: int,
+    comm: Collective,
 ) -> tuple[Tensor, Tensor, int, int]:
     """Best rank-1 refit of a group of atoms against the same residual.
 
@@ -417,8 +484,7 @@ class _Segments:
         return torch.linalg.vecdot(Rg, atoms.index_select(0, self.pos))
 
 
-def _project(Rg: Tensor, d_old: Tensor, d_cur: Tensor, seg: _Segments, x_old: Tensor,
-             nonnegative: bool) -> Tensor:
+def _project(Rg: Tensor, d_old: Tensor, d_cur: Tensor, seg: _Segments, x_old: Tensor, nonnegative: bool) -> Tensor:
     """(e,) ``E_j d`` per entry: ``R[ω_j] d + x_j (d_jᵀ d)``; clipped at 0 for non-negative codes."""
     overlap = (d_old * d_cur).sum(dim=1)
     x = seg.dot_atoms(Rg, d_cur) + x_old * overlap.index_select(0, seg.pos)

@@ -9,7 +9,7 @@ initial atoms are the single-process ones."""
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,14 +31,17 @@ class BatchSource:
         if self.tensor is not None:
             check_samples(self.tensor, "data")
             if self.tensor.shape[0] < cfg.n_atoms:
-                raise ValueError(f"data has {self.tensor.shape[0]} samples, fewer than n_atoms = "
-                                 f"{cfg.n_atoms}; use more samples or fewer atoms.")
+                raise ValueError(
+                    f"data has {self.tensor.shape[0]} samples, fewer than n_atoms = "
+                    f"{cfg.n_atoms}; use more samples or fewer atoms."
+                )
             self.d = self.tensor.shape[1]
             default = self.tensor.device if self.tensor.device.type != "cpu" else None
         else:
             if not isinstance(data, Iterable):
-                raise ValueError(f"data must be a (n, d) tensor or an iterable of (b, d) tensors, "
-                                 f"got {type(data).__name__}.")
+                raise ValueError(
+                    f"data must be a (n, d) tensor or an iterable of (b, d) tensors, got {type(data).__name__}."
+                )
             # a loader that knows its width (the store's) is not read ahead for it: a batch can be shards' worth
             self.d = getattr(data, "d", None) or self.first_batch().shape[1]
             default = None
@@ -53,9 +56,11 @@ class BatchSource:
         first = first[0] if isinstance(first, (tuple, list)) else first
         check_samples(first, "data batch")
         if first.shape[0] < self.cfg.n_atoms and self.cfg.init == "data":
-            raise ValueError(f"the first batch has {first.shape[0]} samples, fewer than n_atoms = "
-                             f"{self.cfg.n_atoms}, so atoms cannot be initialised from data; use a larger batch "
-                             f"size or init='uniform'.")
+            raise ValueError(
+                f"the first batch has {first.shape[0]} samples, fewer than n_atoms = "
+                f"{self.cfg.n_atoms}, so atoms cannot be initialised from data; use a larger batch "
+                f"size or init='uniform'."
+            )
         return first.to(self._dev(), torch.float32)
 
     def _dev(self) -> torch.device:
@@ -78,13 +83,13 @@ class BatchSource:
                 return
             if self.cfg.sample_order == "contiguous":  # the reference's fixed batches, a partial last one skipped
                 for b in range(skip, n // bs):
-                    yield self.tensor[b * bs:(b + 1) * bs][mine(bs)].to(self.device, torch.float32)
+                    yield self.tensor[b * bs : (b + 1) * bs][mine(bs)].to(self.device, torch.float32)
                 return
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e)
             perm = torch.randperm(n, generator=g)
             n_batches = n // bs + (1 if n % bs >= bs // 2 else 0)
             for b in range(skip, n_batches):
-                idx = perm[b * bs:(b + 1) * bs]
+                idx = perm[b * bs : (b + 1) * bs]
                 idx = idx[mine(idx.numel())].to(self.tensor.device)
                 yield self.tensor[idx].to(self.device, torch.float32)
             return

@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.core import compiled, mp_kernel
-from pipeline.core.compiled import KERNELS
 from pipeline.core.codes import Codes
-from pipeline.utils.devices import free_memory
+from pipeline.core.compiled import KERNELS
 from pipeline.core.validation import check_atoms, check_samples, check_sparsity
+from pipeline.utils.devices import free_memory
 
 Method = Literal["mp", "omp"]
 Precision = Literal["fp32", "tf32", "bf16"]
@@ -137,11 +137,12 @@ def encode(
         chunk_size = auto_chunk_size(K, k, method, candidates, device, bytes_per=torch.finfo(dtype).bits // 8)
     parts = []
     for start in range(0, n, chunk_size):
-        Yc = Y[start:start + chunk_size].to(device=device, dtype=dtype)
+        Yc = Y[start : start + chunk_size].to(device=device, dtype=dtype)
         C0 = correlations(Yc, Dc, precision)
         if method == "mp":
-            codes = _mp_chunk(Yc, C0, Dc, G, k, nonnegative, rtol, refit, max_iter, candidates, reference_rules,
-                              compiled)
+            codes = _mp_chunk(
+                Yc, C0, Dc, G, k, nonnegative, rtol, refit, max_iter, candidates, reference_rules, compiled
+            )
         else:
             codes = _omp_chunk(Yc, C0, G, k, nonnegative, rtol)
         parts.append(codes)
@@ -155,9 +156,12 @@ def _use_compiled(kernel: str, method: str, device: torch.device, candidates: in
     """Whether MP runs the compiled per-sample loop (:mod:`pipeline.core.mp_kernel`) for ``kernel``."""
     if method != "mp":
         return False
-    return compiled.use(kernel, device.type == "cpu" and candidates is None,
-                        f"kernel='numba' runs matching pursuit on CPU over all atoms; here device={device}, "
-                        f"candidates={candidates}. Use kernel='torch' or 'auto'.")
+    return compiled.use(
+        kernel,
+        device.type == "cpu" and candidates is None,
+        f"kernel='numba' runs matching pursuit on CPU over all atoms; here device={device}, "
+        f"candidates={candidates}. Use kernel='torch' or 'auto'.",
+    )
 
 
 def gram(D: Tensor, precision: Precision = "fp32") -> Tensor:
@@ -204,8 +208,9 @@ def _matmul_precision(precision: str):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device: torch.device,
-                    bytes_per: int = 4) -> int:
+def auto_chunk_size(
+    K: int, k: int, method: str, candidates: int | None, device: torch.device, bytes_per: int = 4
+) -> int:
     """Samples per chunk so that the coder's working set fits comfortably in free memory.
 
     Per sample the MP coder holds its correlation row (K or ``candidates`` values) plus one gathered Gram row;
@@ -226,9 +231,20 @@ def auto_chunk_size(K: int, k: int, method: str, candidates: int | None, device:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, refit: bool,
-              max_iter: int, candidates: int | None, reference_rules: bool = False, compiled: bool = False
-              ) -> Codes:
+def _mp_chunk(
+    Y: Tensor,
+    C0: Tensor,
+    D: Tensor,
+    G: Tensor,
+    k: int,
+    nonnegative: bool,
+    rtol: float,
+    refit: bool,
+    max_iter: int,
+    candidates: int | None,
+    reference_rules: bool = False,
+    compiled: bool = False,
+) -> Codes:
     """Matching pursuit on one chunk. ``C0: (m, K)`` initial correlations, consumed in place.
 
     ``compiled`` runs the per-sample compiled loop (:func:`pipeline.core.mp_kernel.mp_codes`) instead of the
@@ -240,8 +256,9 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
     """
     width = k + 1 if reference_rules else k
     if compiled:
-        out_idx, out_val = mp_kernel.mp_codes(C0, G, Y.pow(2).sum(dim=1), rtol, k, max_iter, nonnegative,
-                                              reference_rules)
+        out_idx, out_val = mp_kernel.mp_codes(
+            C0, G, Y.pow(2).sum(dim=1), rtol, k, max_iter, nonnegative, reference_rules
+        )
     else:
         out_idx, out_val = _mp_loop(Y, C0, G, k, nonnegative, rtol, max_iter, candidates, reference_rules)
     indices, values = out_idx[:, :width], out_val[:, :width]
@@ -250,8 +267,17 @@ def _mp_chunk(Y: Tensor, C0: Tensor, D: Tensor, G: Tensor, k: int, nonnegative: 
     return Codes(indices, values)
 
 
-def _mp_loop(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol: float, max_iter: int,
-             candidates: int | None, reference_rules: bool) -> tuple[Tensor, Tensor]:
+def _mp_loop(
+    Y: Tensor,
+    C0: Tensor,
+    G: Tensor,
+    k: int,
+    nonnegative: bool,
+    rtol: float,
+    max_iter: int,
+    candidates: int | None,
+    reference_rules: bool,
+) -> tuple[Tensor, Tensor]:
     """The batched tensor loop of :func:`_mp_chunk`: ``(m, k + 1)`` atom ids and coefficients."""
     m, K = C0.shape
     device, dtype = C0.device, C0.dtype
@@ -352,13 +378,14 @@ def support_correlations(Y: Tensor, D: Tensor, indices: Tensor, block: int = 102
     """(m, k) ``⟨y_i, d_j⟩`` for each row's support ``indices: (m, k)``, in row blocks (bounded memory)."""
     out = torch.empty(indices.shape, dtype=Y.dtype, device=Y.device)
     for s in range(0, Y.shape[0], block):
-        atoms = D[indices[s:s + block]]  # (b, k, d)
-        out[s:s + block] = torch.bmm(atoms, Y[s:s + block].unsqueeze(-1)).squeeze(-1)
+        atoms = D[indices[s : s + block]]  # (b, k, d)
+        out[s : s + block] = torch.bmm(atoms, Y[s : s + block].unsqueeze(-1)).squeeze(-1)
     return out
 
 
-def refit_coefficients(G: Tensor, indices: Tensor, values: Tensor, c0: Tensor,
-                       nonnegative: bool, max_rounds: int = 8) -> Tensor:
+def refit_coefficients(
+    G: Tensor, indices: Tensor, values: Tensor, c0: Tensor, nonnegative: bool, max_rounds: int = 8
+) -> Tensor:
     """Least-squares coefficients on each row's support (slots with value 0 are unused).
 
     Args:
@@ -451,11 +478,11 @@ def _omp_chunk(Y: Tensor, C0: Tensor, G: Tensor, k: int, nonnegative: bool, rtol
         active = active & ok
         idx[:, t] = torch.where(active, j, idx[:, t])
         c0s_all[:, t] = C0.gather(1, j[:, None]).squeeze(1) * active
-        c0s = c0s_all[:, :t + 1]
-        x = torch.cholesky_solve(c0s.unsqueeze(-1), L[:, :t + 1, :t + 1]).squeeze(-1)
-        x_out[:, :t + 1] = torch.where(active[:, None], x, x_out[:, :t + 1])
+        c0s = c0s_all[:, : t + 1]
+        x = torch.cholesky_solve(c0s.unsqueeze(-1), L[:, : t + 1, : t + 1]).squeeze(-1)
+        x_out[:, : t + 1] = torch.where(active[:, None], x, x_out[:, : t + 1])
         energy = norm2 - (x * c0s).sum(dim=1)
-        c = C0 - F.embedding_bag(idx[:, :t + 1], G, per_sample_weights=x, mode="sum")
+        c = C0 - F.embedding_bag(idx[:, : t + 1], G, per_sample_weights=x, mode="sum")
         active = active & (energy > thresh)
     values = x_out
     if nonnegative:

@@ -38,7 +38,7 @@ class Codes:
         """(n,) number of non-zero coefficients per sample."""
         return (self.values != 0).sum(dim=1)
 
-    def to(self, device: torch.device | str) -> "Codes":
+    def to(self, device: torch.device | str) -> Codes:
         return Codes(self.indices.to(device), self.values.to(device))
 
     def to_dense(self, n_atoms: int) -> Tensor:
@@ -50,20 +50,16 @@ class Codes:
         """(n, d) reconstruction ``X @ D`` for atoms ``D: (K, d)``, without forming the dense codes."""
         if self.k == 0:
             return torch.zeros(self.n, D.shape[1], dtype=D.dtype, device=D.device)
-        return F.embedding_bag(
-            self.indices, D, per_sample_weights=self.values.to(D.dtype), mode="sum"
-        )
+        return F.embedding_bag(self.indices, D, per_sample_weights=self.values.to(D.dtype), mode="sum")
 
-    def __getitem__(self, rows) -> "Codes":
+    def __getitem__(self, rows) -> Codes:
         return Codes(self.indices[rows], self.values[rows])
 
     @staticmethod
-    def cat(parts: list["Codes"]) -> "Codes":
+    def cat(parts: list[Codes]) -> Codes:
         return Codes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))
 
     @staticmethod
-    def hcat(parts: list["Codes"]) -> "Codes":
+    def hcat(parts: list[Codes]) -> Codes:
         """Join the slots of several codes of the same samples (e.g. Matryoshka groups)."""
-        return Codes(
-            torch.cat([p.indices for p in parts], dim=1), torch.cat([p.values for p in parts], dim=1)
-        )
+        return Codes(torch.cat([p.indices for p in parts], dim=1), torch.cat([p.values for p in parts], dim=1))

@@ -72,9 +72,11 @@ class ProcessGroupCollective(Collective):
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("a data-parallel fit needs an initialised torch.distributed process group: launch with "
-                             "torchrun (the fit stage initialises it), or call torch.distributed.init_process_group "
-                             "before fitting.")
+            raise ValueError(
+                "a data-parallel fit needs an initialised torch.distributed process group: launch with "
+                "torchrun (the fit stage initialises it), or call torch.distributed.init_process_group "
+                "before fitting."
+            )
         self.dist, self.group = dist, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.calls = 0
@@ -102,7 +104,7 @@ class ProcessGroupCollective(Collective):
         flat = self._all_reduce(torch.cat([t.reshape(-1) for t in tensors]), self.dist.ReduceOp.SUM)
         out, at = [], 0
         for t in tensors:
-            out.append(flat[at:at + t.numel()].view(t.shape))
+            out.append(flat[at : at + t.numel()].view(t.shape))
             at += t.numel()
         return tuple(out)
 

@@ -84,8 +84,10 @@ def use(kernel: str, fits: bool, unfit: str) -> bool:
     if available():
         return True
     if kernel == "numba":
-        raise RuntimeError("kernel='numba' needs numba (pip install numba, a dependency of this package); "
-                           "kernel='torch' runs without it.")
+        raise RuntimeError(
+            "kernel='numba' needs numba (pip install numba, a dependency of this package); "
+            "kernel='torch' runs without it."
+        )
     return False
 
 

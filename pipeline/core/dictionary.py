@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.utils.atomic import atomic_write, atomic_write_text
+from pipeline.core.coders import KERNELS, encode, gram
 from pipeline.core.codes import Codes
 from pipeline.core.matryoshka import Group, encode_cascade, groups_from_list, groups_to_list
-from pipeline.core.coders import KERNELS, encode, gram
 from pipeline.core.validation import check_atoms, check_samples
+from pipeline.utils.atomic import atomic_write, atomic_write_text
 
 #: Tensors of a saved dictionary (atoms, optional centre).
 DICTIONARY_WEIGHTS = "dictionary.safetensors"
@@ -63,13 +63,23 @@ class CoderSettings:
         if not 0 <= self.rtol < 1:
             raise ValueError(f"coder.rtol = {self.rtol} must be in [0, 1).")
         if self.reference_rules and self.method != "mp":
-            raise ValueError(f"coder.reference_rules are KSVD.jl's matching-pursuit rules; coder.method = "
-                             f"{self.method!r} must be 'mp' with them.")
+            raise ValueError(
+                f"coder.reference_rules are KSVD.jl's matching-pursuit rules; coder.method = "
+                f"{self.method!r} must be 'mp' with them."
+            )
 
     def kwargs(self) -> dict[str, Any]:
-        return dict(method=self.method, nonnegative=self.nonnegative, rtol=self.rtol, refit=self.refit,
-                    max_iter=self.max_iter, candidates=self.candidates, precision=self.precision,
-                    reference_rules=self.reference_rules, kernel=self.kernel)
+        return dict(
+            method=self.method,
+            nonnegative=self.nonnegative,
+            rtol=self.rtol,
+            refit=self.refit,
+            max_iter=self.max_iter,
+            candidates=self.candidates,
+            precision=self.precision,
+            reference_rules=self.reference_rules,
+            kernel=self.kernel,
+        )
 
 
 def code_width(coder: CoderSettings, groups: list[Group] | None = None) -> int:
@@ -79,8 +89,9 @@ def code_width(coder: CoderSettings, groups: list[Group] | None = None) -> int:
     return sum(b + int(coder.reference_rules) for b in budgets)
 
 
-def apply_coder(Y: Tensor, atoms: Tensor, G: Tensor, coder: CoderSettings, groups: list[Group] | None = None,
-                **overrides) -> Codes:
+def apply_coder(
+    Y: Tensor, atoms: Tensor, G: Tensor, coder: CoderSettings, groups: list[Group] | None = None, **overrides
+) -> Codes:
     """Codes of ``Y: (n, d)`` (already centred) over ``atoms: (K, d)`` with Gram ``G`` and ``coder``'s settings
     (``overrides`` replace them): the Matryoshka cascade when ``groups`` are given, else the plain coder."""
     kw = coder.kwargs() | overrides
@@ -129,10 +140,15 @@ class Dictionary:
             self._gram = gram(self.atoms.float())
         return self._gram
 
-    def to(self, device: torch.device | str) -> "Dictionary":
-        out = Dictionary(self.atoms.to(device), self.coder,
-                         None if self.centre is None else self.centre.to(device),
-                         self.groups, self.history, self.metadata)
+    def to(self, device: torch.device | str) -> Dictionary:
+        out = Dictionary(
+            self.atoms.to(device),
+            self.coder,
+            None if self.centre is None else self.centre.to(device),
+            self.groups,
+            self.history,
+            self.metadata,
+        )
         return out
 
     def encode(self, Y: Tensor, *, plain: bool = False, **overrides) -> Codes:
@@ -182,15 +198,23 @@ class Dictionary:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "Dictionary":
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> Dictionary:
         path = Path(path)
         if not (path / DICTIONARY_WEIGHTS).exists() or not (path / DICTIONARY_META).exists():
-            raise FileNotFoundError(f"no dictionary at {path}: expected {DICTIONARY_WEIGHTS} and "
-                                    f"{DICTIONARY_META} there (written by Dictionary.save).")
+            raise FileNotFoundError(
+                f"no dictionary at {path}: expected {DICTIONARY_WEIGHTS} and "
+                f"{DICTIONARY_META} there (written by Dictionary.save)."
+            )
         meta = json.loads((path / DICTIONARY_META).read_text())
         tensors = load_file(str(path / DICTIONARY_WEIGHTS), device=str(device))
-        return cls(tensors["atoms"], CoderSettings(**meta["coder"]), tensors.get("centre"),
-                   groups_from_list(meta.get("groups")), meta.get("history", []), meta.get("metadata", {}))
+        return cls(
+            tensors["atoms"],
+            CoderSettings(**meta["coder"]),
+            tensors.get("centre"),
+            groups_from_list(meta.get("groups")),
+            meta.get("history", []),
+            meta.get("metadata", {}),
+        )
 
 
 def _json_default(o):

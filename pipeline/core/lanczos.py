@@ -40,8 +40,9 @@ class LanczosResult:
     """Lanczos steps taken (the slowest block's)."""
 
 
-def top_right_vectors(E: Tensor, start: Tensor, *, tol: float, max_steps: int, comm: Collective = LOCAL,
-                      check_every: int = 1) -> LanczosResult:
+def top_right_vectors(
+    E: Tensor, start: Tensor, *, tol: float, max_steps: int, comm: Collective = LOCAL, check_every: int = 1
+) -> LanczosResult:
     """Top right singular vectors of ``E: (B, P, d)`` (zero padding rows allowed; data parallel: this rank's rows,
     every product summed over ranks), from the Krylov spaces of ``start: (B, d)``; stopping rule above."""
     B, P, d = E.shape
@@ -65,8 +66,11 @@ def top_right_vectors(E: Tensor, start: Tensor, *, tol: float, max_steps: int, c
         b = w.norm(dim=1)
         beta[:, j] = b.double()
         if steps % check_every == 0 or steps == steps_cap:
-            T = torch.diag_embed(alpha[:, :steps]) + torch.diag_embed(beta[:, : steps - 1], 1) + \
-                torch.diag_embed(beta[:, : steps - 1], -1)
+            T = (
+                torch.diag_embed(alpha[:, :steps])
+                + torch.diag_embed(beta[:, : steps - 1], 1)
+                + torch.diag_embed(beta[:, : steps - 1], -1)
+            )
             theta, S = torch.linalg.eigh(T)
             top = theta[:, -1]
             r1 = beta[:, j] * S[:, -1, -1].abs()

@@ -19,51 +19,57 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.utils.atomic import atomic_write
 from pipeline.core.atom_update import update_atoms
 from pipeline.core.batches import BatchSource
+from pipeline.core.coders import encode, gram
 from pipeline.core.codes import Codes
 from pipeline.core.collective import LOCAL, Collective, collective
 from pipeline.core.dictionary import Dictionary
 from pipeline.core.learner_config import PAPER_SCHEDULE, LearnerConfig
 from pipeline.core.matryoshka import Group, matryoshka_groups
-from pipeline.core.coders import encode, gram
+from pipeline.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
 #: The per-iteration record kept in ``Dictionary.history`` (and the fit's metrics), field by field.
 HISTORY_FIELDS: dict[str, str] = {
     "fvu": "FVU of the batch with the codes it was coded with, before the update (Matryoshka, cascade loop: "
-           "coding and updating interleave, so this is the FVU after each group's update; reference loop: the "
-           "FVU of the coding with all atoms, before any update)",
+    "coding and updating interleave, so this is the FVU after each group's update; reference loop: the "
+    "FVU of the coding with all atoms, before any update)",
     "l0": "mean non-zeros per sample of those same codes",
     "fvu_after_update": "FVU of the batch after the atom update (same supports, refitted atoms and values; "
-                        "Matryoshka reference loop: after each group's update and re-coding)",
+    "Matryoshka reference loop: after each group's update and re-coding)",
     "l0_after_update": "mean non-zeros after the update (non-negative refits can zero coefficients)",
     "dead_fraction": "atoms with no coefficient after the update (re-seeded when reseed is set)",
     "n_duplicates": "atoms replaced as near-duplicates (duplicate_threshold)",
     "rank1_iters": "mean iterations per refit block (block solvers) or atom batch (alternating solver)",
     "rank1_capped": "refits stopped at rank1_max_iters before rank1_tol (logged as a warning)",
     "rank1_eigensolved": "signed refits finished exactly by the dense eigensolver (not certified by power steps "
-                         "within rank1_max_iters, or certain not to be, and not converged by Lanczos)",
+    "within rank1_max_iters, or certain not to be, and not converged by Lanczos)",
     "rank1_lanczos": "signed refits not certified by power steps and converged by Lanczos to rank1_tol on its "
-                     "estimated angle (rank1_solver=direct)",
-    "code_seconds": "wall time coding", "update_seconds": "wall time updating atoms",
+    "estimated angle (rank1_solver=direct)",
+    "code_seconds": "wall time coding",
+    "update_seconds": "wall time updating atoms",
     "reseed_seconds": "wall time re-seeding dead and duplicate atoms",
-    "iteration": "1-based iteration number", "epoch": "0-based epoch", "rows": "samples in the batch (all ranks)",
+    "iteration": "1-based iteration number",
+    "epoch": "0-based epoch",
+    "rows": "samples in the batch (all ranks)",
     "seconds": "learner clock since the start of the fit (resumed fits continue it)",
 }
 
-def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
-                     process_group=None, callback=None, **options) -> Dictionary:
+
+def learn_dictionary(
+    data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *, process_group=None, callback=None, **options
+) -> Dictionary:
     """Learn a dictionary of ``n_atoms`` unit-norm atoms for ``k``-sparse codes of ``data``.
 
     Args:
@@ -79,12 +85,14 @@ def learn_dictionary(data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *,
     Returns:
         the :class:`~pipeline.core.dictionary.Dictionary` (on the fitting device), with its per-iteration history.
     """
-    return fit_dictionary(data, LearnerConfig.from_options(n_atoms, k, **options), process_group=process_group,
-                          callback=callback)
+    return fit_dictionary(
+        data, LearnerConfig.from_options(n_atoms, k, **options), process_group=process_group, callback=callback
+    )
 
 
-def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, process_group=None,
-                   callback=None) -> Dictionary:
+def fit_dictionary(
+    data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, process_group=None, callback=None
+) -> Dictionary:
     """:func:`learn_dictionary` with its options as one typed :class:`LearnerConfig` (what the fit stage builds
     from the ``dictionary`` config node)."""
     n_atoms, k = cfg.n_atoms, cfg.coder.k
@@ -92,14 +100,18 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, proce
     source = BatchSource(data, cfg, comm)
     cfg.validate(source.d)
     if comm.distributed and cfg.rank1_solver == "gram" and not cfg.approximate:
-        raise ValueError("rank1_solver='gram' forms sample-by-sample Gram matrices, which a data-parallel fit "
-                         "cannot; use rank1_solver='direct' (the default).")
+        raise ValueError(
+            "rank1_solver='gram' forms sample-by-sample Gram matrices, which a data-parallel fit "
+            "cannot; use rank1_solver='direct' (the default)."
+        )
     device = source.device
     if cfg.coder.kernel == "numba" and (comm.distributed or device.type != "cpu"):
         where = "a data-parallel fit" if comm.distributed else f"a fit on {device.type}"
-        raise ValueError(f"coder.kernel = 'numba' forces the compiled CPU loops, and {where} cannot run them all "
-                         "(the compiled atom update is for one process on CPU); use coder.kernel='auto', which "
-                         "compiles what it can and runs the rest with torch.")
+        raise ValueError(
+            f"coder.kernel = 'numba' forces the compiled CPU loops, and {where} cannot run them all "
+            "(the compiled atom update is for one process on CPU); use coder.kernel='auto', which "
+            "compiles what it can and runs the rest with torch."
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
     groups = matryoshka_groups(n_atoms, k, cfg.matryoshka) if cfg.matryoshka is not None else None
     atom_batch = cfg.atom_batch_size or max(1, n_atoms // 128)
@@ -118,8 +130,7 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, proce
         history, it, epoch, batch_pos, elapsed0 = [], 0, 0, 0, 0.0
     G = gram(D, cfg.coder.precision)
     t0 = time.perf_counter() - elapsed0
-    bar = tqdm(total=cfg.max_iters, initial=it, disable=not (cfg.progress and comm.is_main), desc="DB-KSVD",
-               unit="it")
+    bar = tqdm(total=cfg.max_iters, initial=it, disable=not (cfg.progress and comm.is_main), desc="DB-KSVD", unit="it")
     stop = _stop_reason(cfg, history, it, epoch, 0.0)
     while stop is None:
         for Yb in source.epoch(epoch, skip=batch_pos):
@@ -133,9 +144,14 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, proce
             bar.update(1)
             bar.set_postfix(fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.3f}")
             if rec["rank1_capped"] and comm.is_main:
-                log.warning("iteration %d: %d rank-1 refits stopped at rank1_max_iters=%d before rank1_tol=%g "
-                            "(their objective still improved); raise rank1_max_iters for exact refits",
-                            it, rec["rank1_capped"], cfg.rank1_max_iters, cfg.rank1_tol)
+                log.warning(
+                    "iteration %d: %d rank-1 refits stopped at rank1_max_iters=%d before rank1_tol=%g "
+                    "(their objective still improved); raise rank1_max_iters for exact refits",
+                    it,
+                    rec["rank1_capped"],
+                    cfg.rank1_max_iters,
+                    cfg.rank1_tol,
+                )
             if callback is not None:
                 callback(it, rec, D)
             stop = _stop_reason(cfg, history, it, epoch, rec["seconds"])
@@ -151,8 +167,13 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, proce
                 _save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
     bar.close()
     log.info("DB-KSVD stopped after %d iterations: %s", it, stop)
-    meta = {"learner": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress",)},
-            "stop_reason": stop, "iterations": it, "atom_batch_size": atom_batch, "ranks": comm.world}
+    meta = {
+        "learner": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress",)},
+        "stop_reason": stop,
+        "iterations": it,
+        "atom_batch_size": atom_batch,
+        "ranks": comm.world,
+    }
     if groups is not None:
         meta["group_atom_batch_sizes"] = [group_atom_batch(atom_batch, g, n_atoms) for g in groups]
     coder = cfg.coder if cfg.eval_refit is None else replace(cfg.coder, refit=cfg.eval_refit)
@@ -164,14 +185,29 @@ def fit_dictionary(data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, proce
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: list[Group] | None,
-               atom_batch: int, gen: torch.Generator, comm: Collective = LOCAL) -> dict[str, Any]:
+def _iteration(
+    Yb: Tensor,
+    D: Tensor,
+    G: Tensor,
+    cfg: LearnerConfig,
+    groups: list[Group] | None,
+    atom_batch: int,
+    gen: torch.Generator,
+    comm: Collective = LOCAL,
+) -> dict[str, Any]:
     """Code one sample batch (this rank's share of it), update the atoms in place, re-seed; returns the
     iteration record + new G."""
     coder = cfg.coder.kwargs() | dict(chunk_size=cfg.chunk_size, validate=False)
-    update = dict(nonnegative=cfg.coder.nonnegative, tol=cfg.rank1_tol, max_iters=cfg.rank1_max_iters,
-                  approximate=cfg.approximate, solver=cfg.rank1_solver, generator=gen, comm=comm,
-                  kernel=cfg.coder.kernel)
+    update = dict(
+        nonnegative=cfg.coder.nonnegative,
+        tol=cfg.rank1_tol,
+        max_iters=cfg.rank1_max_iters,
+        approximate=cfg.approximate,
+        solver=cfg.rank1_solver,
+        generator=gen,
+        comm=comm,
+        kernel=cfg.coder.kernel,
+    )
     clock = _Clock(D.device)
     n_rows, denom = _rows_and_energy(Yb, comm)
     usage = torch.zeros(D.shape[0], device=D.device)
@@ -197,17 +233,16 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
         clock.lap("code")
         R = Yb
         for g in groups:  # update g with its share of the codes, re-seed, re-code g on what groups < g left
-            Dg = D[g.start:g.end]  # a view: updated and re-seeded in place
+            Dg = D[g.start : g.end]  # a view: updated and re-seeded in place
             part = _group_share(codes, g)
             Rg = R - part.decode(Dg)
-            refit(Rg, Dg, part, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start:g.end])
-            dead_g = usage[g.start:g.end] == 0
+            refit(Rg, Dg, part, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start : g.end])
+            dead_g = usage[g.start : g.end] == 0
             if cfg.reseed is not None and bool(dead_g.any()):
                 _reseed(Dg, dead_g, Rg, cfg.reseed, gen, comm)
-                reseeded[g.start:g.end] = dead_g
+                reseeded[g.start : g.end] = dead_g
             clock.lap("update")
-            recoded = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=gram(Dg, cfg.coder.precision),
-                             **coder)
+            recoded = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=gram(Dg, cfg.coder.precision), **coder)
             R = R - recoded.decode(Dg)
             clock.lap("code")
     elif groups is None:
@@ -221,13 +256,14 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     else:  # residual cascade: code group g on what groups < g left, update it, move on
         R = Yb
         for g in groups:
-            Dg = D[g.start:g.end]  # a view: updated in place
-            codes = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=G[g.start:g.end, g.start:g.end],
-                           **coder)
+            Dg = D[g.start : g.end]  # a view: updated in place
+            codes = encode(
+                R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=G[g.start : g.end, g.start : g.end], **coder
+            )
             R = R - codes.decode(Dg)
             l0 += codes.l0()
             clock.lap("code")
-            refit(R, Dg, codes, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start:g.end])
+            refit(R, Dg, codes, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start : g.end])
             clock.lap("update")
     err_after = _total(comm, R.pow(2).sum())
     clock.lap("update")
@@ -249,10 +285,21 @@ def _iteration(Yb: Tensor, D: Tensor, G: Tensor, cfg: LearnerConfig, groups: lis
     # a cascade interleaves coding and updating, so its only error is the one after the updates
     fvu = fvu_after if err_before is None else err_before / denom
     l0_sum, l0_after_sum = comm.sum(l0.float().sum().reshape(1), l0_after.float().sum().reshape(1))
-    return dict(**clock.seconds, fvu=fvu, fvu_after_update=fvu_after, l0=float(l0_sum) / n_rows,
-                l0_after_update=float(l0_after_sum) / n_rows, dead_fraction=n_dead / D.shape[0],
-                n_duplicates=n_dup, rank1_iters=sum(iters) / len(iters), rank1_capped=capped,
-                rank1_eigensolved=eigensolved, rank1_lanczos=lanczos, rows=n_rows, G=G)
+    return dict(
+        **clock.seconds,
+        fvu=fvu,
+        fvu_after_update=fvu_after,
+        l0=float(l0_sum) / n_rows,
+        l0_after_update=float(l0_after_sum) / n_rows,
+        dead_fraction=n_dead / D.shape[0],
+        n_duplicates=n_dup,
+        rank1_iters=sum(iters) / len(iters),
+        rank1_capped=capped,
+        rank1_eigensolved=eigensolved,
+        rank1_lanczos=lanczos,
+        rows=n_rows,
+        G=G,
+    )
 
 
 def _rows_and_energy(Yb: Tensor, comm: Collective) -> tuple[int, float]:
@@ -282,8 +329,10 @@ def _group_share(codes: Codes, group: Group) -> Codes:
     """The entries of ``codes`` (global atom ids) on ``group``'s atoms, with ids local to the group; the other
     slots are emptied (index 0, value 0)."""
     inside = (codes.indices >= group.start) & (codes.indices < group.end) & (codes.values != 0)
-    return Codes(torch.where(inside, codes.indices - group.start, torch.zeros_like(codes.indices)),
-                 torch.where(inside, codes.values, torch.zeros_like(codes.values)))
+    return Codes(
+        torch.where(inside, codes.indices - group.start, torch.zeros_like(codes.indices)),
+        torch.where(inside, codes.values, torch.zeros_like(codes.values)),
+    )
 
 
 def group_atom_batch(atom_batch: int, group: Group, n_atoms: int) -> int:
@@ -385,8 +434,8 @@ def _stop_reason(cfg: LearnerConfig, history: list[dict], it: int, epoch: int, s
     if cfg.time_budget is not None and seconds >= cfg.time_budget:
         return f"time_budget={cfg.time_budget}s"
     if cfg.tol is not None and len(history) > cfg.patience:
-        old = min(h["fvu"] for h in history[:-cfg.patience])
-        new = min(h["fvu"] for h in history[-cfg.patience:])
+        old = min(h["fvu"] for h in history[: -cfg.patience])
+        new = min(h["fvu"] for h in history[-cfg.patience :])
         if old - new < cfg.tol * max(old, 1e-12):
             return f"converged (FVU improved < {cfg.tol:g} over {cfg.patience} iterations)"
     return None
@@ -397,19 +446,46 @@ def _stop_reason(cfg: LearnerConfig, history: list[dict], it: int, epoch: int, s
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(cfg: LearnerConfig, D: Tensor, centre: Tensor | None, history: list, it: int,
-                     epoch: int, batch_pos: int, gen: torch.Generator) -> None:
+def _save_checkpoint(
+    cfg: LearnerConfig,
+    D: Tensor,
+    centre: Tensor | None,
+    history: list,
+    it: int,
+    epoch: int,
+    batch_pos: int,
+    gen: torch.Generator,
+) -> None:
     path = Path(cfg.checkpoint_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = dict(atoms=D.cpu(), centre=None if centre is None else centre.cpu(), history=history,
-                 iteration=it, epoch=epoch, batch_pos=batch_pos, generator=gen.get_state(),
-                 config={k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress", "resume")})
+    state = dict(
+        atoms=D.cpu(),
+        centre=None if centre is None else centre.cpu(),
+        history=history,
+        iteration=it,
+        epoch=epoch,
+        batch_pos=batch_pos,
+        generator=gen.get_state(),
+        config={k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress", "resume")},
+    )
     atomic_write(path, lambda p: torch.save(state, p))
 
 
 #: Settings a checkpoint must share with the fit that resumes it.
-_RESUME_KEYS = ("n_atoms", "k", "method", "nonnegative", "matryoshka", "seed", "batch_size", "center", "init",
-                "reference_rules", "matryoshka_loop", "sample_order")
+_RESUME_KEYS = (
+    "n_atoms",
+    "k",
+    "method",
+    "nonnegative",
+    "matryoshka",
+    "seed",
+    "batch_size",
+    "center",
+    "init",
+    "reference_rules",
+    "matryoshka_loop",
+    "sample_order",
+)
 #: Values of settings added after checkpoints were first written (an older checkpoint ran with these).
 _RESUME_DEFAULTS = {"reference_rules": False, "matryoshka_loop": "cascade", "sample_order": "shuffled"}
 
@@ -428,8 +504,10 @@ def _load_checkpoint(cfg: LearnerConfig, device: torch.device) -> dict | None:
     saved, now = _resume_identity(state.get("config", {})), _resume_identity(asdict(cfg))
     clash = {k_: (saved[k_], now[k_]) for k_ in _RESUME_KEYS if saved[k_] != now[k_]}
     if clash:
-        raise ValueError(f"checkpoint {path} was written with different settings {clash} (saved, now); "
-                         f"use a new checkpoint_path or the original settings.")
+        raise ValueError(
+            f"checkpoint {path} was written with different settings {clash} (saved, now); "
+            f"use a new checkpoint_path or the original settings."
+        )
     state["atoms"] = state["atoms"].to(device)
     if state["centre"] is not None:
         state["centre"] = state["centre"].to(device)

@@ -15,12 +15,27 @@ from pipeline.core.validation import check_sparsity
 #: batch, 3 epochs, no convergence stop, uniform init, random re-seeding of dead atoms, no near-duplicate
 #: replacement, no centring, and the least-squares refit its SAEBench wrapper encodes with. The same settings
 #: as a Hydra preset: ``dictionary=reference`` (conf/dictionary/reference.yaml).
-PAPER_SCHEDULE: dict[str, Any] = dict(nonnegative=False, reference_rules=True, refit=False, method="mp",
-                                      rtol=0.05, max_iter=None, rank1_solver="direct", approximate=False,
-                                      matryoshka_loop="reference", sample_order="contiguous",
-                                      batch_size=65_536, epochs=3, max_iters=None, tol=None,
-                                      init="uniform", reseed="random", duplicate_threshold=None,
-                                      center=False, eval_refit=True)
+PAPER_SCHEDULE: dict[str, Any] = dict(
+    nonnegative=False,
+    reference_rules=True,
+    refit=False,
+    method="mp",
+    rtol=0.05,
+    max_iter=None,
+    rank1_solver="direct",
+    approximate=False,
+    matryoshka_loop="reference",
+    sample_order="contiguous",
+    batch_size=65_536,
+    epochs=3,
+    max_iters=None,
+    tol=None,
+    init="uniform",
+    reseed="random",
+    duplicate_threshold=None,
+    center=False,
+    eval_refit=True,
+)
 
 
 @dataclass
@@ -105,15 +120,17 @@ class LearnerConfig:
     """Show a tqdm bar with FVU, mean L0 and dead fraction."""
 
     @classmethod
-    def from_options(cls, n_atoms: int, k: int, **options: Any) -> "LearnerConfig":
+    def from_options(cls, n_atoms: int, k: int, **options: Any) -> LearnerConfig:
         """The config of ``learn_dictionary(data, n_atoms, k, **options)``: ``options`` are fields of this class
         or of :class:`~pipeline.core.dictionary.CoderSettings` (``method="omp"``, ``nonnegative=False``, ...)."""
         coder_keys = {f.name for f in fields(CoderSettings)} - {"k"}
         own_keys = {f.name for f in fields(cls)} - {"n_atoms", "coder"}
         unknown = set(options) - coder_keys - own_keys
         if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are the fields of LearnerConfig "
-                             f"and CoderSettings: {sorted(own_keys | coder_keys)}.")
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)}; valid options are the fields of LearnerConfig "
+                f"and CoderSettings: {sorted(own_keys | coder_keys)}."
+            )
         coder = CoderSettings(k=k, **{key: v for key, v in options.items() if key in coder_keys})
         return cls(n_atoms=n_atoms, coder=coder, **{key: v for key, v in options.items() if key in own_keys})
 
@@ -121,21 +138,31 @@ class LearnerConfig:
         """Raise ``ValueError`` naming the field for a value the learner cannot use with data of dimension d."""
         check_sparsity(self.coder.k, self.n_atoms, d)
         self.coder.validate()
-        choices = dict(init=("data", "uniform"), reseed=("worst", "random", None),
-                       rank1_solver=("direct", "gram", "alternating"), sample_order=("shuffled", "contiguous"),
-                       matryoshka_loop=("cascade", "reference"))
+        choices = dict(
+            init=("data", "uniform"),
+            reseed=("worst", "random", None),
+            rank1_solver=("direct", "gram", "alternating"),
+            sample_order=("shuffled", "contiguous"),
+            matryoshka_loop=("cascade", "reference"),
+        )
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} = {getattr(self, key)!r} is not one of {allowed}.")
-        positive = dict(batch_size=self.batch_size, rank1_max_iters=self.rank1_max_iters,
-                        atom_batch_size=self.atom_batch_size or 1, checkpoint_every=self.checkpoint_every)
+        positive = dict(
+            batch_size=self.batch_size,
+            rank1_max_iters=self.rank1_max_iters,
+            atom_batch_size=self.atom_batch_size or 1,
+            checkpoint_every=self.checkpoint_every,
+        )
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} = {value} must be >= 1.")
         if self.coder.kernel == "numba" and not (self.rank1_solver == "direct" and not self.approximate):
-            raise ValueError("coder.kernel = 'numba' forces the compiled loops, and the atom update has them only for "
-                             "rank1_solver='direct' (not approximate); use coder.kernel='auto', which compiles what "
-                             "it can and runs the rest with torch.")
+            raise ValueError(
+                "coder.kernel = 'numba' forces the compiled loops, and the atom update has them only for "
+                "rank1_solver='direct' (not approximate); use coder.kernel='auto', which compiles what "
+                "it can and runs the rest with torch."
+            )
         if self.resume and not self.checkpoint_path:
             raise ValueError("resume=True needs checkpoint_path (the file to resume from).")
         if self.max_iters is None and self.epochs is None and self.time_budget is None and self.tol is None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from pipeline.core.codes import Codes
 from pipeline.core.coders import encode
+from pipeline.core.codes import Codes
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def matryoshka_groups(n_atoms: int, k: int, log2min: int = 8) -> list[Group]:
         raise ValueError(f"log2min = {log2min} must be >= 0.")
     while True:
         bounds = []
-        p = 2 ** log2min
+        p = 2**log2min
         while p < n_atoms:
             bounds.append(p)
             p *= 2
@@ -54,8 +54,7 @@ def matryoshka_groups(n_atoms: int, k: int, log2min: int = 8) -> list[Group]:
     return groups
 
 
-def encode_cascade(Y: Tensor, D: Tensor, groups: list[Group], G: Tensor | None = None,
-                   **coder) -> tuple[Codes, Tensor]:
+def encode_cascade(Y: Tensor, D: Tensor, groups: list[Group], G: Tensor | None = None, **coder) -> tuple[Codes, Tensor]:
     """Code ``Y: (n, d)`` group by group on the running residual.
 
     Returns:
@@ -64,8 +63,8 @@ def encode_cascade(Y: Tensor, D: Tensor, groups: list[Group], G: Tensor | None =
     E = Y
     parts = []
     for g in groups:
-        Dg = D[g.start:g.end]
-        Gg = None if G is None else G[g.start:g.end, g.start:g.end]
+        Dg = D[g.start : g.end]
+        Gg = None if G is None else G[g.start : g.end, g.start : g.end]
         codes = encode(E, Dg, min(g.budget, Dg.shape[1]), G=Gg, **coder)
         E = E - codes.decode(Dg)
         parts.append(Codes(codes.indices + g.start, codes.values))

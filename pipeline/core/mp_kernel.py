@@ -32,8 +32,9 @@ from pipeline.core import compiled
 _PIECES_PER_THREAD = 4
 
 
-def mp_codes(C: Tensor, G: Tensor, norm2: Tensor, rtol: float, k: int, max_iter: int, nonnegative: bool,
-             reference_rules: bool) -> tuple[Tensor, Tensor]:
+def mp_codes(
+    C: Tensor, G: Tensor, norm2: Tensor, rtol: float, k: int, max_iter: int, nonnegative: bool, reference_rules: bool
+) -> tuple[Tensor, Tensor]:
     """Matching pursuit from the initial correlations, on CPU.
 
     Args:

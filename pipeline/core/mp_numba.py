@@ -22,7 +22,7 @@ def _find(bits, key, mask, start):
     K = bits.shape[0]
     j0 = start
     while j0 + BLOCK <= K:
-        block = bits[j0:j0 + BLOCK]
+        block = bits[j0 : j0 + BLOCK]
         hit = False
         for j in range(BLOCK):
             hit |= (block[j] & mask) == key

@@ -76,8 +76,17 @@ class Rank1Refit:
     """Signed refits ("direct") not certified by power steps and converged by Lanczos instead."""
 
 
-def refit_block(E: Tensor, d_old: Tensor, *, nonnegative: bool, tol: float, max_steps: int,
-                method: str = "direct", check_every: int = 1, comm: Collective = LOCAL) -> Rank1Refit:
+def refit_block(
+    E: Tensor,
+    d_old: Tensor,
+    *,
+    nonnegative: bool,
+    tol: float,
+    max_steps: int,
+    method: str = "direct",
+    check_every: int = 1,
+    comm: Collective = LOCAL,
+) -> Rank1Refit:
     """Best rank-1 refits of a block of restricted errors, each warm started from its current atom.
 
     Args:
@@ -101,8 +110,10 @@ def refit_block(E: Tensor, d_old: Tensor, *, nonnegative: bool, tol: float, max_
     if method != "gram":
         raise ValueError(f"method = {method!r} is not 'direct' or 'gram'.")
     if comm.distributed:
-        raise ValueError("method='gram' refits from sample-by-sample Gram matrices, which a data-parallel run "
-                         "cannot form; use method='direct' (rank1_solver=direct).")
+        raise ValueError(
+            "method='gram' refits from sample-by-sample Gram matrices, which a data-parallel run "
+            "cannot form; use method='direct' (rank1_solver=direct)."
+        )
     if P <= d:
         return _light(E, d_old, nonnegative, tol, max_steps, check_every)
     if not nonnegative:
@@ -163,8 +174,7 @@ class _Convergence:
         self.last_rate, self.prev = rate, step
 
 
-def _light(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: int,
-           check_every: int) -> Rank1Refit:
+def _light(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: int, check_every: int) -> Rank1Refit:
     """Refits in the coefficient space through ``M = E Eᵀ`` (P <= d)."""
     M = torch.bmm(E, E.transpose(1, 2))  # (B, P, P)
     fro2 = M.pow(2).sum((1, 2))
@@ -188,8 +198,13 @@ def _light(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: i
             step = (z * Mz).sum(1).clamp(min=0).sqrt()
             conv.update(torch.where((q > 0) & (q2 > 0), step, torch.zeros_like(step)))
         else:
-            conv.certify((w2 - q2[:, None] * v2).norm(dim=1), q2, _second_eigenvalue_bound(fro2, q2),
-                         (fro2 / 2).sqrt(), max_steps - steps)
+            conv.certify(
+                (w2 - q2[:, None] * v2).norm(dim=1),
+                q2,
+                _second_eigenvalue_bound(fro2, q2),
+                (fro2 / 2).sqrt(),
+                max_steps - steps,
+            )
         v, w, q = v2, w2, q2
         if (steps % check_every == 0 or steps == max_steps) and bool(conv.settled.all()):
             break
@@ -222,8 +237,13 @@ def _heavy_signed(E: Tensor, d_old: Tensor, tol: float, max_steps: int, check_ev
         u = torch.where(norm[:, None] > 0, u2, u)
         Nu = bmv(N, u)
         q = (u * Nu).sum(1)
-        conv.certify((Nu - q[:, None] * u).norm(dim=1), q, _second_eigenvalue_bound(fro2, q), (fro2 / 2).sqrt(),
-                     max_steps - steps)
+        conv.certify(
+            (Nu - q[:, None] * u).norm(dim=1),
+            q,
+            _second_eigenvalue_bound(fro2, q),
+            (fro2 / 2).sqrt(),
+            max_steps - steps,
+        )
         if (steps % check_every == 0 or steps == max_steps) and bool(conv.settled.all()):
             break
     eigensolved = 0
@@ -236,8 +256,9 @@ def _heavy_signed(E: Tensor, d_old: Tensor, tol: float, max_steps: int, check_ev
     return Rank1Refit(u, coefs, steps, 0, eigensolved)
 
 
-def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: int,
-            check_every: int, comm: Collective = LOCAL) -> Rank1Refit:
+def _direct(
+    E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: int, check_every: int, comm: Collective = LOCAL
+) -> Rank1Refit:
     """Refits iterating on the block itself: ``x ← E d`` (non-negative: ``max(E d, 0)``), ``d ← Eᵀx / ‖Eᵀx‖``,
     two batched matrix-vector products per step over the contiguous block. Signed refits are certified with
     the trace bound (every eigenvalue of EᵀE below the top one is at most ``‖E‖_F² − q``); the rest are
@@ -279,12 +300,12 @@ def _direct(E: Tensor, d_old: Tensor, nonnegative: bool, tol: float, max_steps: 
         if bool(late.any()):
             late = late.nonzero().squeeze(1)
             E_late, u_late = E.index_select(0, late), u.index_select(0, late)
-            found = top_right_vectors(E_late, u_late, tol=tol, max_steps=max_steps, comm=comm,
-                                      check_every=check_every)
+            found = top_right_vectors(E_late, u_late, tol=tol, max_steps=max_steps, comm=comm, check_every=check_every)
             vectors, dense = found.vectors, (~found.converged).nonzero().squeeze(1)
             if dense.numel():  # Lanczos did not converge within max_steps: the dense eigensolver, exact
-                vectors = vectors.index_copy(0, dense, _top_right_vector(
-                    E_late.index_select(0, dense), u_late.index_select(0, dense), comm))
+                vectors = vectors.index_copy(
+                    0, dense, _top_right_vector(E_late.index_select(0, dense), u_late.index_select(0, dense), comm)
+                )
             u = u.index_copy(0, late, vectors)
             x = bmv(E, u)
             eigensolved, lanczos = int(dense.numel()), int(late.numel() - dense.numel())
@@ -300,8 +321,14 @@ def _top_right_vector(E: Tensor, ref: Tensor, comm: Collective = LOCAL) -> Tenso
     B, P, d = E.shape
     if comm.distributed:  # in chunks of atoms: B d × d Grams can be GBs (d = 2304)
         step = max(1, _GRAM_CHUNK // (d * d))
-        return torch.cat([_top_eigenvectors(comm.sum(torch.bmm(E[i:i + step].transpose(1, 2), E[i:i + step])),
-                                             ref[i:i + step]) for i in range(0, B, step)])
+        return torch.cat(
+            [
+                _top_eigenvectors(
+                    comm.sum(torch.bmm(E[i : i + step].transpose(1, 2), E[i : i + step])), ref[i : i + step]
+                )
+                for i in range(0, B, step)
+            ]
+        )
     if P > d:
         return _top_eigenvectors(torch.bmm(E.transpose(1, 2), E), ref)
     v = _top_eigenvectors(torch.bmm(E, E.transpose(1, 2)), bmv(E, ref))

@@ -78,7 +78,7 @@ def refit_nonnegative(R, rows, x_old, d_old, u, x, y, max_step, max_steps):
     last_rate = MAX_RATE
     done = False
     steps = 0
-    for steps in range(1, max_steps + 1):
+    for steps in range(1, max_steps + 1):  # noqa: B007 (the count is returned)
         norm = np.sqrt(_dot(y, y))
         step2 = 0.0
         if norm > 0:

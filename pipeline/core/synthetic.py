@@ -22,8 +22,15 @@ class PlantedProblem:
     """(n, k) planted coefficients."""
 
 
-def planted_problem(d: int = 20, n_atoms: int = 50, k: int = 3, n: int = 1500, snr_db: float | None = 20.0,
-                    nonnegative: bool = False, seed: int = 0) -> PlantedProblem:
+def planted_problem(
+    d: int = 20,
+    n_atoms: int = 50,
+    k: int = 3,
+    n: int = 1500,
+    snr_db: float | None = 20.0,
+    nonnegative: bool = False,
+    seed: int = 0,
+) -> PlantedProblem:
     """The K-SVD paper's synthetic experiment: Gaussian unit-norm atoms, k distinct atoms per sample with
     i.i.d. uniform coefficients (in [0.1, 1] when ``nonnegative``, else ±[0.1, 1]), white noise at ``snr_db``.
     """

@@ -18,8 +18,20 @@ from pipeline.core import compiled
 from pipeline.core.codes import Codes
 
 
-def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tensor, nz: Tensor, rows_all: Tensor,
-           starts: list[int], flat_val: Tensor, nonnegative: bool, tol: float, max_iters: int):
+def update(
+    R: Tensor,
+    D: Tensor,
+    codes: Codes,
+    atom_batch_size: int,
+    order: Tensor,
+    nz: Tensor,
+    rows_all: Tensor,
+    starts: list[int],
+    flat_val: Tensor,
+    nonnegative: bool,
+    tol: float,
+    max_iters: int,
+):
     """One sweep over the used atoms ``order`` (their code entries ``nz`` sorted by atom, atom a's being
     ``starts[a]:starts[a+1]``, in sample rows ``rows_all``), in place on ``R: (n, d)``, ``D: (K, d)`` and
     the codes; returns :class:`~pipeline.core.atom_update.UpdateStats` (iterations: mean over atoms; signed,
@@ -46,15 +58,38 @@ def update(R: Tensor, D: Tensor, codes: Codes, atom_batch_size: int, order: Tens
     sync = np.zeros(spin.SYNC_SLOTS, dtype=np.int64)
     claims = np.zeros(-(-n_used // batch), dtype=np.int64)
     D_in = D.detach().contiguous().numpy()
-    args = (Rn, D_in, order.numpy(), rows_all.numpy(), x_old, starts_np, claim_order, batch, not nonnegative, tol,
-            max_iters, D_new, x_new, steps, outcome, sync, claims)
-    compiled.run_threads(lambda t: kernels.sweep(*args, cuts[t], cuts[t + 1], threads), threads,
-                         sync[spin.ABORT:spin.ABORT + 1])
+    args = (
+        Rn,
+        D_in,
+        order.numpy(),
+        rows_all.numpy(),
+        x_old,
+        starts_np,
+        claim_order,
+        batch,
+        not nonnegative,
+        tol,
+        max_iters,
+        D_new,
+        x_new,
+        steps,
+        outcome,
+        sync,
+        claims,
+    )
+    compiled.run_threads(
+        lambda t: kernels.sweep(*args, cuts[t], cuts[t + 1], threads), threads, sync[spin.ABORT : spin.ABORT + 1]
+    )
     if Rc is not R:
         R.copy_(Rc)
     D[order] = torch.from_numpy(D_new)
     flat_val[nz] = torch.from_numpy(x_new)
     codes.values.copy_(flat_val.view_as(codes.values))
     ended = np.bincount(outcome, minlength=4)
-    return UpdateStats(n_used, float(steps.mean()) if n_used else 0.0, capped=int(ended[refit.CAPPED]),
-                       eigensolved=int(ended[refit.DENSE]), lanczos=int(ended[refit.LANCZOS]))
+    return UpdateStats(
+        n_used,
+        float(steps.mean()) if n_used else 0.0,
+        capped=int(ended[refit.CAPPED]),
+        eigensolved=int(ended[refit.DENSE]),
+        lanczos=int(ended[refit.LANCZOS]),
+    )

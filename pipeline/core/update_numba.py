@@ -31,8 +31,28 @@ def _correct(R, d_old, d_new, rows, x_old, x_new, row_lo, row_hi):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
-def sweep(R, D, order, rows, x_old, starts, claim_order, batch, signed, tol, max_steps, D_new, x_new, steps_out,
-          outcome_out, sync, claims, row_lo, row_hi, threads):
+def sweep(
+    R,
+    D,
+    order,
+    rows,
+    x_old,
+    starts,
+    claim_order,
+    batch,
+    signed,
+    tol,
+    max_steps,
+    D_new,
+    x_new,
+    steps_out,
+    outcome_out,
+    sync,
+    claims,
+    row_lo,
+    row_hi,
+    threads,
+):
     """One thread's share of a whole sweep; every one of ``threads`` threads runs it at once (one Python thread
     each, the GIL released), in step through :func:`pipeline.core.spin.barrier`.
 
@@ -63,11 +83,13 @@ def sweep(R, D, order, rows, x_old, starts, claim_order, batch, signed, tol, max
             p = claim_order[j]
             e0, e1 = starts[p], starts[p + 1]
             if signed:
-                steps, outcome = refit_signed(R, rows[e0:e1], x_old[e0:e1], D[order[p]], D_new[p], x_new[e0:e1],
-                                              y, basis, tol, max_steps)
+                steps, outcome = refit_signed(
+                    R, rows[e0:e1], x_old[e0:e1], D[order[p]], D_new[p], x_new[e0:e1], y, basis, tol, max_steps
+                )
             else:
-                steps, outcome = refit_nonnegative(R, rows[e0:e1], x_old[e0:e1], D[order[p]], D_new[p],
-                                                   x_new[e0:e1], y, max_step, max_steps)
+                steps, outcome = refit_nonnegative(
+                    R, rows[e0:e1], x_old[e0:e1], D[order[p]], D_new[p], x_new[e0:e1], y, max_step, max_steps
+                )
             steps_out[p] = steps
             outcome_out[p] = outcome
         generation = barrier(sync, threads, generation)

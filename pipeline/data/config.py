@@ -7,7 +7,7 @@ work: an unknown key or a wrong type fails with a ``ValueError`` naming the key.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -25,13 +25,13 @@ class ModelConfig:
     name: str = MISSING
     """Offline model (smollm2-135m, gemma-3-270m), a transformer-lens name (gemma-2-2b, pythia-160m-deduped),
     or a label for a local model given by ``path``."""
-    path: Optional[str] = None
+    path: str | None = None
     """Local directory of HF weights + tokenizer; takes precedence over the hub."""
     device: str = "cpu"
     """cpu, cuda, cuda:N or auto."""
     dtype: str = "float32"
     """Compute dtype: float32 on CPU; bfloat16 on GPU for Gemma."""
-    n_ctx: Optional[int] = None
+    n_ctx: int | None = None
     """Context window to build the model with (None: the model's own; 1024 for the offline models)."""
     layer: int = MISSING
     """Default layer whose hook is harvested (``harvest.layers`` overrides)."""
@@ -41,11 +41,11 @@ class ModelConfig:
 class HarvestConfig:
     """The ``harvest`` node of ``conf/config.yaml``."""
 
-    layers: Optional[List[int]] = None
+    layers: list[int] | None = None
     """Layers to harvest in one pass (None: ``[model.layer]``)."""
     hook_point: str = "hook_resid_post"
     """Hook within each block: hook_resid_post, hook_resid_mid, hook_mlp_out, hook_attn_out, ..."""
-    hooks: Optional[List[str]] = None
+    hooks: list[str] | None = None
     """Explicit hook names; overrides layers / hook_point."""
     n_tokens: int = 200_000
     """Token positions to run through the model (train + held-out, masked included); the paper: ~2.6 M."""
@@ -63,7 +63,7 @@ class HarvestConfig:
     """Leave BOS positions out of the store."""
     mask_special_tokens: bool = True
     """Leave every special token (BOS, EOS, PAD, ...) out of the store."""
-    outlier_norm_factor: Optional[float] = None
+    outlier_norm_factor: float | None = None
     """Leave out rows whose norm exceeds this multiple of the batch median (None: off)."""
     progress: bool = True
     """Show a tqdm bar (tokens, with throughput)."""
@@ -71,8 +71,9 @@ class HarvestConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the key for a value the harvest cannot use."""
         if self.n_tokens < self.context_length:
-            raise ValueError(f"harvest.n_tokens={self.n_tokens} is below one context "
-                             f"(harvest.context_length={self.context_length})")
+            raise ValueError(
+                f"harvest.n_tokens={self.n_tokens} is below one context (harvest.context_length={self.context_length})"
+            )
         if not 0 <= self.heldout_fraction < 1:
             raise ValueError(f"harvest.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
         if self.batch_size < 1 or self.shard_rows < 1:
@@ -80,7 +81,7 @@ class HarvestConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"harvest.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
 
-    def hook_list(self, model_layer: int) -> List[str]:
+    def hook_list(self, model_layer: int) -> list[str]:
         if self.hooks:
             return list(self.hooks)
         return hook_names(self.layers if self.layers is not None else [model_layer], self.hook_point)
@@ -106,5 +107,9 @@ def store_identity(model: ModelConfig, source: TextSource, h: HarvestConfig) -> 
     settings = dataclasses.asdict(h)
     for key in ("layers", "hook_point", "hooks", "progress"):
         settings.pop(key)
-    return {"model": {"name": model.name, "path": model.path, "dtype": model.dtype, "n_ctx": model.n_ctx},
-            "hooks": h.hook_list(model.layer), "text": text, **settings}
+    return {
+        "model": {"name": model.name, "path": model.path, "dtype": model.dtype, "n_ctx": model.n_ctx},
+        "hooks": h.hook_list(model.layer),
+        "text": text,
+        **settings,
+    }

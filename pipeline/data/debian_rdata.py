@@ -24,9 +24,9 @@ def deb_members(deb: Path, wanted: tuple[str, ...]) -> dict[str, bytes]:
         raise ValueError(f"{deb} is not a Debian package (no ar header)")
     pos = 8
     while pos + 60 <= len(raw):
-        name = raw[pos:pos + 16].decode().strip().rstrip("/")
-        size = int(raw[pos + 48:pos + 58].decode().strip())
-        body = raw[pos + 60:pos + 60 + size]
+        name = raw[pos : pos + 16].decode().strip().rstrip("/")
+        size = int(raw[pos + 48 : pos + 58].decode().strip())
+        body = raw[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size & 1)
         if name.startswith("data.tar"):
             with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
@@ -47,7 +47,7 @@ def load_r_lazydata(rdx: bytes, rdb: bytes) -> dict[str, Any]:
     out = {}
     for name, (offset, length) in index["variables"].items():
         offset, length = int(offset), int(length)
-        out[name] = _r_unserialize(zlib.decompress(rdb[offset + 4:offset + length]))
+        out[name] = _r_unserialize(zlib.decompress(rdb[offset + 4 : offset + length]))
     return out
 
 
@@ -80,7 +80,7 @@ def _r_unserialize(b: bytes) -> Any:
             n = i32()
             if n == -1:
                 return None
-            s = b[pos:pos + n].decode("utf-8", "replace")
+            s = b[pos : pos + n].decode("utf-8", "replace")
             pos += n
             return s
         if kind == 1:  # SYMSXP

@@ -22,14 +22,14 @@ def build_gemma3_tokenizer(gguf_path: str | Path):
     from transformers.convert_slow_tokenizer import generate_merges
 
     fields = GGUFReader(str(gguf_path)).fields
-    tok_f, score_f, type_f = (fields[k] for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores",
-                                                     "tokenizer.ggml.token_type"))
+    tok_f, score_f, type_f = (
+        fields[k] for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+    )
     pieces = [bytes(tok_f.parts[i]).decode("utf-8") for i in tok_f.data]
     scores = [float(score_f.parts[i][0]) for i in score_f.data]
     types = [int(type_f.parts[i][0]) for i in type_f.data]
     # whitespace-only normal pieces are stored with spaces; the BPE model works on "▁"
-    pieces = ["▁" * len(p) if ty != USER_DEFINED and " " in p and not p.strip() else p
-              for p, ty in zip(pieces, types)]
+    pieces = ["▁" * len(p) if ty != USER_DEFINED and " " in p and not p.strip() else p for p, ty in zip(pieces, types)]
     vocab: dict[str, int] = {}
     for i, p in enumerate(pieces):
         vocab.setdefault(p, i)
@@ -37,11 +37,15 @@ def build_gemma3_tokenizer(gguf_path: str | Path):
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tk.normalizer = normalizers.Replace(" ", "▁")
     tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tk.add_tokens([AddedToken(p, normalized=False, special=False)
-                   for p, ty in zip(pieces, types) if ty == USER_DEFINED])
-    tk.add_special_tokens([AddedToken(p, normalized=False, special=True)
-                           for p, ty in zip(pieces, types) if ty == CONTROL])
+    tk.add_tokens(
+        [AddedToken(p, normalized=False, special=False) for p, ty in zip(pieces, types) if ty == USER_DEFINED]
+    )
+    tk.add_special_tokens(
+        [AddedToken(p, normalized=False, special=True) for p, ty in zip(pieces, types) if ty == CONTROL]
+    )
     tk.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<pad>", unk_token="<unk>")
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )

@@ -25,10 +25,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data.store import (CONTEXTS_TENSOR, DTYPES, POSITIONS_TENSOR, SHARD_TENSOR, TOKENS_TENSOR,
-                                 check_disk_space, dtype_name, heldout_mask)
-from pipeline.data.store_writer import StoreWriter, shard_rows_count
 from pipeline.data.models import describe_model
+from pipeline.data.store import (
+    CONTEXTS_TENSOR,
+    DTYPES,
+    POSITIONS_TENSOR,
+    SHARD_TENSOR,
+    TOKENS_TENSOR,
+    check_disk_space,
+    dtype_name,
+    heldout_mask,
+)
+from pipeline.data.store_writer import StoreWriter, shard_rows_count
 from pipeline.data.text import iter_contexts
 
 log = logging.getLogger(__name__)
@@ -76,21 +84,39 @@ def validate(model: Any, hooks: Sequence[str], context_length: int) -> None:
     unknown = [h for h in hooks if h not in model.hook_dict]
     if unknown:
         layers = model.cfg.n_layers
-        raise ValueError(f"hook(s) {unknown} do not exist in {model.cfg.model_name} ({layers} layers: "
-                         f"valid layers 0..{layers - 1}, e.g. blocks.{layers // 2}.hook_resid_post)")
+        raise ValueError(
+            f"hook(s) {unknown} do not exist in {model.cfg.model_name} ({layers} layers: "
+            f"valid layers 0..{layers - 1}, e.g. blocks.{layers // 2}.hook_resid_post)"
+        )
     if context_length > model.cfg.n_ctx:
-        raise ValueError(f"harvest.context_length={context_length} exceeds the model's n_ctx={model.cfg.n_ctx}; "
-                         "lower it (the paper uses 128) or load the model with a larger model.n_ctx")
+        raise ValueError(
+            f"harvest.context_length={context_length} exceeds the model's n_ctx={model.cfg.n_ctx}; "
+            "lower it (the paper uses 128) or load the model with a larger model.n_ctx"
+        )
     if model.tokenizer is None:
         raise ValueError(f"{model.cfg.model_name} has no tokenizer; load it with one")
 
 
-def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], out_dir: str | os.PathLike, *,
-            hooks: Sequence[str], n_tokens: int, context_length: int = 128, batch_size: int = 8,
-            dtype: str = "float32", shard_rows: int = 65536, heldout_fraction: float = 0.05,
-            masking: MaskingOptions | None = None, identity: dict[str, Any] | None = None,
-            meta: dict[str, Any] | None = None, progress: bool = True, verify: bool = True,
-            part: tuple[int, int] | None = None, wait_s: float = 7 * 24 * 3600.0) -> Path:
+def harvest(
+    model: Any,
+    documents: Iterable[str] | Callable[[], Iterable[str]],
+    out_dir: str | os.PathLike,
+    *,
+    hooks: Sequence[str],
+    n_tokens: int,
+    context_length: int = 128,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    shard_rows: int = 65536,
+    heldout_fraction: float = 0.05,
+    masking: MaskingOptions | None = None,
+    identity: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    verify: bool = True,
+    part: tuple[int, int] | None = None,
+    wait_s: float = 7 * 24 * 3600.0,
+) -> Path:
     """Harvest ``ceil(n_tokens / context_length)`` contexts of ``documents`` into a store at ``out_dir``.
 
     Every hook's rows are (tokens, d) with masked positions left out; contexts are split between ``train``
@@ -116,25 +142,51 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     validate(model, hooks, context_length)
     store_dtype, tok = DTYPES[dtype], model.tokenizer
     bos = tok.bos_token_id if model.cfg.default_prepend_bos else None
-    masked_ids = sorted({*(tok.all_special_ids if masking.mask_special_tokens else []),
-                         *([bos] if masking.mask_bos and bos is not None else [])})
+    masked_ids = sorted(
+        {
+            *(tok.all_special_ids if masking.mask_special_tokens else []),
+            *([bos] if masking.mask_bos and bos is not None else []),
+        }
+    )
     n_contexts = math.ceil(n_tokens / context_length)
     per_shard = max(batch_size, shard_rows // context_length // batch_size * batch_size)
     n_shards = math.ceil(n_contexts / per_shard)
     meta = dict(meta or {})
     meta.setdefault("model", describe_model(model, model.cfg.model_name))
     meta.setdefault("text", {"kind": "documents passed in by the caller"})
-    settings = {"hooks": list(hooks), "n_tokens": n_tokens, "context_length": context_length,
-                "batch_size": batch_size, "dtype": dtype, "shard_rows": shard_rows,
-                "heldout_fraction": heldout_fraction, "masking": asdict(masking)}
+    settings = {
+        "hooks": list(hooks),
+        "n_tokens": n_tokens,
+        "context_length": context_length,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "shard_rows": shard_rows,
+        "heldout_fraction": heldout_fraction,
+        "masking": asdict(masking),
+    }
     identity = identity or {"model": meta["model"], "text": meta.get("text"), **settings}
-    header = {"identity": identity, **meta, **settings, "contexts_per_shard": per_shard,
-              "prepend_bos": bos is not None, "bos_token_id": bos, "token_ids": True,
-              "masking": {**asdict(masking), "masked_token_ids": masked_ids,
-                          "masked_tokens": tok.convert_ids_to_tokens(masked_ids)}}
+    header = {
+        "identity": identity,
+        **meta,
+        **settings,
+        "contexts_per_shard": per_shard,
+        "prepend_bos": bos is not None,
+        "bos_token_id": bos,
+        "token_ids": True,
+        "masking": {
+            **asdict(masking),
+            "masked_token_ids": masked_ids,
+            "masked_tokens": tok.convert_ids_to_tokens(masked_ids),
+        },
+    }
     d_of = {h: _hook_width(model, h) for h in hooks}
-    writer = StoreWriter(out_dir, header=header, dtype=store_dtype,
-                         hooks={h: {"layer": hook_layer(h), "d": d_of[h]} for h in hooks}, part=part)
+    writer = StoreWriter(
+        out_dir,
+        header=header,
+        dtype=store_dtype,
+        hooks={h: {"layer": hook_layer(h), "d": d_of[h]} for h in hooks},
+        part=part,
+    )
     if writer.part is not None and writer.complete and part[0] > 0:
         return writer.path  # rank 0 verifies and repairs a finished store
 
@@ -143,12 +195,23 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     ids_masked = torch.tensor(masked_ids, dtype=torch.long)
 
     def run_shard(batch_ctx: list[list[int]], first: int, shard_hooks: Sequence[str], bar: Any):
-        return _harvest_shard(model, batch_ctx, first, shard_hooks, batch_size, heldout_fraction, ids_masked,
-                              masking.outlier_norm_factor, store_dtype, bar)
+        return _harvest_shard(
+            model,
+            batch_ctx,
+            first,
+            shard_hooks,
+            batch_size,
+            heldout_fraction,
+            ids_masked,
+            masking.outlier_norm_factor,
+            store_dtype,
+            bar,
+        )
 
     if writer.part is not None and not writer.complete:
-        return _harvest_part(writer, contexts, run_shard, hooks, n_contexts, per_shard, context_length, progress,
-                             wait_s)
+        return _harvest_part(
+            writer, contexts, run_shard, hooks, n_contexts, per_shard, context_length, progress, wait_s
+        )
     bad = writer.bad_shards() if verify else {}
     if writer.complete and not bad:
         log.info("store %s is complete and every shard matches its sha256; nothing to do", out_dir)
@@ -160,8 +223,14 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
     if writer.complete:
         log.info("re-made %d damaged shard index(es) of %s", len(bad), out_dir)
         return writer.path
-    bar = tqdm(total=n_contexts * context_length, initial=start * per_shard * context_length, unit="tok",
-               unit_scale=True, desc="harvest", disable=not progress)
+    bar = tqdm(
+        total=n_contexts * context_length,
+        initial=start * per_shard * context_length,
+        unit="tok",
+        unit_scale=True,
+        desc="harvest",
+        disable=not progress,
+    )
     done, t0 = start * per_shard, time.perf_counter()
     for index in range(start, n_shards):
         want = min(per_shard, n_contexts - index * per_shard)
@@ -177,28 +246,50 @@ def harvest(model: Any, documents: Iterable[str] | Callable[[], Iterable[str]], 
             break
     bar.close()
     if done < n_contexts:
-        log.warning("the text ran out: harvested %d of %d contexts (%d tokens)", done, n_contexts,
-                    done * context_length)
+        log.warning(
+            "the text ran out: harvested %d of %d contexts (%d tokens)", done, n_contexts, done * context_length
+        )
     elapsed = time.perf_counter() - t0
-    log.info("harvested %d tokens in %.1f s (%.0f tok/s) into %s", (done - start * per_shard) * context_length,
-             elapsed, (done - start * per_shard) * context_length / max(elapsed, 1e-9), out_dir)
+    log.info(
+        "harvested %d tokens in %.1f s (%.0f tok/s) into %s",
+        (done - start * per_shard) * context_length,
+        elapsed,
+        (done - start * per_shard) * context_length / max(elapsed, 1e-9),
+        out_dir,
+    )
     return writer.finish(n_contexts=done, n_tokens_harvested=done * context_length)
 
 
 def _empty_text(context_length: int) -> ValueError:
-    return ValueError("the text source yielded no complete context of "
-                      f"{context_length} tokens (empty text?); check data.* or lower context_length")
+    return ValueError(
+        "the text source yielded no complete context of "
+        f"{context_length} tokens (empty text?); check data.* or lower context_length"
+    )
 
 
-def _harvest_part(writer: StoreWriter, contexts: Iterator[list[int]], run_shard: Callable, hooks: Sequence[str],
-                  n_contexts: int, per_shard: int, context_length: int, progress: bool, wait_s: float) -> Path:
+def _harvest_part(
+    writer: StoreWriter,
+    contexts: Iterator[list[int]],
+    run_shard: Callable,
+    hooks: Sequence[str],
+    n_contexts: int,
+    per_shard: int,
+    context_length: int,
+    progress: bool,
+    wait_s: float,
+) -> Path:
     """This rank's shards of a store several processes harvest (see :func:`harvest`): ``contexts`` is the whole
     text's context stream (the other ranks' contexts are skipped), ``run_shard`` harvest's shard runner."""
     rank, world = writer.part
     start, n_shards = writer.done_shards, math.ceil(n_contexts / per_shard)
     mine = [i for i in range(start, n_shards) if i % world == rank and not writer.part_has(i)]
-    bar = tqdm(total=len(mine) * per_shard * context_length, unit="tok", unit_scale=True,
-               desc=f"harvest (rank {rank}/{world})", disable=not progress or rank != 0)
+    bar = tqdm(
+        total=len(mine) * per_shard * context_length,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest (rank {rank}/{world})",
+        disable=not progress or rank != 0,
+    )
     pos = sum(1 for _ in itertools.islice(contexts, start * per_shard))  # shards the manifest lists already
     for index in mine:
         lo = index * per_shard
@@ -222,9 +313,15 @@ def _harvest_part(writer: StoreWriter, contexts: Iterator[list[int]], run_shard:
     return writer.merge_parts(world, context_length=context_length, wait_s=wait_s)
 
 
-def _skip_done_shards(writer: StoreWriter, contexts: Iterable[list[int]], n_done: int,
-                      bad: dict[int, dict[str, list[str]]], run_shard: Callable, context_length: int,
-                      progress: bool) -> None:
+def _skip_done_shards(
+    writer: StoreWriter,
+    contexts: Iterable[list[int]],
+    n_done: int,
+    bad: dict[int, dict[str, list[str]]],
+    run_shard: Callable,
+    context_length: int,
+    progress: bool,
+) -> None:
     """Consume the contexts of the ``n_done`` shards the store lists, re-making the ``bad`` ones
     (``{index: {hook: [split, ...]}}``; only those hooks are run and only those files written)."""
     expected = writer.span(n_done - 1)[1] if n_done else 0
@@ -241,22 +338,34 @@ def _skip_done_shards(writer: StoreWriter, contexts: Iterable[list[int]], n_done
         rows, _ = run_shard(batch_ctx, lo, list(splits_of), bar)
         remade = {h: {split: rows[h][split] for split in splits} for h, splits in splits_of.items()}
         # a re-made shard keeps the positions of the old one; only outlier masking can move with numerics
-        old_rows = {h: sum(writer.manifest["hooks"][h][split]["shards"][index]["rows"] for split in splits)
-                    for h, splits in splits_of.items()}
-        counts = {h: {"masked_outlier": old_rows[h] - sum(map(shard_rows_count, remade[h].values()))}
-                  for h in remade}
+        old_rows = {
+            h: sum(writer.manifest["hooks"][h][split]["shards"][index]["rows"] for split in splits)
+            for h, splits in splits_of.items()
+        }
+        counts = {h: {"masked_outlier": old_rows[h] - sum(map(shard_rows_count, remade[h].values()))} for h in remade}
         writer.replace_shard(index, remade, counts)
     bar.close()
     pos += sum(1 for _ in itertools.islice(contexts, max(expected - pos, 0)))
     if pos < expected:
-        raise ValueError(f"the text now yields fewer contexts ({pos}) than the store already holds ({expected}); "
-                         "the text source changed since that harvest: use a fresh output folder")
+        raise ValueError(
+            f"the text now yields fewer contexts ({pos}) than the store already holds ({expected}); "
+            "the text source changed since that harvest: use a fresh output folder"
+        )
 
 
 @torch.inference_mode()
-def _harvest_shard(model: Any, contexts: list[list[int]], first: int, hooks: Sequence[str], batch_size: int,
-                   heldout_fraction: float, ids_masked: torch.Tensor, outlier: float | None,
-                   store_dtype: torch.dtype, bar: Any) -> tuple[dict, dict]:
+def _harvest_shard(
+    model: Any,
+    contexts: list[list[int]],
+    first: int,
+    hooks: Sequence[str],
+    batch_size: int,
+    heldout_fraction: float,
+    ids_masked: torch.Tensor,
+    outlier: float | None,
+    store_dtype: torch.dtype,
+    bar: Any,
+) -> tuple[dict, dict]:
     """Run ``contexts`` (global index from ``first``) through the model; per hook and split, the rows and their
     token ids (a dict of the shard file's tensors, :class:`~pipeline.data.store.ShardTokens`)."""
     parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {"train": [], "heldout": []} for h in hooks}
@@ -267,8 +376,8 @@ def _harvest_shard(model: Any, contexts: list[list[int]], first: int, hooks: Seq
     index = torch.arange(first, first + len(contexts))
     held_all = torch.from_numpy(heldout_mask(index.numpy(), heldout_fraction))
     for b in range(0, len(contexts), batch_size):
-        tokens = all_tokens[b:b + batch_size]
-        held = held_all[b:b + batch_size]
+        tokens = all_tokens[b : b + batch_size]
+        held = held_all[b : b + batch_size]
         before = {"train": int((~held_all[:b]).sum()), "heldout": int(held_all[:b].sum())}  # earlier contexts
         keep_tok = ~torch.isin(tokens, ids_masked)
         _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=list(hooks), stop_at_layer=stop)
@@ -292,11 +401,18 @@ def _harvest_shard(model: Any, contexts: list[list[int]], first: int, hooks: Seq
                 flat = keep[sel].reshape(-1).nonzero().squeeze(1)
                 where[h][split].append(flat + before[split] * tokens.shape[1])
         bar.update(tokens.numel())
-    rows = {h: {s: {SHARD_TENSOR: torch.cat(v),
-                    TOKENS_TENSOR: all_tokens[~held_all if s == "train" else held_all].to(torch.int32),
-                    CONTEXTS_TENSOR: index[~held_all if s == "train" else held_all],
-                    POSITIONS_TENSOR: torch.cat(where[h][s]).to(torch.int64)}
-                for s, v in per.items()} for h, per in parts.items()}
+    rows = {
+        h: {
+            s: {
+                SHARD_TENSOR: torch.cat(v),
+                TOKENS_TENSOR: all_tokens[~held_all if s == "train" else held_all].to(torch.int32),
+                CONTEXTS_TENSOR: index[~held_all if s == "train" else held_all],
+                POSITIONS_TENSOR: torch.cat(where[h][s]).to(torch.int64),
+            }
+            for s, v in per.items()
+        }
+        for h, per in parts.items()
+    }
     return rows, counts
 
 
@@ -307,8 +423,10 @@ def _hook_width(model: Any, hook: str) -> int:
         _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop_layer([hook]))
     shape = tuple(cache[hook].shape)
     if len(shape) != 3:
-        raise ValueError(f"hook {hook} has activations of shape {shape}; only (batch, pos, d) hooks can be "
-                         "stored (e.g. hook_resid_post, hook_mlp_out, hook_attn_out)")
+        raise ValueError(
+            f"hook {hook} has activations of shape {shape}; only (batch, pos, d) hooks can be "
+            "stored (e.g. hook_resid_post, hook_mlp_out, hook_attn_out)"
+        )
     return shape[-1]
 
 
@@ -317,5 +435,4 @@ def identity_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-__all__ = ["MaskingOptions", "harvest", "hook_names", "stop_layer", "validate",
-           "identity_hash", "dtype_name"]
+__all__ = ["MaskingOptions", "harvest", "hook_names", "stop_layer", "validate", "identity_hash", "dtype_name"]

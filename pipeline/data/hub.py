@@ -38,19 +38,28 @@ def in_hub_cache(repo_id: str) -> bool:
 
 def unreachable_model_message(name: str, repo: str, offline_models: Iterable[str]) -> str:
     """What to do when model ``name`` (hub repo ``repo``) is neither reachable nor cached."""
-    return (f"cannot load {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1) and {repo!r} is "
-            "not in the local HF cache. Either run where the hub is reachable, copy the model into the HF cache "
-            "(HF_HOME), or download its weights + tokenizer elsewhere (`save_pretrained`) and pass the directory "
-            "as model.path=/path/to/dir. Offline models that need no hub: "
-            f"{', '.join(offline_models)}.")
+    return (
+        f"cannot load {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1) and {repo!r} is "
+        "not in the local HF cache. Either run where the hub is reachable, copy the model into the HF cache "
+        "(HF_HOME), or download its weights + tokenizer elsewhere (`save_pretrained`) and pass the directory "
+        "as model.path=/path/to/dir. Offline models that need no hub: "
+        f"{', '.join(offline_models)}."
+    )
 
 
 def hub_load_failed_message(name: str, repo: str, exc: BaseException) -> str:
     """What to do when the hub is reachable but loading ``name`` from it failed (gated repo, no token, ...)."""
-    return (f"loading {name!r} ({repo}) from the Hugging Face hub failed: {exc}. Gated models (the "
-            "Gemma family) need their licence accepted on the hub and a token (HF_TOKEN or "
-            "`huggingface-cli login`); or pass model.path=<local HF directory>.")
+    return (
+        f"loading {name!r} ({repo}) from the Hugging Face hub failed: {exc}. Gated models (the "
+        "Gemma family) need their licence accepted on the hub and a token (HF_TOKEN or "
+        "`huggingface-cli login`); or pass model.path=<local HF directory>."
+    )
 
 
-__all__ = ["HubUnreachableError", "hub_reachable", "in_hub_cache", "unreachable_model_message",
-           "hub_load_failed_message"]
+__all__ = [
+    "HubUnreachableError",
+    "hub_reachable",
+    "in_hub_cache",
+    "unreachable_model_message",
+    "hub_load_failed_message",
+]

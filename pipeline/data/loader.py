@@ -52,9 +52,21 @@ class ActivationLoader:
         read_workers: threads reading + checksumming the next group's shards (up to two groups ahead).
     """
 
-    def __init__(self, store: "ActivationStore", batch_size: int, *, split: str = "train", shuffle: bool = True,
-                 seed: int = 0, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 prefetch: int = 4, shuffle_shards: int = 4, drop_last: bool = False, read_workers: int = 2) -> None:
+    def __init__(
+        self,
+        store: ActivationStore,
+        batch_size: int,
+        *,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        prefetch: int = 4,
+        shuffle_shards: int = 4,
+        drop_last: bool = False,
+        read_workers: int = 2,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if shuffle_shards < 1:
@@ -149,7 +161,7 @@ class ActivationLoader:
                 read_ahead()
             for g in range(0, len(order), self.shuffle_shards):
                 parts = [carry]
-                for _ in order[g:g + self.shuffle_shards]:
+                for _ in order[g : g + self.shuffle_shards]:
                     parts.append(pending.popleft().result())
                     read_ahead()
                 offsets = np.cumsum([0] + [len(p) for p in parts])
@@ -201,8 +213,9 @@ def _gather(parts: list[torch.Tensor], part_of: np.ndarray, local: np.ndarray, d
 IN_MEMORY_SHARE = 0.25
 
 
-def training_data(store: "ActivationStore", batch_size: int, device: torch.device, seed: int,
-                  shuffle: bool = True, readers: int = 1):
+def training_data(
+    store: ActivationStore, batch_size: int, device: torch.device, seed: int, shuffle: bool = True, readers: int = 1
+):
     """The store's training rows: one ``(n, d)`` tensor on ``device`` (in store order) when they take at most
     :data:`IN_MEMORY_SHARE` of its free memory, else a loader of full ``(batch_size, d)`` batches, shuffled
     every epoch or, with ``shuffle=False``, consecutive in store order. ``readers``: processes on this machine

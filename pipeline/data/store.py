@@ -52,7 +52,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -70,9 +69,11 @@ SPLITS = ("train", "heldout")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-REPAIR_HINT = ("to fix it, re-run the harvest with the same settings into the same folder (`python -m pipeline "
-               "stage=harvest`, or the same command / harvest() call; for an imported array the same import_array() "
-               "call): it verifies every shard and re-makes just the bad ones")
+REPAIR_HINT = (
+    "to fix it, re-run the harvest with the same settings into the same folder (`python -m pipeline "
+    "stage=harvest`, or the same command / harvest() call; for an imported array the same import_array() "
+    "call): it verifies every shard and re-makes just the bad ones"
+)
 """How to repair a store, appended to every :class:`ChecksumError` and missing-shard error."""
 _HASH_BLOCK = 1 << 24
 
@@ -121,8 +122,9 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def find_bad_shards(path: str | os.PathLike, manifest: dict[str, Any] | None = None, *,
-                    hooks: list[str] | None = None) -> list[BadShard]:
+def find_bad_shards(
+    path: str | os.PathLike, manifest: dict[str, Any] | None = None, *, hooks: list[str] | None = None
+) -> list[BadShard]:
     """Every shard the store at ``path`` lists (all ``hooks`` (default all), both splits, empty shards too) whose
     file is missing or whose sha256 differs from the manifest's; ``[]`` for a sound store. Reads and hashes
     every shard, so it costs one read of the store.
@@ -164,11 +166,17 @@ def check_disk_space(path: Path, needed_bytes: int, what: str = "the activation 
         raise OSError(
             f"not enough disk for {what}: about {needed_bytes / 2**30:.2f} GiB needed at {path}, "
             f"{free / 2**30:.2f} GiB free. Lower harvest.n_tokens, store in bfloat16/float16 (harvest.dtype), "
-            "or write to a larger disk (another run folder).")
+            "or write to a larger disk (another run folder)."
+        )
 
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32,
-              "I64": torch.int64}
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,7 @@ class ShardTokens:
 def _safetensors_header(data: bytearray, path: Path) -> tuple[int, dict[str, Any]]:
     try:
         (n,) = struct.unpack_from("<Q", data, 0)
-        return n, json.loads(bytes(data[8:8 + n]))
+        return n, json.loads(bytes(data[8 : 8 + n]))
     except (struct.error, ValueError) as exc:
         raise ChecksumError(f"{path} is not a readable activation shard ({exc}); {REPAIR_HINT}") from None
 
@@ -204,8 +212,7 @@ def _tensor_view(data: bytearray, path: Path, name: str = SHARD_TENSOR) -> torch
         raise ChecksumError(f"{path} is truncated; {REPAIR_HINT}")
     if end == start:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize,
-                            offset=8 + n + start).view(shape)
+    return torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start).view(shape)
 
 
 # --------------------------------------------------------------------------- reader
@@ -221,14 +228,18 @@ class ActivationStore:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{self.path} is not an activation store (no {MANIFEST_NAME}); "
-                                    "run the harvest stage or import an array with import_array()")
+            raise FileNotFoundError(
+                f"{self.path} is not an activation store (no {MANIFEST_NAME}); "
+                "run the harvest stage or import an array with import_array()"
+            )
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != STORE_FORMAT:
             raise ValueError(f"{manifest_path} is not a {STORE_FORMAT} manifest")
         if not self.manifest.get("complete"):
-            raise ValueError(f"the store at {self.path} is incomplete (interrupted harvest); re-run the harvest "
-                             "with the same settings to resume it")
+            raise ValueError(
+                f"the store at {self.path} is incomplete (interrupted harvest); re-run the harvest "
+                "with the same settings to resume it"
+            )
         hooks = list(self.manifest["hooks"])
         if hook is None:
             if len(hooks) != 1:
@@ -244,8 +255,10 @@ class ActivationStore:
         self._verified: set[str] = set()
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, hook={self.hook!r}, rows={self.n_rows()}, d={self.d}, "
-                f"dtype={dtype_name(self.dtype)})")
+        return (
+            f"ActivationStore({str(self.path)!r}, hook={self.hook!r}, rows={self.n_rows()}, d={self.d}, "
+            f"dtype={dtype_name(self.dtype)})"
+        )
 
     def n_rows(self, split: str = "train") -> int:
         return int(self._split(split)["rows"])
@@ -277,8 +290,10 @@ class ActivationStore:
     def _activations(self, data: bytearray, shard: dict[str, Any]) -> torch.Tensor:
         x = _tensor_view(data, self.path / shard["file"])
         if tuple(x.shape) != (shard["rows"], self.d) or x.dtype != self.dtype:
-            raise ChecksumError(f"shard {shard['file']} holds {x.dtype} {tuple(x.shape)}, the manifest says "
-                                f"{self.dtype} ({shard['rows']}, {self.d}); {REPAIR_HINT}")
+            raise ChecksumError(
+                f"shard {shard['file']} holds {x.dtype} {tuple(x.shape)}, the manifest says "
+                f"{self.dtype} ({shard['rows']}, {self.d}); {REPAIR_HINT}"
+            )
         return x
 
     def _tokens(self, data: bytearray, shard: dict[str, Any]) -> ShardTokens | None:
@@ -286,11 +301,13 @@ class ActivationStore:
         _, header = _safetensors_header(data, path)
         if TOKENS_TENSOR not in header:
             return None
-        out = ShardTokens(*(_tensor_view(data, path, name) for name in (TOKENS_TENSOR, CONTEXTS_TENSOR,
-                                                                         POSITIONS_TENSOR)))
+        out = ShardTokens(
+            *(_tensor_view(data, path, name) for name in (TOKENS_TENSOR, CONTEXTS_TENSOR, POSITIONS_TENSOR))
+        )
         if out.positions.shape != (shard["rows"],) or len(out.contexts) != len(out.token_ids):
-            raise ChecksumError(f"shard {shard['file']} of {self.path} has token ids that do not match its rows; "
-                                f"{REPAIR_HINT}")
+            raise ChecksumError(
+                f"shard {shard['file']} of {self.path} has token ids that do not match its rows; {REPAIR_HINT}"
+            )
         return out
 
     def has_tokens(self) -> bool:
@@ -307,8 +324,9 @@ class ActivationStore:
             fh.readinto(data)
         if self.verify and shard["file"] not in self._verified:
             if sha256_bytes(data) != shard["sha256"]:
-                raise ChecksumError(f"shard {shard['file']} of {self.path} is corrupted (sha256 mismatch); "
-                                    f"{REPAIR_HINT}")
+                raise ChecksumError(
+                    f"shard {shard['file']} of {self.path} is corrupted (sha256 mismatch); {REPAIR_HINT}"
+                )
             self._verified.add(shard["file"])
         return data
 
@@ -320,14 +338,15 @@ class ActivationStore:
             names = ", ".join(f"{b.file} ({b.reason})" for b in bad)
             raise ChecksumError(f"{len(bad)} shard(s) of {self.path} are corrupted: {names}; {REPAIR_HINT}")
 
-    def load_all(self, split: str = "train", *, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> torch.Tensor:
+    def load_all(
+        self, split: str = "train", *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """All rows of ``split`` in store order: (n_rows, d)."""
         out = torch.empty(self.n_rows(split), self.d, dtype=dtype, device=device)
         pos = 0
         for shard in self.shards(split):
             x = self.read_shard(shard)
-            out[pos:pos + len(x)] = x.to(device=device, dtype=dtype)
+            out[pos : pos + len(x)] = x.to(device=device, dtype=dtype)
             pos += len(x)
         return out
 

@@ -15,15 +15,27 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from pipeline.data.store import (DTYPES, MANIFEST_NAME, SHARD_PATTERN, SHARD_TENSOR, SPLITS,
-                                 STORE_FORMAT, STORE_VERSION, check_disk_space, dtype_name,
-                                 find_bad_shards, heldout_mask, sha256_bytes, shard_problem)
+from pipeline.data.store import (
+    DTYPES,
+    MANIFEST_NAME,
+    SHARD_PATTERN,
+    SHARD_TENSOR,
+    SPLITS,
+    STORE_FORMAT,
+    STORE_VERSION,
+    check_disk_space,
+    dtype_name,
+    find_bad_shards,
+    heldout_mask,
+    sha256_bytes,
+    shard_problem,
+)
 from pipeline.utils.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -32,9 +44,10 @@ log = logging.getLogger(__name__)
 #: A rank's ledger of the shards it made, when several processes harvest one store.
 PART_PATTERN = "part-{rank}-of-{world}.json"
 
-ShardRows = Union[torch.Tensor, dict[str, torch.Tensor]]
+ShardRows = torch.Tensor | dict[str, torch.Tensor]
 """One hook's rows of one split of a shard: the (rows, d) activations, or a dict of the tensors its file holds
-(:data:`~pipeline.data.store.SHARD_TENSOR` and, from a harvest, the token ids: :class:`~pipeline.data.store.ShardTokens`)."""
+(:data:`~pipeline.data.store.SHARD_TENSOR` and, from a harvest, the token ids:
+:class:`~pipeline.data.store.ShardTokens`)."""
 
 
 def shard_rows_count(rows: ShardRows) -> int:
@@ -50,8 +63,15 @@ class StoreWriter:
     partial store in ``path`` may be resumed (equal identity) or must be refused (different identity).
     """
 
-    def __init__(self, path: str | os.PathLike, *, header: dict[str, Any], hooks: dict[str, dict[str, Any]],
-                 dtype: torch.dtype, part: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        header: dict[str, Any],
+        hooks: dict[str, dict[str, Any]],
+        dtype: torch.dtype,
+        part: tuple[int, int] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.dtype = dtype
         self.part = part if part is not None and part[1] > 1 else None
@@ -63,12 +83,19 @@ class StoreWriter:
                 raise ValueError(
                     f"{self.path} already holds a different activation store (identity differs: "
                     f"{_first_difference(old.get('identity'), header.get('identity'))}); "
-                    "use another output folder or delete this one")
+                    "use another output folder or delete this one"
+                )
             self.manifest = old
             log.info("resuming %s after %d complete shard(s)", self.path, self.done_shards)
         else:
-            self.manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "complete": False, **header,
-                             "dtype": dtype_name(dtype), "hooks": {}}
+            self.manifest = {
+                "format": STORE_FORMAT,
+                "version": STORE_VERSION,
+                "complete": False,
+                **header,
+                "dtype": dtype_name(dtype),
+                "hooks": {},
+            }
             for hook, info in hooks.items():
                 self.manifest["hooks"][hook] = {**info, **{s: {"rows": 0, "shards": []} for s in SPLITS}}
         for hook in self.manifest["hooks"]:
@@ -94,8 +121,13 @@ class StoreWriter:
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
-    def add_shard(self, index: int, rows: dict[str, dict[str, ShardRows]], span: tuple[int, int],
-                  counts: dict[str, dict[str, int]] | None = None) -> None:
+    def add_shard(
+        self,
+        index: int,
+        rows: dict[str, dict[str, ShardRows]],
+        span: tuple[int, int],
+        counts: dict[str, dict[str, int]] | None = None,
+    ) -> None:
         """Write shard ``index``: ``rows[hook][split]`` is a (rows, d) tensor; ``span`` the covered
         [start, end) of contexts (or rows, for imported arrays); ``counts[hook]`` extra tallies to add."""
         if index != self.done_shards:
@@ -103,14 +135,18 @@ class StoreWriter:
         self._list_shard(self._write_files(index, rows, span), counts)
         self._write_manifest()
 
-    def _write_files(self, index: int, rows: dict[str, dict[str, ShardRows]],
-                     span: tuple[int, int]) -> dict[str, dict[str, dict[str, Any]]]:
+    def _write_files(
+        self, index: int, rows: dict[str, dict[str, ShardRows]], span: tuple[int, int]
+    ) -> dict[str, dict[str, dict[str, Any]]]:
         """Write shard ``index``'s files (every hook and split); their manifest entries, ``[hook][split]``."""
-        return {hook: {split: self._write_file(hook, split, index, per_split[split], span) for split in SPLITS}
-                for hook, per_split in rows.items()}
+        return {
+            hook: {split: self._write_file(hook, split, index, per_split[split], span) for split in SPLITS}
+            for hook, per_split in rows.items()
+        }
 
-    def _list_shard(self, files: dict[str, dict[str, dict[str, Any]]],
-                    counts: dict[str, dict[str, int]] | None) -> None:
+    def _list_shard(
+        self, files: dict[str, dict[str, dict[str, Any]]], counts: dict[str, dict[str, int]] | None
+    ) -> None:
         """Append one shard's file entries (``[hook][split]``) to the manifest and add its tallies."""
         for hook, per_split in files.items():
             entry = self.manifest["hooks"][hook]
@@ -139,8 +175,9 @@ class StoreWriter:
         lo, hi = next(iter(self.manifest["hooks"].values()))["train"]["shards"][index]["span"]
         return int(lo), int(hi)
 
-    def replace_shard(self, index: int, rows: dict[str, dict[str, ShardRows]],
-                      counts: dict[str, dict[str, int]] | None = None) -> None:
+    def replace_shard(
+        self, index: int, rows: dict[str, dict[str, ShardRows]], counts: dict[str, dict[str, int]] | None = None
+    ) -> None:
         """Re-write the files of already-listed shard ``index`` given in ``rows[hook][split]`` (only those:
         other files are left untouched), update their manifest entries (sha256, rows, norm sum), add ``counts``
         and rewrite the manifest (every write atomic). Used to repair shards :meth:`bad_shards` reported.
@@ -151,8 +188,11 @@ class StoreWriter:
                 old = entry[split]["shards"][index]
                 new = self._write_file(hook, split, index, x, old["span"])
                 if new["sha256"] != old["sha256"]:
-                    log.warning("re-made shard %s differs from the one the manifest recorded (the forward pass is "
-                                "not bit-reproducible here); the manifest now records the new one", old["file"])
+                    log.warning(
+                        "re-made shard %s differs from the one the manifest recorded (the forward pass is "
+                        "not bit-reproducible here); the manifest now records the new one",
+                        old["file"],
+                    )
                 entry[split]["rows"] += new["rows"] - old["rows"]
                 entry[split]["shards"][index] = new
         self._add_counts(counts)
@@ -186,8 +226,13 @@ class StoreWriter:
     def part_has(self, index: int) -> bool:
         return str(index) in self.ledger["shards"]
 
-    def add_part_shard(self, index: int, rows: dict[str, dict[str, ShardRows]], span: tuple[int, int],
-                       counts: dict[str, dict[str, int]] | None = None) -> None:
+    def add_part_shard(
+        self,
+        index: int,
+        rows: dict[str, dict[str, ShardRows]],
+        span: tuple[int, int],
+        counts: dict[str, dict[str, int]] | None = None,
+    ) -> None:
         """Write shard ``index`` of this rank's part and list it in its ledger (not yet in the manifest)."""
         self.ledger["shards"][str(index)] = {"hooks": self._write_files(index, rows, span), "counts": counts or {}}
         self._write_ledger()
@@ -213,8 +258,10 @@ class StoreWriter:
                 break
             if time.monotonic() - t > wait_s:
                 late = [r for r, led in enumerate(ledgers) if not led.get("done")]
-                raise TimeoutError(f"ranks {late} did not finish their part of the harvest of {self.path} within "
-                                   f"{wait_s:.0f} s; check their logs (relaunching resumes every part)")
+                raise TimeoutError(
+                    f"ranks {late} did not finish their part of the harvest of {self.path} within "
+                    f"{wait_s:.0f} s; check their logs (relaunching resumes every part)"
+                )
             time.sleep(poll_s)
         made = {int(i): e for led in ledgers for i, e in led["shards"].items()}
         index = self.done_shards
@@ -251,8 +298,13 @@ class StoreWriter:
         rel = f"{hook}/{SHARD_PATTERN.format(split=split, index=index)}"
         atomic_write_bytes(self.path / rel, data)
         norm_sum = float(x.float().norm(dim=1).double().sum()) if len(x) else 0.0
-        return {"file": rel, "rows": int(x.shape[0]), "sha256": sha256_bytes(data), "norm_sum": norm_sum,
-                "span": list(span)}
+        return {
+            "file": rel,
+            "rows": int(x.shape[0]),
+            "sha256": sha256_bytes(data),
+            "norm_sum": norm_sum,
+            "span": list(span),
+        }
 
     def _mean_norms(self) -> None:
         for entry in self.manifest["hooks"].values():
@@ -261,8 +313,9 @@ class StoreWriter:
                 entry[split]["mean_norm"] = sum(s["norm_sum"] for s in entry[split]["shards"]) / max(rows, 1)
 
     def _write_manifest(self) -> None:
-        atomic_write_bytes(self.path / MANIFEST_NAME,
-                           (json.dumps(self.manifest, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(
+            self.path / MANIFEST_NAME, (json.dumps(self.manifest, indent=1, sort_keys=True) + "\n").encode()
+        )
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -274,9 +327,16 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
 
 
 # --------------------------------------------------------------------------- import
-def import_array(src: str | os.PathLike, dest: str | os.PathLike, *, key: str | None = None,
-                 shard_rows: int = 65536, heldout_fraction: float = 0.0, dtype: str | None = None,
-                 name: str | None = None) -> Path:
+def import_array(
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    key: str | None = None,
+    shard_rows: int = 65536,
+    heldout_fraction: float = 0.0,
+    dtype: str | None = None,
+    name: str | None = None,
+) -> Path:
     """Import an (n, d) ``.npy`` or ``.safetensors`` array (e.g. embeddings) as a one-hook store at ``dest``.
 
     ``key`` picks the tensor of a multi-tensor safetensors file; ``dtype`` (``float32|bfloat16|float16``)
@@ -293,10 +353,23 @@ def import_array(src: str | os.PathLike, dest: str | os.PathLike, *, key: str | 
     hook = name or src.stem
     dest = Path(dest)
     check_disk_space(dest, n * d * torch.finfo(store_dtype).bits // 8)
-    identity = {"source": str(src.resolve()), "key": key, "rows": n, "d": d, "size": src.stat().st_size,
-                "shard_rows": shard_rows, "heldout_fraction": heldout_fraction, "dtype": dtype_name(store_dtype)}
-    header = {"identity": identity, "model": None, "text": {"kind": "imported", "file": str(src)},
-              "masking": None, "context_length": None}
+    identity = {
+        "source": str(src.resolve()),
+        "key": key,
+        "rows": n,
+        "d": d,
+        "size": src.stat().st_size,
+        "shard_rows": shard_rows,
+        "heldout_fraction": heldout_fraction,
+        "dtype": dtype_name(store_dtype),
+    }
+    header = {
+        "identity": identity,
+        "model": None,
+        "text": {"kind": "imported", "file": str(src)},
+        "masking": None,
+        "context_length": None,
+    }
     writer = StoreWriter(dest, header=header, hooks={hook: {"layer": None, "d": d}}, dtype=store_dtype)
 
     def split_rows(lo: int, hi: int) -> dict[str, torch.Tensor]:
@@ -331,8 +404,9 @@ def _open_array(src: Path, key: str | None) -> tuple[Any, torch.dtype | None]:
         if key not in keys:
             raise ValueError(f"{src} has no tensor {key!r} (it has {keys})")
         sl = handle.get_slice(key)
-        return _SafetensorsRows(sl), DTYPES.get(sl.get_dtype().lower().replace("f32", "float32")
-                                                .replace("bf16", "bfloat16").replace("f16", "float16"))
+        return _SafetensorsRows(sl), DTYPES.get(
+            sl.get_dtype().lower().replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16")
+        )
     raise ValueError(f"unsupported array file {src}: use .npy or .safetensors")
 
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.utils.atomic import atomic_write_text
-from pipeline.data.debian_rdata import deb_members, load_r_lazydata
 from pipeline.data.cache import SETUP_HINT, cache_root
+from pipeline.data.debian_rdata import deb_members, load_r_lazydata
 from pipeline.data.hub import hub_reachable
+from pipeline.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,19 @@ def describe_source(source: TextSource) -> dict[str, Any]:
         debs = sorted(path.parent.glob(AUSTEN_DEB_GLOB))
         out.update(package=AUSTEN_PACKAGE, deb=debs[-1].name if debs else None, sha256=_sha256(path))
     elif source.kind == "files":
-        out.update(files=[{"path": str(p), "sha256": _sha256(p)} for p in resolve_files(source.paths)],
-                   text_field=source.text_field)
+        out.update(
+            files=[{"path": str(p), "sha256": _sha256(p)} for p in resolve_files(source.paths)],
+            text_field=source.text_field,
+        )
     else:
-        out.update(dataset=source.dataset, config_name=source.config_name, split=source.split,
-                   text_field=source.text_field, revision=source.revision, resolved_revision=None)
+        out.update(
+            dataset=source.dataset,
+            config_name=source.config_name,
+            split=source.split,
+            text_field=source.text_field,
+            revision=source.revision,
+            resolved_revision=None,
+        )
         if hub_reachable():
             try:
                 from huggingface_hub import HfApi
@@ -104,8 +112,9 @@ def describe_source(source: TextSource) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- contexts
-def iter_contexts(documents: Iterable[str], tokenizer: Any, context_length: int,
-                  bos_token_id: int | None) -> Iterator[list[int]]:
+def iter_contexts(
+    documents: Iterable[str], tokenizer: Any, context_length: int, bos_token_id: int | None
+) -> Iterator[list[int]]:
     """Pack documents into token contexts of exactly ``context_length`` ids.
 
     Each context is ``[bos] + body`` when ``bos_token_id`` is given (``body`` has ``context_length - 1``
@@ -127,7 +136,7 @@ def iter_contexts(documents: Iterable[str], tokenizer: Any, context_length: int,
         first = False
         buf.extend(ids)
         while len(buf) - start >= body:
-            chunk = buf[start:start + body]
+            chunk = buf[start : start + body]
             start += body
             yield [bos_token_id, *chunk] if bos_token_id is not None else chunk
         if start > 1 << 16:  # drop consumed ids now and then
@@ -160,8 +169,9 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
 
         pf = pq.ParquetFile(path)
         if text_field not in pf.schema_arrow.names:
-            raise ValueError(f"{path} has no column {text_field!r} (columns: {pf.schema_arrow.names}); "
-                             "set data.text_field")
+            raise ValueError(
+                f"{path} has no column {text_field!r} (columns: {pf.schema_arrow.names}); set data.text_field"
+            )
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
             yield from (t for t in batch.column(0).to_pylist() if t)
     else:
@@ -188,9 +198,11 @@ def _iter_hub(source: TextSource) -> Iterator[str]:
         raise ConnectionError(
             f"cannot stream {source.dataset!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1). "
             "Use local text instead: data=local_files data.paths=[/path/*.jsonl] (txt, jsonl, parquet), "
-            "or data=austen for the offline corpus.")
-    ds = datasets.load_dataset(source.dataset, name=source.config_name, split=source.split,
-                               revision=source.revision, streaming=True)
+            "or data=austen for the offline corpus."
+        )
+    ds = datasets.load_dataset(
+        source.dataset, name=source.config_name, split=source.split, revision=source.revision, streaming=True
+    )
     for row in ds:
         text = row.get(source.text_field)
         if text:
@@ -211,10 +223,15 @@ def austen_jsonl() -> Path:
     if not debs:
         raise FileNotFoundError(
             f"the Austen text is not installed: no {AUSTEN_DEB_GLOB} in {austen_dir()}; {SETUP_HINT} "
-            f"(it runs `apt-get download {AUSTEN_PACKAGE}` there)")
+            f"(it runs `apt-get download {AUSTEN_PACKAGE}` there)"
+        )
     books = read_austen_deb(debs[-1])
-    atomic_write_text(out, "".join(json.dumps({"title": title, "text": books[title]}, ensure_ascii=False) + "\n"
-                                   for title in AUSTEN_BOOKS))
+    atomic_write_text(
+        out,
+        "".join(
+            json.dumps({"title": title, "text": books[title]}, ensure_ascii=False) + "\n" for title in AUSTEN_BOOKS
+        ),
+    )
     log.info("extracted %d Austen novels into %s", len(AUSTEN_BOOKS), out)
     return out
 

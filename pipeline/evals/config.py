@@ -11,7 +11,7 @@ metric, whose field names :func:`validate_eval_config` checks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig
 
@@ -25,13 +25,13 @@ FIT_SAES = ("dictionary", "baselines")
 class HubBaseline:
     """One of SAEBench's published SAEs (baseline b): ``release`` + ``sae_id``, or ``results_dir``."""
 
-    release: Optional[str] = None
+    release: str | None = None
     """sae-lens release of the SAE (with ``sae_id``): loaded from the hub and run through the same metrics."""
-    sae_id: Optional[str] = None
+    sae_id: str | None = None
     """The SAE's id inside ``release``."""
     architecture: str = "sae-lens"
     """Architecture label in ``saes.json`` and the plots (topk, matryoshka_batch_topk, ...)."""
-    results_dir: Optional[str] = None
+    results_dir: str | None = None
     """Instead of an SAE: a local folder of SAEBench's published result files (``<metric>/*_eval_results.json``),
     copied into this run's results."""
 
@@ -44,7 +44,7 @@ class LabelledConfig:
     """Paragraphs shorter than this many words are left out."""
     test_every: int = MISSING
     """Every ``test_every``-th kept paragraph of a document goes to the test split."""
-    jsonl: Optional[str] = None
+    jsonl: str | None = None
     """A jsonl file of ``{"title", "text"}`` documents (None: Jane Austen's six novels)."""
 
 
@@ -52,7 +52,7 @@ class LabelledConfig:
 class CoreConfig:
     """SAEBench's core metrics (reconstruction, loss recovered, sparsity)."""
 
-    dataset: Optional[str] = MISSING
+    dataset: str | None = MISSING
     """Hub dataset of the eval text (None: the harvest text after the harvested contexts, never seen by the fit)."""
     context_size: int = MISSING
     """Tokens per eval context."""
@@ -83,7 +83,7 @@ class CoreConfig:
 class MetricConfig:
     """A metric whose settings are SAEBench's own config dataclass."""
 
-    config: Dict[str, Any] = MISSING
+    config: dict[str, Any] = MISSING
     """Fields of SAEBench's config dataclass of the metric (unknown keys fail); ``{}`` = SAEBench's defaults.
     ``model_name``, ``llm_dtype`` and ``llm_batch_size`` are set by the stage."""
 
@@ -92,7 +92,7 @@ class MetricConfig:
 class AbsorptionConfig(MetricConfig):
     """SAEBench's feature absorption (first-letter probes)."""
 
-    vocab_size: Optional[int] = MISSING
+    vocab_size: int | None = MISSING
     """Alphabetic tokens subsampled from the vocabulary (None: all of them)."""
     min_words_per_letter: int = MISSING
     """Words of every first letter kept in the subsample (SAEBench needs each letter in its train split)."""
@@ -110,7 +110,7 @@ class AutointerpConfig(MetricConfig):
     api_key_env: str = MISSING
     """Environment variable holding the judge's API key. Unset and no ``base_url``: the metric is skipped with
     the reason; with a ``base_url`` (a local server) no key is needed."""
-    base_url: Optional[str] = None
+    base_url: str | None = None
     """The judge's OpenAI-compatible endpoint, e.g. ``http://localhost:8000/v1`` (vLLM, llama.cpp's
     ``llama-server``, ``transformers serve``). None: OpenAI's API."""
     model: str = "gpt-4o-mini"
@@ -120,13 +120,13 @@ class AutointerpConfig(MetricConfig):
     """Ask for streamed completions and join them (for servers that only stream, e.g. ``transformers serve``)."""
     timeout_s: float = 120.0
     """Seconds one judge request may take (the client retries twice)."""
-    extra_body: Dict[str, Any] = field(default_factory=dict)
+    extra_body: dict[str, Any] = field(default_factory=dict)
     """Server-specific options added to every judge request (e.g. ``{temperature: 0}``)."""
-    scoring_extra_body: Dict[str, Any] = field(default_factory=dict)
+    scoring_extra_body: dict[str, Any] = field(default_factory=dict)
     """Options added to the scoring requests only, where SAEBench parses comma-separated example numbers or
     "None": constrained decoding for a small judge, e.g. llama.cpp's ``{grammar: ...}`` or vLLM's
     ``{guided_regex: ...}`` (:data:`pipeline.evals.judge.SCORING_GRAMMAR` / ``SCORING_REGEX``)."""
-    low_confidence: Optional[bool] = None
+    low_confidence: bool | None = None
     """Flag the scores low-confidence in the report. None: flagged whenever the judge is not gpt-4o-mini (scores
     are then not comparable with SAEBench's published ones, and a small judge explains and predicts poorly)."""
 
@@ -139,12 +139,12 @@ class RavelConfig(MetricConfig):
     behaviour: SAEBench's data and model from the hub.
     """
 
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     """Local RAVEL prompts, instead of SAEBench's download of ``adamkarvonen/ravel_prompts``: a folder holding
     ``base/`` or the ``base/`` folder itself, with ``ravel_<entity>_{attribute_to_prompts, prompt_to_split,
     entity_attributes, entity_to_split}.json`` for every entity type of ``config.entity_attribute_selection``.
     Copied into the run's artifacts (never written to). None: the hub."""
-    model_dir: Optional[str] = None
+    model_dir: str | None = None
     """The HF model RAVEL loads, as a ``save_pretrained`` folder (config.json, weights, tokenizer). None:
     ``model.path`` if set, else the converted folder of an offline model (smollm2-135m, gemma-3-270m), else
     SAEBench's hub name (gemma-2-2b, pythia-160m-deduped only)."""
@@ -153,28 +153,27 @@ class RavelConfig(MetricConfig):
 
     def __post_init__(self) -> None:
         if self.low_confidence_below_params < 0:
-            raise ValueError(f"eval.ravel.low_confidence_below_params={self.low_confidence_below_params} must be "
-                             ">= 0")
+            raise ValueError(f"eval.ravel.low_confidence_below_params={self.low_confidence_below_params} must be >= 0")
 
 
 @dataclass
 class EvalConfig:
     """The ``eval`` node: which SAEs go through which SAEBench metrics, at which sizes."""
 
-    metrics: List[str] = MISSING
+    metrics: list[str] = MISSING
     """SAEBench metrics to run, in order (core, absorption, sparse_probing, scr, tpp, autointerp, ravel,
     unlearning)."""
-    saes: List[str] = MISSING
+    saes: list[str] = MISSING
     """SAEs to evaluate: ``dictionary``, ``baselines`` (every trained baseline) and/or baselines by name."""
-    hub_baselines: List[HubBaseline] = MISSING
+    hub_baselines: list[HubBaseline] = MISSING
     """SAEBench's published suites (baseline b)."""
-    device: Optional[str] = MISSING
+    device: str | None = MISSING
     """Device of the evals (None: ``model.device``)."""
     llm_batch_size: int = MISSING
     """LLM batch size handed to every SAEBench metric."""
     force_rerun: bool = MISSING
     """False: an existing SAEBench result file is kept, not recomputed."""
-    local_datasets: Dict[str, str] = MISSING
+    local_datasets: dict[str, str] = MISSING
     """SAEBench hub dataset name -> local copy (folder of parquet/jsonl/csv files, or a save_to_disk folder)."""
     encode_cache_mb: int = MISSING
     """MiB of codes the dictionary SAE keeps for repeated batches (SCR/TPP re-encode them)."""
@@ -224,8 +223,10 @@ def validate_eval_config(e: EvalConfig) -> None:
         raise ValueError(f"eval.saes={e.saes} names an SAE twice")
     for i, b in enumerate(e.hub_baselines):
         if b.results_dir is None and (b.release is None or b.sae_id is None):
-            raise ValueError(f"eval.hub_baselines[{i}] needs release and sae_id (an SAE on the hub) or results_dir "
-                             "(published result files)")
+            raise ValueError(
+                f"eval.hub_baselines[{i}] needs release and sae_id (an SAE on the hub) or results_dir "
+                "(published result files)"
+            )
     if e.llm_batch_size < 1:
         raise ValueError(f"eval.llm_batch_size={e.llm_batch_size} must be at least 1")
     if e.encode_cache_mb < 0:

@@ -28,15 +28,14 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from sae_bench.custom_saes.base_sae import BaseSAE  # noqa: E402  (third-party, after ours for clarity)
 from torch import Tensor
 
+from pipeline.core.coders import gram
 from pipeline.core.codes import Codes
 from pipeline.core.dictionary import CoderSettings, Dictionary, code_width
 from pipeline.core.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
 from pipeline.core.matryoshka import groups_to_list
-from pipeline.core.coders import gram
-
-from sae_bench.custom_saes.base_sae import BaseSAE  # noqa: E402  (third-party, after ours for clarity)
 
 #: SAEBench / sae-lens architecture name of a dictionary (SAEBench's plots key markers on it).
 ARCHITECTURE = "dbksvd"
@@ -109,9 +108,17 @@ class DictionarySAE(BaseSAE):
     gram_matrix: Tensor
     centre32: Tensor
 
-    def __init__(self, dictionary: Dictionary, model_name: str, hook_layer: int, hook_name: str | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache_bytes: int = 256 << 20,
-                 coder_overrides: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        dictionary: Dictionary,
+        model_name: str,
+        hook_layer: int,
+        hook_name: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_bytes: int = 256 << 20,
+        coder_overrides: dict[str, Any] | None = None,
+    ):
         D = dictionary.atoms.detach().float().cpu()
         K, d = D.shape
         self.coder = CoderSettings(**(asdict(dictionary.coder) | dict(coder_overrides or {})))
@@ -204,16 +211,26 @@ class DictionarySAE(BaseSAE):
 
     # ------------------------------------------------------------------------------------------ constructors
     @classmethod
-    def load(cls, path: str | os.PathLike, model_name: str, hook_layer: int, hook_name: str | None = None,
-             device: str = "cpu", **kwargs) -> "DictionarySAE":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model_name: str,
+        hook_layer: int,
+        hook_name: str | None = None,
+        device: str = "cpu",
+        **kwargs,
+    ) -> DictionarySAE:
         """Build from a folder written by :meth:`Dictionary.save`."""
-        return cls(Dictionary.load(path, device="cpu"), model_name, hook_layer, hook_name, device=device,
-                   **kwargs)
+        return cls(Dictionary.load(path, device="cpu"), model_name, hook_layer, hook_name, device=device, **kwargs)
 
     def coder_metadata(self) -> dict[str, Any]:
         """The coder settings as exported (the ``metadata.dbksvd_coder`` block)."""
-        return {**asdict(self.coder), "signed": self.signed, "n_atoms": self.n_atoms,
-                "groups": groups_to_list(self.groups)}
+        return {
+            **asdict(self.coder),
+            "signed": self.signed,
+            "n_atoms": self.n_atoms,
+            "groups": groups_to_list(self.groups),
+        }
 
 
 __all__ = ["DictionarySAE", "split_signed", "run_coder", "ARCHITECTURE"]

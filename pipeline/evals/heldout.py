@@ -21,7 +21,7 @@ def mean_max_abs_cos(W: Tensor, block: int = 4096) -> float:
     W = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12)
     out = []
     for s in range(0, W.shape[0], block):
-        c = (W[s:s + block] @ W.T).abs()
+        c = (W[s : s + block] @ W.T).abs()
         rows = torch.arange(c.shape[0], device=W.device)
         c[rows, rows + s] = 0
         out.append(c.max(dim=1).values)
@@ -42,7 +42,7 @@ def heldout_stats(sae: Any, Y: Tensor, chunk: int = 4096) -> dict[str, float]:
     Y = Y.float()
     err, l0, used = 0.0, 0.0, None
     for s in range(0, Y.shape[0], chunk):
-        y = Y[s:s + chunk]
+        y = Y[s : s + chunk]
         f = sae.encode(y)
         err += float((y - sae.decode(f)).pow(2).sum())
         l0 += float((f != 0).sum())
@@ -53,6 +53,10 @@ def heldout_stats(sae: Any, Y: Tensor, chunk: int = 4096) -> dict[str, float]:
     if used is not None and getattr(sae, "signed", False):
         K = used.shape[0] // 2
         used = used[:K] | used[K:]
-    return {"heldout_rows": int(Y.shape[0]), "l0": l0 / max(Y.shape[0], 1), "fvu": err / max(var, 1e-30),
-            "dead_fraction": float(1 - used.float().mean()) if used is not None else math.nan,
-            "mean_max_abs_cos": mean_max_abs_cos(W)}
+    return {
+        "heldout_rows": int(Y.shape[0]),
+        "l0": l0 / max(Y.shape[0], 1),
+        "fvu": err / max(var, 1e-30),
+        "dead_fraction": float(1 - used.float().mean()) if used is not None else math.nan,
+        "mean_max_abs_cos": mean_max_abs_cos(W),
+    }

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import jinja2
-from markupsafe import Markup
 from markdown_it import MarkdownIt
+from markupsafe import Markup
 
 from pipeline.evals.dashboards import SUMMARY_FILE as DASHBOARDS_SUMMARY
 from pipeline.evals.dashboards.render import STYLE
@@ -43,7 +43,8 @@ PAGE = _ENV.from_string("""<!doctype html>
 
 REPORT_PAGE = _ENV.from_string("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ style }}
-img { max-width: 100%; } table { display: block; overflow-x: auto; } pre { background: #f5f5f5; padding: 0.5em; overflow-x: auto; }</style></head><body>
+img { max-width: 100%; } table { display: block; overflow-x: auto; }
+pre { background: #f5f5f5; padding: 0.5em; overflow-x: auto; }</style></head><body>
 <p><a href="{{ index }}">&larr; index</a></p>
 {{ body }}
 </body></html>
@@ -54,20 +55,30 @@ def write_index(report_folder: Path, report_md: Path, dashboards_folders: list[P
     """Write ``report.html`` (``report_md`` rendered) and ``index.html`` into ``report_folder``; returns the index."""
     md = MarkdownIt("commonmark").enable("table")
     body = Markup(md.render(report_md.read_text(encoding="utf-8")))
-    atomic_write_text(report_folder / REPORT_HTML, REPORT_PAGE.render(title=title, style=STYLE, body=body,
-                                                                      index=INDEX_FILE))
+    atomic_write_text(
+        report_folder / REPORT_HTML, REPORT_PAGE.render(title=title, style=STYLE, body=body, index=INDEX_FILE)
+    )
     groups = []
     for folder in dashboards_folders:
         summary_path = folder / DASHBOARDS_SUMMARY
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
         rel = Path(os.path.relpath(folder, report_folder))
-        groups.append({"folder": folder.name, "note": summary.get("note", "no dashboards drawn"),
-                       "saes": [{**s, "href": (rel / s["page"]).as_posix()} for s in summary.get("saes", [])],
-                       "skipped": summary.get("skipped", [])})
+        groups.append(
+            {
+                "folder": folder.name,
+                "note": summary.get("note", "no dashboards drawn"),
+                "saes": [{**s, "href": (rel / s["page"]).as_posix()} for s in summary.get("saes", [])],
+                "skipped": summary.get("skipped", []),
+            }
+        )
     plots = sorted(p.name for p in report_folder.glob("*.png"))
     path = report_folder / INDEX_FILE
-    atomic_write_text(path, PAGE.render(title=title, style=STYLE, report_html=REPORT_HTML,
-                                        report_md=report_md.name, dashboards=groups, plots=plots))
+    atomic_write_text(
+        path,
+        PAGE.render(
+            title=title, style=STYLE, report_html=REPORT_HTML, report_md=report_md.name, dashboards=groups, plots=plots
+        ),
+    )
     return path
 
 

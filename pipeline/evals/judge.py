@@ -80,8 +80,10 @@ class JudgeClient:
     def _create(self, **kwargs: Any) -> Any:
         s = self.settings
         kwargs["model"] = s.model
-        extra = {**s.extra_body, **(s.scoring_extra_body if isinstance(kwargs.get("messages"), ScoringMessages)
-                                    else {})}
+        extra = {
+            **s.extra_body,
+            **(s.scoring_extra_body if isinstance(kwargs.get("messages"), ScoringMessages) else {}),
+        }
         if extra:
             kwargs["extra_body"] = {**kwargs.get("extra_body", {}), **extra}
         stream = s.stream
@@ -100,8 +102,9 @@ class JudgeClient:
             for choice in chunk.choices:
                 if choice.delta is not None and choice.delta.content:
                     parts.setdefault(choice.index, []).append(choice.delta.content)
-        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content="".join(parts[i])))
-                                        for i in sorted(parts)])
+        return SimpleNamespace(
+            choices=[SimpleNamespace(message=SimpleNamespace(content="".join(parts[i]))) for i in sorted(parts)]
+        )
 
 
 @contextlib.contextmanager
@@ -124,6 +127,14 @@ def use_judge(settings: JudgeSettings) -> Iterator[JudgeCalls]:
         yield calls
 
 
-__all__ = ["JudgeCalls", "JudgeClient", "JudgeSettings", "NO_KEY", "SAEBENCH_JUDGE", "SCORING_GRAMMAR", "SCORING_REGEX",
-           "ScoringMessages",
-           "use_judge"]
+__all__ = [
+    "JudgeCalls",
+    "JudgeClient",
+    "JudgeSettings",
+    "NO_KEY",
+    "SAEBENCH_JUDGE",
+    "SCORING_GRAMMAR",
+    "SCORING_REGEX",
+    "ScoringMessages",
+    "use_judge",
+]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,8 +79,9 @@ def labelled_documents(jsonl: str | Path | None) -> list[tuple[str, str]]:
     return [(r["title"], r["text"]) for r in rows if r["title"] in AUSTEN_BOOKS]
 
 
-def build_labelled_text(out_dir: Path, documents: list[tuple[str, str]], *, min_words: int,
-                        test_every: int) -> LabelledSpec:
+def build_labelled_text(
+    out_dir: Path, documents: list[tuple[str, str]], *, min_words: int, test_every: int
+) -> LabelledSpec:
     """Write paragraphs of ``documents`` ((title, text) pairs) as SAEBench-layout train/test parquet files.
 
     column1 (``profession``) = which document a paragraph comes from; column2 (``gender``) = 1 when the
@@ -93,11 +95,17 @@ def build_labelled_text(out_dir: Path, documents: list[tuple[str, str]], *, min_
     out_dir = Path(out_dir)
     spec_path = out_dir / SPEC_FILE
     titles = [t for t, _ in documents]
-    spec = LabelledSpec(base_name=LABELLED_NAME, name=LABELLED_SET, path=str(out_dir),
-                        column1_mapping={t: i for i, t in enumerate(titles)},
-                        column2_mapping={DIALOGUE: 1, NARRATION: 0},
-                        classes=[str(i) for i in range(len(titles))], titles=titles,
-                        min_words=min_words, test_every=test_every)
+    spec = LabelledSpec(
+        base_name=LABELLED_NAME,
+        name=LABELLED_SET,
+        path=str(out_dir),
+        column1_mapping={t: i for i, t in enumerate(titles)},
+        column2_mapping={DIALOGUE: 1, NARRATION: 0},
+        classes=[str(i) for i in range(len(titles))],
+        titles=titles,
+        min_words=min_words,
+        test_every=test_every,
+    )
     if spec_path.exists():
         old = json.loads(spec_path.read_text())
         if _settings(old) == _settings(dataclasses.asdict(spec)):
@@ -119,7 +127,7 @@ def build_labelled_text(out_dir: Path, documents: list[tuple[str, str]], *, min_
             spec.counts.setdefault(title, {}).setdefault(key, 0)
             spec.counts[title][key] += 1
     for split, cols in rows.items():
-        atomic_write(out_dir / SPLIT_FILE.format(split=split), lambda p, t=pa.table(cols): pq.write_table(t, p))
+        atomic_write(out_dir / SPLIT_FILE.format(split=split), functools.partial(pq.write_table, pa.table(cols)))
     atomic_write_text(spec_path, json.dumps(dataclasses.asdict(spec), indent=2))
     return spec
 
@@ -128,8 +136,9 @@ def _settings(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "counts"}
 
 
-def check_labelled_sizes(spec: LabelledSpec, train_size: int, test_size: int, classes: list[str], what: str,
-                         scr: bool = False) -> None:
+def check_labelled_sizes(
+    spec: LabelledSpec, train_size: int, test_size: int, classes: list[str], what: str, scr: bool = False
+) -> None:
     """Fail early, naming the config keys, when a class has too few paragraphs for SAEBench's balanced draw
     (``size // 4`` per class and attribute; SCR also asserts more than ``2 (size // 4)`` in its biased
     quadrants). ``classes`` are class ids or titles."""
@@ -143,7 +152,8 @@ def check_labelled_sizes(spec: LabelledSpec, train_size: int, test_size: int, cl
                     raise ValueError(
                         f"{what}: {title} has {have.get(f'{split}/{attr}', 0)} {attr} paragraphs in its {split} "
                         f"split but SAEBench needs {need} (from {split}_set_size={size}); lower the eval's "
-                        f"{split} set size or drop that class")
+                        f"{split} set size or drop that class"
+                    )
 
 
 def swap_labelled(value: Any, name: str) -> Any:
@@ -163,10 +173,17 @@ def registered_labelled_dataset(spec: LabelledSpec) -> Iterator[None]:
     import sae_bench.evals.scr_and_tpp.main as scr_main
     import sae_bench.sae_bench_utils.dataset_info as dataset_info
 
-    meta = {"text_column_name": "hard_text", "column1_name": "profession", "column2_name": "gender",
-            "column2_autointerp_name": "dialogue", "column1_mapping": spec.column1_mapping,
-            "column2_mapping": spec.column2_mapping}
-    with patched_dict_item(dataset_info.dataset_metadata, spec.base_name, meta), \
-            patched_dict_item(dataset_info.chosen_classes_per_dataset, spec.name, spec.classes), \
-            patched_dict_item(scr_main.COLUMN2_VALS_LOOKUP, spec.name, (DIALOGUE, NARRATION)):
+    meta = {
+        "text_column_name": "hard_text",
+        "column1_name": "profession",
+        "column2_name": "gender",
+        "column2_autointerp_name": "dialogue",
+        "column1_mapping": spec.column1_mapping,
+        "column2_mapping": spec.column2_mapping,
+    }
+    with (
+        patched_dict_item(dataset_info.dataset_metadata, spec.base_name, meta),
+        patched_dict_item(dataset_info.chosen_classes_per_dataset, spec.name, spec.classes),
+        patched_dict_item(scr_main.COLUMN2_VALS_LOOKUP, spec.name, (DIALOGUE, NARRATION)),
+    ):
         yield

@@ -5,7 +5,7 @@ SAEBench 0.6.0's RAVEL (``RAVELInstance.load_files``) reads, for every entity ty
 ``entity_attribute_selection``, four JSON files from ``<artifact_dir>/base/``, and downloads
 ``adamkarvonen/ravel_prompts`` from the hub when one of them is missing::
 
-    ravel_<entity>_attribute_to_prompts.json   attribute -> templates     {"Country": ["%s is a city in the country of"]}
+    ravel_<entity>_attribute_to_prompts.json   attribute -> templates   {"Country": ["%s is a city in the country of"]}
     ravel_<entity>_prompt_to_split.json        template -> train / val    {"%s is a city in the country of": "train"}
     ravel_<entity>_entity_attributes.json      entity -> attribute -> label   {"Paris": {"Country": "France"}}
     ravel_<entity>_entity_to_split.json        entity -> train / val      {"Paris": "train"}
@@ -69,34 +69,50 @@ def _entity_problems(files: dict[str, Any], entity: str, attributes: list[str]) 
     labels, entity_split = files["entity_attributes"], files["entity_to_split"]
     out = []
     if len(attributes) < 2:
-        out.append(f"{entity}: needs at least two attributes in eval.ravel.config.entity_attribute_selection "
-                   f"(one MDBM per attribute, isolation measured on the others); got {attributes}")
+        out.append(
+            f"{entity}: needs at least two attributes in eval.ravel.config.entity_attribute_selection "
+            f"(one MDBM per attribute, isolation measured on the others); got {attributes}"
+        )
     for attr in attributes:
         templates = prompts.get(attr) or []
         if not templates:
-            out.append(f"{entity}: attribute {attr!r} has no templates in "
-                       f"{FILE_NAME.format(entity=entity, kind='attribute_to_prompts')} (it has {sorted(prompts)})")
+            out.append(
+                f"{entity}: attribute {attr!r} has no templates in "
+                f"{FILE_NAME.format(entity=entity, kind='attribute_to_prompts')} (it has {sorted(prompts)})"
+            )
         bad = [t for t in templates if t.count(PLACEHOLDER) != 1]
         if bad:
             out.append(f"{entity}/{attr}: templates need exactly one {PLACEHOLDER}: {_listed(bad)}")
         bare = [t for t in templates if t.count(PLACEHOLDER) == 1 and not t.split(PLACEHOLDER)[1].strip()]
         if bare:  # SAEBench finds the entity's last token from the text after %s; with none it relies on a BOS
-            log.warning("RAVEL %s/%s: templates ending in %s (the entity position is then only right for "
-                        "tokenizers that prepend BOS): %s", entity, attr, PLACEHOLDER, _listed(bare))
+            log.warning(
+                "RAVEL %s/%s: templates ending in %s (the entity position is then only right for "
+                "tokenizers that prepend BOS): %s",
+                entity,
+                attr,
+                PLACEHOLDER,
+                _listed(bare),
+            )
         unsplit = [t for t in templates if t not in prompt_split]
         if unsplit:
-            out.append(f"{entity}/{attr}: templates missing from "
-                       f"{FILE_NAME.format(entity=entity, kind='prompt_to_split')}: {_listed(unsplit)}")
+            out.append(
+                f"{entity}/{attr}: templates missing from "
+                f"{FILE_NAME.format(entity=entity, kind='prompt_to_split')}: {_listed(unsplit)}"
+            )
         unlabelled = [e for e, attrs in labels.items() if attr not in (attrs or {})]
         if unlabelled:
             out.append(f"{entity}/{attr}: entities without this attribute: {_listed(unlabelled)}")
         if len({(attrs or {}).get(attr) for attrs in labels.values()} - {None, ""}) < 2:
-            out.append(f"{entity}/{attr}: fewer than two distinct labels (a cause pair needs a source whose "
-                       "label differs from the base's)")
+            out.append(
+                f"{entity}/{attr}: fewer than two distinct labels (a cause pair needs a source whose "
+                "label differs from the base's)"
+            )
     unsplit = [e for e in labels if e not in entity_split]
     if unsplit:
-        out.append(f"{entity}: entities missing from "
-                   f"{FILE_NAME.format(entity=entity, kind='entity_to_split')}: {_listed(unsplit)}")
+        out.append(
+            f"{entity}: entities missing from "
+            f"{FILE_NAME.format(entity=entity, kind='entity_to_split')}: {_listed(unsplit)}"
+        )
     return out
 
 
@@ -107,11 +123,14 @@ def data_problems(data_dir: str | os.PathLike, selection: dict[str, list[str]]) 
     if not root.is_dir():
         return [f"{root} is not a folder"]
     base = base_dir(root)
-    missing = [name for entity in selection for name in ravel_file_names(entity).values()
-               if not (base / name).is_file()]
+    missing = [
+        name for entity in selection for name in ravel_file_names(entity).values() if not (base / name).is_file()
+    ]
     if missing:
-        return [f"missing {_listed(missing)} in {base} (RAVEL reads ravel_<entity>_{{{', '.join(FILE_KINDS)}}}.json "
-                f"for every entity type of eval.ravel.config.entity_attribute_selection: {sorted(selection)})"]
+        return [
+            f"missing {_listed(missing)} in {base} (RAVEL reads ravel_<entity>_{{{', '.join(FILE_KINDS)}}}.json "
+            f"for every entity type of eval.ravel.config.entity_attribute_selection: {sorted(selection)})"
+        ]
     out: list[str] = []
     for entity, attributes in selection.items():
         try:
@@ -128,9 +147,11 @@ def check_ravel_data(data_dir: str | os.PathLike, selection: dict[str, list[str]
     problems = data_problems(data_dir, selection)
     if not problems:
         return None
-    return (f"eval.ravel.data_dir={data_dir} is not usable RAVEL data: {'; '.join(problems)}. Fix the files, point "
-            f"eval.ravel.data_dir at the folder holding {BASE_SUBDIR}/ (or at {BASE_SUBDIR}/ itself), or set "
-            "eval.ravel.config.entity_attribute_selection to the entity types and attributes the folder has")
+    return (
+        f"eval.ravel.data_dir={data_dir} is not usable RAVEL data: {'; '.join(problems)}. Fix the files, point "
+        f"eval.ravel.data_dir at the folder holding {BASE_SUBDIR}/ (or at {BASE_SUBDIR}/ itself), or set "
+        "eval.ravel.config.entity_attribute_selection to the entity types and attributes the folder has"
+    )
 
 
 def data_fingerprint(data_dir: str | os.PathLike, selection: dict[str, list[str]], extra: dict[str, Any]) -> str:
@@ -145,8 +166,9 @@ def data_fingerprint(data_dir: str | os.PathLike, selection: dict[str, list[str]
     return h.hexdigest()[:12]
 
 
-def stage_ravel_data(data_dir: str | os.PathLike, selection: dict[str, list[str]], artifact_root: Path,
-                     extra: dict[str, Any]) -> Path:
+def stage_ravel_data(
+    data_dir: str | os.PathLike, selection: dict[str, list[str]], artifact_root: Path, extra: dict[str, Any]
+) -> Path:
     """Copy the selected prompt files of ``data_dir`` into ``artifact_root/local-<fingerprint>/base/`` and return
     ``artifact_root/local-<fingerprint>`` (SAEBench's ``artifact_dir``: it finds every file, so it does not
     download). Each file is written beside its target and renamed, so an interrupted copy is never read."""
@@ -184,9 +206,14 @@ def filtered_prompt_counts(artifact_dir: Path) -> dict[str, dict[str, int]]:
     return out
 
 
-def write_ravel_data(folder: str | os.PathLike, entity: str, entity_attributes: dict[str, dict[str, str]],
-                     attribute_prompts: dict[str, list[str]], entity_split: dict[str, str],
-                     prompt_split: dict[str, str]) -> Path:
+def write_ravel_data(
+    folder: str | os.PathLike,
+    entity: str,
+    entity_attributes: dict[str, dict[str, str]],
+    attribute_prompts: dict[str, list[str]],
+    entity_split: dict[str, str],
+    prompt_split: dict[str, str],
+) -> Path:
     """Write one entity type's four prompt files into ``folder/base/`` (RAVEL's layout); returns ``folder``.
 
     For a data set of your own: ``entity_attributes`` maps each entity to its labels (``{"Paris": {"Country":
@@ -194,13 +221,30 @@ def write_ravel_data(folder: str | os.PathLike, entity: str, entity_attributes: 
     two splits every entity / template to ``train`` or ``val``."""
     base = Path(folder) / BASE_SUBDIR
     base.mkdir(parents=True, exist_ok=True)
-    data = {"attribute_to_prompts": attribute_prompts, "prompt_to_split": prompt_split,
-            "entity_attributes": entity_attributes, "entity_to_split": entity_split}
+    data = {
+        "attribute_to_prompts": attribute_prompts,
+        "prompt_to_split": prompt_split,
+        "entity_attributes": entity_attributes,
+        "entity_to_split": entity_split,
+    }
     for kind, name in ravel_file_names(entity).items():
         (base / name).write_text(json.dumps(data[kind], indent=1))
     return Path(folder)
 
 
-__all__ = ["BASE_SUBDIR", "FILE_KINDS", "FILE_NAME", "HUB_DATASET", "STAGED_PREFIX", "ravel_file_names", "base_dir",
-           "data_problems", "check_ravel_data", "data_fingerprint", "stage_ravel_data", "clear_cached_instances",
-           "filtered_prompt_counts", "write_ravel_data"]
+__all__ = [
+    "BASE_SUBDIR",
+    "FILE_KINDS",
+    "FILE_NAME",
+    "HUB_DATASET",
+    "STAGED_PREFIX",
+    "ravel_file_names",
+    "base_dir",
+    "data_problems",
+    "check_ravel_data",
+    "data_fingerprint",
+    "stage_ravel_data",
+    "clear_cached_instances",
+    "filtered_prompt_counts",
+    "write_ravel_data",
+]

@@ -54,13 +54,16 @@ def plain_name(name: str) -> str:
 
 def _folder_reason(key: str, folder: str | Path) -> str | None:
     if not (Path(folder).expanduser() / HF_CONFIG_FILE).is_file():
-        return (f"{key}={folder} has no {HF_CONFIG_FILE}: point it at a folder written by `save_pretrained` "
-                "(config.json, weights and tokenizer files)")
+        return (
+            f"{key}={folder} has no {HF_CONFIG_FILE}: point it at a folder written by `save_pretrained` "
+            "(config.json, weights and tokenizer files)"
+        )
     return None
 
 
-def resolve_ravel_model(model_name: str, model_path: str | None, model_dir: str | None,
-                        hub_reachable: bool) -> tuple[RavelModel | None, str | None]:
+def resolve_ravel_model(
+    model_name: str, model_path: str | None, model_dir: str | None, hub_reachable: bool
+) -> tuple[RavelModel | None, str | None]:
     """``(model, None)``, or ``(None, reason)`` naming what is missing and the config key that fixes it."""
     from pipeline.data.offline_models import OFFLINE_MODELS, converted_dir
 
@@ -76,16 +79,22 @@ def resolve_ravel_model(model_name: str, model_path: str | None, model_dir: str 
         try:
             return RavelModel(saebench_name, converted_dir(OFFLINE_MODELS[model_name])), None
         except (ModuleNotFoundError, OSError) as exc:
-            return None, (f"the offline model {model_name!r} has no converted HF folder ({exc}); set "
-                          "eval.ravel.model_dir=<save_pretrained folder of it>")
+            return None, (
+                f"the offline model {model_name!r} has no converted HF folder ({exc}); set "
+                "eval.ravel.model_dir=<save_pretrained folder of it>"
+            )
     if model_name in names:
         if hub_reachable:
             return RavelModel(saebench_name, None), None
-        return None, (f"RAVEL loads {saebench_name!r} from the Hugging Face hub and the hub is unreachable; set "
-                      f"eval.ravel.model_dir=<local save_pretrained folder of {saebench_name}>")
-    return None, (f"RAVEL supports only SAEBench's hub models {sorted(names)}, the offline models "
-                  f"{sorted(OFFLINE_MODELS)} and local HF folders: the model {model_name!r} is none of them; set "
-                  "eval.ravel.model_dir=<save_pretrained folder of the model> (or model.path)")
+        return None, (
+            f"RAVEL loads {saebench_name!r} from the Hugging Face hub and the hub is unreachable; set "
+            f"eval.ravel.model_dir=<local save_pretrained folder of {saebench_name}>"
+        )
+    return None, (
+        f"RAVEL supports only SAEBench's hub models {sorted(names)}, the offline models "
+        f"{sorted(OFFLINE_MODELS)} and local HF folders: the model {model_name!r} is none of them; set "
+        "eval.ravel.model_dir=<save_pretrained folder of the model> (or model.path)"
+    )
 
 
 __all__ = ["HF_CONFIG_FILE", "RavelModel", "saebench_llm_names", "plain_name", "resolve_ravel_model"]

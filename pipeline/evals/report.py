@@ -17,13 +17,37 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evals.report_notes import explained_variance_note, how_to_read
-from pipeline.evals.report_plots import (FIT_CURVE_FILE, FVU_TIME_PLOT_FILE, MARKERS, METRIC_PLOT_FILE, PLOT_DPI,
-                                         plot_fit_curves, plot_fvu_vs_time, plot_metric_vs_l0)
-from pipeline.evals.report_rows import (BUDGET_COLUMNS, COLUMNS, FIT_POSITIONS_EVAL, HEADLINES, REPORT_FILE, STATS,
-                                        SUMMARY_FILE, Row, _cell, _json_or, budget_cells, columns_present, fmt,
-                                        load_rows, steps_text, width_label)
+from pipeline.evals.report_plots import (
+    FIT_CURVE_FILE,
+    FVU_TIME_PLOT_FILE,
+    MARKERS,
+    METRIC_PLOT_FILE,
+    PLOT_DPI,
+    plot_fit_curves,
+    plot_fvu_vs_time,
+    plot_metric_vs_l0,
+)
+from pipeline.evals.report_rows import (
+    BUDGET_COLUMNS,
+    COLUMNS,
+    FIT_POSITIONS_EVAL,
+    HEADLINES,
+    REPORT_FILE,
+    STATS,
+    SUMMARY_FILE,
+    Row,
+    _cell,
+    _json_or,
+    budget_cells,
+    columns_present,
+    fmt,
+    load_rows,
+    steps_text,
+    width_label,
+)
 from pipeline.evals.results import FAILED_FILE, INFO_FILE, SKIPPED_FILE
 from pipeline.utils.atomic import atomic_write_text
+
 
 # ============================================================================================= markdown
 def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", title: str = "") -> Path:
@@ -34,24 +58,38 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
     cols = columns_present(rows)
     lines = [f"# {title or 'DB-KSVD dictionary vs SAE baselines'}", ""]
     if not rows:
-        lines += ["No evaluated SAE found (the evaluate stage has not run, or wrote no `saes.json`):",
-                  *[f"- `{f}`" for f in eval_folders], ""]
-    lines += ["Every number below is read from SAEBench's own result files (`eval_results/<eval>/*.json`) and "
-              "the evaluate stage's `saes.json` (held-out activations of the harvest store, training budgets). "
-              "`—` = not evaluated or not recorded (see *Skipped*); `+inf`/`-inf`/`nan` are shown as the result "
-              "files hold them; SAEBench's core writes NaN as -1.", ""]
+        lines += [
+            "No evaluated SAE found (the evaluate stage has not run, or wrote no `saes.json`):",
+            *[f"- `{f}`" for f in eval_folders],
+            "",
+        ]
+    lines += [
+        "Every number below is read from SAEBench's own result files (`eval_results/<eval>/*.json`) and "
+        "the evaluate stage's `saes.json` (held-out activations of the harvest store, training budgets). "
+        "`—` = not evaluated or not recorded (see *Skipped*); `+inf`/`-inf`/`nan` are shown as the result "
+        "files hold them; SAEBench's core writes NaN as -1.",
+        "",
+    ]
     lines += how_to_read(rows, cols)
     # the table
     head = ["SAE", "architecture", "width", "k", *BUDGET_COLUMNS, *cols]
     lines += ["## Metrics", "", "| " + " | ".join(_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r.name}`", r.architecture, r.width_text, str(r.k) if r.k is not None else "—",
-                 *budget_cells(r), *[fmt(r.value(c)) for c in cols]]
+        cells = [
+            f"`{r.name}`",
+            r.architecture,
+            r.width_text,
+            str(r.k) if r.k is not None else "—",
+            *budget_cells(r),
+            *[fmt(r.value(c)) for c in cols],
+        ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines.append("")
     lines += [f"- **{c}**: {d}" for c, ev, cat, key, d in COLUMNS if c in cols]
-    lines.append("- **L0 / FVU / 1 − FVU / dead frac. (held-out)**: on the store's held-out activations; dead = "
-                 "never active there. **mean max |cos|**: mean over atoms of the largest |cosine| with another atom.")
+    lines.append(
+        "- **L0 / FVU / 1 − FVU / dead frac. (held-out)**: on the store's held-out activations; dead = "
+        "never active there. **mean max |cos|**: mean over atoms of the largest |cosine| with another atom."
+    )
     lines.append("")
     lines += explained_variance_note(rows, cols)
     lines += _plots(rows, out)
@@ -67,12 +105,24 @@ def summary(rows: list[Row], cols: list[str]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         b = r.budget
-        out.append({"name": r.name, "folder": str(r.folder), "kind": r.described.get("kind"),
-                    "architecture": r.architecture, "saebench_architecture": r.saebench_architecture,
-                    "width": r.width, "k": r.k, "budget": b or None,
-                    "budget mode": b.get("mode"), "wall s": b.get("seconds"), "samples": b.get("samples"),
-                    "steps/updates": None if steps_text(b) == "—" else steps_text(b), "device": b.get("device"),
-                    **{c: r.value(c) for c in cols}})
+        out.append(
+            {
+                "name": r.name,
+                "folder": str(r.folder),
+                "kind": r.described.get("kind"),
+                "architecture": r.architecture,
+                "saebench_architecture": r.saebench_architecture,
+                "width": r.width,
+                "k": r.k,
+                "budget": b or None,
+                "budget mode": b.get("mode"),
+                "wall s": b.get("seconds"),
+                "samples": b.get("samples"),
+                "steps/updates": None if steps_text(b) == "—" else steps_text(b),
+                "device": b.get("device"),
+                **{c: r.value(c) for c in cols},
+            }
+        )
     return out
 
 
@@ -89,12 +139,19 @@ def _plots(rows: list[Row], out: Path) -> list[str]:
         return []
     lines += ["## Plots", ""]
     if time_plot:
-        lines += ["FVU against wall time, every SAE on one plot: lines = training-batch FVU (measured before each "
-                  "update/step), markers = held-out FVU at the end of training, at the budget's wall time.", "",
-                  f"![FVU vs wall time]({time_plot.name})", ""]
+        lines += [
+            "FVU against wall time, every SAE on one plot: lines = training-batch FVU (measured before each "
+            "update/step), markers = held-out FVU at the end of training, at the budget's wall time.",
+            "",
+            f"![FVU vs wall time]({time_plot.name})",
+            "",
+        ]
     if l0_plots:
-        lines += ["Headline metric vs L0 (SAEBench convention): one marker per architecture (★ = DB-KSVD), one "
-                  "colour per width; rows of one architecture and width (a sweep) joined by a line in L0 order.", ""]
+        lines += [
+            "Headline metric vs L0 (SAEBench convention): one marker per architecture (★ = DB-KSVD), one "
+            "colour per width; rows of one architecture and width (a sweep) joined by a line in L0 order.",
+            "",
+        ]
         lines += l0_plots
     if fit:
         lines += ["", "Dictionary fit curve (training-batch FVU vs iteration):", "", f"![fit curve]({fit.name})"]
@@ -111,17 +168,22 @@ def _folder_sections(eval_folders: list[Path]) -> list[str]:
         lines += [f"## Evaluation `{folder.name}`", ""]
         if info:
             m = info.get("model", {})
-            lines.append(f"- model `{m.get('name')}` ({fmt(m.get('n_params'), 3)} parameters), hook "
-                         f"`{m.get('hook')}`, device {info.get('device')}; evals took "
-                         f"{fmt(info.get('total_eval_s'), 4)} s "
-                         f"({', '.join(f'{k} {v:.0f} s' for k, v in (info.get('timings_s') or {}).items())})")
+            lines.append(
+                f"- model `{m.get('name')}` ({fmt(m.get('n_params'), 3)} parameters), hook "
+                f"`{m.get('hook')}`, device {info.get('device')}; evals took "
+                f"{fmt(info.get('total_eval_s'), 4)} s "
+                f"({', '.join(f'{k} {v:.0f} s' for k, v in (info.get('timings_s') or {}).items())})"
+            )
             ld = info.get("labelled_data")
             if ld:
-                lines.append(f"- labelled data `{ld['name']}`: paragraphs of {', '.join(ld['titles'])}; column1 = "
-                             "which document, column2 = dialogue vs narration (SAEBench's bias_in_bios layout)")
+                lines.append(
+                    f"- labelled data `{ld['name']}`: paragraphs of {', '.join(ld['titles'])}; column1 = "
+                    "which document, column2 = dialogue vs narration (SAEBench's bias_in_bios layout)"
+                )
         for note in info.get("notes", []):
-            lines.append(f"- **{note['metric']}{' (low confidence)' if note.get('low_confidence') else ''}**: "
-                         f"{note['note']}")
+            lines.append(
+                f"- **{note['metric']}{' (low confidence)' if note.get('low_confidence') else ''}**: {note['note']}"
+            )
         if skipped:
             lines += ["", "Skipped:", ""]
             lines += [f"- {s['what']}{' / ' + s['sae'] if s.get('sae') else ''}: {s['reason']}" for s in skipped]
@@ -129,13 +191,41 @@ def _folder_sections(eval_folders: list[Path]) -> list[str]:
             lines += ["", "**Failed** (re-run the evaluate stage to retry):", ""]
             lines += [f"- {f['metric']}: `{f['error']}`" for f in failed]
         if info.get("sizes"):
-            lines += ["", "<details><summary>Eval sizes used</summary>", "", "```json",
-                      json.dumps(info["sizes"], indent=1, default=str), "```", "", "</details>"]
+            lines += [
+                "",
+                "<details><summary>Eval sizes used</summary>",
+                "",
+                "```json",
+                json.dumps(info["sizes"], indent=1, default=str),
+                "```",
+                "",
+                "</details>",
+            ]
         lines.append("")
     return lines
 
 
-__all__ = ["BUDGET_COLUMNS", "COLUMNS", "FIT_CURVE_FILE", "FIT_POSITIONS_EVAL", "FVU_TIME_PLOT_FILE", "HEADLINES",
-           "MARKERS", "METRIC_PLOT_FILE", "PLOT_DPI", "REPORT_FILE", "STATS", "SUMMARY_FILE", "Row", "budget_cells",
-           "columns_present", "explained_variance_note", "fmt", "how_to_read", "load_rows", "summary",
-           "width_label", "write_report"]
+__all__ = [
+    "BUDGET_COLUMNS",
+    "COLUMNS",
+    "FIT_CURVE_FILE",
+    "FIT_POSITIONS_EVAL",
+    "FVU_TIME_PLOT_FILE",
+    "HEADLINES",
+    "MARKERS",
+    "METRIC_PLOT_FILE",
+    "PLOT_DPI",
+    "REPORT_FILE",
+    "STATS",
+    "SUMMARY_FILE",
+    "Row",
+    "budget_cells",
+    "columns_present",
+    "explained_variance_note",
+    "fmt",
+    "how_to_read",
+    "load_rows",
+    "summary",
+    "width_label",
+    "write_report",
+]

@@ -6,10 +6,24 @@ from __future__ import annotations
 
 import math
 
-from pipeline.evals.report_rows import (COLUMNS, EV_COLUMN, EV_LEGACY_COLUMN, FIT_POSITIONS_EVAL, MODE_MEANINGS,
-                                        ONE_MINUS_FVU, STATS, Row, _names, _number, _values, fmt, fmt_count,
-                                        fmt_seconds)
+from pipeline.evals.report_rows import (
+    COLUMNS,
+    EV_COLUMN,
+    EV_LEGACY_COLUMN,
+    FIT_POSITIONS_EVAL,
+    MODE_MEANINGS,
+    ONE_MINUS_FVU,
+    STATS,
+    Row,
+    _names,
+    _number,
+    _values,
+    fmt,
+    fmt_count,
+    fmt_seconds,
+)
 from pipeline.evals.results import RESULTS_SUBDIR
+
 
 def how_to_read(rows: list[Row], cols: list[str]) -> list[str]:
     """The "How to read this" section, generated from the rows: what is compared, the budget mode(s) and what
@@ -21,12 +35,15 @@ def how_to_read(rows: list[Row], cols: list[str]) -> list[str]:
     bases = [r for r in rows if not r.is_dictionary]
     arch = _values([r.architecture for r in bases])
     if dicts and bases:
-        lines.append(f"- **Compared**: {len(dicts)} DB-KSVD dictionar{'y' if len(dicts) == 1 else 'ies'} "
-                     f"against {len(bases)} baseline SAE{'s' if len(bases) != 1 else ''} ({arch}). Rows are "
-                     "sorted by architecture, width, k; dictionary rows first.")
+        lines.append(
+            f"- **Compared**: {len(dicts)} DB-KSVD dictionar{'y' if len(dicts) == 1 else 'ies'} "
+            f"against {len(bases)} baseline SAE{'s' if len(bases) != 1 else ''} ({arch}). Rows are "
+            "sorted by architecture, width, k; dictionary rows first."
+        )
     elif dicts:
-        lines.append("- **No baseline** in these evaluations: the table describes the dictionary alone, it is "
-                     "not a comparison.")
+        lines.append(
+            "- **No baseline** in these evaluations: the table describes the dictionary alone, it is not a comparison."
+        )
     else:
         lines.append(f"- **No dictionary** in these evaluations: the table lists baselines only ({arch}).")
     lines += _budget_lines(rows, bases)
@@ -43,8 +60,10 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
         if r.budget.get("mode"):
             modes.setdefault(str(r.budget["mode"]), []).append(r)
     if modes:
-        out.append("- **Budget** (`budget` column; `wall s` = training wall time, `samples` = training samples "
-                   "seen, `steps/updates` = optimiser steps of an SAE / dictionary updates):")
+        out.append(
+            "- **Budget** (`budget` column; `wall s` = training wall time, `samples` = training samples "
+            "seen, `steps/updates` = optimiser steps of an SAE / dictionary updates):"
+        )
     for mode, members in modes.items():
         factors = [float(r.budget["factor"]) for r in members if _number(r.budget.get("factor"))]
         factor = "" if all(f == 1 for f in factors) else f" × {_values(factors, lambda f: fmt(f, 3))}"
@@ -58,27 +77,41 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
         elif mode == "steps":
             ts = [r.budget.get("steps") for r in members if _number(r.budget.get("steps"))]
             target = f" ({_values(ts, fmt_count)})" if ts else ""
-        meaning = MODE_MEANINGS.get(mode, "a budget mode this report does not know").format(factor=factor,
-                                                                                           target=target)
+        meaning = MODE_MEANINGS.get(mode, "a budget mode this report does not know").format(
+            factor=factor, target=target
+        )
         out.append(f"  - `{mode}`: {meaning}: {_names(members)}.")
     missing = [r for r in rows if not r.budget.get("mode")]
     if missing:
-        out.append(f"- **No budget recorded** for {_names(missing)} (an older evaluate folder, or an SAE trained "
-                   "elsewhere): their budget columns are `—`.")
+        out.append(
+            f"- **No budget recorded** for {_names(missing)} (an older evaluate folder, or an SAE trained "
+            "elsewhere): their budget columns are `—`."
+        )
     base_budgets = {(str(r.budget.get("mode")), r.budget.get("factor")) for r in bases if r.budget.get("mode")}
     if len(base_budgets) > 1:
-        out.append("- **Budgets differ between baseline rows** (" + "; ".join(
-            f"`{m}`" + (f" ×{fmt(float(f), 3)}" if _number(f) and f != 1 else "") for m, f in sorted(
-                base_budgets, key=str)) + "): compare rows trained under the same budget.")
+        out.append(
+            "- **Budgets differ between baseline rows** ("
+            + "; ".join(
+                f"`{m}`" + (f" ×{fmt(float(f), 3)}" if _number(f) and f != 1 else "")
+                for m, f in sorted(base_budgets, key=str)
+            )
+            + "): compare rows trained under the same budget."
+        )
     devices: dict[str, list[Row]] = {}
     for r in rows:
         if r.budget.get("device"):
             devices.setdefault(str(r.budget["device"]), []).append(r)
     if len(devices) > 1:
-        what = ("an `equal_time` budget across devices is not a fair match" if "equal_time" in modes or "time"
-                in modes else "wall times across devices are not comparable")
-        out.append("- **Warning: devices differ** (" + "; ".join(f"{d}: {_names(rs)}" for d, rs in devices.items())
-                   + f"): {what}.")
+        what = (
+            "an `equal_time` budget across devices is not a fair match"
+            if "equal_time" in modes or "time" in modes
+            else "wall times across devices are not comparable"
+        )
+        out.append(
+            "- **Warning: devices differ** ("
+            + "; ".join(f"{d}: {_names(rs)}" for d, rs in devices.items())
+            + f"): {what}."
+        )
     elif devices:
         out.append(f"- Every recorded budget ran on `{next(iter(devices))}`.")
     return out
@@ -98,9 +131,11 @@ def _sparsity_lines(rows: list[Row]) -> list[str]:
             off.append(f"`{r.name}` (held-out L0 {fmt(l0)} against k = {r.k})")
     if not off:
         return []
-    return ["- **Not at matched L0**: " + ", ".join(off) + ". Compare their FVU and loss recovered only with rows at "
-            "a similar L0; a longer budget (`compare.factor`) or a sweep of the architecture's sparsity setting "
-            "brings a baseline to its target."]
+    return [
+        "- **Not at matched L0**: " + ", ".join(off) + ". Compare their FVU and loss recovered only with rows at "
+        "a similar L0; a longer budget (`compare.factor`) or a sweep of the architecture's sparsity setting "
+        "brings a baseline to its target."
+    ]
 
 
 def _width_lines(rows: list[Row]) -> list[str]:
@@ -109,26 +144,36 @@ def _width_lines(rows: list[Row]) -> list[str]:
         by_width.setdefault(r.width_text, [])
         if r.architecture not in by_width[r.width_text]:
             by_width[r.width_text].append(r.architecture)
-    out = ["- **Width** = latents of the SAE as SAEBench sees it; compared at " +
-           "; ".join(f"{w} ({', '.join(a)})" for w, a in by_width.items()) + "."]
+    out = [
+        "- **Width** = latents of the SAE as SAEBench sees it; compared at "
+        + "; ".join(f"{w} ({', '.join(a)})" for w, a in by_width.items())
+        + "."
+    ]
     if any(r.described.get("signed") for r in rows):
         out.append("  - A signed dictionary of K atoms is exported ± split (each atom as +d and −d): width 2K.")
-    out += [f"  - `{r.name}`: {str(r.described['width_note']).rstrip('.')}." for r in rows
-            if r.described.get("width_note")]
-    out += [f"  - `{r.name}`: trained as `{r.architecture}`; SAEBench's results record the inference form "
-            f"`{r.saebench_architecture}`." for r in rows
-            if r.saebench_architecture and r.described.get("architecture")
-            and r.saebench_architecture != r.architecture]
+    out += [
+        f"  - `{r.name}`: {str(r.described['width_note']).rstrip('.')}." for r in rows if r.described.get("width_note")
+    ]
+    out += [
+        f"  - `{r.name}`: trained as `{r.architecture}`; SAEBench's results record the inference form "
+        f"`{r.saebench_architecture}`."
+        for r in rows
+        if r.saebench_architecture and r.described.get("architecture") and r.saebench_architecture != r.architecture
+    ]
     return out
 
 
 def _position_lines(rows: list[Row], cols: list[str]) -> list[str]:
     out = ["- **Positions** each number covers:"]
     held = [r.described.get("heldout_rows") for r in rows if _number(r.described.get("heldout_rows"))]
-    out.append("  - " + ", ".join(f"`{c}`" for c, _ in STATS if c != "mean max |cos|") +
-               ": the harvest store's held-out rows" + (f" ({_values(held, fmt_count)} rows)" if held else "") +
-               ", which leave out special tokens and attention-sink outlier positions (the store manifest "
-               "records the counts); `mean max |cos|` is a property of the decoder weights.")
+    out.append(
+        "  - "
+        + ", ".join(f"`{c}`" for c, _ in STATS if c != "mean max |cos|")
+        + ": the harvest store's held-out rows"
+        + (f" ({_values(held, fmt_count)} rows)" if held else "")
+        + ", which leave out special tokens and attention-sink outlier positions (the store manifest "
+        "records the counts); `mean max |cos|` is a property of the decoder weights."
+    )
     notes = [str(r.described["heldout_positions_note"]) for r in rows if r.described.get("heldout_positions_note")]
     out += [f"    - {n.rstrip('.')}." for n in dict.fromkeys(notes)]
     core_cols = [c for c, ev, *_ in COLUMNS if ev == "core" and c in cols]
@@ -137,21 +182,35 @@ def _position_lines(rows: list[Row], cols: list[str]) -> list[str]:
         cfgs = [c.get("eval_config") or {} for c in cores]
         excl = {cfg.get("exclude_special_tokens_from_reconstruction") for cfg in cfgs} - {None}
         datasets = [str(cfg["dataset"]) for cfg in cfgs if cfg.get("dataset")]
-        splice = ("every position" if excl == {False} else "every position except special tokens" if excl == {True}
-                  else "the positions SAEBench's `exclude_special_tokens_from_reconstruction` selects")
-        out.append("  - " + ", ".join(f"`{c}`" for c in core_cols) + ": SAEBench core on its own eval text"
-                   + (f" ({_values(datasets)})" if datasets else "") + f"; the reconstruction is spliced in at "
-                   f"{splice} for loss recovered / CE / KL; its sparsity and variance statistics skip only the "
-                   "tokens SAEBench is given as `ignore_tokens` (BOS/EOS/pad). Attention-sink outlier positions "
-                   "are included, unlike the held-out columns.")
+        splice = (
+            "every position"
+            if excl == {False}
+            else "every position except special tokens"
+            if excl == {True}
+            else "the positions SAEBench's `exclude_special_tokens_from_reconstruction` selects"
+        )
+        out.append(
+            "  - "
+            + ", ".join(f"`{c}`" for c in core_cols)
+            + ": SAEBench core on its own eval text"
+            + (f" ({_values(datasets)})" if datasets else "")
+            + f"; the reconstruction is spliced in at "
+            f"{splice} for loss recovered / CE / KL; its sparsity and variance statistics skip only the "
+            "tokens SAEBench is given as `ignore_tokens` (BOS/EOS/pad). Attention-sink outlier positions "
+            "are included, unlike the held-out columns."
+        )
     fit_cols = [c for c, ev, *_ in COLUMNS if ev == FIT_POSITIONS_EVAL and c in cols]
     if fit_cols:
-        out.append("  - " + ", ".join(f"`{c}`" for c in fit_cols) + ": SAEBench core with the SAE spliced in only "
-                   f"at the positions the fit trains on (`{RESULTS_SUBDIR}/{FIT_POSITIONS_EVAL}/`).")
+        out.append(
+            "  - " + ", ".join(f"`{c}`" for c in fit_cols) + ": SAEBench core with the SAE spliced in only "
+            f"at the positions the fit trains on (`{RESULTS_SUBDIR}/{FIT_POSITIONS_EVAL}/`)."
+        )
     other = [c for c, ev, *_ in COLUMNS if ev not in ("core", FIT_POSITIONS_EVAL) and c in cols]
     if other:
-        out.append("  - The other SAEBench metrics (" + ", ".join(f"`{c}`" for c in other) + ") use their own "
-                   "datasets and positions (see SAEBench).")
+        out.append(
+            "  - The other SAEBench metrics (" + ", ".join(f"`{c}`" for c in other) + ") use their own "
+            "datasets and positions (see SAEBench)."
+        )
     return out
 
 
@@ -162,13 +221,17 @@ def explained_variance_note(rows: list[Row], cols: list[str]) -> list[str]:
     above = [(r, r.value(EV_COLUMN)) for r in rows]
     above = [(r, v) for r, v in above if v is not None and math.isfinite(v) and v > 1]
     here = (" Here it exceeds 1 for " + ", ".join(f"`{r.name}` ({fmt(v)})" for r, v in above) + ".") if above else ""
-    lines = [f"**Explained variance.** `{EV_COLUMN}` is SAEBench core's `explained_variance` = "
-             "1 − E‖x − x̂‖² / (E‖x‖² − (mean_j E[x_j²])²): the denominator subtracts the square of a scalar, the "
-             "per-dimension mean of E[x_j²], where a variance would subtract ‖E[x]‖², so it is not a fraction of "
-             f"variance and can exceed 1.{here} `{ONE_MINUS_FVU}` = 1 − Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the held-out "
-             "rows is the fraction of variance explained."]
+    lines = [
+        f"**Explained variance.** `{EV_COLUMN}` is SAEBench core's `explained_variance` = "
+        "1 − E‖x − x̂‖² / (E‖x‖² − (mean_j E[x_j²])²): the denominator subtracts the square of a scalar, the "
+        "per-dimension mean of E[x_j²], where a variance would subtract ‖E[x]‖², so it is not a fraction of "
+        f"variance and can exceed 1.{here} `{ONE_MINUS_FVU}` = 1 − Σ‖y − ŷ‖² / Σ‖y − ȳ‖² over the held-out "
+        "rows is the fraction of variance explained."
+    ]
     if EV_LEGACY_COLUMN in cols:
-        lines[0] += (f" `{EV_LEGACY_COLUMN}` (SAEBench's older formula) = the mean over positions of "
-                     "1 − ‖x − x̂‖² / ‖x − x̄‖², x̄ the batch mean: a mean of per-position ratios, not a ratio of "
-                     "sums.")
+        lines[0] += (
+            f" `{EV_LEGACY_COLUMN}` (SAEBench's older formula) = the mean over positions of "
+            "1 − ‖x − x̂‖² / ‖x − x̄‖², x̄ the batch mean: a mean of per-position ratios, not a ratio of "
+            "sums."
+        )
     return lines + [""]

@@ -32,9 +32,19 @@ PLOT_DPI = 120
 #: Marker per architecture: the training architectures (sae-lens registry names, ``dbksvd`` for the
 #: dictionary) and SAEBench's ``sae_cfg_dict.architecture`` names (what older folders carry). Anything else
 #: (a hub baseline's own label) gets ``X``.
-MARKERS = {"dbksvd": "*", "topk": "o", "batchtopk": "s", "matryoshka_batchtopk": "D", "jumprelu": "v",
-           "standard": "^", "matching_pursuit": "p", "gated": "P",
-           "batch_topk": "s", "matryoshka_batch_topk": "D", "relu": "^"}
+MARKERS = {
+    "dbksvd": "*",
+    "topk": "o",
+    "batchtopk": "s",
+    "matryoshka_batchtopk": "D",
+    "jumprelu": "v",
+    "standard": "^",
+    "matching_pursuit": "p",
+    "gated": "P",
+    "batch_topk": "s",
+    "matryoshka_batch_topk": "D",
+    "relu": "^",
+}
 OTHER_MARKER = "X"
 
 
@@ -108,16 +118,35 @@ def plot_fvu_vs_time(rows: list[Row], out: Path) -> Path | None:
             continue
         label = f"{r.name} ({r.architecture})"
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, linewidth=1.2,
-                    marker="." if len(pts) < 40 else None, markersize=3, label=label)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                color=colour,
+                linewidth=1.2,
+                marker="." if len(pts) < 40 else None,
+                markersize=3,
+                label=label,
+            )
         if has_marker:
-            ax.scatter([end_s], [heldout], marker=marker(r.architecture), s=110 if r.is_dictionary else 60,
-                       color=colour, edgecolor="black", linewidth=0.6, zorder=3, label=None if pts else label)
+            ax.scatter(
+                [end_s],
+                [heldout],
+                marker=marker(r.architecture),
+                s=110 if r.is_dictionary else 60,
+                color=colour,
+                edgecolor="black",
+                linewidth=0.6,
+                zorder=3,
+                label=None if pts else label,
+            )
     ax.set_yscale("log")
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("FVU (log scale)")
-    ax.set_title("FVU vs wall time. Lines: training-batch FVU (before each update/step);\n"
-                 "markers: held-out FVU at the end of training (marker = architecture)", fontsize=9)
+    ax.set_title(
+        "FVU vs wall time. Lines: training-batch FVU (before each update/step);\n"
+        "markers: held-out FVU at the end of training (marker = architecture)",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -141,10 +170,26 @@ def plot_metric_vs_l0(rows: list[Row], column: str, out: Path, stem: str) -> Pat
     for (arch, w), xy in sorted(groups.items()):
         xy.sort()
         if len(xy) > 1:
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], color=colours[w], linewidth=1, alpha=0.8, zorder=2,
-                    linestyle="--" if arch == "dbksvd" else "-")
-        ax.scatter([p[0] for p in xy], [p[1] for p in xy], marker=marker(arch), s=120 if arch == "dbksvd" else 60,
-                   color=colours[w], edgecolor="black", linewidth=0.5, label=f"{arch}, {w}", zorder=3)
+            ax.plot(
+                [p[0] for p in xy],
+                [p[1] for p in xy],
+                color=colours[w],
+                linewidth=1,
+                alpha=0.8,
+                zorder=2,
+                linestyle="--" if arch == "dbksvd" else "-",
+            )
+        ax.scatter(
+            [p[0] for p in xy],
+            [p[1] for p in xy],
+            marker=marker(arch),
+            s=120 if arch == "dbksvd" else 60,
+            color=colours[w],
+            edgecolor="black",
+            linewidth=0.5,
+            label=f"{arch}, {w}",
+            zorder=3,
+        )
     ax.set_xlabel("L0")
     ax.set_ylabel(column)
     ax.set_title(f"{column} vs L0")
@@ -163,5 +208,15 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-__all__ = ["FIT_CURVE_FILE", "FVU_TIME_PLOT_FILE", "MARKERS", "METRIC_PLOT_FILE", "PLOT_DPI", "curve_points",
-           "marker", "plot_fit_curves", "plot_fvu_vs_time", "plot_metric_vs_l0"]
+__all__ = [
+    "FIT_CURVE_FILE",
+    "FVU_TIME_PLOT_FILE",
+    "MARKERS",
+    "METRIC_PLOT_FILE",
+    "PLOT_DPI",
+    "curve_points",
+    "marker",
+    "plot_fit_curves",
+    "plot_fvu_vs_time",
+    "plot_metric_vs_l0",
+]

@@ -26,23 +26,47 @@ ONE_MINUS_FVU = "1 − FVU (held-out)"
 #: (column, eval, category, key, description) of every table column read from SAEBench results.
 COLUMNS: list[tuple[str, str, str, str, str]] = [
     ("L0 (core)", "core", "sparsity", "l0", "mean active latents on the core eval text"),
-    (EV_COLUMN, "core", "reconstruction_quality", "explained_variance",
-     "SAEBench core's `explained_variance` (not a fraction of variance, see the note below)"),
-    (EV_LEGACY_COLUMN, "core", "reconstruction_quality", "explained_variance_legacy",
-     "SAEBench core's `explained_variance_legacy` (its older formula, see the note below)"),
+    (
+        EV_COLUMN,
+        "core",
+        "reconstruction_quality",
+        "explained_variance",
+        "SAEBench core's `explained_variance` (not a fraction of variance, see the note below)",
+    ),
+    (
+        EV_LEGACY_COLUMN,
+        "core",
+        "reconstruction_quality",
+        "explained_variance_legacy",
+        "SAEBench core's `explained_variance_legacy` (its older formula, see the note below)",
+    ),
     ("cossim", "core", "reconstruction_quality", "cossim", "cosine(x, x̂)"),
-    ("loss recovered", "core", "model_performance_preservation", "ce_loss_score",
-     "core CE loss recovered (headline)"),
+    ("loss recovered", "core", "model_performance_preservation", "ce_loss_score", "core CE loss recovered (headline)"),
     ("CE with SAE", "core", "model_performance_preservation", "ce_loss_with_sae", "next-token CE, SAE spliced in"),
     ("CE clean", "core", "model_performance_preservation", "ce_loss_without_sae", "next-token CE, clean"),
     ("KL score", "core", "model_behavior_preservation", "kl_div_score", "core KL-divergence score"),
-    ("loss recovered (fit positions)", FIT_POSITIONS_EVAL, "model_performance_preservation", "ce_loss_score",
-     "core CE loss recovered, SAE spliced in only at the positions the fit trains on"),
-    ("KL score (fit positions)", FIT_POSITIONS_EVAL, "model_behavior_preservation", "kl_div_score",
-     "core KL-divergence score, SAE spliced in only at the positions the fit trains on"),
+    (
+        "loss recovered (fit positions)",
+        FIT_POSITIONS_EVAL,
+        "model_performance_preservation",
+        "ce_loss_score",
+        "core CE loss recovered, SAE spliced in only at the positions the fit trains on",
+    ),
+    (
+        "KL score (fit positions)",
+        FIT_POSITIONS_EVAL,
+        "model_behavior_preservation",
+        "kl_div_score",
+        "core KL-divergence score, SAE spliced in only at the positions the fit trains on",
+    ),
     ("alive", "core", "misc_metrics", "frac_alive", "fraction of latents that fired on the core text"),
-    ("absorption", "absorption", "mean", "mean_absorption_fraction_score",
-     "mean absorption fraction (lower is better)"),
+    (
+        "absorption",
+        "absorption",
+        "mean",
+        "mean_absorption_fraction_score",
+        "mean absorption fraction (lower is better)",
+    ),
     ("full absorption", "absorption", "mean", "mean_full_absorption_score", "full absorption rate"),
     ("split feats", "absorption", "mean", "mean_num_split_features", "mean split features per letter"),
     ("SAE probe top-1", "sparse_probing", "sae", "sae_top_1_test_accuracy", "sparse probing, top-1 latent"),
@@ -58,18 +82,31 @@ COLUMNS: list[tuple[str, str, str, str, str]] = [
     ("unlearning", "unlearning", "unlearning", "unlearning_score", "unlearning score"),
 ]
 #: Headline metric per eval for the plots (SAEBench graphing_utils convention).
-HEADLINES = [("core", "loss recovered"), (FIT_POSITIONS_EVAL, "loss recovered (fit positions)"),
-             ("absorption", "absorption"), ("sparse_probing", "SAE probe top-1"), ("scr", "SCR@10"),
-             ("tpp", "TPP@10"), ("autointerp", "autointerp"), ("ravel", "RAVEL"), ("unlearning", "unlearning")]
+HEADLINES = [
+    ("core", "loss recovered"),
+    (FIT_POSITIONS_EVAL, "loss recovered (fit positions)"),
+    ("absorption", "absorption"),
+    ("sparse_probing", "SAE probe top-1"),
+    ("scr", "SCR@10"),
+    ("tpp", "TPP@10"),
+    ("autointerp", "autointerp"),
+    ("ravel", "RAVEL"),
+    ("unlearning", "unlearning"),
+]
 #: (column, key of the description) of the held-out statistics; ``None``: derived (``1 − fvu``).
-STATS: list[tuple[str, str | None]] = [("L0 (held-out)", "l0"), ("FVU (held-out)", "fvu"), (ONE_MINUS_FVU, None),
-                                       ("dead frac.", "dead_fraction"), ("mean max |cos|", "mean_max_abs_cos")]
+STATS: list[tuple[str, str | None]] = [
+    ("L0 (held-out)", "l0"),
+    ("FVU (held-out)", "fvu"),
+    (ONE_MINUS_FVU, None),
+    ("dead frac.", "dead_fraction"),
+    ("mean max |cos|", "mean_max_abs_cos"),
+]
 #: The training-budget columns, right after ``k``.
 BUDGET_COLUMNS = ["budget", "wall s", "samples", "steps/updates", "device"]
 #: What each budget mode means (``{factor}`` / ``{target}`` filled from the rows).
 MODE_MEANINGS = {
     "equal_time": "every baseline trained for the dictionary's measured fit wall time{target}{factor} on the "
-                  "device listed",
+    "device listed",
     "equal_samples": "as many training samples as the dictionary's fit saw{target}{factor}",
     "steps": "a fixed number of optimiser steps{target}",
     "converged": "trained until the held-out FVU stopped improving",
@@ -216,8 +253,13 @@ def budget_cells(row: Row) -> list[str]:
     mode = str(b["mode"]) if b.get("mode") else "—"
     if mode != "—" and _number(b.get("factor")) and b["factor"] != 1:
         mode += f" ×{fmt(float(b['factor']), 3)}"
-    return [mode, fmt_seconds(b.get("seconds")), fmt_count(b.get("samples")), steps_text(b),
-            str(b["device"]) if b.get("device") else "—"]
+    return [
+        mode,
+        fmt_seconds(b.get("seconds")),
+        fmt_count(b.get("samples")),
+        steps_text(b),
+        str(b["device"]) if b.get("device") else "—",
+    ]
 
 
 def load_rows(eval_folders: list[Path]) -> list[Row]:
@@ -245,8 +287,11 @@ def _result_file(ev_dir: Path, name: str, names: list[str]) -> Path | None:
     """The result JSON of SAE ``name`` in one metric folder: ``<name>_*eval_results.json``, leaving out files of
     another SAE of the folder whose name extends this one (``topk_k4`` vs ``topk_k4_b``)."""
     longer = [n for n in names if n != name and n.startswith(name + "_")]
-    hits = [p for p in sorted(ev_dir.glob(f"{name}_*eval_results.json"))
-            if not any(p.name.startswith(n + "_") for n in longer)]
+    hits = [
+        p
+        for p in sorted(ev_dir.glob(f"{name}_*eval_results.json"))
+        if not any(p.name.startswith(n + "_") for n in longer)
+    ]
     return hits[0] if hits else None
 
 

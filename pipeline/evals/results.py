@@ -1,11 +1,11 @@
 """The evaluate folder's layout: file names, where SAEBench writes a result, and the stage's record files.
 
-    <evaluate folder>/
-        eval_results/<metric>/<sae name>_custom_sae_eval_results.json   SAEBench's own result files
-        artifacts/<metric>/                                            SAEBench's probes, activations, logs
-        data/labelled/                                                 the labelled passages (parquet + spec)
-        sae_lens/<sae name>/                                           the dictionary in the sae-lens format
-        saes.json  skipped.json  failed.json  eval_info.json           what the stage records
+<evaluate folder>/
+    eval_results/<metric>/<sae name>_custom_sae_eval_results.json   SAEBench's own result files
+    artifacts/<metric>/                                            SAEBench's probes, activations, logs
+    data/labelled/                                                 the labelled passages (parquet + spec)
+    sae_lens/<sae name>/                                           the dictionary in the sae-lens format
+    saes.json  skipped.json  failed.json  eval_info.json           what the stage records
 """
 
 from __future__ import annotations

@@ -136,47 +136,61 @@ EXACT, EXACT_RECONSTRUCTION, APPROXIMATE = "exact", "exact_reconstruction", "app
 #: 1.000 whenever the criterion holds (module docstring); the slack is for float near-ties.
 MIN_SUPPORT_AGREEMENT = 0.99
 
-ENCODER_NOTE = ("DB-KSVD dictionary. Its real encoder is sparse coding (matching pursuit / OMP, settings in "
-                "metadata.dbksvd_coder). Loaded as architecture 'topk' by plain sae-lens, encode is only the "
-                "top-k of the correlations relu((x - b_dec) @ W_enc) with W_enc = W_dec^T, an approximation "
-                "(stock 'matching_pursuit' is closer); load with pipeline.evals.sae_lens_io.load_sae_lens "
-                "(registered architecture 'dbksvd') for the exact coder. metadata.differences lists how the two "
-                "encoders differ.")
+ENCODER_NOTE = (
+    "DB-KSVD dictionary. Its real encoder is sparse coding (matching pursuit / OMP, settings in "
+    "metadata.dbksvd_coder). Loaded as architecture 'topk' by plain sae-lens, encode is only the "
+    "top-k of the correlations relu((x - b_dec) @ W_enc) with W_enc = W_dec^T, an approximation "
+    "(stock 'matching_pursuit' is closer); load with pipeline.evals.sae_lens_io.load_sae_lens "
+    "(registered architecture 'dbksvd') for the exact coder. metadata.differences lists how the two "
+    "encoders differ."
+)
 MP_ENCODER_NOTES = {
-    EXACT: ("DB-KSVD dictionary exported as sae-lens's native 'matching_pursuit' architecture, whose stock "
-            "encoder reproduces this dictionary's coder (non-negative matching pursuit, no refit, a step cap <= k, "
-            "no relative stop) up to float rounding (metadata.stock_fidelity = 'exact'). Load with "
-            "pipeline.evals.sae_lens_io.load_sae_lens (registered architecture 'dbksvd') for the exact coder."),
+    EXACT: (
+        "DB-KSVD dictionary exported as sae-lens's native 'matching_pursuit' architecture, whose stock "
+        "encoder reproduces this dictionary's coder (non-negative matching pursuit, no refit, a step cap <= k, "
+        "no relative stop) up to float rounding (metadata.stock_fidelity = 'exact'). Load with "
+        "pipeline.evals.sae_lens_io.load_sae_lens (registered architecture 'dbksvd') for the exact coder."
+    ),
     EXACT_RECONSTRUCTION: (
         "DB-KSVD signed dictionary exported as sae-lens's native 'matching_pursuit' architecture over the +/- "
         "split W_dec = [D; -D]: stock encode reproduces this dictionary's reconstruction and its signed code "
         "(latents [:K] minus latents [K:]) up to float rounding, but where a row re-picks an atom with the other "
         "sign both of its split latents are active (metadata.stock_fidelity = 'exact_reconstruction'). Load "
-        "with pipeline.evals.sae_lens_io.load_sae_lens (registered architecture 'dbksvd') for the exact coder."),
+        "with pipeline.evals.sae_lens_io.load_sae_lens (registered architecture 'dbksvd') for the exact coder."
+    ),
     APPROXIMATE: (
         "DB-KSVD dictionary exported as sae-lens's native 'matching_pursuit' architecture, the closest stock "
         "approximation of its coder (measured much closer than 'topk'), but an approximation: stock encode does "
         "not reproduce our codes (metadata.stock_fidelity = 'approximate'; metadata.differences says how, "
         "metadata.stock_agreement, when present, measures it). Load with pipeline.evals.sae_lens_io."
-        "load_sae_lens (registered architecture 'dbksvd') for the exact coder."),
+        "load_sae_lens (registered architecture 'dbksvd') for the exact coder."
+    ),
 }
-DBKSVD_ENCODER_NOTE = ("DB-KSVD dictionary declared as the registered architecture 'dbksvd': needs "
-                       "`import pipeline.evals.sae_lens_io` before sae_lens.SAE.load_from_disk; its encode is the "
-                       "exact coder.")
-EXACT_LOADER = ("pipeline.evals.sae_lens_io.load_sae_lens(path), i.e. sae_lens.SAE.load_from_disk(path, "
-                "converter=pipeline.evals.sae_lens_io.dbksvd_disk_loader): the registered sae-lens architecture "
-                "'dbksvd', whose encode runs the project's coder exactly; "
-                "pipeline.evals.sae_lens_io.load_dictionary_sae(path) rebuilds the DictionarySAE.")
-MP_CRITERION = ("'auto' exports every dictionary as 'matching_pursuit', the stock encoder closest to ours "
-                "(measured against 'topk' for MP with any step cap, refit, candidates, bf16, OMP, signed via the "
-                "+/- split, Matryoshka); with a sample given at export, 'topk' instead if it measures closer "
-                "there (lower mean relative reconstruction difference).")
-EXACT_CRITERION = ("stock_fidelity 'exact' iff the dictionary is non-negative, has no Matryoshka groups, and codes "
-                   "with plain matching pursuit (method 'mp', no refit, no candidate restriction, fp32 precision, "
-                   "rtol = 0) under a step cap max_iter <= k, which max_iterations reproduces; 'exact_reconstruction'"
-                   " when the same holds for a signed dictionary (± split); and, when a sample is given at export, "
-                   f"stock and ours give identical (net signed) supports on >= {MIN_SUPPORT_AGREEMENT:.0%} of its "
-                   "rows. Otherwise 'approximate'.")
+DBKSVD_ENCODER_NOTE = (
+    "DB-KSVD dictionary declared as the registered architecture 'dbksvd': needs "
+    "`import pipeline.evals.sae_lens_io` before sae_lens.SAE.load_from_disk; its encode is the "
+    "exact coder."
+)
+EXACT_LOADER = (
+    "pipeline.evals.sae_lens_io.load_sae_lens(path), i.e. sae_lens.SAE.load_from_disk(path, "
+    "converter=pipeline.evals.sae_lens_io.dbksvd_disk_loader): the registered sae-lens architecture "
+    "'dbksvd', whose encode runs the project's coder exactly; "
+    "pipeline.evals.sae_lens_io.load_dictionary_sae(path) rebuilds the DictionarySAE."
+)
+MP_CRITERION = (
+    "'auto' exports every dictionary as 'matching_pursuit', the stock encoder closest to ours "
+    "(measured against 'topk' for MP with any step cap, refit, candidates, bf16, OMP, signed via the "
+    "+/- split, Matryoshka); with a sample given at export, 'topk' instead if it measures closer "
+    "there (lower mean relative reconstruction difference)."
+)
+EXACT_CRITERION = (
+    "stock_fidelity 'exact' iff the dictionary is non-negative, has no Matryoshka groups, and codes "
+    "with plain matching pursuit (method 'mp', no refit, no candidate restriction, fp32 precision, "
+    "rtol = 0) under a step cap max_iter <= k, which max_iterations reproduces; 'exact_reconstruction'"
+    " when the same holds for a signed dictionary (± split); and, when a sample is given at export, "
+    f"stock and ours give identical (net signed) supports on >= {MIN_SUPPORT_AGREEMENT:.0%} of its "
+    "rows. Otherwise 'approximate'."
+)
 
 
 # ---------------------------------------------------------------------------------------------- criterion
@@ -208,29 +222,44 @@ def why_not_exact(sae: DictionarySAE) -> list[str]:
     c = sae.coder
     why = []
     if sae.signed:
-        why.append("signed dictionary (exported as the ± split W_dec = [D; -D]): stock activates both split "
-                   "latents of an atom a row re-picks with the other sign, where ours holds one signed "
-                   "coefficient (reconstruction and net signed code agree).")
+        why.append(
+            "signed dictionary (exported as the ± split W_dec = [D; -D]): stock activates both split "
+            "latents of an atom a row re-picks with the other sign, where ours holds one signed "
+            "coefficient (reconstruction and net signed code agree)."
+        )
     if sae.groups is not None:
-        why.append("Matryoshka dictionary: ours codes group by group (per-group budgets), stock's matching "
-                   "pursuit over all atoms at once.")
+        why.append(
+            "Matryoshka dictionary: ours codes group by group (per-group budgets), stock's matching "
+            "pursuit over all atoms at once."
+        )
     if c.method != "mp":
-        why.append("method 'omp': ours re-fits every coefficient by least squares after each pick; stock never "
-                   "re-fits.")
+        why.append(
+            "method 'omp': ours re-fits every coefficient by least squares after each pick; stock never re-fits."
+        )
     if c.refit:
         why.append("refit = true: ours re-solves least squares on the final support; stock does not.")
     if c.candidates is not None and c.candidates < sae.n_atoms:
-        why.append(f"candidates = {c.candidates}: ours restricts its greedy loop to each row's top candidates; "
-                   "stock searches all atoms.")
+        why.append(
+            f"candidates = {c.candidates}: ours restricts its greedy loop to each row's top candidates; "
+            "stock searches all atoms."
+        )
     if c.method == "mp" and step_cap(c) > c.k:
-        keep = (" (KSVD.jl's rules: unless that atom brought the residual under rtol or came at the last step, "
-                "when it keeps k + 1)" if c.reference_rules else "")
-        why.append(f"step cap max_iter = {step_cap(c)} > k = {c.k}: ours keeps stepping (re-picking atoms) until "
-                   f"a (k+1)-th distinct atom enters, then drops the smallest |coefficient|{keep}; stock's "
-                   "max_iterations counts steps, not distinct atoms.")
+        keep = (
+            " (KSVD.jl's rules: unless that atom brought the residual under rtol or came at the last step, "
+            "when it keeps k + 1)"
+            if c.reference_rules
+            else ""
+        )
+        why.append(
+            f"step cap max_iter = {step_cap(c)} > k = {c.k}: ours keeps stepping (re-picking atoms) until "
+            f"a (k+1)-th distinct atom enters, then drops the smallest |coefficient|{keep}; stock's "
+            "max_iterations counts steps, not distinct atoms."
+        )
     if c.rtol > 0:
-        why.append(f"rtol = {c.rtol}: ours stops a row once ||r|| <= rtol ||x - b_dec|| (relative); stock has "
-                   "only an absolute threshold, disabled in the export.")
+        why.append(
+            f"rtol = {c.rtol}: ours stops a row once ||r|| <= rtol ||x - b_dec|| (relative); stock has "
+            "only an absolute threshold, disabled in the export."
+        )
     if c.precision != "fp32":
         why.append(f"precision = {c.precision}: ours computes the initial correlations at {c.precision}.")
     return why
@@ -262,8 +291,7 @@ def _mp_settings(sae: DictionarySAE) -> dict[str, Any]:
     ``residual_threshold = 0`` disables sae-lens's absolute one (measured closer than any ``rtol × quantile of
     ‖x‖``). ``stop_on_duplicate_support = False``: ours keeps going after re-picking an atom.
     """
-    return {"max_iterations": stock_max_iterations(sae), "residual_threshold": 0.0,
-            "stop_on_duplicate_support": False}
+    return {"max_iterations": stock_max_iterations(sae), "residual_threshold": 0.0, "stop_on_duplicate_support": False}
 
 
 # ---------------------------------------------------------------------------------------------- differences
@@ -272,122 +300,169 @@ def describe_stock_encoder(sae: DictionarySAE, architecture: str) -> tuple[list[
     (or agrees with) ``sae``'s coder."""
     c, k, K = sae.coder, sae.coder.k, sae.n_atoms
     cap = step_cap(c)
-    ours = ("Batch-OMP (least-squares coefficients after every pick)" if c.method == "omp"
-            else "greedy matching pursuit on the residual")
+    ours = (
+        "Batch-OMP (least-squares coefficients after every pick)"
+        if c.method == "omp"
+        else "greedy matching pursuit on the residual"
+    )
     diff: list[str] = []
     same: list[str] = []
-    centring = ("Centring: b_dec is our dictionary centre (zeros when fitted uncentred); both encoders subtract "
-                "it from x first and decode adds it back (apply_b_dec_to_input = true).")
+    centring = (
+        "Centring: b_dec is our dictionary centre (zeros when fitted uncentred); both encoders subtract "
+        "it from x first and decode adds it back (apply_b_dec_to_input = true)."
+    )
     if architecture == ARCHITECTURE:
-        same.append("Encoder: the registered 'dbksvd' class runs the project's coder exactly (needs "
-                    "`import pipeline.evals.sae_lens_io`; stock sae-lens alone cannot load this folder).")
+        same.append(
+            "Encoder: the registered 'dbksvd' class runs the project's coder exactly (needs "
+            "`import pipeline.evals.sae_lens_io`; stock sae-lens alone cannot load this folder)."
+        )
         same.append(centring)
         return diff, same
 
     if architecture == MATCHING_PURSUIT:
         steps = stock_max_iterations(sae)
         if sae.signed:
-            same.append(f"Selection: stock's largest split correlation over the 2K = {2 * K} atoms [D; -D] is our "
-                        "largest |<r, d_j>|, and it adds |<r, d_j>| to latent j (positive sign) or j + K (negative): "
-                        "our greedy step a_j += <r, d_j>. An atom may be picked again in both "
-                        "(stop_on_duplicate_support = false, so stock does not stop on a re-pick).")
+            same.append(
+                f"Selection: stock's largest split correlation over the 2K = {2 * K} atoms [D; -D] is our "
+                "largest |<r, d_j>|, and it adds |<r, d_j>| to latent j (positive sign) or j + K (negative): "
+                "our greedy step a_j += <r, d_j>. An atom may be picked again in both "
+                "(stop_on_duplicate_support = false, so stock does not stop on a re-pick)."
+            )
         else:
-            same.append("Selection: both pick the atom with the largest positive correlation <r, d_j> with the "
-                        "residual r, add that correlation to its coefficient (an atom may be picked again; "
-                        "stop_on_duplicate_support = false, so stock does not stop on a re-pick) and add nothing "
-                        "once no correlation is positive.")
+            same.append(
+                "Selection: both pick the atom with the largest positive correlation <r, d_j> with the "
+                "residual r, add that correlation to its coefficient (an atom may be picked again; "
+                "stop_on_duplicate_support = false, so stock does not stop on a re-pick) and add nothing "
+                "once no correlation is positive."
+            )
         if sae.groups is not None:
             pass  # the Matryoshka sentence below covers the cap
         elif c.method == "mp" and cap <= k:
-            same.append(f"Step cap: ours takes at most max_iter = {cap} steps and, as {cap} <= k = {k}, never "
-                        f"reaches a (k+1)-th atom; stock max_iterations = {steps} steps: the same rule.")
+            same.append(
+                f"Step cap: ours takes at most max_iter = {cap} steps and, as {cap} <= k = {k}, never "
+                f"reaches a (k+1)-th atom; stock max_iterations = {steps} steps: the same rule."
+            )
         elif c.method == "mp":
             flip = " (a re-pick with the other sign is the same atom)" if sae.signed else ""
-            held = (f"holds at most k = {k} distinct atoms and usually k" if not c.reference_rules else
-                    f"usually holds k = {k} distinct atoms, and k + 1 where that (k+1)-th atom brought the residual "
-                    "under rtol or came at the last step (KSVD.jl's rules, which test the residual first)")
-            diff.append(f"Step cap: ours takes up to max_iter = {cap} steps, re-picking atoms, until a (k+1)-th "
-                        f"distinct atom enters{flip} (it then drops the smallest |coefficient| and stops), so it "
-                        f"{held}; stock counts steps: max_iterations = "
-                        f"{steps}, so on rows where ours re-picks an atom stock stops earlier, with fewer atoms and "
-                        "a different code.")
+            held = (
+                f"holds at most k = {k} distinct atoms and usually k"
+                if not c.reference_rules
+                else f"usually holds k = {k} distinct atoms, and k + 1 where that (k+1)-th atom brought the residual "
+                "under rtol or came at the last step (KSVD.jl's rules, which test the residual first)"
+            )
+            diff.append(
+                f"Step cap: ours takes up to max_iter = {cap} steps, re-picking atoms, until a (k+1)-th "
+                f"distinct atom enters{flip} (it then drops the smallest |coefficient| and stops), so it "
+                f"{held}; stock counts steps: max_iterations = "
+                f"{steps}, so on rows where ours re-picks an atom stock stops earlier, with fewer atoms and "
+                "a different code."
+            )
         if c.method == "omp":
-            diff.append(f"OMP: ours re-fits all coefficients by least squares on the support after every pick "
-                        f"(Batch-OMP), so its residual is orthogonal to the chosen atoms, it never re-picks one and "
-                        f"holds up to k = {k} distinct atoms; stock takes max_iterations = {steps} greedy steps with "
-                        "the correlations as coefficients (no refit) and holds fewer atoms where it re-picks one: "
-                        "its later picks and all coefficients differ.")
+            diff.append(
+                f"OMP: ours re-fits all coefficients by least squares on the support after every pick "
+                f"(Batch-OMP), so its residual is orthogonal to the chosen atoms, it never re-picks one and "
+                f"holds up to k = {k} distinct atoms; stock takes max_iterations = {steps} greedy steps with "
+                "the correlations as coefficients (no refit) and holds fewer atoms where it re-picks one: "
+                "its later picks and all coefficients differ."
+            )
         elif c.refit:
-            diff.append("Refit: ours re-solves least squares on the final support (non-negative: active set), so "
-                        "its coefficients are the least-squares ones; stock keeps the greedy sums (supports agree "
-                        "where the greedy steps do).")
+            diff.append(
+                "Refit: ours re-solves least squares on the final support (non-negative: active set), so "
+                "its coefficients are the least-squares ones; stock keeps the greedy sums (supports agree "
+                "where the greedy steps do)."
+            )
         else:
             same.append("Coefficients: no least-squares refit in either; a code is the sum of its greedy steps.")
         if c.rtol > 0:
-            diff.append(f"Stop rule: ours also stops a row once ||r|| <= rtol * ||x - b_dec|| (relative, rtol = "
-                        f"{c.rtol}); stock can only stop on an absolute ||r|| < residual_threshold, which the "
-                        "export disables (0.0: no absolute threshold matches a relative one when ||x|| varies; "
-                        "rtol x a quantile of ||x|| agreed worse than none). Rows ours stops early take further "
-                        f"steps in stock (lower error, L0 up to max_iterations = {steps}).")
+            diff.append(
+                f"Stop rule: ours also stops a row once ||r|| <= rtol * ||x - b_dec|| (relative, rtol = "
+                f"{c.rtol}); stock can only stop on an absolute ||r|| < residual_threshold, which the "
+                "export disables (0.0: no absolute threshold matches a relative one when ||x|| varies; "
+                "rtol x a quantile of ||x|| agreed worse than none). Rows ours stops early take further "
+                f"steps in stock (lower error, L0 up to max_iterations = {steps})."
+            )
         else:
             same.append("Stop rule: neither has a residual stop (rtol = 0, residual_threshold = 0.0).")
-        diff.append("Arithmetic: ours updates correlations through the Gram matrix (c <- c - a G[j]) in fp32 "
-                    "whatever the SAE's dtype; stock recomputes r @ W_dec^T every step in the SAE's dtype. In fp32 "
-                    "codes agree to float rounding (~1e-7 relative), supports except at exact near-ties; cast to "
-                    "bf16 (as SAEBench does), stock runs in bf16.")
+        diff.append(
+            "Arithmetic: ours updates correlations through the Gram matrix (c <- c - a G[j]) in fp32 "
+            "whatever the SAE's dtype; stock recomputes r @ W_dec^T every step in the SAE's dtype. In fp32 "
+            "codes agree to float rounding (~1e-7 relative), supports except at exact near-ties; cast to "
+            "bf16 (as SAEBench does), stock runs in bf16."
+        )
         if sae.signed:
-            diff.append(f"Signed ± split: ours holds one signed coefficient per atom over K = {K} atoms; stock codes "
-                        f"non-negative latents over the 2K = {2 * K} exported atoms [D; -D]. Where a row re-picks an "
-                        "atom with the other sign, stock adds to the other half, so latents j and j + K are both "
-                        "active (their difference is our signed coefficient) where ours has one: the "
-                        "reconstruction and the net signed code latents[:K] - latents[K:] are the same, the split "
-                        "latents and their L0 are not.")
+            diff.append(
+                f"Signed ± split: ours holds one signed coefficient per atom over K = {K} atoms; stock codes "
+                f"non-negative latents over the 2K = {2 * K} exported atoms [D; -D]. Where a row re-picks an "
+                "atom with the other sign, stock adds to the other half, so latents j and j + K are both "
+                "active (their difference is our signed coefficient) where ours has one: the "
+                "reconstruction and the net signed code latents[:K] - latents[K:] are the same, the split "
+                "latents and their L0 are not."
+            )
         if sae.groups is not None:
             budgets = [g.budget for g in sae.groups]
-            diff.append(f"Matryoshka: ours codes group by group with budgets {budgets} over atom ranges "
-                        f"{[[g.start, g.end] for g in sae.groups]}, each group coding the residual the earlier ones "
-                        f"left (up to B = {sum(budgets)} atoms); stock codes over all atoms at once with "
-                        f"max_iterations = {steps} steps, picking the largest correlation anywhere, so its supports "
-                        "differ from ours on almost every row.")
+            diff.append(
+                f"Matryoshka: ours codes group by group with budgets {budgets} over atom ranges "
+                f"{[[g.start, g.end] for g in sae.groups]}, each group coding the residual the earlier ones "
+                f"left (up to B = {sum(budgets)} atoms); stock codes over all atoms at once with "
+                f"max_iterations = {steps} steps, picking the largest correlation anywhere, so its supports "
+                "differ from ours on almost every row."
+            )
     else:
         same.append("Decoder: W_dec and b_dec are ours; decoding a code gives our reconstruction.")
         kmax = code_cap(sae)
-        diff.append(f"Encoder: stock 'topk' keeps the k = {k} largest of relu((x - b_dec) @ W_enc), W_enc = "
-                    f"W_dec^T, in one shot with the raw correlations as coefficients; ours is {ours}, whose later "
-                    "atoms explain what earlier ones left: different supports and coefficients, worse "
-                    "reconstruction in stock (an approximation; stock 'matching_pursuit' is closer).")
+        diff.append(
+            f"Encoder: stock 'topk' keeps the k = {k} largest of relu((x - b_dec) @ W_enc), W_enc = "
+            f"W_dec^T, in one shot with the raw correlations as coefficients; ours is {ours}, whose later "
+            "atoms explain what earlier ones left: different supports and coefficients, worse "
+            "reconstruction in stock (an approximation; stock 'matching_pursuit' is closer)."
+        )
         if sae.groups is not None:
             stop = f"after each group's budget (B = {kmax} atoms in all), "
         elif c.method == "mp":
             stop = f"after max_iter = {cap} steps, " + ("" if cap <= k else "at k distinct atoms, ")
         else:
             stop = f"after k = {k} atoms, "
-        diff.append(f"Step cap / L0: ours stops {stop}or when no correlation is positive (L0 <= {kmax}); stock "
-                    f"topk always keeps k = {k} (fewer only where correlations are <= 0).")
+        diff.append(
+            f"Step cap / L0: ours stops {stop}or when no correlation is positive (L0 <= {kmax}); stock "
+            f"topk always keeps k = {k} (fewer only where correlations are <= 0)."
+        )
         if c.rtol > 0:
-            diff.append(f"Stop rule: ours also stops a row once ||r|| <= rtol * ||x - b_dec|| (relative, rtol = "
-                        f"{c.rtol}); stock topk has no residual stop.")
+            diff.append(
+                f"Stop rule: ours also stops a row once ||r|| <= rtol * ||x - b_dec|| (relative, rtol = "
+                f"{c.rtol}); stock topk has no residual stop."
+            )
         if c.method == "omp":
-            diff.append("OMP: ours re-fits all coefficients by least squares after every pick; stock uses the "
-                        "raw correlations.")
+            diff.append(
+                "OMP: ours re-fits all coefficients by least squares after every pick; stock uses the raw correlations."
+            )
         elif c.refit:
-            diff.append("Refit: ours re-solves least squares on the final support (non-negative: active set), so "
-                        "its coefficients are the least-squares ones; stock keeps the raw correlations.")
+            diff.append(
+                "Refit: ours re-solves least squares on the final support (non-negative: active set), so "
+                "its coefficients are the least-squares ones; stock keeps the raw correlations."
+            )
         if sae.signed:
-            diff.append(f"Signed ± split: ours codes with signed coefficients over K = {K} atoms, picking by "
-                        f"|correlation|, and is exported as W_dec = [D; -D] (width 2K = {2 * K}) with codes "
-                        "[relu(x), relu(-x)]; stock topk ranks the 2K split correlations as independent atoms.")
+            diff.append(
+                f"Signed ± split: ours codes with signed coefficients over K = {K} atoms, picking by "
+                f"|correlation|, and is exported as W_dec = [D; -D] (width 2K = {2 * K}) with codes "
+                "[relu(x), relu(-x)]; stock topk ranks the 2K split correlations as independent atoms."
+            )
         if sae.groups is not None:
             budgets = [g.budget for g in sae.groups]
-            diff.append(f"Matryoshka: ours codes group by group with budgets {budgets} over atom ranges "
-                        f"{[[g.start, g.end] for g in sae.groups]}; stock ignores the groups and codes over all "
-                        "atoms.")
+            diff.append(
+                f"Matryoshka: ours codes group by group with budgets {budgets} over atom ranges "
+                f"{[[g.start, g.end] for g in sae.groups]}; stock ignores the groups and codes over all "
+                "atoms."
+            )
     if c.candidates is not None and c.candidates < K:
-        diff.append(f"Candidates: ours restricts its greedy loop to each row's {c.candidates} largest "
-                    "correlations (approximate); stock searches all atoms.")
+        diff.append(
+            f"Candidates: ours restricts its greedy loop to each row's {c.candidates} largest "
+            "correlations (approximate); stock searches all atoms."
+        )
     if c.precision != "fp32":
-        diff.append(f"Precision: ours computes the initial correlations at {c.precision} (approximate); stock at "
-                    "the SAE's dtype.")
+        diff.append(
+            f"Precision: ours computes the initial correlations at {c.precision} (approximate); stock at "
+            "the SAE's dtype."
+        )
     same.append(centring)
     return diff, same
 
@@ -437,21 +512,30 @@ def closer(a: dict[str, float], b: dict[str, float]) -> bool:
     return (a["recon_rel_diff_mean"], -a["identical_support"]) < (b["recon_rel_diff_mean"], -b["identical_support"])
 
 
-def _verify_fidelity(sae: DictionarySAE, fidelity: str, agreement: dict[str, float],
-                     min_support_agreement: float) -> str | None:
+def _verify_fidelity(
+    sae: DictionarySAE, fidelity: str, agreement: dict[str, float], min_support_agreement: float
+) -> str | None:
     """Why the sample contradicts an EXACT / EXACT_RECONSTRUCTION claim (``None``: it does not)."""
     key = {EXACT: "identical_support", EXACT_RECONSTRUCTION: "identical_signed_support"}.get(fidelity)
     if key is None or agreement[key] >= min_support_agreement:
         return None
-    return (f"measured on the export sample: {key} = {agreement[key]:.4f} on {agreement['rows']} rows < "
-            f"{min_support_agreement}, so the '{fidelity}' claim does not hold there.")
+    return (
+        f"measured on the export sample: {key} = {agreement[key]:.4f} on {agreement['rows']} rows < "
+        f"{min_support_agreement}, so the '{fidelity}' claim does not hold there."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _folder(sae: DictionarySAE, architecture: str, fidelity: str, gaps: list[str],
-            extra_metadata: dict[str, Any] | None, agreement: dict[str, Any] | None = None,
-            alternatives: dict[str, Any] | None = None, chosen_by: str | None = None
-            ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _folder(
+    sae: DictionarySAE,
+    architecture: str,
+    fidelity: str,
+    gaps: list[str],
+    extra_metadata: dict[str, Any] | None,
+    agreement: dict[str, Any] | None = None,
+    alternatives: dict[str, Any] | None = None,
+    chosen_by: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``(cfg, tensors)`` of an export declaring ``architecture`` with ``stock_fidelity = fidelity``."""
     import sae_lens
 
@@ -460,8 +544,9 @@ def _folder(sae: DictionarySAE, architecture: str, fidelity: str, gaps: list[str
     stock: dict[str, Any] = {
         "architecture": architecture,
         "class": {TOPK: "TopKSAE", MATCHING_PURSUIT: "MatchingPursuitSAE", ARCHITECTURE: "DBKSVDSAE"}[architecture],
-        "settings": _mp_settings(sae) if architecture == MATCHING_PURSUIT else (
-            {"k": int(sae.coder.k)} if architecture == TOPK else {}),
+        "settings": _mp_settings(sae)
+        if architecture == MATCHING_PURSUIT
+        else ({"k": int(sae.coder.k)} if architecture == TOPK else {}),
         "why_not_exact": gaps,
         "criterion": MP_CRITERION,
         "exact_criterion": EXACT_CRITERION,
@@ -540,9 +625,15 @@ def _fresh(stage: Path) -> Path:
     return stage
 
 
-def save_sae_lens(sae: DictionarySAE, path: str | os.PathLike, *, architecture: str = "auto",
-                  extra_metadata: dict[str, Any] | None = None, sample: Tensor | None = None,
-                  min_support_agreement: float = MIN_SUPPORT_AGREEMENT) -> Path:
+def save_sae_lens(
+    sae: DictionarySAE,
+    path: str | os.PathLike,
+    *,
+    architecture: str = "auto",
+    extra_metadata: dict[str, Any] | None = None,
+    sample: Tensor | None = None,
+    min_support_agreement: float = MIN_SUPPORT_AGREEMENT,
+) -> Path:
     """Write ``sae`` as a sae-lens 6.x folder: ``cfg.json`` + ``sae_weights.safetensors``.
 
     Args:
@@ -571,8 +662,10 @@ def save_sae_lens(sae: DictionarySAE, path: str | os.PathLike, *, architecture: 
 
     def plan(a: str) -> tuple[str, list[str]]:
         if a == TOPK:
-            return APPROXIMATE, ["architecture 'topk': stock encodes with the top-k of the correlations in one "
-                                 "shot, not by sparse coding."] + why_not_exact(sae)
+            return APPROXIMATE, [
+                "architecture 'topk': stock encodes with the top-k of the correlations in one "
+                "shot, not by sparse coding."
+            ] + why_not_exact(sae)
         return stock_fidelity(sae, a), ([] if a == ARCHITECTURE else why_not_exact(sae))
 
     fidelity, gaps = plan(arch)
@@ -600,10 +693,12 @@ def save_sae_lens(sae: DictionarySAE, path: str | os.PathLike, *, architecture: 
                     os.rename(alt_stage, stage)
                 else:
                     alternatives = {other: alt}
-                (lost, against), = alternatives.items()
-                chosen_by = (f"measured on the export sample ({agreement['rows']} rows): mean relative "
-                             f"reconstruction difference {arch} {agreement['recon_rel_diff_mean']:.3g} vs {lost} "
-                             f"{against['recon_rel_diff_mean']:.3g}.")
+                ((lost, against),) = alternatives.items()
+                chosen_by = (
+                    f"measured on the export sample ({agreement['rows']} rows): mean relative "
+                    f"reconstruction difference {arch} {agreement['recon_rel_diff_mean']:.3g} vs {lost} "
+                    f"{against['recon_rel_diff_mean']:.3g}."
+                )
             why = _verify_fidelity(sae, fidelity, agreement, min_support_agreement)
             if why is not None:
                 fidelity, gaps = APPROXIMATE, gaps + [why]
@@ -618,8 +713,9 @@ def save_sae_lens(sae: DictionarySAE, path: str | os.PathLike, *, architecture: 
 
 
 # ---------------------------------------------------------------------------------------------- exact loaders
-def dbksvd_disk_loader(path: str | Path, device: str = "cpu",
-                       cfg_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def dbksvd_disk_loader(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """sae-lens disk converter: a folder exported by :func:`save_sae_lens` (any declared architecture) as the
     exact ``"dbksvd"`` class. A matching_pursuit export stores no encoder weights; they are ``W_decᵀ`` and 0."""
     from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
@@ -665,8 +761,14 @@ def load_dictionary_sae(path: str | os.PathLike, device: str = "cpu", **kwargs: 
     if layer is None:
         found = re.search(r"blocks\.(\d+)\.", hook_name or "")
         layer = int(found.group(1)) if found else 0
-    sae = DictionarySAE(Dictionary(atoms, CoderSettings(**coder), centre, groups), meta.get("model_name") or "",
-                        int(layer), hook_name, device=device, **kwargs)
+    sae = DictionarySAE(
+        Dictionary(atoms, CoderSettings(**coder), centre, groups),
+        meta.get("model_name") or "",
+        int(layer),
+        hook_name,
+        device=device,
+        **kwargs,
+    )
     for key in ("context_size", "hook_head_index", "prepend_bos", "dataset_path", "model_from_pretrained_kwargs"):
         if meta.get(key) is not None:
             setattr(sae.cfg, key, meta[key])
@@ -727,8 +829,28 @@ def _register_sae_lens() -> None:
 
 _register_sae_lens()
 
-__all__ = ["save_sae_lens", "load_sae_lens", "load_dictionary_sae", "dbksvd_disk_loader", "encoder_agreement",
-           "closer", "why_not_exact", "stock_fidelity", "stock_max_iterations", "describe_stock_encoder",
-           "choose_architecture", "step_cap", "code_cap", "CODER_KEY", "ENCODER_NOTE", "MP_ENCODER_NOTES",
-           "MP_CRITERION", "EXACT_CRITERION", "EXACT", "EXACT_RECONSTRUCTION", "APPROXIMATE", "TOPK",
-           "MATCHING_PURSUIT"]
+__all__ = [
+    "save_sae_lens",
+    "load_sae_lens",
+    "load_dictionary_sae",
+    "dbksvd_disk_loader",
+    "encoder_agreement",
+    "closer",
+    "why_not_exact",
+    "stock_fidelity",
+    "stock_max_iterations",
+    "describe_stock_encoder",
+    "choose_architecture",
+    "step_cap",
+    "code_cap",
+    "CODER_KEY",
+    "ENCODER_NOTE",
+    "MP_ENCODER_NOTES",
+    "MP_CRITERION",
+    "EXACT_CRITERION",
+    "EXACT",
+    "EXACT_RECONSTRUCTION",
+    "APPROXIMATE",
+    "TOPK",
+    "MATCHING_PURSUIT",
+]

@@ -47,15 +47,18 @@ class SAERecord:
         return result_path(results_dir, metric, *self.selected)
 
 
-def dictionary_record(path: Path, *, model_name: str, hook: str, layer: int, device: str, cache_mb: int,
-                      context_size: int) -> SAERecord:
+def dictionary_record(
+    path: Path, *, model_name: str, hook: str, layer: int, device: str, cache_mb: int, context_size: int
+) -> SAERecord:
     """The dictionary of ``path`` (``Dictionary.save``) as a :class:`DictionarySAE` record."""
     from pipeline.core.dictionary import Dictionary
     from pipeline.evals.dictionary_sae import DictionarySAE
 
     if not (path / DICTIONARY_META).exists():
-        raise FileNotFoundError(f"no dictionary at {path}; run the fit stage first (`python -m pipeline "
-                                "stage=fit`) or point the config at the right experiment")
+        raise FileNotFoundError(
+            f"no dictionary at {path}; run the fit stage first (`python -m pipeline "
+            "stage=fit`) or point the config at the right experiment"
+        )
     from pipeline.evals.baselines.compare import FitSpend
 
     d = Dictionary.load(path)
@@ -64,13 +67,29 @@ def dictionary_record(path: Path, *, model_name: str, hook: str, layer: int, dev
     sae.cfg.context_size = context_size
     groups = "matryoshka" if d.groups is not None else "plain"
     name = f"dbksvd_{groups}_K{d.n_atoms}_k{d.coder.k}"
-    return SAERecord(name, {
-        "name": name, "kind": "dictionary", "architecture": sae.cfg.architecture, "n_atoms": d.n_atoms,
-        "width": sae.cfg.d_sae, "k": d.coder.k, "signed": sae.signed, "coder": sae.coder_metadata(),
-        "matryoshka": d.groups is not None,
-        "width_note": ("signed dictionary compared at width 2K (W_dec = [D; -D])" if sae.signed
-                       else "non-negative dictionary compared at width K"),
-        "budget": spend, "curve": dictionary_curve(d.history), "history": d.history}, sae=sae)
+    return SAERecord(
+        name,
+        {
+            "name": name,
+            "kind": "dictionary",
+            "architecture": sae.cfg.architecture,
+            "n_atoms": d.n_atoms,
+            "width": sae.cfg.d_sae,
+            "k": d.coder.k,
+            "signed": sae.signed,
+            "coder": sae.coder_metadata(),
+            "matryoshka": d.groups is not None,
+            "width_note": (
+                "signed dictionary compared at width 2K (W_dec = [D; -D])"
+                if sae.signed
+                else "non-negative dictionary compared at width K"
+            ),
+            "budget": spend,
+            "curve": dictionary_curve(d.history),
+            "history": d.history,
+        },
+        sae=sae,
+    )
 
 
 def dictionary_curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -80,13 +99,26 @@ def dictionary_curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
     for h in history:
         samples += int(h.get("rows", 0))
         if "fvu" in h and "seconds" in h:
-            out.append({"seconds": float(h["seconds"]), "samples": samples or None,
-                        "updates": int(h.get("iteration", len(out) + 1)), "fvu": float(h["fvu"])})
+            out.append(
+                {
+                    "seconds": float(h["seconds"]),
+                    "samples": samples or None,
+                    "updates": int(h.get("iteration", len(out) + 1)),
+                    "fvu": float(h["fvu"]),
+                }
+            )
     return out
 
 
-def baseline_record(name: str, folder: Path, *, device: str, context_size: int | None = None,
-                    prepend_bos: bool | None = None, budget: dict[str, Any] | None = None) -> SAERecord:
+def baseline_record(
+    name: str,
+    folder: Path,
+    *,
+    device: str,
+    context_size: int | None = None,
+    prepend_bos: bool | None = None,
+    budget: dict[str, Any] | None = None,
+) -> SAERecord:
     """The sae-lens baseline saved in ``folder`` (:func:`~pipeline.evals.baselines.save_baseline`), loaded by
     plain ``sae_lens.SAE.load_from_disk`` and handed to SAEBench as any sae-lens SAE (decoder norms folded into
     the encoder where the architecture allows, as SAEBench does for SAEs it loads itself). ``context_size`` /
@@ -104,34 +136,84 @@ def baseline_record(name: str, folder: Path, *, device: str, context_size: int |
         pass
     r = load_record(folder)
     label = f"{name}_K{r['width']}_k{r['k']}"
-    return SAERecord(label, {
-        "name": label, "kind": "baseline", "architecture": r["architecture"], "config_name": name,
-        "inference_architecture": sae.cfg.architecture(), "width": r["width"], "k": r["k"], "signed": False,
-        "budget": budget or {"mode": r["budget"].get("mode"), "seconds": r["seconds"], "samples": r["samples"],
-                             "steps": r["steps"], "device": r.get("device")},
-        "curve": r.get("curve") or [], "folder": str(folder), "sae_lens_version": r.get("sae_lens_version")},
-        sae=sae)
+    return SAERecord(
+        label,
+        {
+            "name": label,
+            "kind": "baseline",
+            "architecture": r["architecture"],
+            "config_name": name,
+            "inference_architecture": sae.cfg.architecture(),
+            "width": r["width"],
+            "k": r["k"],
+            "signed": False,
+            "budget": budget
+            or {
+                "mode": r["budget"].get("mode"),
+                "seconds": r["seconds"],
+                "samples": r["samples"],
+                "steps": r["steps"],
+                "device": r.get("device"),
+            },
+            "curve": r.get("curve") or [],
+            "folder": str(folder),
+            "sae_lens_version": r.get("sae_lens_version"),
+        },
+        sae=sae,
+    )
 
 
-def fit_records(which: list[str], dictionary_dir: Path, baselines_dir: Path | None, baseline_names: list[str], *,
-                model_name: str, hook: str, layer: int, device: str, cache_mb: int, context_size: int,
-                prepend_bos: bool = True) -> tuple[list[SAERecord], list[dict]]:
+def fit_records(
+    which: list[str],
+    dictionary_dir: Path,
+    baselines_dir: Path | None,
+    baseline_names: list[str],
+    *,
+    model_name: str,
+    hook: str,
+    layer: int,
+    device: str,
+    cache_mb: int,
+    context_size: int,
+    prepend_bos: bool = True,
+) -> tuple[list[SAERecord], list[dict]]:
     """The SAEs named in ``which`` (``dictionary``, ``baselines`` = every one of ``baseline_names``, or single
     names) and skip records for those not found in ``baselines_dir``."""
     records, skipped = [], []
     if "dictionary" in which:
-        records.append(dictionary_record(dictionary_dir, model_name=model_name, hook=hook, layer=layer,
-                                         device=device, cache_mb=cache_mb, context_size=context_size))
+        records.append(
+            dictionary_record(
+                dictionary_dir,
+                model_name=model_name,
+                hook=hook,
+                layer=layer,
+                device=device,
+                cache_mb=cache_mb,
+                context_size=context_size,
+            )
+        )
     names = [n for n in baseline_names if "baselines" in which or n in which]
     summary = _baseline_summary(baselines_dir)
     for name in names:
         folder = baselines_dir / name if baselines_dir is not None else None
         if folder is None or not folder.is_dir():
-            skipped.append({"what": f"sae:{name}", "reason": f"no trained baseline {name!r} at {folder} (the "
-                                                             "baselines stage has not trained it)"})
+            skipped.append(
+                {
+                    "what": f"sae:{name}",
+                    "reason": f"no trained baseline {name!r} at {folder} (the baselines stage has not trained it)",
+                }
+            )
             continue
-        records.append(baseline_record(name, folder, device=device, context_size=context_size,
-                                       prepend_bos=prepend_bos, budget=summary.get(name, {}).get("budget_summary")))
+        records.append(
+            baseline_record(
+                name,
+                folder,
+                device=device,
+                context_size=context_size,
+                prepend_bos=prepend_bos,
+                budget=summary.get(name, {}).get("budget_summary"),
+            )
+        )
     return records, skipped
 
 
@@ -145,8 +227,9 @@ def _baseline_summary(folder: Path | None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else {}
 
 
-def hub_records(baselines: list[HubBaseline], hub_ok: bool, results_dir: Path,
-                metric_names: Iterable[str]) -> tuple[list[SAERecord], list[dict]]:
+def hub_records(
+    baselines: list[HubBaseline], hub_ok: bool, results_dir: Path, metric_names: Iterable[str]
+) -> tuple[list[SAERecord], list[dict]]:
     """SAEBench's published suites (baseline b). A ``results_dir`` entry has its published result files copied
     into ``results_dir`` (SAEBench's layout, ``metric_names`` folders only; existing files kept); a
     ``release``/``sae_id`` entry becomes a record SAEBench loads through sae-lens from the hub, or a skip record
@@ -157,13 +240,26 @@ def hub_records(baselines: list[HubBaseline], hub_ok: bool, results_dir: Path,
         if b.results_dir is not None:
             reason = copy_published_results(Path(b.results_dir), results_dir, metric_names)
         elif not hub_ok:
-            reason = ("SAEBench's published SAE suites load through sae-lens from the Hugging Face hub, which is "
-                      "unreachable; with hub access they are evaluated like the dictionary (or point "
-                      "results_dir at a local copy of their result files)")
+            reason = (
+                "SAEBench's published SAE suites load through sae-lens from the Hugging Face hub, which is "
+                "unreachable; with hub access they are evaluated like the dictionary (or point "
+                "results_dir at a local copy of their result files)"
+            )
         else:
             name = f"{b.release}_{b.sae_id}"
-            records.append(SAERecord(name, {"name": name, "kind": "hub_baseline", "architecture": b.architecture,
-                                            "release": b.release, "sae_id": b.sae_id}, hub=(b.release, b.sae_id)))
+            records.append(
+                SAERecord(
+                    name,
+                    {
+                        "name": name,
+                        "kind": "hub_baseline",
+                        "architecture": b.architecture,
+                        "release": b.release,
+                        "sae_id": b.sae_id,
+                    },
+                    hub=(b.release, b.sae_id),
+                )
+            )
         if reason:
             skipped.append({"what": f"hub_baseline:{b.release}/{b.sae_id}", "reason": reason})
     return records, skipped

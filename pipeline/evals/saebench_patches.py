@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: File suffix -> ``datasets`` builder of a local data file.
 DATA_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -106,8 +106,10 @@ def local_loader(local: dict[str, str]) -> Callable[..., Any]:
                     files.setdefault(split, []).append(str(f))
                     kinds.add(DATA_KINDS[f.suffix])
             if not files or len(kinds) != 1:
-                raise FileNotFoundError(f"local copy of {name!r} at {p} needs train/test files of one kind "
-                                        f"(train.parquet, test-00000.parquet, train.jsonl, ...); found {kinds or 'none'}")
+                raise FileNotFoundError(
+                    f"local copy of {name!r} at {p} needs train/test files of one kind "
+                    f"(train.parquet, test-00000.parquet, train.jsonl, ...); found {kinds or 'none'}"
+                )
             kwargs.pop("streaming", None)
             return original(kinds.pop(), data_files=files, **{k: v for k, v in kwargs.items() if k == "split"})
         return original(str(p), *args, **kwargs)
@@ -123,8 +125,7 @@ def local_datasets(local: dict[str, str]) -> Iterator[None]:
     import sae_bench.sae_bench_utils.dataset_utils as dataset_utils
 
     loader = local_loader(dict(local))
-    with patched_attr(dataset_utils, "load_dataset", loader), \
-            patched_attr(dataset_creation, "load_dataset", loader):
+    with patched_attr(dataset_utils, "load_dataset", loader), patched_attr(dataset_creation, "load_dataset", loader):
         yield
 
 
@@ -145,9 +146,11 @@ def decoder_layers(model: Any) -> Any:
         if obj is not None and hasattr(obj, "__getitem__"):
             return obj
     arch = (getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__])[0]
-    raise ValueError(f"RAVEL cannot find the decoder blocks of {arch}: supported are HF causal LMs with "
-                     f"{' or '.join('model.' + p for p in DECODER_LAYER_PATHS)} (Llama, Gemma, Qwen, Mistral, "
-                     "GPT-NeoX, ...)")
+    raise ValueError(
+        f"RAVEL cannot find the decoder blocks of {arch}: supported are HF causal LMs with "
+        f"{' or '.join('model.' + p for p in DECODER_LAYER_PATHS)} (Llama, Gemma, Qwen, Mistral, "
+        "GPT-NeoX, ...)"
+    )
 
 
 class TupleOutputLayer:
@@ -214,6 +217,8 @@ class LocalPretrained:
 def local_hf_model(module: Any, local: dict[str, str], freeze: bool = True) -> Iterator[None]:
     """Make ``module``'s ``AutoModelForCausalLM`` / ``AutoTokenizer`` load the names in ``local`` (name ->
     ``save_pretrained`` folder) from disk (:class:`LocalPretrained`), the model frozen with ``freeze``."""
-    with patched_attr(module, "AutoModelForCausalLM", LocalPretrained(module.AutoModelForCausalLM, local, freeze)), \
-            patched_attr(module, "AutoTokenizer", LocalPretrained(module.AutoTokenizer, local)):
+    with (
+        patched_attr(module, "AutoModelForCausalLM", LocalPretrained(module.AutoModelForCausalLM, local, freeze)),
+        patched_attr(module, "AutoTokenizer", LocalPretrained(module.AutoTokenizer, local)),
+    ):
         yield

@@ -33,17 +33,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, get_type_hints
+from typing import Any, get_type_hints
 
 from omegaconf import MISSING, DictConfig
 
 from pipeline.core.learner_config import LearnerConfig
 from pipeline.data.config import HarvestConfig, ModelConfig, parse_harvest_config
 from pipeline.data.text import TextSource
-from pipeline.evals.config import FIT_SAES, EvalConfig, validate_eval_config
-from pipeline.evals.dashboards.config import DashboardsConfig
 from pipeline.evals.baselines.compare import CompareConfig
 from pipeline.evals.baselines.config import BaselineSpec
+from pipeline.evals.config import FIT_SAES, EvalConfig, validate_eval_config
+from pipeline.evals.dashboards.config import DashboardsConfig
 from pipeline.runs.distributed import DistributedConfig, gpu_count
 from pipeline.runs.layout import STAGES
 from pipeline.utils.devices import resolve_device
@@ -81,7 +81,7 @@ class PipelineConfig:
     """What is harvested, how much, and how it is stored."""
     dictionary: LearnerConfig = MISSING
     """The DB-KSVD learner: width ``n_atoms``, the ``coder`` (``coder.k`` non-zeros), and the schedule."""
-    baseline: Dict[str, BaselineSpec] = field(default_factory=dict)
+    baseline: dict[str, BaselineSpec] = field(default_factory=dict)
     """The SAE baselines trained on the same store, by name (``conf/baseline/<name>.yaml``; ``baseline=[]``:
     none)."""
     compare: CompareConfig = field(default_factory=CompareConfig)
@@ -131,8 +131,14 @@ def open_stage_tracker(cfg: DictConfig | dict, stage: str, name: str, config: di
     grouped by experiment (``wandb.group`` overrides), named ``name``."""
     from pipeline.utils.tracking import open_tracker
 
-    return open_tracker(section(cfg, "wandb"), name=name, job_type=stage, config=config,
-                        default_group=str(cfg["experiment_name"]), tags=[stage])
+    return open_tracker(
+        section(cfg, "wandb"),
+        name=name,
+        job_type=stage,
+        config=config,
+        default_group=str(cfg["experiment_name"]),
+        tags=[stage],
+    )
 
 
 def baseline_specs(cfg: DictConfig | dict) -> dict[str, BaselineSpec]:
@@ -141,15 +147,18 @@ def baseline_specs(cfg: DictConfig | dict) -> dict[str, BaselineSpec]:
     if node is None:
         return {}
     if not hasattr(node, "items"):
-        raise ValueError(f"baseline must be a mapping of name -> settings (conf/baseline/<name>.yaml, chosen with "
-                         f"baseline=[topk,batchtopk]), got {type(node).__name__}.")
+        raise ValueError(
+            f"baseline must be a mapping of name -> settings (conf/baseline/<name>.yaml, chosen with "
+            f"baseline=[topk,batchtopk]), got {type(node).__name__}."
+        )
     specs = {}
     for name, spec in node.items():
         try:
             specs[str(name)] = typed_node(spec, BaselineSpec, f"baseline.{name}")
         except ValueError as exc:  # BaselineSpec's own value checks do not name the node
-            raise ValueError(str(exc) if str(exc).startswith(("bad config", "config value")) else
-                             f"baseline.{name}: {exc}") from None
+            raise ValueError(
+                str(exc) if str(exc).startswith(("bad config", "config value")) else f"baseline.{name}: {exc}"
+            ) from None
     return specs
 
 
@@ -180,30 +189,39 @@ def check_config_or_exit(cfg: DictConfig | dict) -> None:
 def _check(cfg: DictConfig | dict) -> None:
     unknown = set(cfg.keys()) - {f.name for f in fields(PipelineConfig)}
     if unknown:
-        raise ValueError(f"unknown top-level config key(s) {sorted(unknown)}; valid keys: "
-                         f"{sorted(f.name for f in fields(PipelineConfig))}.")
+        raise ValueError(
+            f"unknown top-level config key(s) {sorted(unknown)}; valid keys: "
+            f"{sorted(f.name for f in fields(PipelineConfig))}."
+        )
     stage = cfg["stage"]
     if stage not in ("all", *STAGES):
         raise ValueError(f"stage={stage!r} is not one of all, {', '.join(STAGES)}.")
     model, _, harvest = parse_harvest_config(cfg)
     learner: LearnerConfig = section(cfg, "dictionary")
     baselines = baseline_specs(cfg)
-    _check_devices(model=model.device, dictionary=learner.device,
-                   **{f"baseline.{name}": spec.device for name, spec in baselines.items()})
+    _check_devices(
+        model=model.device,
+        dictionary=learner.device,
+        **{f"baseline.{name}": spec.device for name, spec in baselines.items()},
+    )
     section(cfg, "compare").validate()
     section(cfg, "wandb")
     section(cfg, "distributed").validate()
     for key in ("checkpoint_path", "resume"):
         if getattr(learner, key):
-            raise ValueError(f"dictionary.{key} is set by the fit stage (its checkpoint lives in the fit folder); "
-                             f"remove dictionary.{key} from the config.")
+            raise ValueError(
+                f"dictionary.{key} is set by the fit stage (its checkpoint lives in the fit folder); "
+                f"remove dictionary.{key} from the config."
+            )
     shape = KNOWN_SHAPES.get(model.name) if not model.path else None
     if shape is not None:
         d, n_layers = shape
         for layer in harvest.layers if harvest.layers is not None else [model.layer]:
             if not 0 <= layer < n_layers:
-                raise ValueError(f"layer {layer} does not exist: {model.name} has {n_layers} layers "
-                                 f"(0..{n_layers - 1}); set model.layer / harvest.layers accordingly.")
+                raise ValueError(
+                    f"layer {layer} does not exist: {model.name} has {n_layers} layers "
+                    f"(0..{n_layers - 1}); set model.layer / harvest.layers accordingly."
+                )
     _prefixed(learner.validate, shape[0] if shape is not None else max(learner.coder.k, 1))
     evals = section(cfg, "eval")
     validate_eval_config(evals)
@@ -212,8 +230,10 @@ def _check(cfg: DictConfig | dict) -> None:
     for node, saes in (("eval", evals.saes), ("dashboards", dashboards.saes)):
         unknown = [s for s in saes if s not in FIT_SAES and s not in baselines]
         if unknown:
-            raise ValueError(f"{node}.saes has unknown entries {unknown}: use {' / '.join(FIT_SAES)} or the name of a "
-                             f"configured baseline ({', '.join(baselines) or 'none configured: baseline=[]'}).")
+            raise ValueError(
+                f"{node}.saes has unknown entries {unknown}: use {' / '.join(FIT_SAES)} or the name of a "
+                f"configured baseline ({', '.join(baselines) or 'none configured: baseline=[]'})."
+            )
     _check_devices(eval=evals.device, dashboards=dashboards.device)
 
 

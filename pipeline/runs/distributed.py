@@ -80,8 +80,10 @@ def rank_device(device: torch.device) -> torch.device:
     r = ranks()
     if device.type == "cuda" and device.index is None and r.distributed:
         if r.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"rank {r.rank} is local rank {r.local_rank} but only {torch.cuda.device_count()} GPU(s) "
-                             f"are visible: launch at most that many processes per node (--nproc_per_node).")
+            raise ValueError(
+                f"rank {r.rank} is local rank {r.local_rank} but only {torch.cuda.device_count()} GPU(s) "
+                f"are visible: launch at most that many processes per node (--nproc_per_node)."
+            )
         return torch.device("cuda", r.local_rank)
     return device
 
@@ -149,8 +151,10 @@ def wait_for(folder: Path, stage: str, cfg: DistributedConfig, poll_s: float = 5
     logged = False
     while not is_done(folder):
         if time.monotonic() - t > cfg.wait_s:
-            raise TimeoutError(f"rank {ranks().rank} waited {cfg.wait_s:.0f} s for rank 0 to finish the {stage} stage "
-                               f"({folder}); raise distributed.wait_s, or check rank 0's log.")
+            raise TimeoutError(
+                f"rank {ranks().rank} waited {cfg.wait_s:.0f} s for rank 0 to finish the {stage} stage "
+                f"({folder}); raise distributed.wait_s, or check rank 0's log."
+            )
         if not logged:
             log.info("rank %d waits for rank 0's %s stage: %s", ranks().rank, stage, folder)
             logged = True

@@ -18,8 +18,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,8 +29,14 @@ from pipeline.utils.atomic import atomic_write_text
 #: The stages, in order.
 STAGES = ("harvest", "fit", "baselines", "evaluate", "dashboards", "report")
 #: Config nodes each stage reads (beyond those of earlier stages).
-STAGE_NODES = {"harvest": ("model", "data", "harvest"), "fit": ("dictionary",), "baselines": ("baseline", "compare"),
-               "evaluate": ("eval",), "dashboards": ("dashboards",), "report": ("report",)}
+STAGE_NODES = {
+    "harvest": ("model", "data", "harvest"),
+    "fit": ("dictionary",),
+    "baselines": ("baseline", "compare"),
+    "evaluate": ("eval",),
+    "dashboards": ("dashboards",),
+    "report": ("report",),
+}
 #: Completion marker of a stage folder.
 DONE_MARKER = "DONE.json"
 #: Lock file of a stage folder (held while a job runs the stage).
@@ -110,8 +117,10 @@ def finished_stage_dir(cfg: DictConfig | dict, stage: str) -> Path:
     when it has not finished."""
     folder = stage_dir(cfg, stage)
     if not is_done(folder):
-        raise FileNotFoundError(f"no finished {stage} stage at {folder}: run `python -m pipeline stage={stage}` "
-                                f"(or the whole pipeline, `python -m pipeline`) with the same settings first.")
+        raise FileNotFoundError(
+            f"no finished {stage} stage at {folder}: run `python -m pipeline stage={stage}` "
+            f"(or the whole pipeline, `python -m pipeline`) with the same settings first."
+        )
     return folder
 
 
@@ -132,6 +141,7 @@ def prepare(folder: Path, cfg: DictConfig | dict, stage: str) -> Path:
 
 def mark_done(folder: Path, **info: Any) -> None:
     """Write the completion marker (last, atomically)."""
-    atomic_write_text(Path(folder) / DONE_MARKER,
-                      json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, indent=2,
-                                 default=str))
+    atomic_write_text(
+        Path(folder) / DONE_MARKER,
+        json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, indent=2, default=str),
+    )

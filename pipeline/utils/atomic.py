@@ -7,8 +7,8 @@ Temporary names are ``.<name>.tmp-<pid>``; a stage that finds such files after a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:

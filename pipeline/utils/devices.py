@@ -17,12 +17,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for but torch has no CUDA here "
-                             f"(torch {torch.__version__}, {'CPU build' if torch.version.cuda is None else 'no GPU visible'}); "
-                             "use device=cpu (or auto), or install a CUDA build of torch on a machine with a GPU.")
+            raise ValueError(
+                f"device {str(device)!r} was asked for but torch has no CUDA here "
+                f"(torch {torch.__version__}, {'CPU build' if torch.version.cuda is None else 'no GPU visible'}); "
+                "use device=cpu (or auto), or install a CUDA build of torch on a machine with a GPU."
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} GPU(s) visible; "
-                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto.")
+            raise ValueError(
+                f"device {str(device)!r} does not exist: {torch.cuda.device_count()} GPU(s) visible; "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto."
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but MPS is not available; use device=cpu or auto.")
     return dev

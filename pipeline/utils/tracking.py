@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 MODES = ("online", "offline", "disabled")
 #: ``eval_every_n_wandb_logs`` meaning "never": sae-lens's periodic evals (weight histograms, and its evaluator
 #: when one is given) stay off; the project evaluates with SAEBench.
-NEVER = 2 ** 31 - 1
+NEVER = 2**31 - 1
 
 
 @dataclass
@@ -71,8 +71,9 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
-            raise ValueError(f"wandb.mode must be one of {list(MODES)} or null (WANDB_MODE / wandb's default), "
-                             f"got {self.mode!r}.")
+            raise ValueError(
+                f"wandb.mode must be one of {list(MODES)} or null (WANDB_MODE / wandb's default), got {self.mode!r}."
+            )
 
     @property
     def active(self) -> bool:
@@ -149,8 +150,12 @@ class Tracker:
             data = []
             for row in rows:
                 cells = {str(k): plain(v) for k, v in row.items()}
-                data.append([c if not isinstance(c, (dict, list)) else json.dumps(c)
-                             for c in (cells.get(col) for col in columns)])
+                data.append(
+                    [
+                        c if not isinstance(c, (dict, list)) else json.dumps(c)
+                        for c in (cells.get(col) for col in columns)
+                    ]
+                )
             self._run.log({name: wandb.Table(columns=columns, data=data, allow_mixed_types=True)})
 
     def finish(self, exit_code: int | None = None) -> None:
@@ -161,14 +166,16 @@ class Tracker:
         try:
             run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001 - tracking must not break a run
-            log.warning("wandb: finishing the run failed (%s: %s); its records may be incomplete.",
-                        type(exc).__name__, exc)
+            log.warning(
+                "wandb: finishing the run failed (%s: %s); its records may be incomplete.", type(exc).__name__, exc
+            )
 
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.finish(exit_code=1 if exc_type is not None else None)
 
     def _guard(self, what: str) -> _Guard:
@@ -185,8 +192,9 @@ class _Guard:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         if exc_type is None or not issubclass(exc_type, Exception):
             return False
         self.tracker.failures += 1
@@ -195,8 +203,15 @@ class _Guard:
         return True
 
 
-def open_tracker(cfg: TrackingConfig, *, name: str, job_type: str, config: Mapping[str, Any] | None = None,
-                 default_group: str | None = None, tags: Sequence[str] = ()) -> Tracker:
+def open_tracker(
+    cfg: TrackingConfig,
+    *,
+    name: str,
+    job_type: str,
+    config: Mapping[str, Any] | None = None,
+    default_group: str | None = None,
+    tags: Sequence[str] = (),
+) -> Tracker:
     """A :class:`Tracker` for one run: a no-op if ``cfg`` does not ask for tracking, else a new wandb run.
 
     ``name``: the run's display name; ``job_type``: the kind of run (``"fit"``, ``"baseline"``, ``"evaluate"``,
@@ -209,18 +224,34 @@ def open_tracker(cfg: TrackingConfig, *, name: str, job_type: str, config: Mappi
     try:
         import wandb
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install
-        log.warning("wandb: tracking is on (wandb.enabled) but wandb cannot be imported (%s: %s); "
-                    "continuing without tracking.", type(exc).__name__, exc)
+        log.warning(
+            "wandb: tracking is on (wandb.enabled) but wandb cannot be imported (%s: %s); continuing without tracking.",
+            type(exc).__name__,
+            exc,
+        )
         return Tracker()
     try:
         if cfg.dir is not None:
             Path(cfg.dir).mkdir(parents=True, exist_ok=True)
-        run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or default_group, name=name,
-                         job_type=job_type, tags=list(dict.fromkeys([*cfg.tags, *tags])) or None,
-                         config=plain(dict(config or {})), mode=cfg.mode, dir=cfg.dir, reinit="finish_previous")
+        run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group or default_group,
+            name=name,
+            job_type=job_type,
+            tags=list(dict.fromkeys([*cfg.tags, *tags])) or None,
+            config=plain(dict(config or {})),
+            mode=cfg.mode,
+            dir=cfg.dir,
+            reinit="finish_previous",
+        )
     except Exception as exc:  # noqa: BLE001 - UsageError (no API key), CommError, timeouts, ...
-        log.warning("wandb: wandb.init failed (%s: %s); continuing without tracking. Offline: wandb.mode=offline "
-                    "(or WANDB_MODE=offline), then `wandb sync`.", type(exc).__name__, exc)
+        log.warning(
+            "wandb: wandb.init failed (%s: %s); continuing without tracking. Offline: wandb.mode=offline "
+            "(or WANDB_MODE=offline), then `wandb sync`.",
+            type(exc).__name__,
+            exc,
+        )
         return Tracker()
     return Tracker(run)
 
@@ -246,16 +277,29 @@ def sae_lens_logging(tracker: Tracker, *, log_every: int = 10, evals_every: int 
         import wandb
 
         if wandb.run is not run:
-            log.warning("wandb: this tracker's run is not the active wandb run (another run was opened after it); "
-                        "sae-lens will not log to wandb.")
+            log.warning(
+                "wandb: this tracker's run is not the active wandb run (another run was opened after it); "
+                "sae-lens will not log to wandb."
+            )
             return off
-        return dict(log_to_wandb=True, log_weights_to_wandb=False, log_optimizer_state_to_wandb=False,
-                    log_activations_store_to_wandb=False, wandb_project=run.project, wandb_entity=run.entity,
-                    run_name=run.name, wandb_id=run.id, wandb_log_frequency=log_every,
-                    eval_every_n_wandb_logs=NEVER if evals_every is None else evals_every)
+        return dict(
+            log_to_wandb=True,
+            log_weights_to_wandb=False,
+            log_optimizer_state_to_wandb=False,
+            log_activations_store_to_wandb=False,
+            wandb_project=run.project,
+            wandb_entity=run.entity,
+            run_name=run.name,
+            wandb_id=run.id,
+            wandb_log_frequency=log_every,
+            eval_every_n_wandb_logs=NEVER if evals_every is None else evals_every,
+        )
     except Exception as exc:  # noqa: BLE001
-        log.warning("wandb: reading the run for sae-lens failed (%s: %s); sae-lens will not log to wandb.",
-                    type(exc).__name__, exc)
+        log.warning(
+            "wandb: reading the run for sae-lens failed (%s: %s); sae-lens will not log to wandb.",
+            type(exc).__name__,
+            exc,
+        )
         return off
 
 

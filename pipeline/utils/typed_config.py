@@ -21,19 +21,25 @@ def typed_node(node: Any, schema: type[T], key: str) -> T:
         node = OmegaConf.create(as_dict(node))
         missing = sorted(OmegaConf.missing_keys(node))  # "???" values (merging would hide them)
         if missing:
-            raise ValueError(f"config value(s) {[f'{key}.{m}' for m in missing]} must be set, e.g. on the "
-                             f"command line: {key}.{missing[0]}=...")
+            raise ValueError(
+                f"config value(s) {[f'{key}.{m}' for m in missing]} must be set, e.g. on the "
+                f"command line: {key}.{missing[0]}=..."
+            )
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ValueError(f"config value(s) {[f'{key}.{m}' for m in missing]} must be set, e.g. on the "
-                             f"command line: {key}.{missing[0]}=...")
+            raise ValueError(
+                f"config value(s) {[f'{key}.{m}' for m in missing]} must be set, e.g. on the "
+                f"command line: {key}.{missing[0]}=..."
+            )
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         full = getattr(exc, "full_key", None)
         where = f"`{key}.{full}`" if full else f"`{key}`"
-        raise ValueError(f"bad config under {where}: {exc.msg if hasattr(exc, 'msg') else exc}. "
-                         f"Valid keys of {key}: {[f.name for f in dataclasses.fields(schema)]}") from None
+        raise ValueError(
+            f"bad config under {where}: {exc.msg if hasattr(exc, 'msg') else exc}. "
+            f"Valid keys of {key}: {[f.name for f in dataclasses.fields(schema)]}"
+        ) from None
 
 
 def as_dict(node: DictConfig | dict | None) -> dict[str, Any]:

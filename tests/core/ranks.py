@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,8 +79,9 @@ def run_ranks(world: int, fn: Callable[[ThreadCollective], Any]) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------------ process ranks
-def fit_worker(rank: int, world: int, init_file: str, data_file: str, runs: list[dict], out_file: str,
-               timeout_s: float = 60.0) -> None:
+def fit_worker(
+    rank: int, world: int, init_file: str, data_file: str, runs: list[dict], out_file: str, timeout_s: float = 60.0
+) -> None:
     """One rank of a real ``torch.distributed`` (gloo) data-parallel fit, started by a test in a fresh process:
     joins the group, fits ``learn_dictionary(Y, process_group=WORLD, **run)`` for each of ``runs`` (each a dict
     with ``n_atoms``, ``k`` and options; ``fail_at`` = (rank, iteration) raises there) and saves rank-tagged
@@ -93,8 +95,9 @@ def fit_worker(rank: int, world: int, init_file: str, data_file: str, runs: list
     torch.set_num_threads(1)
     out = f"{out_file}.{rank}"
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
         Y = torch.load(data_file)
         results = []
         for run in runs:
@@ -105,8 +108,9 @@ def fit_worker(rank: int, world: int, init_file: str, data_file: str, runs: list
                 if fail_at is not None and fail_at == (rank, it):
                     raise RuntimeError(f"rank {rank} fails on purpose at iteration {it}")
 
-            D = learn_dictionary(Y, n_atoms, k, process_group=dist.group.WORLD, callback=callback,
-                                 progress=False, **run)
+            D = learn_dictionary(
+                Y, n_atoms, k, process_group=dist.group.WORLD, callback=callback, progress=False, **run
+            )
             results.append((D.atoms.clone(), D.history, D.metadata.get("ranks")))
         torch.save(results, out)
     except BaseException as exc:

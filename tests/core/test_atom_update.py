@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from pipeline.core.atom_update import objective, update_atoms
-from pipeline.core.codes import Codes
 from pipeline.core.coders import encode
+from pipeline.core.codes import Codes
 from pipeline.core.collective import LOCAL, Collective
 from pipeline.core.synthetic import planted_problem
 from tests.core.ranks import run_ranks
 
 
 @pytest.mark.parametrize("nonnegative", [True, False])
-@pytest.mark.parametrize("approximate,solver", [(False, "direct"), (False, "gram"), (False, "alternating"), (True, "alternating")])
+@pytest.mark.parametrize(
+    "approximate,solver", [(False, "direct"), (False, "gram"), (False, "alternating"), (True, "alternating")]
+)
 def test_atom_batch_size_one_never_increases_the_objective(nonnegative, approximate, solver):
     p = planted_problem(nonnegative=nonnegative, seed=3)
     g = torch.Generator().manual_seed(0)
@@ -53,8 +55,7 @@ def test_every_per_atom_sum_goes_through_the_collective():
     codes = encode(p.Y, D, 3, nonnegative=False)
     R = p.Y - codes.decode(D)
     comm = _CountingLocal()
-    stats = update_atoms(R, D, codes, 10, nonnegative=False, solver="alternating", tol=1e-4, max_iters=30,
-                         comm=comm)
+    stats = update_atoms(R, D, codes, 10, nonnegative=False, solver="alternating", tol=1e-4, max_iters=30, comm=comm)
     assert comm.calls[0] == [(50,)]  # the support sizes
     # then one (atoms of the batch, d) sum per alternating step of every atom batch (each batch is one chunk here)
     n_batches = -(-stats.n_used // 10)
@@ -72,14 +73,32 @@ def _sweep(Y, D, k, rows, comm=LOCAL, solver="alternating", nonnegative=False):
     opts = dict(tol=-1.0, max_iters=6) if solver == "alternating" else dict(tol=1e-6, max_iters=100)
     # kernel="torch": the single process runs the data-parallel runs' solver (the compiled one stops each atom on
     # its own estimate, so it agrees to the refit tolerance only: test_compiled_nonnegative_update_...)
-    update_atoms(R, D, codes, 10, nonnegative=nonnegative, solver=solver, generator=torch.Generator().manual_seed(0),
-                 comm=comm, kernel="torch", **opts)
+    update_atoms(
+        R,
+        D,
+        codes,
+        10,
+        nonnegative=nonnegative,
+        solver=solver,
+        generator=torch.Generator().manual_seed(0),
+        comm=comm,
+        kernel="torch",
+        **opts,
+    )
     return D, codes, R
 
 
-@pytest.mark.parametrize("solver,nonnegative,split", [
-    ("alternating", False, "halves"), ("alternating", False, "interleaved"), ("direct", False, "halves"),
-    ("direct", False, "interleaved"), ("direct", True, "halves"), ("alternating", True, "interleaved")])
+@pytest.mark.parametrize(
+    "solver,nonnegative,split",
+    [
+        ("alternating", False, "halves"),
+        ("alternating", False, "interleaved"),
+        ("direct", False, "halves"),
+        ("direct", False, "interleaved"),
+        ("direct", True, "halves"),
+        ("alternating", True, "interleaved"),
+    ],
+)
 def test_two_ranks_equal_one_process(solver, nonnegative, split):
     """Data parallel: two ranks each update with half the samples, summing through the collective; their atoms
     (and each rank's codes and residual) equal a single process updating with all the samples."""
@@ -87,8 +106,11 @@ def test_two_ranks_equal_one_process(solver, nonnegative, split):
     D0 = torch.randn(50, 20, generator=torch.Generator().manual_seed(2))
     D0 = D0 / D0.norm(dim=1, keepdim=True)
     n = p.Y.shape[0]
-    shards = [torch.arange(0, n // 2), torch.arange(n // 2, n)] if split == "halves" else \
-        [torch.arange(0, n, 2), torch.arange(1, n, 2)]
+    shards = (
+        [torch.arange(0, n // 2), torch.arange(n // 2, n)]
+        if split == "halves"
+        else [torch.arange(0, n, 2), torch.arange(1, n, 2)]
+    )
     single = _sweep(p.Y, D0, 3, torch.arange(n), solver=solver, nonnegative=nonnegative)
     results = run_ranks(2, lambda comm: _sweep(p.Y, D0, 3, shards[comm.rank], comm, solver, nonnegative))
     for r, rows in enumerate(shards):
@@ -165,8 +187,17 @@ def test_compiled_update_equals_the_block_solver(dtype, batch, nonnegative):
     for kernel in ("torch", "numba"):
         D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
         R = Y - codes.decode(D)
-        stats = update_atoms(R, D, codes, batch, tol=1e-10, max_iters=500, kernel=kernel, nonnegative=nonnegative,
-                             generator=torch.Generator().manual_seed(4))
+        stats = update_atoms(
+            R,
+            D,
+            codes,
+            batch,
+            tol=1e-10,
+            max_iters=500,
+            kernel=kernel,
+            nonnegative=nonnegative,
+            generator=torch.Generator().manual_seed(4),
+        )
         assert stats.capped == 0 and stats.n_used == codes0.indices[codes0.values != 0].unique().numel()
         torch.testing.assert_close(R, Y - codes.decode(D), atol=1e-4, rtol=1e-4)
         assert torch.equal(codes.indices, codes0.indices)
@@ -185,19 +216,23 @@ def _one_atom_problem(sigmas, seed=0, m=40, d=24):
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(m, len(sigmas), generator=g, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(d, len(sigmas), generator=g, dtype=torch.float64))[0]
-    Y = (U * torch.tensor(sigmas, dtype=torch.float64)) @ V.T + 1e-3 * torch.randn(m, d, generator=g,
-                                                                                  dtype=torch.float64)
+    Y = (U * torch.tensor(sigmas, dtype=torch.float64)) @ V.T + 1e-3 * torch.randn(
+        m, d, generator=g, dtype=torch.float64
+    )
     D = torch.randn(1, d, generator=g, dtype=torch.float64)
     D = D / D.norm()
     codes = Codes(torch.zeros(m, 1, dtype=torch.long), (Y @ D[0])[:, None])
     return Y, D, codes
 
 
-@pytest.mark.parametrize("sigmas, max_iters, ended", [
-    ([10.0, 9.7, 3.0, 1.0], 100, "lanczos"),  # σ₂/σ₁ = 0.97: no trace-bound certificate, Lanczos converges
-    ([10.0, 1.0], 100, "certified"),  # a dominant top pair: certified by the trace bound
-    ([10.0, 9.7, 9.5, 9.3, 1.0], 2, "eigensolved"),  # two Lanczos steps cannot: the dense eigensolver
-])
+@pytest.mark.parametrize(
+    "sigmas, max_iters, ended",
+    [
+        ([10.0, 9.7, 3.0, 1.0], 100, "lanczos"),  # σ₂/σ₁ = 0.97: no trace-bound certificate, Lanczos converges
+        ([10.0, 1.0], 100, "certified"),  # a dominant top pair: certified by the trace bound
+        ([10.0, 9.7, 9.5, 9.3, 1.0], 2, "eigensolved"),  # two Lanczos steps cannot: the dense eigensolver
+    ],
+)
 def test_compiled_signed_refit_equals_the_svd(sigmas, max_iters, ended):
     """A compiled signed refit is the top right singular vector of the restricted error (oriented along the old
     atom) with coefficients E u, however it ended, and says how it ended."""
@@ -246,8 +281,9 @@ def test_compiled_update_threads_do_not_change_the_result(monkeypatch, threads):
             monkeypatch.setattr(compiled, "threads", lambda n=n: n)
             D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
             R = p.Y - codes.decode(D)
-            update_atoms(R, D, codes, 6, kernel="numba", nonnegative=nonnegative,
-                         generator=torch.Generator().manual_seed(3))
+            update_atoms(
+                R, D, codes, 6, kernel="numba", nonnegative=nonnegative, generator=torch.Generator().manual_seed(3)
+            )
             out.append((D, codes.values, R))
         for a, b in zip(*out):
             assert torch.equal(a, b), nonnegative

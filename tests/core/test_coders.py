@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
-from pipeline.core.codes import Codes
 from pipeline.core.coders import encode, gram
+from pipeline.core.codes import Codes
 
 
 def _problem(n=200, d=24, K=64, seed=0, dtype=torch.float64):
@@ -130,8 +130,9 @@ def test_chunking_does_not_change_codes(kernel):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("nonnegative", [True, False])
-@pytest.mark.parametrize("reference_rules, rtol, max_iter", [(False, 0.0, None), (False, 0.3, None),
-                                                             (True, 0.2, None), (True, 0.0, 9)])
+@pytest.mark.parametrize(
+    "reference_rules, rtol, max_iter", [(False, 0.0, None), (False, 0.3, None), (True, 0.2, None), (True, 0.0, 9)]
+)
 def test_compiled_mp_equals_the_torch_loop(dtype, nonnegative, reference_rules, rtol, max_iter):
     """Both loops make the same picks (ties included: duplicated and negated atoms give exactly equal |c|) and
     the same coefficients up to the rounding of a multiply-add."""
@@ -201,15 +202,18 @@ def test_zero_rows_get_empty_codes():
         assert int(encode(Y, D, 4, method=method).l0()[0]) == 0
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda Y, D: (Y.clone().fill_(float("nan")), D, 3), "NaN or Inf"),
-    (lambda Y, D: (Y[0], D, 3), "must be 2-D"),
-    (lambda Y, D: (Y[:, :-1], D, 3), "d = 23"),
-    (lambda Y, D: (Y, D, 0), "at least 1"),
-    (lambda Y, D: (Y, D, 25), "exceeds the dimension"),
-    (lambda Y, D: (Y, D[:2], 3), "smaller than k"),
-    (lambda Y, D: (Y, 2 * D, 3), "not unit norm"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda Y, D: (Y.clone().fill_(float("nan")), D, 3), "NaN or Inf"),
+        (lambda Y, D: (Y[0], D, 3), "must be 2-D"),
+        (lambda Y, D: (Y[:, :-1], D, 3), "d = 23"),
+        (lambda Y, D: (Y, D, 0), "at least 1"),
+        (lambda Y, D: (Y, D, 25), "exceeds the dimension"),
+        (lambda Y, D: (Y, D[:2], 3), "smaller than k"),
+        (lambda Y, D: (Y, 2 * D, 3), "not unit norm"),
+    ],
+)
 def test_bad_input_raises_clear_errors(bad, message):
     Y, D = _problem(dtype=torch.float32)
     args = bad(Y, D)
@@ -217,19 +221,23 @@ def test_bad_input_raises_clear_errors(bad, message):
         encode(*args)
 
 
-_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
-                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+_CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
 
 
 @pytest.mark.parametrize("device", ["cpu", _CUDA])
-@pytest.mark.parametrize("precision, atol", [
-    ("fp32", 1e-6),  # fp32 products and sums of unit vectors: a few ulps
-    # "tf32" and "bf16" build the Gram on tf32 tensor cores (gram's docstring): 10 mantissa bits, so each entry
-    # is off by < 2^-10 relative (even truncated), each product by < 2^-9, and for unit atoms
-    # |error| < 2^-9 · Σ|a_i b_i| <= 2^-9 (Cauchy-Schwarz)
-    ("tf32", 2.0 ** -9),
-    ("bf16", 2.0 ** -9),
-])
+@pytest.mark.parametrize(
+    "precision, atol",
+    [
+        ("fp32", 1e-6),  # fp32 products and sums of unit vectors: a few ulps
+        # "tf32" and "bf16" build the Gram on tf32 tensor cores (gram's docstring): 10 mantissa bits, so each entry
+        # is off by < 2^-10 relative (even truncated), each product by < 2^-9, and for unit atoms
+        # |error| < 2^-9 · Σ|a_i b_i| <= 2^-9 (Cauchy-Schwarz)
+        ("tf32", 2.0**-9),
+        ("bf16", 2.0**-9),
+    ],
+)
 def test_gram_matches_a_float64_reference(device, precision, atol):
     _, D = _problem(K=256, d=64, dtype=torch.float32)
     reference = D.double().numpy() @ D.double().numpy().T  # independent: numpy, float64

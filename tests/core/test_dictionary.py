@@ -6,18 +6,22 @@ import os
 import pytest
 import torch
 
-from pipeline.utils import atomic
-
-from pipeline.core.dictionary import DICTIONARY_META, DICTIONARY_WEIGHTS, CoderSettings, Dictionary
 from pipeline.core.coders import encode
+from pipeline.core.dictionary import DICTIONARY_META, DICTIONARY_WEIGHTS, CoderSettings, Dictionary
 from pipeline.core.synthetic import planted_problem
+from pipeline.utils import atomic
 
 
 def _dictionary(centre=True, nonnegative=True):
     p = planted_problem(seed=0, nonnegative=nonnegative)
     c = torch.linspace(-1, 1, 20) if centre else None
-    return Dictionary(p.D.clone(), CoderSettings(k=3, nonnegative=nonnegative, refit=True), c,
-                      history=[{"iteration": 1, "fvu": 0.5}], metadata={"note": "test"}), p
+    return Dictionary(
+        p.D.clone(),
+        CoderSettings(k=3, nonnegative=nonnegative, refit=True),
+        c,
+        history=[{"iteration": 1, "fvu": 0.5}],
+        metadata={"note": "test"},
+    ), p
 
 
 def test_encode_applies_centre_and_coder_settings():

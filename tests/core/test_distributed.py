@@ -15,8 +15,10 @@ from pipeline.core.learner import learn_dictionary
 from pipeline.core.synthetic import planted_problem
 from tests.core.ranks import fit_worker
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available in this torch build")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available in this torch build",
+)
 
 K, k = 64, 4
 COMMON = dict(max_iters=6, tol=None, batch_size=1000, seed=3)
@@ -27,9 +29,17 @@ MODES = {
     "plain": dict(duplicate_threshold=0.6),
     "signed": dict(nonnegative=False),
     "matryoshka": dict(matryoshka=4),
-    "reference": dict(matryoshka=4, nonnegative=False, reference_rules=True, matryoshka_loop="reference",
-                      sample_order="contiguous", init="uniform", reseed="random", duplicate_threshold=None,
-                      eval_refit=True),
+    "reference": dict(
+        matryoshka=4,
+        nonnegative=False,
+        reference_rules=True,
+        matryoshka_loop="reference",
+        sample_order="contiguous",
+        init="uniform",
+        reseed="random",
+        duplicate_threshold=None,
+        eval_refit=True,
+    ),
 }
 
 
@@ -40,14 +50,17 @@ def _data(tmp_path: Path) -> tuple[torch.Tensor, str]:
     return p.Y, str(path)
 
 
-def _spawn(tmp_path: Path, name: str, data_file: str, runs: list[dict], timeout_s: float = 60.0,
-           world: int = 2) -> tuple[list, list[int], float]:
+def _spawn(
+    tmp_path: Path, name: str, data_file: str, runs: list[dict], timeout_s: float = 60.0, world: int = 2
+) -> tuple[list, list[int], float]:
     """Run :func:`fit_worker` on ``world`` fresh processes; (per-rank results or errors, exit codes, seconds)."""
     ctx = mp.get_context("spawn")
     init, out = tmp_path / f"{name}.rdzv", tmp_path / f"{name}.out"
     t = time.perf_counter()
-    procs = [ctx.Process(target=fit_worker, args=(r, world, str(init), data_file, runs, str(out), timeout_s))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=fit_worker, args=(r, world, str(init), data_file, runs, str(out), timeout_s))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -57,8 +70,9 @@ def _spawn(tmp_path: Path, name: str, data_file: str, runs: list[dict], timeout_
         p.kill()
     assert not alive, "a rank hung past the collective timeout"
     seconds = time.perf_counter() - t
-    results = [torch.load(f"{out}.{r}", weights_only=False) if Path(f"{out}.{r}").exists() else None
-               for r in range(world)]
+    results = [
+        torch.load(f"{out}.{r}", weights_only=False) if Path(f"{out}.{r}").exists() else None for r in range(world)
+    ]
     return results, [p.exitcode for p in procs], seconds
 
 
@@ -110,4 +124,3 @@ def test_a_killed_two_process_fit_resumes_to_the_uninterrupted_result(tmp_path):
     uninterrupted = learn_dictionary(Y, K, k, progress=False, kernel="torch", **COMMON)
     _assert_same_fit(resumed[0][0], uninterrupted)
     assert [h["iteration"] for h in resumed[0][0][1]] == list(range(1, 7))
-

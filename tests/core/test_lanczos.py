@@ -73,8 +73,7 @@ def test_two_ranks_holding_half_the_rows_each_equal_one_process():
     start = _unit_rows(torch.randn(2, 40, generator=gen))
     single = top_right_vectors(E, start, tol=1e-6, max_steps=100)
     halves = [E[:, :25], E[:, 25:]]
-    results = run_ranks(2, lambda comm: top_right_vectors(halves[comm.rank], start, tol=1e-6, max_steps=100,
-                                                         comm=comm))
+    results = run_ranks(2, lambda comm: top_right_vectors(halves[comm.rank], start, tol=1e-6, max_steps=100, comm=comm))
     for r in results:
         assert bool(r.converged.all()) and r.steps == single.steps
         assert float((r.vectors - single.vectors).abs().max()) <= 1e-5

@@ -72,8 +72,8 @@ def test_matryoshka_with_3000_atoms():
     codes = D.encode(p.Y[:500])
     assert codes.k == total_budget(groups) == 10
     for slot, g in enumerate(groups):  # slots 2g, 2g+1 belong to group g
-        used = codes.values[:, 2 * slot:2 * slot + 2] != 0
-        ids = codes.indices[:, 2 * slot:2 * slot + 2][used]
+        used = codes.values[:, 2 * slot : 2 * slot + 2] != 0
+        ids = codes.indices[:, 2 * slot : 2 * slot + 2][used]
         assert bool(((ids >= g.start) & (ids < g.end)).all())
     Y = p.Y[:500]
     D0 = initial_dictionary(p.Y, 3000, 6, **opts)
@@ -88,8 +88,7 @@ def test_matryoshka_with_3000_atoms():
 
 def test_groups_for_any_k_and_width():
     g = matryoshka_groups(4096, 20, 8)
-    assert g == [Group(0, 256, 4), Group(256, 512, 4), Group(512, 1024, 4), Group(1024, 2048, 4),
-                 Group(2048, 4096, 4)]
+    assert g == [Group(0, 256, 4), Group(256, 512, 4), Group(512, 1024, 4), Group(1024, 2048, 4), Group(2048, 4096, 4)]
     g = matryoshka_groups(16384, 3, 8)  # 7 groups from 2^8 are too many for k=3: the smallest grows to 2^12
     assert g == [Group(0, 4096, 1), Group(4096, 8192, 1), Group(8192, 16384, 1)]
     g = matryoshka_groups(300, 7, 8)  # 2 groups: ceil(7/2) = 4 atoms each, the total slightly exceeds k
@@ -136,7 +135,7 @@ def test_deterministic_for_a_seed():
 def test_paper_schedule_on_an_iterable_with_centring():
     p = planted_problem(d=20, n_atoms=50, k=3, n=3000, seed=6)
     Y = p.Y + 5.0  # a large mean direction, as in real residual streams
-    batches = [Y[i:i + 1000] for i in range(0, 3000, 1000)]
+    batches = [Y[i : i + 1000] for i in range(0, 3000, 1000)]
     opts = dict(PAPER_SCHEDULE, batch_size=1000, center=True)
     D = learn_dictionary(batches, 50, 3, progress=False, **opts)
     assert len(D.history) == 9  # 3 batches x 3 epochs, one update each
@@ -146,18 +145,21 @@ def test_paper_schedule_on_an_iterable_with_centring():
     assert D.fvu(Y) < 0.5 * pca_fvu(Y, 3)
 
 
-@pytest.mark.parametrize("data, kwargs, message", [
-    (torch.randn(40, 20), dict(n_atoms=50, k=3), "fewer than n_atoms"),
-    (torch.randn(100, 20), dict(n_atoms=50, k=30), "exceeds the dimension"),
-    (torch.randn(100, 20), dict(n_atoms=5, k=8), "smaller than k"),
-    (torch.randn(100, 20), dict(n_atoms=50, k=0), "at least 1"),
-    (torch.full((100, 20), float("nan")), dict(n_atoms=50, k=3), "NaN or Inf"),
-    (torch.randn(100, 20, 2), dict(n_atoms=50, k=3), "must be 2-D"),
-    (torch.randn(100, 20), dict(n_atoms=50, k=3, bogus=1), "unknown option"),
-    (torch.randn(100, 20), dict(n_atoms=50, k=3, method="lasso"), "method"),
-    ([torch.randn(100, 20), torch.randn(100, 21)], dict(n_atoms=50, k=3, max_iters=3), "d = 21"),
-    (torch.randn(100, 20), dict(n_atoms=50, k=3, kernel="numba", rank1_solver="gram"), "coder.kernel = 'numba'"),
-])
+@pytest.mark.parametrize(
+    "data, kwargs, message",
+    [
+        (torch.randn(40, 20), dict(n_atoms=50, k=3), "fewer than n_atoms"),
+        (torch.randn(100, 20), dict(n_atoms=50, k=30), "exceeds the dimension"),
+        (torch.randn(100, 20), dict(n_atoms=5, k=8), "smaller than k"),
+        (torch.randn(100, 20), dict(n_atoms=50, k=0), "at least 1"),
+        (torch.full((100, 20), float("nan")), dict(n_atoms=50, k=3), "NaN or Inf"),
+        (torch.randn(100, 20, 2), dict(n_atoms=50, k=3), "must be 2-D"),
+        (torch.randn(100, 20), dict(n_atoms=50, k=3, bogus=1), "unknown option"),
+        (torch.randn(100, 20), dict(n_atoms=50, k=3, method="lasso"), "method"),
+        ([torch.randn(100, 20), torch.randn(100, 21)], dict(n_atoms=50, k=3, max_iters=3), "d = 21"),
+        (torch.randn(100, 20), dict(n_atoms=50, k=3, kernel="numba", rank1_solver="gram"), "coder.kernel = 'numba'"),
+    ],
+)
 def test_bad_input_raises_clear_errors(data, kwargs, message):
     with pytest.raises(ValueError, match=message):
         learn_dictionary(data, progress=False, **kwargs)
@@ -172,14 +174,14 @@ def test_forced_compiled_loops_are_refused_before_coding_in_a_data_parallel_fit(
 
     def fit(comm, kernel):
         try:
-            return learn_dictionary(Y, 50, 3, process_group=comm, kernel=kernel, max_iters=1, tol=None,
-                                    progress=False)
+            return learn_dictionary(Y, 50, 3, process_group=comm, kernel=kernel, max_iters=1, tol=None, progress=False)
         except ValueError as err:
             return err
 
     errors = run_ranks(2, lambda comm: fit(comm, "numba"))
-    assert all(isinstance(e, ValueError) and "a data-parallel fit" in str(e) and "kernel='auto'" in str(e)
-               for e in errors)
+    assert all(
+        isinstance(e, ValueError) and "a data-parallel fit" in str(e) and "kernel='auto'" in str(e) for e in errors
+    )
     assert all(len(D.history) == 1 for D in run_ranks(2, lambda comm: fit(comm, "auto")))
 
 

@@ -1,5 +1,5 @@
-"""Exact rank-1 refits (block solvers "direct" and "gram"): pinned to torch.linalg.svd, to a brute-force non-negative solve, and to
-naive sequential / Jacobi K-SVD sweeps written here independently of the library."""
+"""Exact rank-1 refits (block solvers "direct" and "gram"): pinned to torch.linalg.svd, to a brute-force non-negative
+solve, and to naive sequential / Jacobi K-SVD sweeps written here independently of the library."""
 
 import logging
 import math
@@ -47,8 +47,9 @@ def test_signed_refits_equal_the_svd_even_with_a_small_spectral_gap(shape, metho
     mats = []
     for i, m in enumerate(sizes):
         if i == 0:  # planted: σ₂/σ₁ = 0.97, the case a capped power iteration stops far from
-            E = _spectrum_matrix(m, d, [10.0, 9.7, 3.0, 1.0], gen) + 1e-3 * torch.randn(m, d, generator=gen,
-                                                                                          dtype=torch.float64)
+            E = _spectrum_matrix(m, d, [10.0, 9.7, 3.0, 1.0], gen) + 1e-3 * torch.randn(
+                m, d, generator=gen, dtype=torch.float64
+            )
         else:
             E = torch.randn(m, d, generator=gen, dtype=torch.float64)
         mats.append(E.float())
@@ -94,7 +95,7 @@ def test_uncertifiable_refits_go_to_the_eigensolver_early(method):
 def _fibonacci_sphere(n):
     i = torch.arange(n, dtype=torch.float64) + 0.5
     phi = torch.acos(1 - 2 * i / n)
-    theta = math.pi * (1 + 5 ** 0.5) * i
+    theta = math.pi * (1 + 5**0.5) * i
     return torch.stack([torch.cos(theta) * torch.sin(phi), torch.sin(theta) * torch.sin(phi), torch.cos(phi)], 1)
 
 
@@ -108,8 +109,7 @@ def test_nonnegative_heavy_refit_matches_a_brute_force_search(m, method):
     values = (grid @ E.T).clamp(min=0).pow(2).sum(1)
     best = int(values.argmax())
     start = _unit_rows(grid[best] + 0.05 * torch.randn(3, generator=gen, dtype=torch.float64))
-    fit = refit_block(E.float()[None], start.float()[None], nonnegative=True, tol=1e-9, max_steps=500,
-                      method=method)
+    fit = refit_block(E.float()[None], start.float()[None], nonnegative=True, tol=1e-9, max_steps=500, method=method)
     got = float((E @ fit.atoms[0].double()).clamp(min=0).pow(2).sum())
     assert got >= float(values[best]) * (1 - 1e-5)
     assert float(torch.dot(fit.atoms[0].double(), grid[best])) > 1 - 1e-4
@@ -127,8 +127,7 @@ def test_nonnegative_light_refit_matches_a_brute_force_search(method):
     values = (grid @ E.T).clamp(min=0).pow(2).sum(1)
     best = int(values.argmax())
     start = _unit_rows(grid[best] + 0.05 * (torch.randn(3, generator=gen, dtype=torch.float64) @ basis.T))
-    fit = refit_block(E.float()[None], start.float()[None], nonnegative=True, tol=1e-9, max_steps=500,
-                      method=method)
+    fit = refit_block(E.float()[None], start.float()[None], nonnegative=True, tol=1e-9, max_steps=500, method=method)
     got = float((E @ fit.atoms[0].double()).clamp(min=0).pow(2).sum())
     assert got >= float(values[best]) * (1 - 1e-5)
 
@@ -201,8 +200,17 @@ def test_atom_batch_one_equals_naive_sequential_ksvd(solver, kernel):
         omega, atom, x = _naive_refit(Y.double(), Dn, Xn, j)
         Dn[j], Xn[omega, j] = atom, x
     Dg, R = D.clone(), Y - codes.decode(D)
-    update_atoms(R, Dg, codes, 1, nonnegative=False, tol=1e-12, solver=solver, kernel=kernel,
-                 generator=torch.Generator().manual_seed(7))
+    update_atoms(
+        R,
+        Dg,
+        codes,
+        1,
+        nonnegative=False,
+        tol=1e-12,
+        solver=solver,
+        kernel=kernel,
+        generator=torch.Generator().manual_seed(7),
+    )
     torch.testing.assert_close(Dg.double(), Dn, atol=2e-4, rtol=0)
     torch.testing.assert_close(codes.to_dense(K).double(), Xn, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(R, Y - codes.decode(Dg), atol=1e-4, rtol=1e-4)
@@ -218,8 +226,17 @@ def test_one_atom_batch_is_a_jacobi_sweep(solver, kernel):
         omega, atom, x = _naive_refit(Y.double(), D0, X0, j)
         Dn[j], Xn[omega, j] = atom, x
     Dg, R = D.clone(), Y - codes.decode(D)
-    update_atoms(R, Dg, codes, K, nonnegative=False, tol=1e-12, solver=solver, kernel=kernel,
-                 generator=torch.Generator().manual_seed(3))
+    update_atoms(
+        R,
+        Dg,
+        codes,
+        K,
+        nonnegative=False,
+        tol=1e-12,
+        solver=solver,
+        kernel=kernel,
+        generator=torch.Generator().manual_seed(3),
+    )
     torch.testing.assert_close(Dg.double(), Dn, atol=2e-4, rtol=0)
     torch.testing.assert_close(codes.to_dense(K).double(), Xn, atol=2e-4, rtol=1e-4)
 
@@ -234,8 +251,17 @@ def test_block_solvers_are_at_least_as_good_as_the_alternating_one(nonnegative):
         D = D0.clone()
         codes = encode(p.Y, D, 3, nonnegative=nonnegative)
         R = p.Y - codes.decode(D)
-        stats = update_atoms(R, D, codes, 5, nonnegative=nonnegative, solver=solver, tol=1e-6, max_iters=100,
-                             generator=torch.Generator().manual_seed(1))
+        stats = update_atoms(
+            R,
+            D,
+            codes,
+            5,
+            nonnegative=nonnegative,
+            solver=solver,
+            tol=1e-6,
+            max_iters=100,
+            generator=torch.Generator().manual_seed(1),
+        )
         results[solver] = objective(p.Y, D, codes)
         torch.testing.assert_close(R, p.Y - codes.decode(D), atol=1e-4, rtol=1e-4)
         assert stats.capped == 0
@@ -257,15 +283,16 @@ def test_heavy_and_light_atoms_in_one_batch(solver):
         assert int(counts.max()) > d and int(counts[counts > 0].min()) <= d
         Dg, R = D.clone(), Y - codes.decode(D)
         before = objective(Y, Dg, codes)
-        update_atoms(R, Dg, codes, 1, nonnegative=nonnegative, solver=solver,
-                     generator=torch.Generator().manual_seed(0))
+        update_atoms(
+            R, Dg, codes, 1, nonnegative=nonnegative, solver=solver, generator=torch.Generator().manual_seed(0)
+        )
         assert objective(Y, Dg, codes) <= before * (1 + 1e-6)
         torch.testing.assert_close(R, Y - codes.decode(Dg), atol=1e-4, rtol=1e-4)
 
 
 def test_support_blocks_cover_every_atom_once_and_keep_heavy_atoms_apart():
     counts = [3, 400, 90, 12, 700, 88, 5, 1000, 300, 64]
-    blocks = support_blocks(counts, d=500, budget=10 ** 9, method="gram")
+    blocks = support_blocks(counts, d=500, budget=10**9, method="gram")
     flat = sorted(i for b in blocks for i in b)
     assert flat == list(range(len(counts)))
     for b in blocks:
@@ -276,7 +303,7 @@ def test_support_blocks_cover_every_atom_once_and_keep_heavy_atoms_apart():
         for b in small:
             assert len(b) * max(counts[i] for i in b) <= 1000
         assert sorted(i for b in small for i in b) == flat
-    direct = support_blocks(counts, d=500, budget=10 ** 9, method="direct")
+    direct = support_blocks(counts, d=500, budget=10**9, method="direct")
     assert sorted(i for b in direct for i in b) == flat and len(direct) <= 3
 
 

@@ -75,12 +75,15 @@ def _problem(n: int = 400, d: int = 12, K: int = 40, seed: int = 0) -> tuple[tor
 
 # ------------------------------------------------------------------------------------- the coder
 @pytest.mark.parametrize("kernel", ["torch", "numba"])
-@pytest.mark.parametrize("rtol, max_iter, case", [
-    (0.0, None, "drop"),        # no residual stop: a (k+1)-th atom enters and the smallest is dropped
-    (0.3, None, "keep"),        # the (k+1)-th atom often brings the row under rtol: k + 1 kept (146 of 400)
-    (0.0, 5, "cap"),            # the step cap right after the (k+1)-th atom: k + 1 kept
-    (0.2, None, "mixed"),
-])
+@pytest.mark.parametrize(
+    "rtol, max_iter, case",
+    [
+        (0.0, None, "drop"),  # no residual stop: a (k+1)-th atom enters and the smallest is dropped
+        (0.3, None, "keep"),  # the (k+1)-th atom often brings the row under rtol: k + 1 kept (146 of 400)
+        (0.0, 5, "cap"),  # the step cap right after the (k+1)-th atom: k + 1 kept
+        (0.2, None, "mixed"),
+    ],
+)
 def test_mp_reference_rules_equal_ksvdjl(rtol, max_iter, case, kernel):
     Y, D = _problem()
     k = 4
@@ -112,16 +115,26 @@ def test_matryoshka_reference_loop_equals_ksvdjl():
     """One iteration of ``matryoshka_loop="reference"`` = KSVD.jl's MatryoshkaLoop on the same atoms: code with
     all atoms, then per group: exact refits with the group's share of those codes against E, re-code the group
     on E with its budget, subtract. One Jacobi batch per group (``atom_batch_size = K``), so order is moot."""
-    from pipeline.core.learner import _iteration
     from pipeline.core.coders import gram
+    from pipeline.core.learner import _iteration
     from pipeline.core.matryoshka import matryoshka_groups
 
     Y, D0 = _problem(n=600, d=10, K=32, seed=3)
     k, log2min = 6, 3
     groups = matryoshka_groups(32, k, log2min)  # 8, 8, 16 atoms; budget 2 each
-    cfg = LearnerConfig.from_options(32, k, **{**PAPER_SCHEDULE, "matryoshka": log2min, "atom_batch_size": 32,
-                                               "rank1_tol": 1e-13, "rank1_max_iters": 2000, "reseed": None,
-                                               "progress": False})
+    cfg = LearnerConfig.from_options(
+        32,
+        k,
+        **{
+            **PAPER_SCHEDULE,
+            "matryoshka": log2min,
+            "atom_batch_size": 32,
+            "rank1_tol": 1e-13,
+            "rank1_max_iters": 2000,
+            "reseed": None,
+            "progress": False,
+        },
+    )
     D = D0.clone()
     rec = _iteration(Y, D, gram(D), cfg, groups, 32, torch.Generator().manual_seed(0))
 
@@ -130,11 +143,11 @@ def test_matryoshka_reference_loop_equals_ksvdjl():
     fvu_before = ((Yn - X @ Dn) ** 2).sum() / ((Yn - Yn.mean(0)) ** 2).sum()
     E = Yn.copy()
     for g in groups:
-        Dg, Xg = ksvd_group_update(E, Dn[g.start:g.end], X[:, g.start:g.end])
-        Dn[g.start:g.end] = Dg
+        Dg, Xg = ksvd_group_update(E, Dn[g.start : g.end], X[:, g.start : g.end])
+        Dn[g.start : g.end] = Dg
         Xg = np.stack([dense(ksvdjl_mp(e, Dg, g.budget, 0.05, 4 * g.budget), g.end - g.start) for e in E])
         E = E - Xg @ Dg
-    fvu_after = (E ** 2).sum() / ((Yn - Yn.mean(0)) ** 2).sum()
+    fvu_after = (E**2).sum() / ((Yn - Yn.mean(0)) ** 2).sum()
 
     cos = np.abs((D.numpy() * Dn).sum(1))  # atoms agree up to sign (an SVD's sign is arbitrary)
     assert cos.min() > 1 - 1e-8
@@ -204,7 +217,6 @@ def test_resume_identity_covers_the_reference_switches():
     older = {key: v for key, v in now.items() if key not in ("matryoshka_loop", "sample_order")}
     older["coder"] = {key: v for key, v in now["coder"].items() if key != "reference_rules"}
     assert _resume_identity(older) == _resume_identity(now)
-    for change in (dict(sample_order="contiguous"), dict(matryoshka_loop="reference"),
-                   dict(reference_rules=True)):
+    for change in (dict(sample_order="contiguous"), dict(matryoshka_loop="reference"), dict(reference_rules=True)):
         other = asdict(LearnerConfig.from_options(8, 2, **change))
         assert _resume_identity(other) != _resume_identity(now), change

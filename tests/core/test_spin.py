@@ -42,7 +42,7 @@ def test_barrier_orders_every_thread_s_writes(threads):
     def work(t):
         wrong[t] = _phases(sync, threads, t, seen, rounds, counter)
 
-    compiled.run_threads(work, threads, sync[ABORT:ABORT + 1])
+    compiled.run_threads(work, threads, sync[ABORT : ABORT + 1])
     assert wrong.sum() == 0 and counter[0] == rounds * threads
     assert sync[1] == 2 * rounds and sync[0] == 0  # barriers passed; arrivals reset
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data import harvest as harvest_module, store as activation_store, store_writer
+from pipeline.data import harvest as harvest_module
+from pipeline.data import store as activation_store
+from pipeline.data import store_writer
+from pipeline.data.harvest import MaskingOptions, harvest, stop_layer
 from pipeline.data.store import MANIFEST_NAME, ActivationStore, ChecksumError, heldout_mask
 from pipeline.data.store_writer import StoreWriter
-from pipeline.data.harvest import MaskingOptions, harvest, stop_layer
 from pipeline.data.text import iter_contexts
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid"]
@@ -21,8 +23,15 @@ NO_MASK = MaskingOptions(mask_bos=False, mask_special_tokens=False)
 
 
 def _run(model, docs, out, **kw):
-    args = dict(hooks=HOOKS, n_tokens=1600, context_length=16, batch_size=4, shard_rows=128,
-                heldout_fraction=0.1, progress=False)
+    args = dict(
+        hooks=HOOKS,
+        n_tokens=1600,
+        context_length=16,
+        batch_size=4,
+        shard_rows=128,
+        heldout_fraction=0.1,
+        progress=False,
+    )
     return harvest(model, docs, out, **{**args, **kw})
 
 
@@ -74,8 +83,11 @@ def test_outlier_masking_drops_exactly_the_planted_outliers(tiny_hooked_model, t
     assert m["bos_token_id"] == model.tokenizer.bos_token_id == 0
     for hook in HOOKS:
         counts = m["hooks"][hook]["counts"]
-        assert counts == {"positions": 1600, "masked_special": int(special.sum()),
-                          "masked_outlier": int((planted & ~special).sum())}
+        assert counts == {
+            "positions": 1600,
+            "masked_special": int(special.sum()),
+            "masked_outlier": int((planted & ~special).sum()),
+        }
         assert counts["masked_outlier"] == 200  # positions 5 and 11 of 100 contexts; position 0 is BOS
         keep = ~special & ~planted
         store = ActivationStore(path, hook)
@@ -170,8 +182,11 @@ def test_rerun_remakes_exactly_the_corrupted_shard(tiny_hooked_model, text_files
 
     written, forwards = [], []
     atomic = store_writer.atomic_write_bytes
-    monkeypatch.setattr(store_writer, "atomic_write_bytes",
-                        lambda target, blob: written.append(Path(target).relative_to(path)) or atomic(target, blob))
+    monkeypatch.setattr(
+        store_writer,
+        "atomic_write_bytes",
+        lambda target, blob: written.append(Path(target).relative_to(path)) or atomic(target, blob),
+    )
     run_with_cache = tiny_hooked_model.run_with_cache
 
     def spy(tokens, **kwargs):
@@ -231,8 +246,18 @@ def test_smollm2_real_model_row_matches_forward(tmp_path):
     hook = "blocks.15.hook_resid_post"
     model = load_model("smollm2-135m")
     docs = list(iter_documents(TextSource(kind="austen")))[:1]
-    path = harvest(model, docs, tmp_path / "s", hooks=[hook], n_tokens=256, context_length=128, batch_size=2,
-                   heldout_fraction=0.0, masking=NO_MASK, progress=False)
+    path = harvest(
+        model,
+        docs,
+        tmp_path / "s",
+        hooks=[hook],
+        n_tokens=256,
+        context_length=128,
+        batch_size=2,
+        heldout_fraction=0.0,
+        masking=NO_MASK,
+        progress=False,
+    )
     store = ActivationStore(path)
     assert store.hook == hook and store.d == 576 and store.n_rows() == 256
     ctx = next(iter(iter_contexts(docs, model.tokenizer, 128, model.tokenizer.bos_token_id)))

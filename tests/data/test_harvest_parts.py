@@ -26,8 +26,8 @@ def test_parts_make_the_one_process_store(tiny_hooked_model, text_files, tmp_pat
 
 def test_text_running_out_mid_part(tiny_hooked_model, text_files, tmp_path):
     docs = text_files["docs"]
-    whole = _run(tiny_hooked_model, docs, tmp_path / "whole", n_tokens=10 ** 6)  # far more than the text has
-    _parts(tiny_hooked_model, docs, tmp_path / "parts", 2, n_tokens=10 ** 6)
+    whole = _run(tiny_hooked_model, docs, tmp_path / "whole", n_tokens=10**6)  # far more than the text has
+    _parts(tiny_hooked_model, docs, tmp_path / "parts", 2, n_tokens=10**6)
     assert _files(whole) == _files(tmp_path / "parts")
 
 
@@ -50,8 +50,9 @@ def test_a_killed_rank_resumes_its_part(tiny_hooked_model, text_files, tmp_path,
     # damage one listed shard: the resumed rank re-makes it and only it, then carries on
     (tmp_path / "parts" / HOOKS[1] / "train-00003.safetensors").write_bytes(b"torn")
     made.clear()
-    monkeypatch.setattr(StoreWriter, "add_part_shard", lambda self, index, *a, **k: made.append(index) or
-                        original(self, index, *a, **k))
+    monkeypatch.setattr(
+        StoreWriter, "add_part_shard", lambda self, index, *a, **k: made.append(index) or original(self, index, *a, **k)
+    )
     _run(tiny_hooked_model, docs, tmp_path / "parts", part=(1, 2))
     assert made[:2] == [3, 5] and 1 not in made
     _run(tiny_hooked_model, docs, tmp_path / "parts", part=(0, 2), wait_s=5)

@@ -10,8 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.data.store import (MANIFEST_NAME, ActivationStore, BadShard, ChecksumError, check_disk_space,
-                                 find_bad_shards, heldout_mask)
+from pipeline.data.store import (
+    MANIFEST_NAME,
+    ActivationStore,
+    BadShard,
+    ChecksumError,
+    check_disk_space,
+    find_bad_shards,
+    heldout_mask,
+)
 from pipeline.data.store_writer import import_array
 
 N, D = 1000, 8

@@ -25,7 +25,7 @@ def test_contexts_are_fixed_length_with_bos_and_separators(tiny_tokenizer, text_
     for i, d in enumerate(docs):
         stream += ([bos] if i else []) + tiny_tokenizer(d, add_special_tokens=False)["input_ids"]
     body = [t for c in ctxs for t in c[1:]]
-    assert len(ctxs) == len(stream) // 15 and body == stream[:15 * len(ctxs)]  # only the short tail dropped
+    assert len(ctxs) == len(stream) // 15 and body == stream[: 15 * len(ctxs)]  # only the short tail dropped
 
 
 def test_contexts_without_bos(tiny_tokenizer, text_files):
@@ -33,7 +33,7 @@ def test_contexts_without_bos(tiny_tokenizer, text_files):
     ctxs = list(iter_contexts(docs, tiny_tokenizer, 16, None))
     stream = [t for d in docs for t in tiny_tokenizer(d, add_special_tokens=False)["input_ids"]]  # no separator
     assert all(len(c) == 16 for c in ctxs) and len(ctxs) == len(stream) // 16
-    assert [t for c in ctxs for t in c] == stream[:16 * len(ctxs)]
+    assert [t for c in ctxs for t in c] == stream[: 16 * len(ctxs)]
 
 
 def test_special_token_text_is_not_parsed_as_special(tiny_tokenizer):
@@ -68,8 +68,10 @@ def test_unreachable_hub_dataset_is_clear(monkeypatch):
 
 
 def test_reflow_joins_wrapped_lines():
-    assert reflow(["It is a truth", "universally acknowledged.", "", "", "Next.", None]) == \
-        "It is a truth universally acknowledged.\n\nNext."
+    assert (
+        reflow(["It is a truth", "universally acknowledged.", "", "", "Next.", None])
+        == "It is a truth universally acknowledged.\n\nNext."
+    )
 
 
 def test_missing_austen_names_setup(monkeypatch, tmp_path):
@@ -99,5 +101,10 @@ def test_hub_streaming_reads_the_text_field(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     docs = list(iter_documents(TextSource(kind="hub", revision="abc123")))
     assert docs == ["first doc", "second doc"]
-    assert calls == {"path": "monology/pile-uncopyrighted", "name": None, "split": "train", "revision": "abc123",
-                     "streaming": True}
+    assert calls == {
+        "path": "monology/pile-uncopyrighted",
+        "name": None,
+        "split": "train",
+        "revision": "abc123",
+        "streaming": True,
+    }

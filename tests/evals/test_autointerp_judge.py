@@ -32,8 +32,9 @@ def _serve(cmd: list[str], port: int, log: Path, timeout: float = 240.0):
     """Start a server, wait until ``/v1/models`` answers; the process (``terminate()`` it)."""
     import urllib.request
 
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     t = time.monotonic()
     while time.monotonic() - t < timeout:
         if proc.poll() is not None:
@@ -56,13 +57,35 @@ def _smollm2_gguf() -> Path:
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python[server] is not installed: `bash setup.sh --tests` builds it (or pip install "
-                    "'llama-cpp-python[server]')")
+        pytest.skip(
+            "llama-cpp-python[server] is not installed: `bash setup.sh --tests` builds it (or pip install "
+            "'llama-cpp-python[server]')"
+        )
     port = _free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    proc = _serve([sys.executable, "-m", "llama_cpp.server", "--model", str(_smollm2_gguf()), "--model_alias",
-                   JUDGE_NAME, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", "2",
-                   "--seed", "0"], port, log)
+    proc = _serve(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(_smollm2_gguf()),
+            "--model_alias",
+            JUDGE_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "4096",
+            "--n_threads",
+            "2",
+            "--seed",
+            "0",
+        ],
+        port,
+        log,
+    )
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait(timeout=30)
@@ -77,13 +100,20 @@ def test_saebench_autointerp_runs_against_a_local_llama_cpp_judge(llama_server, 
     node.base_url, node.model = llama_server, JUDGE_NAME
     node.extra_body = {"temperature": 0.0}
     node.scoring_extra_body = {"grammar": SCORING_GRAMMAR}
-    folder = evaluate.run(cfg, run_dir=tmp_path / "evaluate", fit_dir=eval_inputs["fit"],
-                          baselines_dir=eval_inputs["baselines"], store_dir=eval_inputs["store"],
-                          model=eval_inputs["model"])
+    folder = evaluate.run(
+        cfg,
+        run_dir=tmp_path / "evaluate",
+        fit_dir=eval_inputs["fit"],
+        baselines_dir=eval_inputs["baselines"],
+        store_dir=eval_inputs["store"],
+        model=eval_inputs["model"],
+    )
     assert json.loads((folder / "failed.json").read_text()) == []
     results = sorted((folder / "eval_results" / "autointerp").glob("*_eval_results.json"))
-    assert [p.name for p in results] == ["dbksvd_plain_K64_k4_custom_sae_eval_results.json",
-                                         "topk_K64_k4_custom_sae_eval_results.json"]
+    assert [p.name for p in results] == [
+        "dbksvd_plain_K64_k4_custom_sae_eval_results.json",
+        "topk_K64_k4_custom_sae_eval_results.json",
+    ]
     for path in results:  # SAEBench's own result file
         out = json.loads(path.read_text())
         score = out["eval_result_metrics"]["autointerp"]["autointerp_score"]
@@ -110,8 +140,24 @@ def transformers_server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("tserve") / "server.log"
     exe = Path(sys.executable).with_name("transformers")
-    proc = _serve([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype",
-                   "float32", "--force_model", str(converted_dir(OFFLINE_MODELS["smollm2-135m"]))], port, log)
+    proc = _serve(
+        [
+            str(exe),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--force_model",
+            str(converted_dir(OFFLINE_MODELS["smollm2-135m"])),
+        ],
+        port,
+        log,
+    )
     yield f"http://127.0.0.1:{port}/v1"
     proc.terminate()
     proc.wait(timeout=30)
@@ -121,10 +167,14 @@ def test_a_stream_only_server_is_asked_for_a_stream_and_joined(transformers_serv
     """``transformers serve`` (4.57) answers chat completions only as a stream; the judge joins it into the one
     completion SAEBench reads, with the configured model name and options sent."""
     calls = JudgeCalls()
-    client = JudgeClient(api_key="unused", settings=JudgeSettings(transformers_server, "any-name", stream=True,
-                                                                  extra_body={"temperature": 0.0}), calls=calls)
-    out = client.chat.completions.create(model="gpt-4o-mini", n=1, max_tokens=8, stream=False, messages=[
-        {"role": "user", "content": "Say hello."}])
+    client = JudgeClient(
+        api_key="unused",
+        settings=JudgeSettings(transformers_server, "any-name", stream=True, extra_body={"temperature": 0.0}),
+        calls=calls,
+    )
+    out = client.chat.completions.create(
+        model="gpt-4o-mini", n=1, max_tokens=8, stream=False, messages=[{"role": "user", "content": "Say hello."}]
+    )
     (choice,) = out.choices
     assert isinstance(choice.message.content, str) and choice.message.content.strip()
     assert calls.requests == 1 and calls.failures == 0
@@ -143,8 +193,12 @@ def test_scoring_requests_get_their_options_and_the_model_name_is_replaced(monke
             sent.append(kw)
             return None
 
-    settings = JudgeSettings("http://127.0.0.1:9/v1", "local-judge", extra_body={"temperature": 0},
-                             scoring_extra_body={"guided_regex": SCORING_REGEX})
+    settings = JudgeSettings(
+        "http://127.0.0.1:9/v1",
+        "local-judge",
+        extra_body={"temperature": 0},
+        scoring_extra_body={"guided_regex": SCORING_REGEX},
+    )
     with use_judge(settings):
         client = ai.OpenAI(api_key="k")
         client._client.chat.completions = Completions()

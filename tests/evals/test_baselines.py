@@ -11,8 +11,15 @@ import sae_lens
 import torch
 
 from pipeline.core.synthetic import planted_problem
-from pipeline.evals.baselines import (ARCHITECTURES, BaselineSpec, Budget, load_baseline, load_record, save_baseline,
-                                      train_baseline)
+from pipeline.evals.baselines import (
+    ARCHITECTURES,
+    BaselineSpec,
+    Budget,
+    load_baseline,
+    load_record,
+    save_baseline,
+    train_baseline,
+)
 from pipeline.evals.baselines.io import CFG_FILE, RECORD_FILE, WEIGHTS_FILE
 
 D, WIDTH, K, BATCH = 16, 64, 4, 128
@@ -31,8 +38,9 @@ def rows() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def spec(architecture: str = "topk", **options) -> BaselineSpec:
-    return BaselineSpec(architecture, batch_size=BATCH, lr=1e-3, device="cpu",
-                        **{**EXTRA.get(architecture, {}), **options})
+    return BaselineSpec(
+        architecture, batch_size=BATCH, lr=1e-3, device="cpu", **{**EXTRA.get(architecture, {}), **options}
+    )
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -83,8 +91,15 @@ def test_time_budget_stops_cleanly_and_fit_still_finishes(rows):
     """A time budget ends fit() through its own loop, so its end-of-training work runs: the normalisation
     factor is folded into the weights (cfg back to "none") and the final L0 metadata is set."""
     start = time.perf_counter()
-    trained = train_baseline(rows[0], D, WIDTH, K, spec("topk", normalize_activations="expected_average_only_in"),
-                             Budget("time", seconds=2.0), heldout=rows[1])
+    trained = train_baseline(
+        rows[0],
+        D,
+        WIDTH,
+        K,
+        spec("topk", normalize_activations="expected_average_only_in"),
+        Budget("time", seconds=2.0),
+        heldout=rows[1],
+    )
     took = time.perf_counter() - start
     rec = trained.record
     assert rec.steps >= 1 and rec.samples == rec.steps * BATCH
@@ -114,7 +129,7 @@ def test_converged_budget_stops_when_heldout_fvu_stalls(rows):
 
 def test_streamed_batches_are_rebatched_across_epochs(rows):
     """Uneven batches (a re-iterable, like an ActivationLoader) become full batches, cycling epochs."""
-    batches = [rows[0][i:i + 100] for i in range(0, 4096, 100)]  # 41 batches, the last of 96 rows
+    batches = [rows[0][i : i + 100] for i in range(0, 4096, 100)]  # 41 batches, the last of 96 rows
     rec = train_baseline(batches, D, WIDTH, K, spec(), Budget("steps", steps=77), heldout=rows[1]).record
     assert (rec.steps, rec.samples) == (77, 77 * BATCH)  # 9856 rows: more than two epochs
     assert rec.heldout_fvu < rec.heldout_fvu_init
@@ -132,8 +147,9 @@ def test_trains_from_an_activation_store_loader(rows, tmp_path):
     from pipeline.data.store_writer import import_array
 
     np.save(tmp_path / "rows.npy", torch.cat(rows).numpy())
-    store = ActivationStore(import_array(tmp_path / "rows.npy", tmp_path / "store", shard_rows=512,
-                                         heldout_fraction=0.1))
+    store = ActivationStore(
+        import_array(tmp_path / "rows.npy", tmp_path / "store", shard_rows=512, heldout_fraction=0.1)
+    )
     loader = store.loader(100, seed=0)
     rec = train_baseline(loader, D, WIDTH, K, spec(), Budget("steps", steps=100), heldout=store.heldout()).record
     assert (rec.steps, rec.samples) == (100, 100 * BATCH) and rec.samples > store.n_rows()  # several epochs
@@ -161,14 +177,17 @@ def test_trains_when_the_caller_switched_autograd_off(rows):
         torch.set_grad_enabled(previous)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: BaselineSpec("gated"), "architecture"),
-    (lambda: BaselineSpec(lr_decay_fraction=1.0), r"\[0, 1\)"),
-    (lambda: BaselineSpec(normalize_activations="layer_norm"), "normalize_activations"),
-    (lambda: Budget("time"), "seconds"),
-    (lambda: Budget("epochs", steps=3), "budget mode"),
-    (lambda: BaselineSpec("matryoshka_batchtopk", matryoshka_widths=[32, 16]).widths(64), "strictly increasing"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: BaselineSpec("gated"), "architecture"),
+        (lambda: BaselineSpec(lr_decay_fraction=1.0), r"\[0, 1\)"),
+        (lambda: BaselineSpec(normalize_activations="layer_norm"), "normalize_activations"),
+        (lambda: Budget("time"), "seconds"),
+        (lambda: Budget("epochs", steps=3), "budget mode"),
+        (lambda: BaselineSpec("matryoshka_batchtopk", matryoshka_widths=[32, 16]).widths(64), "strictly increasing"),
+    ],
+)
 def test_bad_settings_fail_early_with_a_message(bad, match):
     with pytest.raises(ValueError, match=match):
         bad()
@@ -204,18 +223,26 @@ def test_each_architecture_is_evaluated_by_saebench_as_a_plain_sae_lens_folder(a
     store = ActivationStore(eval_inputs["store"])
     Y = store.load_all()
     width, k = 32, 4
-    trained = train_baseline(Y, store.d, width, k, spec(architecture, **(
-        {"matryoshka_widths": [16, width]} if architecture == "matryoshka_batchtopk" else {})),
-        Budget("steps", steps=STEPS.get(architecture, 40) // 2), heldout=store.heldout())
+    trained = train_baseline(
+        Y,
+        store.d,
+        width,
+        k,
+        spec(architecture, **({"matryoshka_widths": [16, width]} if architecture == "matryoshka_batchtopk" else {})),
+        Budget("steps", steps=STEPS.get(architecture, 40) // 2),
+        heldout=store.heldout(),
+    )
     folder = save_baseline(trained, tmp_path / architecture, {"model_name": "tiny-local", "hook_name": store.hook})
-    record = baseline_record(architecture, folder, device="cpu", context_size=store.manifest["context_length"],
-                             prepend_bos=True)
+    record = baseline_record(
+        architecture, folder, device="cpu", context_size=store.manifest["context_length"], prepend_bos=True
+    )
     assert record.description["architecture"] == architecture
     assert record.description["budget"]["steps"] == trained.record.steps
     path = tmp_path / "core.json"
     model = eval_inputs["model"]
-    run_core(record, model, path, _core_config(), Dataset.from_dict({"tokens": _contexts(model, True, N_CONTEXTS)}),
-             "cpu")
+    run_core(
+        record, model, path, _core_config(), Dataset.from_dict({"tokens": _contexts(model, True, N_CONTEXTS)}), "cpu"
+    )
     result = json.loads(path.read_text())
     assert result["sae_cfg_dict"]["d_sae"] == width
     l0 = result["eval_result_metrics"]["sparsity"]["l0"]

@@ -40,8 +40,9 @@ class RuinsLargeNorms(BaseSAE):
     norm above ``threshold`` (None: never). ``encode``/``decode``: ``(..., d) -> (..., d)``."""
 
     def __init__(self, d: int, threshold: float | None, layer: int = LAYER):
-        super().__init__(d, d, "tiny-local", layer, torch.device("cpu"), torch.float32,
-                         hook_name=f"blocks.{layer}.hook_resid_post")
+        super().__init__(
+            d, d, "tiny-local", layer, torch.device("cpu"), torch.float32, hook_name=f"blocks.{layer}.hook_resid_post"
+        )
         with torch.no_grad():
             self.W_enc.copy_(torch.eye(d))
             self.W_dec.copy_(torch.eye(d))
@@ -65,10 +66,16 @@ def _core_config() -> Any:
     """SAEBench's ``CoreEvalConfig`` as the runner builds it, at the tiny sizes."""
     from pipeline.evals.metrics.core import CoreRunner
 
-    core = SimpleNamespace(batch_size_prompts=BATCH, n_eval_reconstruction_batches=N_BATCHES,
-                           n_eval_sparsity_variance_batches=N_BATCHES, dataset=None, context_size=EVAL_CONTEXT)
-    return CoreRunner().config(SimpleNamespace(eval=SimpleNamespace(core=core), model_name="tiny-local",
-                                               llm_dtype="float32"))
+    core = SimpleNamespace(
+        batch_size_prompts=BATCH,
+        n_eval_reconstruction_batches=N_BATCHES,
+        n_eval_sparsity_variance_batches=N_BATCHES,
+        dataset=None,
+        context_size=EVAL_CONTEXT,
+    )
+    return CoreRunner().config(
+        SimpleNamespace(eval=SimpleNamespace(core=core), model_name="tiny-local", llm_dtype="float32")
+    )
 
 
 def _contexts(model: Any, bos: bool, n: int = N_CONTEXTS, seed: int = 11) -> list[list[int]]:
@@ -133,10 +140,15 @@ def test_rule_is_the_harvests_position_by_position(eval_inputs, factor):
     bar = SimpleNamespace(update=lambda n: None)
     tokens = torch.tensor(rows)
     with scaled(model, HOOK, (slice(0, 2), slice(None), 3.0), (slice(None), slice(0, None, 3), 3.0)):
-        kept, counts = _harvest_shard(model, rows, 0, [HOOK], group, 0.0, torch.tensor(SPECIAL_IDS), factor,
-                                      torch.float32, bar)
-        acts = torch.cat([model.run_with_cache(tokens[i:i + group], names_filter=[HOOK],
-                                               stop_at_layer=LAYER + 1)[1][HOOK] for i in range(0, 10, group)])
+        kept, counts = _harvest_shard(
+            model, rows, 0, [HOOK], group, 0.0, torch.tensor(SPECIAL_IDS), factor, torch.float32, bar
+        )
+        acts = torch.cat(
+            [
+                model.run_with_cache(tokens[i : i + group], names_filter=[HOOK], stop_at_layer=LAYER + 1)[1][HOOK]
+                for i in range(0, 10, group)
+            ]
+        )
     special, outlier = FitRule(SPECIAL_IDS, factor, group).left_out(tokens, acts)
     assert int(special.sum()) == counts[HOOK]["masked_special"] > 0
     assert int(outlier.sum()) == counts[HOOK]["masked_outlier"] > 0
@@ -196,7 +208,8 @@ def test_nothing_left_out_fit_equals_all(eval_inputs, tmp_path, kind):
     n = N_CONTEXTS * EVAL_CONTEXT
     assert fit["eval_result_unstructured"]["passed_through"] == {
         p: {"positions": n, "special": 0, "outlier": 0, "passed_through": 0}
-        for p in ("reconstruction", "sparsity_variance")}
+        for p in ("reconstruction", "sparsity_variance")
+    }
 
 
 # ------------------------------------------------------------------------- (b)+(c) planted sinks
@@ -245,8 +258,9 @@ def test_planted_sinks_fit_is_perfect_all_is_not(eval_inputs, tmp_path):
     assert "3 x the median norm" in got["covers"]
     # the fit file is SAEBench core's layout
     assert fit.keys() == all_.keys()
-    assert {g: set(d) for g, d in fit["eval_result_metrics"].items()} == \
-        {g: set(d) for g, d in all_["eval_result_metrics"].items()}
+    assert {g: set(d) for g, d in fit["eval_result_metrics"].items()} == {
+        g: set(d) for g, d in all_["eval_result_metrics"].items()
+    }
 
 
 # ------------------------------------------------------------------------------------- (d) config
@@ -260,21 +274,39 @@ def _ctx(eval_inputs: dict[str, Any], tmp_path: Path, positions: str) -> Any:
     from pipeline.evals.sae_records import SAERecord
 
     node = yaml.safe_load((CONF / "eval" / "smoke.yaml").read_text())
-    node["core"].update(context_size=EVAL_CONTEXT, batch_size_prompts=BATCH, n_eval_reconstruction_batches=1,
-                        n_eval_sparsity_variance_batches=N_BATCHES, positions=positions)
+    node["core"].update(
+        context_size=EVAL_CONTEXT,
+        batch_size_prompts=BATCH,
+        n_eval_reconstruction_batches=1,
+        n_eval_sparsity_variance_batches=N_BATCHES,
+        positions=positions,
+    )
     e = parse_eval_config(node)
     model = eval_inputs["model"]
     sae = RuinsLargeNorms(model.cfg.d_model, threshold=None)
-    return EvalContext(model=model, model_config=ModelConfig(name="tiny-local"), n_params=0,
-                       saes=[SAERecord("ident", {"name": "ident"}, sae=sae)], results_dir=tmp_path / "eval_results",
-                       artifacts_dir=tmp_path / "artifacts", device="cpu", llm_dtype="float32", llm_batch_size=8,
-                       force_rerun=False, store=ActivationStore(eval_inputs["store"]),
-                       text_source=TextSource(kind="files", paths=[str(eval_inputs["corpus"])]), labelled=None,
-                       eval=e, hub_reachable=False, info={"sizes": {}, "notes": []})
+    return EvalContext(
+        model=model,
+        model_config=ModelConfig(name="tiny-local"),
+        n_params=0,
+        saes=[SAERecord("ident", {"name": "ident"}, sae=sae)],
+        results_dir=tmp_path / "eval_results",
+        artifacts_dir=tmp_path / "artifacts",
+        device="cpu",
+        llm_dtype="float32",
+        llm_batch_size=8,
+        force_rerun=False,
+        store=ActivationStore(eval_inputs["store"]),
+        text_source=TextSource(kind="files", paths=[str(eval_inputs["corpus"])]),
+        labelled=None,
+        eval=e,
+        hub_reachable=False,
+        info={"sizes": {}, "notes": []},
+    )
 
 
-@pytest.mark.parametrize("positions, folders", [("fit", {"core_fit_positions"}),
-                                                ("both", {"core", "core_fit_positions"})])
+@pytest.mark.parametrize(
+    "positions, folders", [("fit", {"core_fit_positions"}), ("both", {"core", "core_fit_positions"})]
+)
 def test_positions_writes_what_it_asks_for(eval_inputs, tmp_path, positions, folders):
     from pipeline.evals.metrics import MetricOutcome, run_metric
 
@@ -291,8 +323,10 @@ def test_positions_writes_what_it_asks_for(eval_inputs, tmp_path, positions, fol
     n = BATCH * EVAL_CONTEXT
     counts = ctx.info["sizes"]["core"]["fit_positions"]["ident"]["passed_through"]
     assert counts["reconstruction"]["positions"] == n and counts["sparsity_variance"]["positions"] == N_BATCHES * n
-    assert f"reconstruction batches: {counts['reconstruction']['passed_through']} of {n} positions passed through" \
+    assert (
+        f"reconstruction batches: {counts['reconstruction']['passed_through']} of {n} positions passed through"
         in notes["core_fit_positions"]
+    )
     assert "(the store had no outlier-norm rule)" in notes["core_fit_positions"]
 
 

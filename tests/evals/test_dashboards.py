@@ -30,7 +30,7 @@ class ReluSAE(torch.nn.Module):
     def __init__(self, d: int, width: int, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.W_enc = torch.nn.Parameter(torch.randn(d, width, generator=g) / d ** 0.5)
+        self.W_enc = torch.nn.Parameter(torch.randn(d, width, generator=g) / d**0.5)
         self.b = torch.nn.Parameter(torch.full((width,), -1.0))
         self.W_dec = torch.nn.Parameter(torch.randn(width, d, generator=g))
         self.cfg = types.SimpleNamespace(d_sae=width)
@@ -43,21 +43,44 @@ class ReluSAE(torch.nn.Module):
 def run(tiny_hooked_model, text_files, tmp_path_factory):
     model = tiny_hooked_model
     root = tmp_path_factory.mktemp("dash")
-    store = ActivationStore(harvest(model, text_files["docs"], root / "store", hooks=[HOOK], n_tokens=1600,
-                                    context_length=L, batch_size=4, shard_rows=256, heldout_fraction=0.2,
-                                    masking=MaskingOptions(outlier_norm_factor=1.3), progress=False))
+    store = ActivationStore(
+        harvest(
+            model,
+            text_files["docs"],
+            root / "store",
+            hooks=[HOOK],
+            n_tokens=1600,
+            context_length=L,
+            batch_size=4,
+            shard_rows=256,
+            heldout_fraction=0.2,
+            masking=MaskingOptions(outlier_norm_factor=1.3),
+            progress=False,
+        )
+    )
     sae = ReluSAE(store.d, 64)
-    cfg = DashboardsConfig(n_most_used=4, n_random=3, include=[5], n_top=5, window_before=4, window_after=2,
-                           n_logits=3, max_rows=10_000, batch_size=100)
+    cfg = DashboardsConfig(
+        n_most_used=4,
+        n_random=3,
+        include=[5],
+        n_top=5,
+        window_before=4,
+        window_after=2,
+        n_logits=3,
+        max_rows=10_000,
+        batch_size=100,
+    )
     summary = build_dashboards([("relu", sae)], store, model, cfg, root / "out", progress=False)
     # brute force: every context again through the model, the SAE on every position the harvest kept
-    contexts = torch.tensor(list(iter_contexts(text_files["docs"], model.tokenizer, L,
-                                               model.tokenizer.bos_token_id))[:100])
+    contexts = torch.tensor(
+        list(iter_contexts(text_files["docs"], model.tokenizer, L, model.tokenizer.bos_token_id))[:100]
+    )
     with torch.no_grad():
         _, cache = model.run_with_cache(contexts, names_filter=[HOOK])
         codes = sae.encode(cache[HOOK])  # (100, L, width)
-    return dict(model=model, store=store, sae=sae, cfg=cfg, summary=summary, out=root / "out", contexts=contexts,
-                codes=codes)
+    return dict(
+        model=model, store=store, sae=sae, cfg=cfg, summary=summary, out=root / "out", contexts=contexts, codes=codes
+    )
 
 
 def _kept(run):
@@ -96,7 +119,7 @@ def test_counts_top_activations_and_their_text_match_brute_force(run):
         # the top context: the window around the brute-force argmax, its tokens decoded from the model's contexts
         top = int(kept[:, j].argmax())
         c, p = int(ctx[top]), int(pos[top])
-        window = "".join(decode([t]) for t in run["contexts"][c, max(p - 4, 0):p + 3].tolist())
+        window = "".join(decode([t]) for t in run["contexts"][c, max(p - 4, 0) : p + 3].tolist())
         card = page.split(f'id="latent-{j}"')[1].split('class="card latent"')[0]
         first = card.split('<div class="ctx">')[1].split("</div>")[0]
         shown = "".join(part.split(">", 1)[1] for part in first.split("</span>")[:-1] if 'class="tok' in part)
@@ -106,19 +129,23 @@ def test_counts_top_activations_and_their_text_match_brute_force(run):
     x, text = read_store_text(run["store"], 10_000)
     codes = encode_rows(run["sae"], x, batch_size=100, device="cpu", progress=False)
     for d in s["latents"]:
-        view = latent_view(d["index"], d["reason"], codes, text, TokenText(run["model"].tokenizer), run["cfg"],
-                           random.Random(0))
+        view = latent_view(
+            d["index"], d["reason"], codes, text, TokenText(run["model"].tokenizer), run["cfg"], random.Random(0)
+        )
         values = [c.value for c in view.top]
         assert values == sorted(values, reverse=True) and values[0] == pytest.approx(d["max"])
         where = [c.where for c in view.top]
-        assert all(a[0] != b[0] or abs(a[1] - b[1]) > 6 for i, a in enumerate(where) for b in where[i + 1:])
+        assert all(a[0] != b[0] or abs(a[1] - b[1]) > 6 for i, a in enumerate(where) for b in where[i + 1 :])
 
 
 def test_logits_are_the_decoder_direction_through_the_unembedding(run):
     model, sae = run["model"], run["sae"]
     W = logit_weights(sae.W_dec.detach()[:2], model)
-    expected = (sae.W_dec.detach()[:2] * model.ln_final.w.detach()) @ model.W_U.detach() \
-        if hasattr(model.ln_final, "w") else sae.W_dec.detach()[:2] @ model.W_U.detach()
+    expected = (
+        (sae.W_dec.detach()[:2] * model.ln_final.w.detach()) @ model.W_U.detach()
+        if hasattr(model.ln_final, "w")
+        else sae.W_dec.detach()[:2] @ model.W_U.detach()
+    )
     torch.testing.assert_close(W, expected)
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline.core.dictionary import CoderSettings, Dictionary
+from pipeline.core.matryoshka import matryoshka_groups
 from pipeline.evals.dictionary_sae import DictionarySAE
 from pipeline.evals.sae_lens_io import load_sae_lens, save_sae_lens
-from pipeline.core.matryoshka import matryoshka_groups
 
 D_IN, K, k = 32, 96, 5
 
@@ -20,8 +20,12 @@ def _dictionary(nonnegative=True, centre=False, groups=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     atoms = torch.randn(K, D_IN, generator=g)
     atoms = atoms / atoms.norm(dim=1, keepdim=True)
-    return Dictionary(atoms, CoderSettings(k=k, nonnegative=nonnegative),
-                      centre=torch.randn(D_IN, generator=g) if centre else None, groups=groups)
+    return Dictionary(
+        atoms,
+        CoderSettings(k=k, nonnegative=nonnegative),
+        centre=torch.randn(D_IN, generator=g) if centre else None,
+        groups=groups,
+    )
 
 
 def _x(*shape, seed=1):
@@ -91,8 +95,9 @@ def test_saebench_checks_and_test_sae_style_forward(tiny_hooked_model):
     assert sae.check_decoder_norms() and check_decoder_norms(sae.W_dec.data)
     sae_id, std, _ = load_and_format_sae("dbksvd", sae, "cpu")
     assert sae_id == "custom_sae" and std.cfg.metadata.hook_name == hook
-    _, cache = model.run_with_cache("the old house near the river", prepend_bos=True, names_filter=[hook],
-                                    stop_at_layer=2)
+    _, cache = model.run_with_cache(
+        "the old house near the river", prepend_bos=True, names_filter=[hook], stop_at_layer=2
+    )
     acts = cache[hook]
     encoded = sae.encode(acts)
     decoded = sae.decode(encoded)

@@ -28,11 +28,24 @@ def _ctx(tmp_path: Path, e: EvalConfig, model_name: str = "tiny-local", hub: boo
     from pipeline.data.config import ModelConfig
 
     record = SAERecord("sae", {"name": "sae"}, sae=object())
-    return EvalContext(model=None, model_config=ModelConfig(name=model_name), n_params=0, saes=[record],
-                       results_dir=tmp_path / "eval_results", artifacts_dir=tmp_path / "artifacts", device="cpu",
-                       llm_dtype="float32", llm_batch_size=e.llm_batch_size, force_rerun=e.force_rerun, store=None,
-                       text_source=None, labelled=None, eval=e, hub_reachable=hub,
-                       info={"sizes": {}, "notes": []})
+    return EvalContext(
+        model=None,
+        model_config=ModelConfig(name=model_name),
+        n_params=0,
+        saes=[record],
+        results_dir=tmp_path / "eval_results",
+        artifacts_dir=tmp_path / "artifacts",
+        device="cpu",
+        llm_dtype="float32",
+        llm_batch_size=e.llm_batch_size,
+        force_rerun=e.force_rerun,
+        store=None,
+        text_source=None,
+        labelled=None,
+        eval=e,
+        hub_reachable=hub,
+        info={"sizes": {}, "notes": []},
+    )
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -56,18 +69,24 @@ def test_registry_covers_every_metric_node_of_the_schema():
     from pipeline.evals.config import CoreConfig, MetricConfig
 
     hints = typing.get_type_hints(EvalConfig)
-    nodes = {f.name for f in dataclasses.fields(EvalConfig)
-             if isinstance(hints[f.name], type) and issubclass(hints[f.name], (CoreConfig, MetricConfig))}
+    nodes = {
+        f.name
+        for f in dataclasses.fields(EvalConfig)
+        if isinstance(hints[f.name], type) and issubclass(hints[f.name], (CoreConfig, MetricConfig))
+    }
     assert nodes == set(REGISTRY)
 
 
-@pytest.mark.parametrize("metric, model_name, needle", [
-    ("autointerp", "tiny-local", "no judge: autointerp asks an LLM"),
-    ("ravel", "tiny-local", "RAVEL supports only"),
-    ("ravel", "gemma-2-2b", "hub is unreachable"),
-    ("unlearning", "tiny-local", "instruction-tuned"),
-    ("unlearning", "gemma-2-2b-it", "from the hub; unreachable"),
-])
+@pytest.mark.parametrize(
+    "metric, model_name, needle",
+    [
+        ("autointerp", "tiny-local", "no judge: autointerp asks an LLM"),
+        ("ravel", "tiny-local", "RAVEL supports only"),
+        ("ravel", "gemma-2-2b", "hub is unreachable"),
+        ("unlearning", "tiny-local", "instruction-tuned"),
+        ("unlearning", "gemma-2-2b-it", "from the hub; unreachable"),
+    ],
+)
 def test_missing_requirement_is_a_skip_reason(tmp_path, monkeypatch, metric, model_name, needle):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     ctx = _ctx(tmp_path, parse_eval_config(_preset()), model_name=model_name)
@@ -115,8 +134,13 @@ def test_a_failing_metric_is_recorded_and_the_others_still_run(tmp_path, monkeyp
     ctx = _ctx(tmp_path, parse_eval_config(_preset()))
     outcome = run_metrics(ctx, ["core", "ravel", "unlearning"])
     assert outcome.failed == [{"metric": "core", "error": "RuntimeError: boom"}]
-    assert outcome.skipped == [{"what": "metric:unlearning", "sae": "sae",
-                                "reason": "SAEBench wrote no result file for this SAE (see the stage log)"}]
+    assert outcome.skipped == [
+        {
+            "what": "metric:unlearning",
+            "sae": "sae",
+            "reason": "SAEBench wrote no result file for this SAE (see the stage log)",
+        }
+    ]
     assert list(outcome.timings) == ["core", "ravel", "unlearning"]
     assert (tmp_path / "eval_results" / "ravel" / "sae_custom_sae_eval_results.json").is_file()
 
@@ -130,8 +154,7 @@ def test_saebench_config_gets_the_stage_values(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ schema
-@pytest.mark.parametrize("metric", ["absorption", "sparse_probing", "scr", "tpp", "autointerp", "ravel",
-                                    "unlearning"])
+@pytest.mark.parametrize("metric", ["absorption", "sparse_probing", "scr", "tpp", "autointerp", "ravel", "unlearning"])
 def test_unknown_metric_config_key_fails_naming_it(metric):
     raw = _preset()
     raw[metric]["config"] = {**raw[metric]["config"], "bogus_key": 1}
@@ -140,14 +163,17 @@ def test_unknown_metric_config_key_fails_naming_it(metric):
         validate_eval_config(e)
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda r: r.update(bogus=1), r"eval\.bogus"),
-    (lambda r: r["core"].update(bogus=1), r"eval\.core\.bogus"),
-    (lambda r: r["labelled"].pop("min_words"), r"eval\.labelled\.min_words"),
-    (lambda r: r.pop("tpp"), r"eval\.tpp"),
-    (lambda r: r.update(llm_batch_size="many"), r"eval\.llm_batch_size"),
-    (lambda r: r.update(hub_baselines=[{"release": "x", "zzz": 1}]), r"eval\.hub_baselines\[0\]\.zzz"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda r: r.update(bogus=1), r"eval\.bogus"),
+        (lambda r: r["core"].update(bogus=1), r"eval\.core\.bogus"),
+        (lambda r: r["labelled"].pop("min_words"), r"eval\.labelled\.min_words"),
+        (lambda r: r.pop("tpp"), r"eval\.tpp"),
+        (lambda r: r.update(llm_batch_size="many"), r"eval\.llm_batch_size"),
+        (lambda r: r.update(hub_baselines=[{"release": "x", "zzz": 1}]), r"eval\.hub_baselines\[0\]\.zzz"),
+    ],
+)
 def test_parse_eval_config_names_the_bad_key(change, match):
     raw = copy.deepcopy(_preset())
     change(raw)
@@ -155,11 +181,14 @@ def test_parse_eval_config_names_the_bad_key(change, match):
         parse_eval_config(raw)
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda r: r.update(metrics=["core", "nonsense"]), "nonsense"),
-    (lambda r: r.update(saes=["dictionary", "dictionary"]), "twice"),
-    (lambda r: r.update(hub_baselines=[{"release": "x"}]), r"eval\.hub_baselines\[0\]"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda r: r.update(metrics=["core", "nonsense"]), "nonsense"),
+        (lambda r: r.update(saes=["dictionary", "dictionary"]), "twice"),
+        (lambda r: r.update(hub_baselines=[{"release": "x"}]), r"eval\.hub_baselines\[0\]"),
+    ],
+)
 def test_validate_eval_config_rejects(change, match):
     raw = copy.deepcopy(_preset())
     change(raw)
@@ -183,7 +212,7 @@ def test_mean_max_abs_cos_normalises_rows():
     W = torch.eye(4)
     assert mean_max_abs_cos(W) == 0.0
     V = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
-    expect = 2 ** -0.5  # each row's best |cos| is 1/sqrt(2)
+    expect = 2**-0.5  # each row's best |cos| is 1/sqrt(2)
     assert abs(mean_max_abs_cos(V) - expect) < 1e-6
     assert abs(mean_max_abs_cos(V * torch.tensor([[3.0], [0.1], [7.0]])) - expect) < 1e-6
-    assert abs(mean_max_abs_cos(torch.cat([V, -V[:1]]), block=2) - (1 + 2 ** -0.5 * 2 + 1) / 4) < 1e-6
+    assert abs(mean_max_abs_cos(torch.cat([V, -V[:1]]), block=2) - (1 + 2**-0.5 * 2 + 1) / 4) < 1e-6

@@ -19,8 +19,15 @@ import yaml
 from pipeline.evals.config import parse_eval_config, validate_eval_config
 from pipeline.evals.metrics import REGISTRY, EvalContext, MetricOutcome, run_metric
 from pipeline.evals.metrics.ravel import check_batch_sizes, check_pairs
-from pipeline.evals.ravel_data import (BASE_SUBDIR, STAGED_PREFIX, base_dir, check_ravel_data, ravel_file_names,
-                                       stage_ravel_data, write_ravel_data)
+from pipeline.evals.ravel_data import (
+    BASE_SUBDIR,
+    STAGED_PREFIX,
+    base_dir,
+    check_ravel_data,
+    ravel_file_names,
+    stage_ravel_data,
+    write_ravel_data,
+)
 from pipeline.evals.ravel_model import resolve_ravel_model
 from pipeline.evals.sae_records import SAERecord
 
@@ -33,10 +40,17 @@ LAYER = 15  # conf/model/smollm2_135m.yaml's layer
 #: templates below (probed greedily on 50 cities and 9 templates; these are among the best answered: 47 of these
 #: 48 prompts, Tokyo's first continent template ("... Japan") is the miss).
 CITIES = {
-    "Paris": ("France", "Europe"), "Berlin": ("Germany", "Europe"), "Madrid": ("Spain", "Europe"),
-    "Rome": ("Italy", "Europe"), "Moscow": ("Russia", "Europe"), "Athens": ("Greece", "Europe"),
-    "Tokyo": ("Japan", "Asia"), "Mumbai": ("India", "Asia"), "Shanghai": ("China", "Asia"),
-    "Cairo": ("Egypt", "Africa"), "Mexico City": ("Mexico", "North America"),
+    "Paris": ("France", "Europe"),
+    "Berlin": ("Germany", "Europe"),
+    "Madrid": ("Spain", "Europe"),
+    "Rome": ("Italy", "Europe"),
+    "Moscow": ("Russia", "Europe"),
+    "Athens": ("Greece", "Europe"),
+    "Tokyo": ("Japan", "Asia"),
+    "Mumbai": ("India", "Asia"),
+    "Shanghai": ("China", "Asia"),
+    "Cairo": ("Egypt", "Africa"),
+    "Mexico City": ("Mexico", "North America"),
     "Rio de Janeiro": ("Brazil", "South America"),
 }
 TEMPLATES = {
@@ -46,15 +60,20 @@ TEMPLATES = {
 SELECTION = {"city": ["Country", "Continent"]}
 
 
-def write_cities(folder: Path, cities: dict[str, tuple[str, str]] = CITIES,
-                 templates: dict[str, list[str]] = TEMPLATES) -> Path:
+def write_cities(
+    folder: Path, cities: dict[str, tuple[str, str]] = CITIES, templates: dict[str, list[str]] = TEMPLATES
+) -> Path:
     """The city data set in RAVEL's layout (``folder/base/``): first template of each attribute train, second
     val; every other entity val."""
     attrs = list(templates)
     return write_ravel_data(
-        folder, "city", {c: dict(zip(attrs, labels)) for c, labels in cities.items()}, templates,
+        folder,
+        "city",
+        {c: dict(zip(attrs, labels)) for c, labels in cities.items()},
+        templates,
         {c: ("train" if i % 2 == 0 else "val") for i, c in enumerate(cities)},
-        {t: ("train" if j == 0 else "val") for ts in templates.values() for j, t in enumerate(ts)})
+        {t: ("train" if j == 0 else "val") for ts in templates.values() for j, t in enumerate(ts)},
+    )
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -72,16 +91,36 @@ def eval_node(ravel: dict[str, Any] | None = None) -> Any:
     return e
 
 
-def make_ctx(tmp_path: Path, e: Any, model_name: str = "tiny-local", hub: bool = False, path: str | None = None,
-             saes: list[SAERecord] | None = None, n_params: int = 0, batch: int | None = None) -> EvalContext:
+def make_ctx(
+    tmp_path: Path,
+    e: Any,
+    model_name: str = "tiny-local",
+    hub: bool = False,
+    path: str | None = None,
+    saes: list[SAERecord] | None = None,
+    n_params: int = 0,
+    batch: int | None = None,
+) -> EvalContext:
     from pipeline.data.config import ModelConfig
 
-    return EvalContext(model=None, model_config=ModelConfig(name=model_name, path=path, layer=LAYER),
-                       n_params=n_params, saes=saes or [SAERecord("sae", {"name": "sae"}, sae=object())],
-                       results_dir=tmp_path / "eval_results", artifacts_dir=tmp_path / "artifacts", device="cpu",
-                       llm_dtype="float32", llm_batch_size=batch or e.llm_batch_size, force_rerun=False,
-                       store=None, text_source=None, labelled=None, eval=e, hub_reachable=hub,
-                       info={"sizes": {}, "notes": []})
+    return EvalContext(
+        model=None,
+        model_config=ModelConfig(name=model_name, path=path, layer=LAYER),
+        n_params=n_params,
+        saes=saes or [SAERecord("sae", {"name": "sae"}, sae=object())],
+        results_dir=tmp_path / "eval_results",
+        artifacts_dir=tmp_path / "artifacts",
+        device="cpu",
+        llm_dtype="float32",
+        llm_batch_size=batch or e.llm_batch_size,
+        force_rerun=False,
+        store=None,
+        text_source=None,
+        labelled=None,
+        eval=e,
+        hub_reachable=hub,
+        info={"sizes": {}, "notes": []},
+    )
 
 
 class _Cfg:  # an SAE's cfg as SAEBench reads it (hook_name / hook_layer)
@@ -116,11 +155,14 @@ def test_missing_files_are_named_with_the_fix(tmp_path):
     assert "is not a folder" in check_ravel_data(tmp_path / "nowhere", SELECTION)
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda c, t: (c, {"Country": t["Country"]}), "attribute 'Continent' has no templates"),
-    (lambda c, t: (c, {**t, "Country": ["%s and %s are in the country of"]}), "exactly one %s"),
-    (lambda c, t: ({k: ("France", v[1]) for k, v in c.items()}, t), "fewer than two distinct labels"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda c, t: (c, {"Country": t["Country"]}), "attribute 'Continent' has no templates"),
+        (lambda c, t: (c, {**t, "Country": ["%s and %s are in the country of"]}), "exactly one %s"),
+        (lambda c, t: ({k: ("France", v[1]) for k, v in c.items()}, t), "fewer than two distinct labels"),
+    ],
+)
 def test_data_contents_saebench_would_crash_on_are_named(tmp_path, change, needle):
     cities, templates = change(CITIES, TEMPLATES)
     folder = write_cities(tmp_path / "ravel", cities, templates)
@@ -152,11 +194,22 @@ def test_staging_copies_into_the_artifacts_and_never_writes_the_users_folder(tmp
 
 
 # ------------------------------------------------------------------------------------------ skip reasons
-@pytest.mark.parametrize("model_name, hub, needles", [
-    ("tiny-local", False, ["RAVEL supports only", "eval.ravel.model_dir", "no RAVEL data", "eval.ravel.data_dir"]),
-    ("gemma-2-2b", False, ["'google/gemma-2-2b' from the Hugging Face hub and the hub is unreachable",
-                           "eval.ravel.model_dir", "no RAVEL data", "eval.ravel.data_dir"]),
-])
+@pytest.mark.parametrize(
+    "model_name, hub, needles",
+    [
+        ("tiny-local", False, ["RAVEL supports only", "eval.ravel.model_dir", "no RAVEL data", "eval.ravel.data_dir"]),
+        (
+            "gemma-2-2b",
+            False,
+            [
+                "'google/gemma-2-2b' from the Hugging Face hub and the hub is unreachable",
+                "eval.ravel.model_dir",
+                "no RAVEL data",
+                "eval.ravel.data_dir",
+            ],
+        ),
+    ],
+)
 def test_skip_reason_names_everything_missing_and_the_key(tmp_path, model_name, hub, needles):
     ctx = make_ctx(tmp_path, eval_node(), model_name=model_name, hub=hub)
     reason = REGISTRY["ravel"].requirements(ctx)
@@ -175,8 +228,16 @@ def test_only_the_missing_data_is_named_when_the_model_is_local(tmp_path, tiny_h
     ctx = make_ctx(tmp_path, eval_node({"model_dir": str(tiny_hf_dir)}))
     reason = REGISTRY["ravel"].requirements(ctx)
     assert reason.startswith("no RAVEL data") and "eval.ravel.model_dir" not in reason
-    ctx = make_ctx(tmp_path, eval_node({"model_dir": str(tiny_hf_dir), "data_dir": str(write_cities(tmp_path / "d")),
-                                        "config": {"entity_attribute_selection": SELECTION}}))
+    ctx = make_ctx(
+        tmp_path,
+        eval_node(
+            {
+                "model_dir": str(tiny_hf_dir),
+                "data_dir": str(write_cities(tmp_path / "d")),
+                "config": {"entity_attribute_selection": SELECTION},
+            }
+        ),
+    )
     assert REGISTRY["ravel"].requirements(ctx) is None
 
 
@@ -226,8 +287,13 @@ def test_sizes_that_cannot_fill_a_batch_fail_before_loading_anything(tmp_path, t
     with pytest.raises(ValueError, match=r"num_pairs_per_attribute=2 gives at most 4 pairs.*llm_batch_size=4"):
         check_batch_sizes(2, 0.7, 4)
     check_batch_sizes(12, 0.7, 4)  # 24 pairs: 16 train / 8 validation
-    e = eval_node({"model_dir": str(tiny_hf_dir), "data_dir": str(write_cities(tmp_path / "d")),
-                   "config": {"entity_attribute_selection": SELECTION, "num_pairs_per_attribute": 3}})
+    e = eval_node(
+        {
+            "model_dir": str(tiny_hf_dir),
+            "data_dir": str(write_cities(tmp_path / "d")),
+            "config": {"entity_attribute_selection": SELECTION, "num_pairs_per_attribute": 3},
+        }
+    )
     outcome = MetricOutcome()
     run_metric(make_ctx(tmp_path, e, batch=8), "ravel", outcome)
     assert outcome.skipped == [] and len(outcome.failed) == 1
@@ -245,13 +311,19 @@ def test_pairs_the_model_answered_are_checked_before_saebench_builds_its_dataloa
     labels = {"Country": ["France", "Japan"] * 6, "Continent": ["Europe", "Asia"] * 6}
     check_pairs(labels, "city", "Country", ["Continent"], _config())  # 12 + 12 pairs: 16 / 8
     with pytest.raises(ValueError, match=r"3 cause \+ 3 isolation pairs, 4 train / 2 validation.*llm_batch_size=4"):
-        check_pairs({"Country": ["France", "Japan", "Peru"], "Continent": labels["Continent"]}, "city", "Country",
-                    ["Continent"], _config())
+        check_pairs(
+            {"Country": ["France", "Japan", "Peru"], "Continent": labels["Continent"]},
+            "city",
+            "Country",
+            ["Continent"],
+            _config(),
+        )
     with pytest.raises(ValueError, match="or no isolation pair"):
         check_pairs({"Country": labels["Country"]}, "city", "Country", ["Continent"], _config())
     with pytest.raises(ValueError, match=r"one label \['France'\]"):
-        check_pairs({"Country": ["France"] * 12, "Continent": labels["Continent"]}, "city", "Country",
-                    ["Continent"], _config())
+        check_pairs(
+            {"Country": ["France"] * 12, "Continent": labels["Continent"]}, "city", "Country", ["Continent"], _config()
+        )
 
 
 # ------------------------------------------------------------------------------------------ get_module
@@ -308,7 +380,8 @@ def test_local_pretrained_loads_the_folder_frozen(tiny_hf_dir):
     from pipeline.evals.saebench_patches import LocalPretrained
 
     model = LocalPretrained(AutoModelForCausalLM, {"some/name": str(tiny_hf_dir)}, freeze=True).from_pretrained(
-        "some/name")
+        "some/name"
+    )
     assert model.config.architectures == ["LlamaForCausalLM"]
     assert not any(p.requires_grad for p in model.parameters())
 
@@ -357,19 +430,36 @@ def test_saebench_ravel_runs_offline_on_smollm2(tmp_path, smollm2_dir):
     texts = [TEMPLATES["Country"][0] % c for c in CITIES]
     sae, n_params = residual_dictionary_sae(smollm2_dir, texts)
     other = SAERecord("mlp_sae", {}, sae=_Sae(f"blocks.{LAYER}.hook_mlp_out", LAYER))
-    e = eval_node({"data_dir": str(data), "config": {
-        "entity_attribute_selection": SELECTION, "top_n_entities": 12, "num_pairs_per_attribute": 12,
-        "num_epochs": 1, "n_generated_tokens": 2, "full_dataset_downsample": 1000}})
-    ctx = make_ctx(tmp_path, e, model_name=SMOLLM2, saes=[SAERecord("dict", {"name": "dict"}, sae=sae), other],
-                   n_params=n_params, batch=4)
+    e = eval_node(
+        {
+            "data_dir": str(data),
+            "config": {
+                "entity_attribute_selection": SELECTION,
+                "top_n_entities": 12,
+                "num_pairs_per_attribute": 12,
+                "num_epochs": 1,
+                "n_generated_tokens": 2,
+                "full_dataset_downsample": 1000,
+            },
+        }
+    )
+    ctx = make_ctx(
+        tmp_path,
+        e,
+        model_name=SMOLLM2,
+        saes=[SAERecord("dict", {"name": "dict"}, sae=sae), other],
+        n_params=n_params,
+        batch=4,
+    )
     grad = torch.is_grad_enabled()
     t0 = time.perf_counter()
     outcome = MetricOutcome()
     run_metric(ctx, "ravel", outcome)
     print(f"RAVEL on SmolLM2-135M: {time.perf_counter() - t0:.1f} s")
     assert outcome.failed == []
-    assert outcome.skipped == [{"what": "metric:ravel", "sae": "mlp_sae",
-                                "reason": REGISTRY["ravel"].no_result_reason(ctx, None)}]
+    assert outcome.skipped == [
+        {"what": "metric:ravel", "sae": "mlp_sae", "reason": REGISTRY["ravel"].no_result_reason(ctx, None)}
+    ]
     result = json.loads(ctx.saes[0].result_path(ctx.results_dir, "ravel").read_text())
     scores = result["eval_result_metrics"]["ravel"]
     print("RAVEL scores:", scores, result["eval_result_unstructured"])

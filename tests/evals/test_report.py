@@ -13,36 +13,65 @@ from omegaconf import OmegaConf
 
 
 def _result(arch: str, width: int, metrics: dict) -> dict:
-    return {"eval_type_id": "x", "eval_result_metrics": metrics,
-            "sae_cfg_dict": {"architecture": arch, "d_sae": width}}
+    return {"eval_type_id": "x", "eval_result_metrics": metrics, "sae_cfg_dict": {"architecture": arch, "d_sae": width}}
 
 
 def _fake_eval_folder(root: Path, name: str, K: int, k: int, ce: float, kl: float) -> Path:
     folder = root / name
     res = folder / "eval_results"
-    saes = [{"name": f"dbksvd_plain_K{K}_k{k}", "kind": "dictionary", "architecture": "dbksvd", "width": K, "k": k,
-             "l0": k - 0.5, "fvu": 0.2, "dead_fraction": 0.01, "mean_max_abs_cos": 0.4,
-             "history": [{"iteration": i, "fvu": 0.5 / (i + 1)} for i in range(5)]},
-            {"name": f"topk_K{K}_k{k}", "kind": "topk", "architecture": "topk", "width": K, "k": k,
-             "l0": float(k), "fvu": 0.25, "dead_fraction": 0.1, "mean_max_abs_cos": 0.3}]
+    saes = [
+        {
+            "name": f"dbksvd_plain_K{K}_k{k}",
+            "kind": "dictionary",
+            "architecture": "dbksvd",
+            "width": K,
+            "k": k,
+            "l0": k - 0.5,
+            "fvu": 0.2,
+            "dead_fraction": 0.01,
+            "mean_max_abs_cos": 0.4,
+            "history": [{"iteration": i, "fvu": 0.5 / (i + 1)} for i in range(5)],
+        },
+        {
+            "name": f"topk_K{K}_k{k}",
+            "kind": "topk",
+            "architecture": "topk",
+            "width": K,
+            "k": k,
+            "l0": float(k),
+            "fvu": 0.25,
+            "dead_fraction": 0.1,
+            "mean_max_abs_cos": 0.3,
+        },
+    ]
     for s in saes:
-        core = {"sparsity": {"l0": s["l0"], "l1": 1.0},
-                "model_performance_preservation": {"ce_loss_score": ce if s["kind"] == "dictionary" else 0.8},
-                "model_behavior_preservation": {"kl_div_score": kl}}
+        core = {
+            "sparsity": {"l0": s["l0"], "l1": 1.0},
+            "model_performance_preservation": {"ce_loss_score": ce if s["kind"] == "dictionary" else 0.8},
+            "model_behavior_preservation": {"kl_div_score": kl},
+        }
         (res / "core").mkdir(parents=True, exist_ok=True)
         (res / "core" / f"{s['name']}_custom_sae_eval_results.json").write_text(
-            json.dumps(_result(s["architecture"], K, core)))
+            json.dumps(_result(s["architecture"], K, core))
+        )
         (res / "sparse_probing").mkdir(parents=True, exist_ok=True)
         (res / "sparse_probing" / f"{s['name']}_custom_sae_eval_results.json").write_text(
-            json.dumps(_result(s["architecture"], K, {"sae": {"sae_top_1_test_accuracy": 0.7}})))
+            json.dumps(_result(s["architecture"], K, {"sae": {"sae_top_1_test_accuracy": 0.7}}))
+        )
     (folder / "saes.json").write_text(json.dumps(saes))
     (folder / "skipped.json").write_text(json.dumps([{"what": "metric:autointerp", "reason": "no judge API key"}]))
     (folder / "failed.json").write_text("[]")
-    (folder / "eval_info.json").write_text(json.dumps({"model": {"name": "m", "n_params": 1e8, "hook": "h"},
-                                                       "sizes": {"core": {"n_eval_reconstruction_batches": 3}},
-                                                       "timings_s": {"core": 1.0}, "total_eval_s": 1.0,
-                                                       "notes": [{"metric": "absorption", "low_confidence": True,
-                                                                  "note": "small model"}]}))
+    (folder / "eval_info.json").write_text(
+        json.dumps(
+            {
+                "model": {"name": "m", "n_params": 1e8, "hook": "h"},
+                "sizes": {"core": {"n_eval_reconstruction_batches": 3}},
+                "timings_s": {"core": 1.0},
+                "total_eval_s": 1.0,
+                "notes": [{"metric": "absorption", "low_confidence": True, "note": "small model"}],
+            }
+        )
+    )
     return folder
 
 
@@ -97,15 +126,40 @@ def _core_metrics(l0: float, ce: float, kl: float, ev: float | None = None, lega
         rq["explained_variance"] = ev
     if legacy is not None:
         rq["explained_variance_legacy"] = legacy
-    return {"sparsity": {"l0": l0}, "reconstruction_quality": rq,
-            "model_performance_preservation": {"ce_loss_score": ce},
-            "model_behavior_preservation": {"kl_div_score": kl}}
+    return {
+        "sparsity": {"l0": l0},
+        "reconstruction_quality": rq,
+        "model_performance_preservation": {"ce_loss_score": ce},
+        "model_behavior_preservation": {"kl_div_score": kl},
+    }
 
 
-def _desc(name: str, kind: str, arch: str, width: int, k: int, *, budget: dict | None = None,
-          curve: list | None = None, fvu: float = 0.2, **extra) -> dict:
-    d = {"name": name, "kind": kind, "architecture": arch, "width": width, "k": k, "signed": False, "fvu": fvu,
-         "l0": float(k), "dead_fraction": 0.0, "mean_max_abs_cos": 0.3, "heldout_rows": 9891, **extra}
+def _desc(
+    name: str,
+    kind: str,
+    arch: str,
+    width: int,
+    k: int,
+    *,
+    budget: dict | None = None,
+    curve: list | None = None,
+    fvu: float = 0.2,
+    **extra,
+) -> dict:
+    d = {
+        "name": name,
+        "kind": kind,
+        "architecture": arch,
+        "width": width,
+        "k": k,
+        "signed": False,
+        "fvu": fvu,
+        "l0": float(k),
+        "dead_fraction": 0.0,
+        "mean_max_abs_cos": 0.3,
+        "heldout_rows": 9891,
+        **extra,
+    }
     if budget is not None:
         d["budget"] = budget
     if curve is not None:
@@ -113,22 +167,37 @@ def _desc(name: str, kind: str, arch: str, width: int, k: int, *, budget: dict |
     return d
 
 
-def _write_folder(folder: Path, descs: list[dict], *, saebench_arch: dict | None = None, ev: dict | None = None,
-                  legacy: dict | None = None, fit_positions: dict | None = None) -> Path:
+def _write_folder(
+    folder: Path,
+    descs: list[dict],
+    *,
+    saebench_arch: dict | None = None,
+    ev: dict | None = None,
+    legacy: dict | None = None,
+    fit_positions: dict | None = None,
+) -> Path:
     """saes.json + a core result per SAE (+ core_fit_positions results for the names in ``fit_positions``)."""
     res = folder / "eval_results"
     (res / "core").mkdir(parents=True, exist_ok=True)
     for i, d in enumerate(descs):
         arch = (saebench_arch or {}).get(d["name"], d["architecture"])
         core = _core_metrics(d["l0"], 0.9 - 0.01 * i, 0.95, (ev or {}).get(d["name"]), (legacy or {}).get(d["name"]))
-        result = {**_result(arch, d["width"], core),
-                  "eval_config": {"dataset": "local text", "exclude_special_tokens_from_reconstruction": False}}
+        result = {
+            **_result(arch, d["width"], core),
+            "eval_config": {"dataset": "local text", "exclude_special_tokens_from_reconstruction": False},
+        }
         (res / "core" / f"{d['name']}_custom_sae_eval_results.json").write_text(json.dumps(result))
         if fit_positions and d["name"] in fit_positions:
             (res / "core_fit_positions").mkdir(parents=True, exist_ok=True)
             ce, kl = fit_positions[d["name"]]
-            fp = _result(arch, d["width"], {"model_performance_preservation": {"ce_loss_score": ce},
-                                            "model_behavior_preservation": {"kl_div_score": kl}})
+            fp = _result(
+                arch,
+                d["width"],
+                {
+                    "model_performance_preservation": {"ce_loss_score": ce},
+                    "model_behavior_preservation": {"kl_div_score": kl},
+                },
+            )
             (res / "core_fit_positions" / f"{d['name']}_custom_sae_eval_results.json").write_text(json.dumps(fp))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "saes.json").write_text(json.dumps(descs))
@@ -139,46 +208,97 @@ def _curve(seconds: list[float], fvus: list[float]) -> list[dict]:
     return [{"seconds": s, "samples": 16384 * (i + 1), "fvu": f} for i, (s, f) in enumerate(zip(seconds, fvus))]
 
 
-DICT_BUDGET = {"mode": "fit", "seconds": 300.2, "samples": 753664, "updates": 40, "device": "cpu", "factor": 1.0,
-               "target_seconds": None, "target_samples": None}
+DICT_BUDGET = {
+    "mode": "fit",
+    "seconds": 300.2,
+    "samples": 753664,
+    "updates": 40,
+    "device": "cpu",
+    "factor": 1.0,
+    "target_seconds": None,
+    "target_samples": None,
+}
 
 
 def _comparison_descs(topk_device: str = "cpu") -> list[dict]:
     """Written out of order on purpose: the report sorts them."""
     eq = {"mode": "equal_time", "factor": 1.0, "target_seconds": 300.2, "target_samples": None}
     return [
-        _desc("topk_K2048_k32", "baseline", "topk", 2048, 32, fvu=0.13,
-              budget={**eq, "seconds": 301.5, "samples": 753664, "steps": 736, "device": topk_device},
-              curve=_curve([7.4, 150.0, 300.0], [0.42, 0.2, 0.15])),
-        _desc("batchtopk_K2048_k32", "baseline", "batchtopk", 2048, 32, fvu=0.12,
-              budget={**eq, "seconds": 302.0, "samples": 700416, "steps": 684, "device": "cpu"},
-              curve=_curve([8.0, 290.0], [0.5, 0.14])),
-        _desc("topk_K1024_k32", "baseline", "topk", 1024, 32, fvu=0.18,
-              budget={**eq, "seconds": 300.9, "samples": 800000, "steps": 781, "device": "cpu"}),
-        _desc("dbksvd_K2048_k32", "dictionary", "dbksvd", 2048, 32, fvu=0.11, budget=DICT_BUDGET,
-              curve=_curve([10.0, 100.0, 300.0], [0.6, 0.2, 0.12]),
-              heldout_positions_note="special tokens (412) and attention-sink outliers (37) left out",
-              history=[{"iteration": i, "fvu": 0.5 / (i + 1), "seconds": 7.5 * i} for i in range(4)]),
+        _desc(
+            "topk_K2048_k32",
+            "baseline",
+            "topk",
+            2048,
+            32,
+            fvu=0.13,
+            budget={**eq, "seconds": 301.5, "samples": 753664, "steps": 736, "device": topk_device},
+            curve=_curve([7.4, 150.0, 300.0], [0.42, 0.2, 0.15]),
+        ),
+        _desc(
+            "batchtopk_K2048_k32",
+            "baseline",
+            "batchtopk",
+            2048,
+            32,
+            fvu=0.12,
+            budget={**eq, "seconds": 302.0, "samples": 700416, "steps": 684, "device": "cpu"},
+            curve=_curve([8.0, 290.0], [0.5, 0.14]),
+        ),
+        _desc(
+            "topk_K1024_k32",
+            "baseline",
+            "topk",
+            1024,
+            32,
+            fvu=0.18,
+            budget={**eq, "seconds": 300.9, "samples": 800000, "steps": 781, "device": "cpu"},
+        ),
+        _desc(
+            "dbksvd_K2048_k32",
+            "dictionary",
+            "dbksvd",
+            2048,
+            32,
+            fvu=0.11,
+            budget=DICT_BUDGET,
+            curve=_curve([10.0, 100.0, 300.0], [0.6, 0.2, 0.12]),
+            heldout_positions_note="special tokens (412) and attention-sink outliers (37) left out",
+            history=[{"iteration": i, "fvu": 0.5 / (i + 1), "seconds": 7.5 * i} for i in range(4)],
+        ),
     ]
 
 
 def _table(md: str) -> list[list[str]]:
     """The rows of the Metrics table as cell lists (header first)."""
     block = md.split("## Metrics", 1)[1].split("\n\n", 2)[1]
-    return [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
-            for line in block.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    return [
+        [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        for line in block.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]
 
 
 def test_sorted_by_architecture_with_budget_columns(tmp_path):
     from pipeline.evals.report import write_report
 
-    folder = _write_folder(tmp_path / "evaluate-x", _comparison_descs(),
-                           saebench_arch={"batchtopk_K2048_k32": "jumprelu"})
+    folder = _write_folder(
+        tmp_path / "evaluate-x", _comparison_descs(), saebench_arch={"batchtopk_K2048_k32": "jumprelu"}
+    )
     md = write_report([folder], tmp_path / "out").read_text()
     table = _table(md)
     head = table[0]
-    assert head[:10] == ["SAE", "architecture", "width", "k", "budget", "wall s", "samples", "steps/updates",
-                         "device", "L0 (held-out)"]
+    assert head[:10] == [
+        "SAE",
+        "architecture",
+        "width",
+        "k",
+        "budget",
+        "wall s",
+        "samples",
+        "steps/updates",
+        "device",
+        "L0 (held-out)",
+    ]
     names = [r[0] for r in table[1:]]
     # dictionary first, then (architecture, width, k, name)
     assert names == ["`dbksvd_K2048_k32`", "`batchtopk_K2048_k32`", "`topk_K1024_k32`", "`topk_K2048_k32`"]
@@ -240,8 +360,15 @@ def test_how_to_read_differing_budgets_factor_and_no_baseline(tmp_path):
     from pipeline.evals.report import write_report
 
     descs = _comparison_descs()
-    descs[1]["budget"] = {"mode": "equal_samples", "factor": 2.0, "target_samples": 1507328, "samples": 1507328,
-                          "steps": 1472, "seconds": 640.0, "device": "cpu"}
+    descs[1]["budget"] = {
+        "mode": "equal_samples",
+        "factor": 2.0,
+        "target_samples": 1507328,
+        "samples": 1507328,
+        "steps": 1472,
+        "seconds": 640.0,
+        "device": "cpu",
+    }
     md = write_report([_write_folder(tmp_path / "a" / "evaluate-x", descs)], tmp_path / "o1").read_text()
     assert "`equal_samples`: as many training samples as the dictionary's fit saw (target 1,507,328 samples) × 2" in md
     assert "Budgets differ between baseline rows" in md
@@ -297,13 +424,18 @@ def test_metric_vs_l0_joins_a_sweep(tmp_path, monkeypatch):
     from pipeline.evals.report_plots import plot_metric_vs_l0
 
     descs = [_desc(f"topk_K1024_k{k}", "baseline", "topk", 1024, k) for k in (64, 16, 32)]
-    descs += [_desc("dbksvd_K1024_k16", "dictionary", "dbksvd", 1024, 16),
-              _desc("topk_K2048_k16", "baseline", "topk", 2048, 16)]
+    descs += [
+        _desc("dbksvd_K1024_k16", "dictionary", "dbksvd", 1024, 16),
+        _desc("topk_K2048_k16", "baseline", "topk", 2048, 16),
+    ]
     rows = load_rows([_write_folder(tmp_path / "evaluate-x", descs)])
     lines = []
     orig = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
-                        lambda self, *a, **kw: (lines.append((list(a[0]), list(a[1]))), orig(self, *a, **kw))[1])
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "plot",
+        lambda self, *a, **kw: (lines.append((list(a[0]), list(a[1]))), orig(self, *a, **kw))[1],
+    )
     assert plot_metric_vs_l0(rows, "L0 (held-out)", tmp_path, "l0").exists()
     assert lines == [([16.0, 32.0, 64.0], [16.0, 32.0, 64.0])]  # one line: the topk 1024 sweep, sorted by L0
 
@@ -314,8 +446,13 @@ def test_explained_variance_note_and_fit_positions(tmp_path):
     descs = _comparison_descs()
     ev = {d["name"]: 1.52 if d["kind"] == "dictionary" else 1.07 for d in descs}
     legacy = {d["name"]: 0.71 for d in descs}
-    folder = _write_folder(tmp_path / "evaluate-x", descs, ev=ev, legacy=legacy,
-                           fit_positions={"dbksvd_K2048_k32": (0.97, 0.93), "topk_K2048_k32": (0.88, 0.9)})
+    folder = _write_folder(
+        tmp_path / "evaluate-x",
+        descs,
+        ev=ev,
+        legacy=legacy,
+        fit_positions={"dbksvd_K2048_k32": (0.97, 0.93), "topk_K2048_k32": (0.88, 0.9)},
+    )
     md = write_report([folder], tmp_path / "out").read_text()
     table = _table(md)
     head = table[0]
@@ -332,8 +469,10 @@ def test_explained_variance_note_and_fit_positions(tmp_path):
     assert "exceeds 1 for `dbksvd_K2048_k32` (1.52)" in md
     assert "`expl. var. legacy` (SAEBench's older formula)" in md
     how = md.split("## How to read this", 1)[1].split("## Metrics", 1)[0]
-    assert "`loss recovered (fit positions)`, `KL score (fit positions)`: SAEBench core with the SAE spliced in " \
-           "only at the positions the fit trains on" in how
+    assert (
+        "`loss recovered (fit positions)`, `KL score (fit positions)`: SAEBench core with the SAE spliced in "
+        "only at the positions the fit trains on" in how
+    )
     assert "spliced in at every position" in how  # exclude_special_tokens_from_reconstruction = False
     assert (tmp_path / "out" / "core_fit_positions_vs_l0.png").exists()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -18,9 +18,20 @@ from pipeline.core.matryoshka import matryoshka_groups, total_budget
 from pipeline.core.synthetic import planted_problem
 from pipeline.evals import sae_lens_io
 from pipeline.evals.dictionary_sae import DictionarySAE
-from pipeline.evals.sae_lens_io import (APPROXIMATE, EXACT, EXACT_RECONSTRUCTION, MATCHING_PURSUIT, TOPK, closer,
-                                        encoder_agreement, load_dictionary_sae, load_sae_lens, save_sae_lens,
-                                        stock_fidelity, why_not_exact)
+from pipeline.evals.sae_lens_io import (
+    APPROXIMATE,
+    EXACT,
+    EXACT_RECONSTRUCTION,
+    MATCHING_PURSUIT,
+    TOPK,
+    closer,
+    encoder_agreement,
+    load_dictionary_sae,
+    load_sae_lens,
+    save_sae_lens,
+    stock_fidelity,
+    why_not_exact,
+)
 
 D_IN, N_ATOMS, K_SPARSE = 64, 256, 5
 #: Exact case (plain MP, max_iter = k, rtol = 0) on the planted problem below: measured 1.0000 identical supports
@@ -194,15 +205,21 @@ def test_signed_exports_as_matching_pursuit_over_the_split(tmp_path, planted_sig
     _exact_loaders_agree(path, sae, x[:300])
 
 
-@pytest.mark.parametrize("coder, phrases, steps", [
-    (dict(refit=True), ["Refit: ours re-solves least squares"], K_SPARSE),
-    (dict(refit=True, max_iter=None), ["Refit:", "Step cap: ours takes up to max_iter = 20"], K_SPARSE),
-    (dict(method="omp", max_iter=None), ["OMP: ours re-fits all coefficients"], K_SPARSE),
-    (dict(max_iter=None, candidates=16), ["Candidates:", "Step cap: ours takes up to"], K_SPARSE),
-    (dict(max_iter=None, precision="bf16"), ["Precision: ours computes the initial correlations at bf16"],
-     K_SPARSE),
-    (dict(max_iter=3), [], 3),
-])
+@pytest.mark.parametrize(
+    "coder, phrases, steps",
+    [
+        (dict(refit=True), ["Refit: ours re-solves least squares"], K_SPARSE),
+        (dict(refit=True, max_iter=None), ["Refit:", "Step cap: ours takes up to max_iter = 20"], K_SPARSE),
+        (dict(method="omp", max_iter=None), ["OMP: ours re-fits all coefficients"], K_SPARSE),
+        (dict(max_iter=None, candidates=16), ["Candidates:", "Step cap: ours takes up to"], K_SPARSE),
+        (
+            dict(max_iter=None, precision="bf16"),
+            ["Precision: ours computes the initial correlations at bf16"],
+            K_SPARSE,
+        ),
+        (dict(max_iter=3), [], 3),
+    ],
+)
 def test_other_coders_export_as_approximate_matching_pursuit(tmp_path, planted, coder, phrases, steps):
     sae = _sae(planted.D, **coder)
     path = save_sae_lens(sae, tmp_path / "mp")
@@ -258,12 +275,24 @@ def test_forced_topk_states_differences(tmp_path, planted):
 
 def test_metadata_states_differences(tmp_path, planted):
     exact = _cfg(save_sae_lens(_sae(planted.D), tmp_path / "a"))["metadata"]
-    for key in ("exact_loader", "stock_encoder", "stock_fidelity", "differences", "matches", "encoder_note",
-                "dbksvd_coder", "sae_lens_version", "hook_layer"):
+    for key in (
+        "exact_loader",
+        "stock_encoder",
+        "stock_fidelity",
+        "differences",
+        "matches",
+        "encoder_note",
+        "dbksvd_coder",
+        "sae_lens_version",
+        "hook_layer",
+    ):
         assert key in exact, key
     assert exact["stock_fidelity"] == EXACT and exact["stock_encoder"]["why_not_exact"] == []
-    assert exact["stock_encoder"]["settings"] == {"max_iterations": 5, "residual_threshold": 0.0,
-                                                  "stop_on_duplicate_support": False}
+    assert exact["stock_encoder"]["settings"] == {
+        "max_iterations": 5,
+        "residual_threshold": 0.0,
+        "stop_on_duplicate_support": False,
+    }
     assert "max_iter <= k" in exact["stock_encoder"]["exact_criterion"]
     assert "load_sae_lens" in exact["exact_loader"] and "dbksvd_disk_loader" in exact["exact_loader"]
     assert any(s.startswith("Step cap: ours takes at most max_iter = 5") for s in exact["matches"])
@@ -310,8 +339,9 @@ def test_sample_picks_topk_where_it_measures_closer(tmp_path, planted, monkeypat
     assert set(load_file(str(path / "sae_weights.safetensors"))) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     assert meta["stock_fidelity"] == APPROXIMATE and set(meta["stock_alternatives"]) == {MATCHING_PURSUIT}
     assert meta["stock_agreement"]["identical_support"] <= TOPK_MAX_IDENTICAL  # topk's own numbers
-    assert meta["stock_encoder"]["chosen_by"].split(": ", 1)[1].startswith("mean relative reconstruction "
-                                                                             "difference topk")
+    assert (
+        meta["stock_encoder"]["chosen_by"].split(": ", 1)[1].startswith("mean relative reconstruction difference topk")
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["topk"]  # no staging folder left
 
 
@@ -325,6 +355,7 @@ def test_closer_orders_by_reconstruction_then_supports():
 # ---------------------------------------------------------------------------------------------- staged write
 def test_staged_write(tmp_path, planted, monkeypatch):
     mp_sae = _sae(planted.D)
+
     # a failed first write leaves nothing behind: no folder, no staging folder
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -26,8 +26,10 @@ def _tokens(model: Any, n: int = 2, length: int = 12) -> torch.Tensor:
 
 def _zero_hook_like_saebench() -> Any:
     """A hook with the qualified name of SAEBench's zero ablation (``get_recons_loss``'s local function)."""
+
     def standard_zero_ablate_hook(acts: torch.Tensor, hook: Any) -> torch.Tensor:
         return torch.zeros_like(acts)
+
     standard_zero_ablate_hook.__qualname__ = "get_recons_loss.<locals>.standard_zero_ablate_hook"
     return standard_zero_ablate_hook
 
@@ -119,7 +121,9 @@ def _run_core(eval_inputs: dict[str, Any], tmp_path: Path, reuse_mb: float) -> t
     ctx = _ctx(eval_inputs, tmp_path, "both")
     ctx.eval.core.reuse_forwards_mb = reuse_mb
     d = ctx.model.cfg.d_model
-    ctx.saes.append(SAERecord("ruins", {"name": "ruins"}, sae=RuinsLargeNorms(d, threshold=0.0)))  # zero output: ablation
+    ctx.saes.append(
+        SAERecord("ruins", {"name": "ruins"}, sae=RuinsLargeNorms(d, threshold=0.0))
+    )  # zero output: ablation
     outcome = MetricOutcome()
     run_metric(ctx, "core", outcome)
     assert outcome.failed == [] and outcome.skipped == []

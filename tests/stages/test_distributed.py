@@ -37,8 +37,19 @@ FIT = ("dictionary.duplicate_threshold=null", "dictionary.coder.kernel=torch")
 def _torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
-           "experiment=smoke", f"output_root={root}", "distributed.timeout_s=120", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pipeline",
+        "experiment=smoke",
+        f"output_root={root}",
+        "distributed.timeout_s=120",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -46,8 +57,13 @@ def _torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _shard_list(store: Path) -> dict:
     manifest = json.loads((store / "manifest.json").read_text())
-    return {hook: {split: [(s["file"], s["rows"], s["sha256"], s["span"]) for s in entry[split]["shards"]]
-                   for split in ("train", "heldout")} for hook, entry in manifest["hooks"].items()}
+    return {
+        hook: {
+            split: [(s["file"], s["rows"], s["sha256"], s["span"]) for s in entry[split]["shards"]]
+            for split in ("train", "heldout")
+        }
+        for hook, entry in manifest["hooks"].items()
+    }
 
 
 def test_torchrun_harvest_and_fit_equal_the_one_process_stages(tmp_path):
@@ -74,7 +90,9 @@ def test_torchrun_harvest_and_fit_equal_the_one_process_stages(tmp_path):
         assert a["rows"] == b["rows"] and a["fvu"] == pytest.approx(b["fvu"], rel=1e-4)
     metrics = json.loads((folder / "metrics.json").read_text())["dictionary"]
     assert metrics["heldout_fvu"] == pytest.approx(
-        json.loads((stage_dir(_cfg(one, *FIT), "fit") / "metrics.json").read_text())["dictionary"]["heldout_fvu"], rel=1e-3)
+        json.loads((stage_dir(_cfg(one, *FIT), "fit") / "metrics.json").read_text())["dictionary"]["heldout_fvu"],
+        rel=1e-3,
+    )
     # rank 0 printed the outputs once; rank 1 did not print them at all
     assert proc.stdout.count("Outputs:") == 1
 
@@ -86,8 +104,9 @@ def test_ranks_above_zero_harvest_and_fit_and_skip_the_rest(tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(orchestrator.fit, "join_ranks", lambda cfg: "group")
     monkeypatch.setattr(orchestrator, "agree", lambda group, value: calls.append(("agree", value)) or False)
-    monkeypatch.setattr(orchestrator, "stage_runner", lambda stage: lambda cfg: calls.append(("run", stage)) or
-                        stage_dir(cfg, stage))
+    monkeypatch.setattr(
+        orchestrator, "stage_runner", lambda stage: lambda cfg: calls.append(("run", stage)) or stage_dir(cfg, stage)
+    )
     cfg = _cfg(tmp_path)
     stage_dir(cfg, "report").mkdir(parents=True)
     (stage_dir(cfg, "report") / DONE_MARKER).write_text("{}")  # a rank > 0 never removes markers

@@ -19,9 +19,14 @@ def _run(inputs, out, metrics, **kw):
     cfg = tiny_eval_config(inputs, out, metrics)
     for k, v in kw.items():
         cfg.eval[k] = v
-    return evaluate.run(cfg, run_dir=out / "evaluate", fit_dir=inputs["fit"], baselines_dir=inputs["baselines"],
-                        store_dir=inputs["store"],
-                        model=inputs["model"]), cfg
+    return evaluate.run(
+        cfg,
+        run_dir=out / "evaluate",
+        fit_dir=inputs["fit"],
+        baselines_dir=inputs["baselines"],
+        store_dir=inputs["store"],
+        model=inputs["model"],
+    ), cfg
 
 
 def _files_under(folder: Path) -> set[Path]:
@@ -45,8 +50,9 @@ def evaluated(eval_inputs, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setattr(ai.AutoInterp, "get_api_response", stub_judge)
     monkeypatch_module.setenv("OPENAI_API_KEY", "stub-key-for-tests")
     out = tmp_path_factory.mktemp("evaluate")
-    folder, cfg = _run(eval_inputs, out, ["core", "sparse_probing", "scr", "tpp", "absorption", "autointerp",
-                                          "ravel", "unlearning"])
+    folder, cfg = _run(
+        eval_inputs, out, ["core", "sparse_probing", "scr", "tpp", "absorption", "autointerp", "ravel", "unlearning"]
+    )
     return folder, cfg, package_files
 
 
@@ -108,9 +114,14 @@ def test_existing_results_kept_and_autointerp_skipped_without_key(evaluated, eva
     from stages import evaluate
 
     cfg = tiny_eval_config(eval_inputs, folder.parent, ["core", "autointerp"])
-    evaluate.run(cfg, run_dir=folder, fit_dir=eval_inputs["fit"], baselines_dir=eval_inputs["baselines"],
-                 store_dir=eval_inputs["store"],
-                 model=eval_inputs["model"])
+    evaluate.run(
+        cfg,
+        run_dir=folder,
+        fit_dir=eval_inputs["fit"],
+        baselines_dir=eval_inputs["baselines"],
+        store_dir=eval_inputs["store"],
+        model=eval_inputs["model"],
+    )
     assert core.stat().st_mtime_ns == before
     skipped = {s["what"]: s["reason"] for s in json.loads((folder / "skipped.json").read_text())}
     assert "no judge: autointerp asks an LLM" in skipped["metric:autointerp"]
@@ -125,11 +136,14 @@ def test_saes_described(evaluated):
     assert (folder / "sae_lens" / "dbksvd_plain_K64_k4" / "cfg.json").exists()
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"metrics": ["core", "nonsense"]}, "nonsense"),
-    ({"sparse_probing": {"config": {"bogus": 1}}}, r"eval\.sparse_probing\.config\.bogus"),
-    ({"bogus": 1}, r"eval\.bogus"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"metrics": ["core", "nonsense"]}, "nonsense"),
+        ({"sparse_probing": {"config": {"bogus": 1}}}, r"eval\.sparse_probing\.config\.bogus"),
+        ({"bogus": 1}, r"eval\.bogus"),
+    ],
+)
 def test_bad_eval_config_fails_before_any_work(eval_inputs, tmp_path, bad, match):
     from omegaconf import OmegaConf
 
@@ -138,9 +152,14 @@ def test_bad_eval_config_fails_before_any_work(eval_inputs, tmp_path, bad, match
     cfg = tiny_eval_config(eval_inputs, tmp_path, ["core"])
     cfg.eval = OmegaConf.merge(cfg.eval, bad)
     with pytest.raises(ValueError, match=match):
-        evaluate.run(cfg, run_dir=tmp_path / "e", fit_dir=eval_inputs["fit"], baselines_dir=eval_inputs["baselines"],
-                 store_dir=eval_inputs["store"],
-                     model=eval_inputs["model"])
+        evaluate.run(
+            cfg,
+            run_dir=tmp_path / "e",
+            fit_dir=eval_inputs["fit"],
+            baselines_dir=eval_inputs["baselines"],
+            store_dir=eval_inputs["store"],
+            model=eval_inputs["model"],
+        )
     assert not (tmp_path / "e").exists()
 
 

@@ -14,10 +14,20 @@ from tests.conftest import compose_config
 
 
 def _stage_cfg(root, tiny_hf_dir, text_files, *overrides):
-    return compose_config(f"output_root={root}", "experiment_name=tiny", "model=tiny_local",
-                          f"model.path={tiny_hf_dir}", "data=local_files", f"data.paths=[{text_files['jsonl']}]",
-                          "harvest.n_tokens=640", "harvest.context_length=16", "harvest.batch_size=4",
-                          "harvest.shard_rows=64", "harvest.progress=false", *overrides)
+    return compose_config(
+        f"output_root={root}",
+        "experiment_name=tiny",
+        "model=tiny_local",
+        f"model.path={tiny_hf_dir}",
+        "data=local_files",
+        f"data.paths=[{text_files['jsonl']}]",
+        "harvest.n_tokens=640",
+        "harvest.context_length=16",
+        "harvest.batch_size=4",
+        "harvest.shard_rows=64",
+        "harvest.progress=false",
+        *overrides,
+    )
 
 
 def test_stage_writes_into_its_layout_folder_then_reuses(tiny_hf_dir, text_files, tmp_path, monkeypatch):

@@ -112,8 +112,14 @@ def test_wandb_offline_tracks_the_fit_each_baseline_and_the_report(smoke):
 def test_changing_the_baselines_reuses_the_dictionary(smoke, monkeypatch):
     cfg, folders = smoke
     calls = _record_calls(monkeypatch)
-    cfg = _cfg(cfg.output_root, "baseline=[jumprelu]", "compare.budget=steps", "compare.steps=3", "stage=all",
-               "eval.metrics=[]")
+    cfg = _cfg(
+        cfg.output_root,
+        "baseline=[jumprelu]",
+        "compare.budget=steps",
+        "compare.steps=3",
+        "stage=all",
+        "eval.metrics=[]",
+    )
     out = orchestrator.run_pipeline(cfg)
     assert calls == ["baselines", "evaluate", "dashboards", "report"]
     assert out["fit"] == folders["fit"] and out["baselines"] != folders["baselines"]
@@ -137,7 +143,9 @@ def test_a_stage_run_alone_owns_its_folder(smoke):
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"activation store: {folders['harvest'] / STORE_DIRNAME}" in done.stdout
-    assert "every shard matches its sha256" in done.stdout + done.stderr  # a finished store is checked, not re-harvested
+    assert (
+        "every shard matches its sha256" in done.stdout + done.stderr
+    )  # a finished store is checked, not re-harvested
     cmd = [sys.executable, "-m", "stages.fit", "experiment=smoke", f"output_root={cfg.output_root}"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -195,11 +203,11 @@ def test_a_bad_key_fails_before_any_work(tmp_path, monkeypatch):
 
 
 def test_a_hydra_multirun_sweep_is_gathered_into_one_report(smoke):
-    """`python -m pipeline -m experiment=smoke dictionary.coder.k=4,8`: two fits share the store; the last report lists both."""
+    """`python -m pipeline -m experiment=smoke dictionary.coder.k=4,8`: two fits share the store; the last report
+    lists both."""
     cfg, folders = smoke
     root = Path(cfg.output_root)
-    cmd = [sys.executable, "-m", "pipeline", "-m", "experiment=smoke", f"output_root={root}",
-           "dictionary.coder.k=4,8"]
+    cmd = [sys.executable, "-m", "pipeline", "-m", "experiment=smoke", f"output_root={root}", "dictionary.coder.k=4,8"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     experiment = root / "smoke"

@@ -19,16 +19,20 @@ from tests.conftest import REPO, compose_config
 
 
 def _hydra(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
-@pytest.mark.parametrize("preset,target,keys", [
-    ("local_gpus", "hydra_joblib_launcher.joblib_launcher.JoblibLauncher", ["n_jobs: ${gpu_count:}"]),
-    ("slurm", "hydra_submitit_launcher.submitit_launcher.SlurmLauncher", ["gpus_per_node: 1", "tasks_per_node: 1"]),
-])
+@pytest.mark.parametrize(
+    "preset,target,keys",
+    [
+        ("local_gpus", "hydra_joblib_launcher.joblib_launcher.JoblibLauncher", ["n_jobs: ${gpu_count:}"]),
+        ("slurm", "hydra_submitit_launcher.submitit_launcher.SlurmLauncher", ["gpus_per_node: 1", "tasks_per_node: 1"]),
+    ],
+)
 def test_launcher_presets_compose(preset, target, keys):
     hydra_cfg = _hydra(f"launcher={preset}", "experiment=smoke", "--cfg", "hydra")
     assert target in hydra_cfg
@@ -76,9 +80,19 @@ def test_a_joblib_sweep_of_two_points_shares_one_harvest(tmp_path):
     """Two fits at once (n_jobs=2) on one harvest that neither has yet: one job harvests, the other waits on the
     lock and reuses the store; both fits finish."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "pipeline", "-m", "launcher=local_gpus", "hydra.launcher.n_jobs=2",
-            "experiment=smoke", f"output_root={tmp_path}", "dictionary.coder.k=4,8", "baseline=[]",
-            "eval.metrics=[]"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "-m",
+        "launcher=local_gpus",
+        "hydra.launcher.n_jobs=2",
+        "experiment=smoke",
+        f"output_root={tmp_path}",
+        "dictionary.coder.k=4,8",
+        "baseline=[]",
+        "eval.metrics=[]",
+    ]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     harvests = sorted(tmp_path.glob("smoke/harvest-*"))

@@ -24,8 +24,10 @@ def chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.skip("no headless Chromium on this machine: `bash setup.sh --tests` installs Debian's chromium "
-                "(apt-get, needs root); the page checks run where it is")
+    pytest.skip(
+        "no headless Chromium on this machine: `bash setup.sh --tests` installs Debian's chromium "
+        "(apt-get, needs root); the page checks run where it is"
+    )
 
 
 @dataclass
@@ -45,8 +47,12 @@ def open_page(path: Path, *, screenshot: Path | None = None, timeout: float = 90
     console = [m.group(1) for m in map(_CONSOLE.search, run.stderr.splitlines()) if m]
     if screenshot is not None:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
-        shot = subprocess.run([exe, *FLAGS, "--window-size=1200,1600", f"--screenshot={screenshot}", url],
-                              capture_output=True, text=True, timeout=timeout)
+        shot = subprocess.run(
+            [exe, *FLAGS, "--window-size=1200,1600", f"--screenshot={screenshot}", url],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
     return Page(run.stdout, console)
 

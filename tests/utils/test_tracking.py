@@ -42,12 +42,12 @@ def _records(path: Path) -> list[Any]:
         if left < 7:  # block trailer
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:  # zero padding
             pos += left
             continue
         assert kind in (_FULL, _FIRST, _MIDDLE, _LAST), f"bad chunk type {kind} at {pos}"
-        buf += data[pos + 7:pos + 7 + length]
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (_FULL, _LAST):
             record = pb.Record()
@@ -96,8 +96,14 @@ def _read_run(folder: Path) -> dict[str, Any]:
         elif kind == "metric":
             metrics[record.metric.name] = record.metric
     assert run is not None, "no run record"
-    return {"dir": folder, "run": run, "summary": summary, "history": history, "metrics": metrics,
-            "config": {i.key: json.loads(i.value_json) for i in run.config.update}}
+    return {
+        "dir": folder,
+        "run": run,
+        "summary": summary,
+        "history": history,
+        "metrics": metrics,
+        "config": {i.key: json.loads(i.value_json) for i in run.config.update},
+    }
 
 
 @pytest.fixture
@@ -123,14 +129,22 @@ def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_offline_run_records_a_curve_metrics_and_a_table(wandb_env: Path):
-    history = [{"iteration": i, "seconds": torch.tensor(1.5 * i), "fvu": np.float32(1 / (i + 1)), "l0": 4}
-               for i in range(3)]
-    rows = [{"sae": "dictionary", "fvu": torch.tensor(0.25), "l0": np.int64(32)},
-            {"sae": "topk", "fvu": 0.3, "extra": {"dead": 2}}]
+    history = [
+        {"iteration": i, "seconds": torch.tensor(1.5 * i), "fvu": np.float32(1 / (i + 1)), "l0": 4} for i in range(3)
+    ]
+    rows = [
+        {"sae": "dictionary", "fvu": torch.tensor(0.25), "l0": np.int64(32)},
+        {"sae": "topk", "fvu": 0.3, "extra": {"dead": 2}},
+    ]
     cfg = TrackingConfig(enabled=True, tags=["unit"])
-    with open_tracker(cfg, name="fit-test", job_type="fit", config={"k": np.int64(4), "lr": torch.tensor(0.5),
-                                                                    "path": Path("/x")},
-                      default_group="tiny/multirun-1", tags=["extra"]) as tracker:
+    with open_tracker(
+        cfg,
+        name="fit-test",
+        job_type="fit",
+        config={"k": np.int64(4), "lr": torch.tensor(0.5), "path": Path("/x")},
+        default_group="tiny/multirun-1",
+        tags=["extra"],
+    ) as tracker:
         assert tracker.active
         tracker.log_curve("fit", history, x="iteration")
         tracker.log_metrics("heldout", {"fvu": torch.tensor(0.125), "nested": {"l0": np.float64(3.5)}, "none": None})
@@ -139,8 +153,12 @@ def test_offline_run_records_a_curve_metrics_and_a_table(wandb_env: Path):
 
     out = read_offline_run(wandb_env)
     run, summary = out["run"], out["summary"]
-    assert (run.project, run.run_group, run.job_type, run.display_name) == ("dbksvd-pipeline", "tiny/multirun-1",
-                                                                            "fit", "fit-test")
+    assert (run.project, run.run_group, run.job_type, run.display_name) == (
+        "dbksvd-pipeline",
+        "tiny/multirun-1",
+        "fit",
+        "fit-test",
+    )
     assert list(run.tags) == ["unit", "extra"]
     assert {k: out["config"][k] for k in ("k", "lr", "path")} == {"k": 4, "lr": 0.5, "path": "/x"}
     # the curve: one history row per point, plotted against fit/iteration
@@ -191,9 +209,15 @@ def test_sae_lens_trainer_logs_into_the_tracker_run(wandb_env: Path, tmp_path: P
     logged = [row for row in out["history"] if "losses/mse_loss" in row]
     assert [row["_step"] for row in logged] == [4, 9, 14, 19]  # every 5th step, at sae-lens's own step numbers
     summary = out["summary"]
-    for key in ("losses/mse_loss", "losses/overall_loss", "losses/auxiliary_reconstruction_loss",
-                "metrics/explained_variance", "metrics/l0", "sparsity/dead_features",
-                "details/current_learning_rate"):
+    for key in (
+        "losses/mse_loss",
+        "losses/overall_loss",
+        "losses/auxiliary_reconstruction_loss",
+        "metrics/explained_variance",
+        "metrics/l0",
+        "sparsity/dead_features",
+        "details/current_learning_rate",
+    ):
         assert isinstance(summary.get(key), (int, float)), f"{key} missing from the summary: {sorted(summary)}"
     assert summary["metrics/l0"] == pytest.approx(k)
     assert summary["details/n_training_samples"] == steps * batch
@@ -226,10 +250,16 @@ def test_disabled_tracking_writes_nothing_and_never_imports_wandb(tmp_path: Path
     """)
     work = tmp_path / "cwd"
     work.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_DIR": str(work),
-           "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(work),
+        "HOME": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"by_module": False, "after": False, "active": False, "log_to_wandb": False}
@@ -308,17 +338,39 @@ def test_values_are_made_json_friendly():
     from omegaconf import OmegaConf
 
     node = OmegaConf.create({"xs": [1, 2], "d": {"y": 3}})
-    values = {"t": torch.tensor(2.5), "v": torch.arange(3), "n": np.float32(0.5), "i": np.int64(7),
-              "b": np.bool_(True), "a": np.array([[1, 2]]), "p": Path("/tmp/x"), "nested": {"c": {"d": 1}},
-              "skip": None, "node": node, "nan": float("nan")}
+    values = {
+        "t": torch.tensor(2.5),
+        "v": torch.arange(3),
+        "n": np.float32(0.5),
+        "i": np.int64(7),
+        "b": np.bool_(True),
+        "a": np.array([[1, 2]]),
+        "p": Path("/tmp/x"),
+        "nested": {"c": {"d": 1}},
+        "skip": None,
+        "node": node,
+        "nan": float("nan"),
+    }
     flat = flatten(values, "pre")
-    assert set(flat) == {"pre/t", "pre/v", "pre/n", "pre/i", "pre/b", "pre/a", "pre/p", "pre/nested/c/d",
-                         "pre/node/xs", "pre/node/d/y", "pre/nan"}
+    assert set(flat) == {
+        "pre/t",
+        "pre/v",
+        "pre/n",
+        "pre/i",
+        "pre/b",
+        "pre/a",
+        "pre/p",
+        "pre/nested/c/d",
+        "pre/node/xs",
+        "pre/node/d/y",
+        "pre/nan",
+    }
     assert flat["pre/t"] == 2.5 and flat["pre/v"] == [0, 1, 2] and flat["pre/n"] == 0.5 and flat["pre/i"] == 7
     assert flat["pre/b"] is True and flat["pre/a"] == [[1, 2]] and flat["pre/p"] == "/tmp/x"
     assert flat["pre/node/xs"] == [1, 2] and flat["pre/node/d/y"] == 3
     assert json.loads(json.dumps({k: v for k, v in flat.items() if k != "pre/nan"})) == {
-        k: v for k, v in flat.items() if k != "pre/nan"}
+        k: v for k, v in flat.items() if k != "pre/nan"
+    }
     assert all(type(v) in (bool, int, float, str, list) for v in flat.values())
     assert flatten({"a": 1}) == {"a": 1}
     assert plain({1: (np.int32(1), "s")}) == {"1": [1, "s"]}

@@ -20,5 +20,14 @@ from pipeline.evals.baselines.config import ARCHITECTURES, BaselineSpec, Budget
 from pipeline.evals.baselines.io import load_baseline, load_record, save_baseline
 from pipeline.evals.baselines.train import BaselineRecord, TrainedBaseline, train_baseline
 
-__all__ = ["ARCHITECTURES", "BaselineRecord", "BaselineSpec", "Budget", "TrainedBaseline", "load_baseline",
-           "load_record", "save_baseline", "train_baseline"]
+__all__ = [
+    "ARCHITECTURES",
+    "BaselineRecord",
+    "BaselineSpec",
+    "Budget",
+    "TrainedBaseline",
+    "load_baseline",
+    "load_record",
+    "save_baseline",
+    "train_baseline",
+]

@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 #: Rows averaged for ``b_dec_init = "mean"`` when ``data`` is streamed (a tensor is averaged whole).
-MEAN_ROWS = 2 ** 16
+MEAN_ROWS = 2**16
 
 
-def training_batches(data: Tensor | Iterable[Tensor], d_in: int, batch_size: int, seed: int,
-                     device: torch.device) -> Iterator[Tensor]:
+def training_batches(
+    data: Tensor | Iterable[Tensor], d_in: int, batch_size: int, seed: int, device: torch.device
+) -> Iterator[Tensor]:
     """Endless ``(batch_size, d_in)`` float32 batches of ``data`` on ``device``, epoch after epoch."""
     carry: Tensor | None = None
     epoch = 0
@@ -32,13 +33,15 @@ def training_batches(data: Tensor | Iterable[Tensor], d_in: int, batch_size: int
                 chunk, carry = torch.cat([carry, chunk]), None
             full = chunk.shape[0] // batch_size * batch_size
             for s in range(0, full, batch_size):
-                yield chunk[s:s + batch_size]
+                yield chunk[s : s + batch_size]
             if full < chunk.shape[0]:
                 carry = chunk[full:]
         if rows == 0:
-            raise ValueError("the training data yielded no rows in an epoch: a one-shot iterator (e.g. a generator) "
-                             "runs dry after one pass; pass an (n, d) tensor or a re-iterable such as an "
-                             "ActivationLoader, or a budget within one pass.")
+            raise ValueError(
+                "the training data yielded no rows in an epoch: a one-shot iterator (e.g. a generator) "
+                "runs dry after one pass; pass an (n, d) tensor or a re-iterable such as an "
+                "ActivationLoader, or a budget within one pass."
+            )
         epoch += 1
 
 
@@ -50,7 +53,7 @@ def data_mean(data: Tensor | Iterable[Tensor], d_in: int, device: torch.device) 
     n = 0
     if isinstance(data, Tensor):
         _check_chunk(data, d_in)
-        chunks: Iterable[Tensor] = (data[s:s + MEAN_ROWS] for s in range(0, data.shape[0], MEAN_ROWS))
+        chunks: Iterable[Tensor] = (data[s : s + MEAN_ROWS] for s in range(0, data.shape[0], MEAN_ROWS))
     else:
         chunks = data
     for chunk in chunks:
@@ -69,7 +72,7 @@ def _epoch_chunks(data: Tensor | Iterable[Tensor], seed: int, epoch: int, batch_
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(data.shape[0], generator=g).to(data.device)
         for s in range(0, data.shape[0], batch_size):
-            yield data[perm[s:s + batch_size]]
+            yield data[perm[s : s + batch_size]]
         return
     for batch in data:
         yield batch[0] if isinstance(batch, (tuple, list)) else batch

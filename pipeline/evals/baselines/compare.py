@@ -74,8 +74,10 @@ class CompareConfig:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"compare.steps={self.steps} must be >= 1 (or null).")
         if self.check_every < 1 or self.patience < 1 or self.rel_tol < 0:
-            raise ValueError(f"compare.check_every={self.check_every} and compare.patience={self.patience} must "
-                             f"be >= 1, compare.rel_tol={self.rel_tol} >= 0.")
+            raise ValueError(
+                f"compare.check_every={self.check_every} and compare.patience={self.patience} must "
+                f"be >= 1, compare.rel_tol={self.rel_tol} >= 0."
+            )
 
 
 @dataclass
@@ -95,33 +97,52 @@ class FitSpend:
     ``ranks × seconds``, since a baseline trains on one device."""
 
     @classmethod
-    def from_history(cls, history: Sequence[Mapping[str, Any]], *, batch_size: int, device: str,
-                     fit_seconds: float | None = None, ranks: int = 1) -> "FitSpend":
+    def from_history(
+        cls,
+        history: Sequence[Mapping[str, Any]],
+        *,
+        batch_size: int,
+        device: str,
+        fit_seconds: float | None = None,
+        ranks: int = 1,
+    ) -> FitSpend:
         """From a dictionary's per-iteration ``history`` (``seconds`` cumulative; ``rows`` per iteration, else
         ``batch_size``); ``fit_seconds``, the fit stage's own clock of the whole call, wins when larger (it
         also counts the initialisation; after a resume it counts only the resumed part, hence the max)."""
         if not history:
-            raise ValueError("the dictionary has no fit history: it was not fitted by learn_dictionary / "
-                             "fit_dictionary, so there is no fit time or sample count to match a baseline to.")
+            raise ValueError(
+                "the dictionary has no fit history: it was not fitted by learn_dictionary / "
+                "fit_dictionary, so there is no fit time or sample count to match a baseline to."
+            )
         seconds = max(float(history[-1].get("seconds", 0.0)), float(fit_seconds or 0.0))
         samples = sum(int(h.get("rows", batch_size)) for h in history)
         return cls(seconds=seconds, samples=samples, updates=len(history), device=str(device), ranks=ranks)
 
     @classmethod
-    def of_dictionary(cls, dictionary: Any) -> "FitSpend":
+    def of_dictionary(cls, dictionary: Any) -> FitSpend:
         """The spend a fitted :class:`~pipeline.core.dictionary.Dictionary` recorded (``metadata["spend"]``, written
         by the fit stage), else derived from its history and the learner settings in its metadata."""
         meta = dictionary.metadata
         if meta.get("spend"):
             return cls(**{k: v for k, v in meta["spend"].items() if k != "mode"})
         learner = meta.get("learner") or {}
-        return cls.from_history(dictionary.history, batch_size=int(learner.get("batch_size") or 0),
-                                device=str(learner.get("device")), fit_seconds=meta.get("fit_seconds"),
-                                ranks=int(meta.get("ranks") or 1))
+        return cls.from_history(
+            dictionary.history,
+            batch_size=int(learner.get("batch_size") or 0),
+            device=str(learner.get("device")),
+            fit_seconds=meta.get("fit_seconds"),
+            ranks=int(meta.get("ranks") or 1),
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mode": "fit", "seconds": self.seconds, "samples": self.samples, "updates": self.updates,
-                "device": self.device, "ranks": self.ranks}
+        return {
+            "mode": "fit",
+            "seconds": self.seconds,
+            "samples": self.samples,
+            "updates": self.updates,
+            "device": self.device,
+            "ranks": self.ranks,
+        }
 
 
 def matched_budget(compare: CompareConfig, spend: FitSpend) -> Budget:
@@ -133,8 +154,13 @@ def matched_budget(compare: CompareConfig, spend: FitSpend) -> Budget:
         return Budget("samples", samples=max(1, round(compare.factor * spend.samples)))
     if compare.budget == "steps":
         return Budget("steps", steps=compare.steps)
-    return Budget("converged", steps=compare.steps or CONVERGED_STEP_CAP, check_every=compare.check_every,
-                  rel_tol=compare.rel_tol, patience=compare.patience)
+    return Budget(
+        "converged",
+        steps=compare.steps or CONVERGED_STEP_CAP,
+        check_every=compare.check_every,
+        rel_tol=compare.rel_tol,
+        patience=compare.patience,
+    )
 
 
 def comparison_width(compare: CompareConfig, n_atoms: int, signed: bool) -> int:
@@ -142,15 +168,30 @@ def comparison_width(compare: CompareConfig, n_atoms: int, signed: bool) -> int:
     return 2 * n_atoms if compare.width == "directions" and signed else n_atoms
 
 
-def budget_summary(compare: CompareConfig, spend: FitSpend, *, seconds: float, samples: int, steps: int,
-                   device: str) -> dict[str, Any]:
+def budget_summary(
+    compare: CompareConfig, spend: FitSpend, *, seconds: float, samples: int, steps: int, device: str
+) -> dict[str, Any]:
     """A baseline's ``budget`` entry in ``saes.json``: what it was matched to and what it spent."""
-    return {"mode": compare.budget, "factor": compare.factor, "seconds": seconds, "samples": samples,
-            "steps": steps, "device": device,
-            "target_seconds": compare.factor * spend.seconds * spend.ranks if compare.budget == "equal_time" else None,
-            "target_samples": round(compare.factor * spend.samples) if compare.budget == "equal_samples" else None,
-            "dictionary_device": spend.device, "dictionary_ranks": spend.ranks}
+    return {
+        "mode": compare.budget,
+        "factor": compare.factor,
+        "seconds": seconds,
+        "samples": samples,
+        "steps": steps,
+        "device": device,
+        "target_seconds": compare.factor * spend.seconds * spend.ranks if compare.budget == "equal_time" else None,
+        "target_samples": round(compare.factor * spend.samples) if compare.budget == "equal_samples" else None,
+        "dictionary_device": spend.device,
+        "dictionary_ranks": spend.ranks,
+    }
 
 
-__all__ = ["COMPARE_BUDGETS", "COMPARE_WIDTHS", "CompareConfig", "FitSpend", "budget_summary", "comparison_width",
-           "matched_budget"]
+__all__ = [
+    "COMPARE_BUDGETS",
+    "COMPARE_WIDTHS",
+    "CompareConfig",
+    "FitSpend",
+    "budget_summary",
+    "comparison_width",
+    "matched_budget",
+]

@@ -19,12 +19,16 @@ ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "stand
 #: Budget modes: a fixed number of optimiser steps, of samples, of wall seconds, or until held-out FVU stalls.
 BUDGET_MODES = ("steps", "samples", "time", "converged")
 #: The :class:`Budget` fields each mode reads, the one it requires first.
-BUDGET_FIELDS = {"steps": ("steps",), "samples": ("samples",), "time": ("seconds",),
-                 "converged": ("steps", "check_every", "rel_tol", "patience")}
+BUDGET_FIELDS = {
+    "steps": ("steps",),
+    "samples": ("samples",),
+    "time": ("seconds",),
+    "converged": ("steps", "check_every", "rel_tol", "patience"),
+}
 #: ``normalize_activations`` values this package supports (the trainer estimates the factor and folds it in).
 NORMALIZATIONS = ("none", "expected_average_only_in")
 #: Smallest Matryoshka level of the default widths: 2^8, as the DB-KSVD Matryoshka groups (design.md §3).
-MATRYOSHKA_FIRST_WIDTH = 2 ** 8
+MATRYOSHKA_FIRST_WIDTH = 2**8
 #: lr decay over the last 20% of steps: sae-lens tutorial (``lr_decay_steps = total_training_steps // 5``),
 #: SAEBench suites (``DECAY_START_FRACTION = 0.8``).
 DEFAULT_LR_DECAY_FRACTION = 0.2
@@ -98,15 +102,19 @@ class BaselineSpec:
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0.")
         if self.batch_size < 1 or self.lr_warm_up_steps < 0 or self.dead_feature_window < 1:
-            raise ValueError(f"batch_size={self.batch_size} and dead_feature_window={self.dead_feature_window} "
-                             f"must be >= 1, lr_warm_up_steps={self.lr_warm_up_steps} >= 0.")
+            raise ValueError(
+                f"batch_size={self.batch_size} and dead_feature_window={self.dead_feature_window} "
+                f"must be >= 1, lr_warm_up_steps={self.lr_warm_up_steps} >= 0."
+            )
         for name in ("lr_decay_fraction", "sparsity_warm_up_fraction"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise ValueError(f"{name}={value} must be in [0, 1) (a share of the optimiser steps).")
         if self.normalize_activations is not None and self.normalize_activations not in NORMALIZATIONS:
-            raise ValueError(f"normalize_activations={self.normalize_activations!r} is not one of "
-                             f"{', '.join(NORMALIZATIONS)} (or None for the architecture's default).")
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r} is not one of "
+                f"{', '.join(NORMALIZATIONS)} (or None for the architecture's default)."
+            )
         if self.b_dec_init not in ("mean", "zeros"):
             raise ValueError(f"b_dec_init={self.b_dec_init!r} must be 'mean' or 'zeros'.")
         if self.mp_max_iterations is not None and self.mp_max_iterations < 1:
@@ -123,12 +131,16 @@ class BaselineSpec:
         if self.matryoshka_widths is not None:
             widths = [int(w) for w in self.matryoshka_widths]
         else:
-            widths = [MATRYOSHKA_FIRST_WIDTH * 2 ** i
-                      for i in range(max(0, math.ceil(math.log2(width / MATRYOSHKA_FIRST_WIDTH))))]
+            widths = [
+                MATRYOSHKA_FIRST_WIDTH * 2**i
+                for i in range(max(0, math.ceil(math.log2(width / MATRYOSHKA_FIRST_WIDTH))))
+            ]
             widths = [w for w in widths if w < width] + [width]
         if widths[-1] != width or any(a >= b for a, b in zip(widths, widths[1:])) or widths[0] < 1:
-            raise ValueError(f"matryoshka_widths={widths} must be strictly increasing positive widths ending at "
-                             f"the SAE's width {width}.")
+            raise ValueError(
+                f"matryoshka_widths={widths} must be strictly increasing positive widths ending at "
+                f"the SAE's width {width}."
+            )
         return widths
 
 
@@ -164,8 +176,10 @@ class Budget:
         if value is None or not value > 0:
             raise ValueError(f"a {self.mode!r} budget needs {need} > 0, got {value!r}.")
         if self.check_every < 1 or self.patience < 1 or self.rel_tol < 0:
-            raise ValueError(f"check_every={self.check_every} and patience={self.patience} must be >= 1, "
-                             f"rel_tol={self.rel_tol} >= 0.")
+            raise ValueError(
+                f"check_every={self.check_every} and patience={self.patience} must be >= 1, "
+                f"rel_tol={self.rel_tol} >= 0."
+            )
 
     def describe(self) -> dict[str, Any]:
         """The mode and the fields it reads (what a log line shows)."""

@@ -29,8 +29,9 @@ RECORD_FILE = "record.json"
 SUMMARY_FILE = "baselines.json"
 
 
-def save_baseline(trained: TrainedBaseline, folder: str | os.PathLike,
-                  metadata: Mapping[str, Any] | None = None) -> Path:
+def save_baseline(
+    trained: TrainedBaseline, folder: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``trained`` to ``folder`` (replacing any previous one): sae-lens's ``cfg.json`` and weights, and
     :data:`RECORD_FILE`. ``metadata`` entries (e.g. ``model_name``, ``hook_name``, which SAEBench reads) are set
     on ``trained.sae.cfg.metadata`` first. Returns the folder."""

@@ -39,14 +39,13 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
 from pipeline.evals.baselines.batches import data_mean, training_batches
-from pipeline.evals.baselines.config import (DEFAULT_L1_WARM_UP_FRACTION, DEFAULT_LR_DECAY_FRACTION, BaselineSpec,
-                                             Budget)
+from pipeline.evals.baselines.config import DEFAULT_L1_WARM_UP_FRACTION, DEFAULT_LR_DECAY_FRACTION, BaselineSpec, Budget
 from pipeline.evals.baselines.lens import build_training_sae, inference_form, trainer_config
 from pipeline.evals.heldout import heldout_stats
 from pipeline.utils.devices import resolve_device
 
 #: ``total_training_samples`` of an open-ended (``time``) run: never reached, the stop hook ends it.
-OPEN_ENDED_SAMPLES = 2 ** 62
+OPEN_ENDED_SAMPLES = 2**62
 #: The training curve records the batch FVU at steps 1-10, then every ``CURVE_EVERY`` steps ...
 CURVE_EVERY = 10
 #: ... and keeps at most this many points, evenly spread (:func:`thin_curve`).
@@ -101,9 +100,18 @@ class TrainedBaseline:
     record: BaselineRecord
 
 
-def train_baseline(data: Tensor | Iterable[Tensor], d_in: int, width: int, k: int, spec: BaselineSpec,
-                   budget: Budget, *, heldout: Tensor | None = None, progress: bool = False,
-                   logging: dict[str, Any] | None = None) -> TrainedBaseline:
+def train_baseline(
+    data: Tensor | Iterable[Tensor],
+    d_in: int,
+    width: int,
+    k: int,
+    spec: BaselineSpec,
+    budget: Budget,
+    *,
+    heldout: Tensor | None = None,
+    progress: bool = False,
+    logging: dict[str, Any] | None = None,
+) -> TrainedBaseline:
     """Train a ``width``-latent sae-lens SAE of ``spec.architecture`` on ``data`` for ``budget``.
 
     ``data``: an ``(n, d_in)`` tensor or a re-iterable of ``(b, d_in)`` batches; ``k``: the L0 the baseline is
@@ -136,9 +144,14 @@ def train_baseline(data: Tensor | Iterable[Tensor], d_in: int, width: int, k: in
             stop = lambda trainer: clock() >= budget.seconds  # noqa: E731
         elif budget.mode == "converged":
             stop = _Convergence(heldout.to(device), budget, checks, clock)
-        trainer = _BudgetedTrainer(cfg=trainer_config(spec, total, decay_steps, str(device), logging), sae=sae,
-                                   data_provider=training_batches(data, d_in, spec.batch_size, spec.seed, device),
-                                   stop=stop, clock=clock, curve=curve)
+        trainer = _BudgetedTrainer(
+            cfg=trainer_config(spec, total, decay_steps, str(device), logging),
+            sae=sae,
+            data_provider=training_batches(data, d_in, spec.batch_size, spec.seed, device),
+            stop=stop,
+            clock=clock,
+            curve=curve,
+        )
         scale = _estimate_scale(trainer)
         if spec.b_dec_init == "mean":
             with torch.no_grad():
@@ -153,12 +166,25 @@ def train_baseline(data: Tensor | Iterable[Tensor], d_in: int, width: int, k: in
         seconds = clock()
     final = inference_form(trainer.sae)
     record = BaselineRecord(
-        architecture=spec.architecture, d_in=d_in, width=width, k=k, steps=trainer.n_training_steps,
-        samples=trainer.n_training_samples, seconds=seconds, final_lr=float(trainer.optimizer.param_groups[0]["lr"]),
-        lr_decay_steps=decay_steps, sparsity_warm_up_steps=warm_steps, normalize_activations=spec.normalization(),
-        budget=asdict(budget), spec=asdict(spec), sae_lens_version=sae_lens.__version__, device=str(device),
-        heldout_fvu_init=fvu_init, fvu_checks=checks if budget.mode == "converged" else None,
-        curve=thin_curve(curve))
+        architecture=spec.architecture,
+        d_in=d_in,
+        width=width,
+        k=k,
+        steps=trainer.n_training_steps,
+        samples=trainer.n_training_samples,
+        seconds=seconds,
+        final_lr=float(trainer.optimizer.param_groups[0]["lr"]),
+        lr_decay_steps=decay_steps,
+        sparsity_warm_up_steps=warm_steps,
+        normalize_activations=spec.normalization(),
+        budget=asdict(budget),
+        spec=asdict(spec),
+        sae_lens_version=sae_lens.__version__,
+        device=str(device),
+        heldout_fvu_init=fvu_init,
+        fvu_checks=checks if budget.mode == "converged" else None,
+        curve=thin_curve(curve),
+    )
     if heldout is not None:
         stats = heldout_stats(final, heldout.to(device))
         record.heldout_rows, record.heldout_fvu, record.heldout_l0 = stats["heldout_rows"], stats["fvu"], stats["l0"]
@@ -201,9 +227,14 @@ class _BudgetedTrainer(SAETrainer):
     ``fit()`` calls once per step, before it counts the step in ``n_training_steps``.
     """
 
-    def __init__(self, *args: Any, stop: Callable[[SAETrainer], bool] | None = None,
-                 clock: Callable[[], float] | None = None, curve: list[dict[str, float]] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        stop: Callable[[SAETrainer], bool] | None = None,
+        clock: Callable[[], float] | None = None,
+        curve: list[dict[str, float]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._stop, self._clock, self._curve = stop, clock, curve
 
@@ -214,8 +245,9 @@ class _BudgetedTrainer(SAETrainer):
             with torch.no_grad():
                 x, x_hat = output.sae_in.float(), output.sae_out.float()
                 fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-30))
-            self._curve.append({"seconds": self._clock(), "samples": self.n_training_samples, "steps": step,
-                                "fvu": fvu})
+            self._curve.append(
+                {"seconds": self._clock(), "samples": self.n_training_samples, "steps": step, "fvu": fvu}
+            )
         if self._stop is not None and self._stop(self):
             self.cfg.total_training_samples = self.n_training_samples
         return output
@@ -248,9 +280,11 @@ def _schedule(spec: BaselineSpec, budget: Budget, steps: int | None) -> tuple[in
     if steps is None:
         for name in ("lr_decay_fraction", "sparsity_warm_up_fraction"):
             if getattr(spec, name):
-                raise ValueError(f"{name}={getattr(spec, name)} is a share of the optimiser steps, which a "
-                                 f"{budget.mode!r} budget does not know in advance: set it to 0 (or None), or "
-                                 "use a 'steps' / 'samples' budget.")
+                raise ValueError(
+                    f"{name}={getattr(spec, name)} is a share of the optimiser steps, which a "
+                    f"{budget.mode!r} budget does not know in advance: set it to 0 (or None), or "
+                    "use a 'steps' / 'samples' budget."
+                )
         return 0, 0
     decay = DEFAULT_LR_DECAY_FRACTION if spec.lr_decay_fraction is None else spec.lr_decay_fraction
     warm = spec.sparsity_warm_up_fraction
@@ -265,8 +299,10 @@ def _estimate_scale(trainer: SAETrainer) -> float | None:
     if trainer.sae.cfg.normalize_activations != "expected_average_only_in":
         return None
     trainer.activation_scaler.estimate_scaling_factor(
-        d_in=trainer.sae.cfg.d_in, data_provider=trainer.data_provider,
-        n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate)
+        d_in=trainer.sae.cfg.d_in,
+        data_provider=trainer.data_provider,
+        n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate,
+    )
     return trainer.activation_scaler.scaling_factor
 
 
@@ -283,7 +319,7 @@ def _finished_copy(sae: TrainingSAE, scale: float | None) -> Callable[[Tensor], 
 def _fvu(reconstruct: Callable[[Tensor], Tensor], Y: Tensor, chunk: int = 4096) -> float:
     """‖Y − reconstruct(Y)‖² / ‖Y − mean(Y)‖² for ``Y: (m, d)``, in chunks of ``chunk`` rows."""
     Y = Y.float()
-    err = sum(float((Y[s:s + chunk] - reconstruct(Y[s:s + chunk])).pow(2).sum()) for s in range(0, len(Y), chunk))
+    err = sum(float((Y[s : s + chunk] - reconstruct(Y[s : s + chunk])).pow(2).sum()) for s in range(0, len(Y), chunk))
     return err / max(float((Y - Y.mean(0)).pow(2).sum()), 1e-30)
 
 

@@ -36,9 +36,18 @@ def page_name(sae_name: str) -> str:
     return f"{sae_name}.html"
 
 
-def build_dashboards(saes: list[tuple[str, Any]], store: ActivationStore, model: Any, cfg: DashboardsConfig,
-                     out_dir: Path, *, device: str = "cpu", judged: dict[str, dict[int, dict[str, Any]]] | None = None,
-                     skipped: list[dict[str, str]] | None = None, progress: bool = True) -> dict[str, Any]:
+def build_dashboards(
+    saes: list[tuple[str, Any]],
+    store: ActivationStore,
+    model: Any,
+    cfg: DashboardsConfig,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    judged: dict[str, dict[int, dict[str, Any]]] | None = None,
+    skipped: list[dict[str, str]] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write the dashboards of ``saes`` (``(name, SAE)`` pairs; an SAE has ``encode``, ``W_dec`` and ``cfg.d_sae``)
     into ``out_dir``; returns the summary written to :data:`SUMMARY_FILE`.
 
@@ -54,22 +63,30 @@ def build_dashboards(saes: list[tuple[str, Any]], store: ActivationStore, model:
         codes = encode_rows(sae, x, batch_size=cfg.batch_size, device=device, progress=progress, name=name)
         notes = (judged or {}).get(name, {})
         rng = random.Random(cfg.seed)
-        views = [latent_view(j, why, codes, text, decode, cfg, rng)
-                 for j, why in select_latents(codes, cfg, notes)]
+        views = [latent_view(j, why, codes, text, decode, cfg, rng) for j, why in select_latents(codes, cfg, notes)]
         for v in views:
             if v.index in notes:
                 v.explanation = notes[v.index].get("explanation")
                 v.judge_score = notes[v.index].get("score")
         add_logits(views, sae.W_dec.detach().cpu(), model, decode, cfg.n_logits)
-        summary = {"name": name, "page": page_name(name), "width": codes.width, "rows": codes.n_rows,
-                   "source": source, "l0": len(codes.latent) / codes.n_rows, "dead": int((codes.count == 0).sum()),
-                   "drawn": len(views), "latents": [{"index": v.index, "reason": v.reason, "count": v.count,
-                                                     "max": v.max_value} for v in views]}
+        summary = {
+            "name": name,
+            "page": page_name(name),
+            "width": codes.width,
+            "rows": codes.n_rows,
+            "source": source,
+            "l0": len(codes.latent) / codes.n_rows,
+            "dead": int((codes.count == 0).sum()),
+            "drawn": len(views),
+            "latents": [{"index": v.index, "reason": v.reason, "count": v.count, "max": v.max_value} for v in views],
+        }
         write_sae_page(out_dir / page_name(name), name, views, summary, cfg.n_top)
         pages.append(summary)
         log.info("dashboards: %s, %d latents drawn", name, len(views))
-    note = (f"Activations of {len(x)} rows of the harvest store ({source}); contexts come from the token ids the "
-            "harvest kept (no second forward pass).")
+    note = (
+        f"Activations of {len(x)} rows of the harvest store ({source}); contexts come from the token ids the "
+        "harvest kept (no second forward pass)."
+    )
     write_index(out_dir / INDEX_FILE, pages, skipped or [], note)
     result = {"saes": pages, "skipped": skipped or [], "rows": len(x), "note": note}
     atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(result, indent=1))

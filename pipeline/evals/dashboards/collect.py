@@ -47,9 +47,11 @@ def read_store_text(store: ActivationStore, max_rows: int) -> tuple[torch.Tensor
 
     ``ValueError`` when the store keeps no token ids (an imported array)."""
     if not store.has_tokens():
-        raise ValueError(f"the store at {store.path} keeps no token ids (an imported array, or a harvest older than "
-                         "the dashboards); re-harvest it with `python -m pipeline stage=harvest` in a fresh "
-                         "output folder to get dashboards")
+        raise ValueError(
+            f"the store at {store.path} keeps no token ids (an imported array, or a harvest older than "
+            "the dashboards); re-harvest it with `python -m pipeline stage=harvest` in a fresh "
+            "output folder to get dashboards"
+        )
     rows, ids, ctx, pos, n, n_ctx = [], [], [], [], 0, 0
     for split in READ_ORDER:
         for shard in store.shards(split):
@@ -95,14 +97,15 @@ class SparseCodes:
 
 
 @torch.no_grad()
-def encode_rows(sae: Any, x: torch.Tensor, *, batch_size: int, device: str, progress: bool = True,
-                name: str = "") -> SparseCodes:
+def encode_rows(
+    sae: Any, x: torch.Tensor, *, batch_size: int, device: str, progress: bool = True, name: str = ""
+) -> SparseCodes:
     """Encode ``x: (n, d)`` with ``sae.encode`` in batches on ``device``; keep the non-zeros."""
     width = int(sae.cfg.d_sae)
     dtype = next((p.dtype for p in sae.parameters()), torch.float32) if hasattr(sae, "parameters") else torch.float32
     lat, row, val = [], [], []
     for b in tqdm(range(0, len(x), batch_size), desc=f"encode {name}", disable=not progress, leave=False):
-        codes = sae.encode(x[b:b + batch_size].to(device=device, dtype=dtype)).float().cpu()  # (B, width)
+        codes = sae.encode(x[b : b + batch_size].to(device=device, dtype=dtype)).float().cpu()  # (B, width)
         r, j = codes.nonzero(as_tuple=True)
         lat.append(j)
         row.append(r + b)

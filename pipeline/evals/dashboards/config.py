@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 
 @dataclass
@@ -14,13 +13,13 @@ class DashboardsConfig:
 
     enabled: bool = True
     """False: the stage writes nothing but its marker (the report then links no dashboards)."""
-    saes: List[str] = field(default_factory=lambda: ["dictionary", "baselines"])
+    saes: list[str] = field(default_factory=lambda: ["dictionary", "baselines"])
     """SAEs to draw: ``dictionary``, ``baselines`` (every trained baseline) and/or baselines by name."""
     n_most_used: int = 8
     """The latents that fire most often."""
     n_random: int = 8
     """Latents drawn at random among those that fire at least ``min_count`` times."""
-    include: List[int] = field(default_factory=list)
+    include: list[int] = field(default_factory=list)
     """Latent indices drawn for every SAE that has them (e.g. ones a paper discusses)."""
     from_metrics: int = 8
     """Up to this many latents a metric singled out (autointerp's judged latents, with their explanation and
@@ -47,13 +46,21 @@ class DashboardsConfig:
     """Bins of the activation histogram."""
     seed: int = 0
     """Seed of the random latents and the interval samples."""
-    device: Optional[str] = None
+    device: str | None = None
     """Device of the encoding (None: ``eval.device``, else ``model.device``)."""
 
     def validate(self) -> None:
         """``ValueError`` naming ``dashboards.<key>`` for a value out of range."""
-        for key in ("n_most_used", "n_random", "from_metrics", "min_count", "n_per_interval", "window_before",
-                    "window_after", "n_logits"):
+        for key in (
+            "n_most_used",
+            "n_random",
+            "from_metrics",
+            "min_count",
+            "n_per_interval",
+            "window_before",
+            "window_after",
+            "n_logits",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"dashboards.{key}={getattr(self, key)} must be >= 0")
         for key in ("max_rows", "batch_size", "n_top", "n_intervals", "histogram_bins"):

@@ -53,8 +53,9 @@ class LatentView:
     judge_score: float | None = None
 
 
-def select_latents(codes: SparseCodes, cfg: DashboardsConfig,
-                   judged: dict[int, dict[str, Any]] | None = None) -> list[tuple[int, str]]:
+def select_latents(
+    codes: SparseCodes, cfg: DashboardsConfig, judged: dict[int, dict[str, Any]] | None = None
+) -> list[tuple[int, str]]:
     """The latents to draw, with why: the most used, autointerp's judged ones, ``cfg.include``, then random ones
     that fire at least ``cfg.min_count`` times; each once, in that order."""
     chosen: dict[int, str] = {}
@@ -87,8 +88,15 @@ class TokenText:
         return self._cache[token_id]
 
 
-def latent_view(j: int, reason: str, codes: SparseCodes, text: StoreText, decode: TokenText,
-                cfg: DashboardsConfig, rng: random.Random) -> LatentView:
+def latent_view(
+    j: int,
+    reason: str,
+    codes: SparseCodes,
+    text: StoreText,
+    decode: TokenText,
+    cfg: DashboardsConfig,
+    rng: random.Random,
+) -> LatentView:
     """Latent ``j``'s card without its logits (:func:`add_logits` fills them)."""
     rows, values = codes.of(j)
     L = text.context_length
@@ -103,12 +111,19 @@ def latent_view(j: int, reason: str, codes: SparseCodes, text: StoreText, decode
         at = torch.searchsorted(keys, want).clamp(max=max(len(keys) - 1, 0))
         acts = torch.where(keys[at] == want, by_key[at], 0.0) if len(keys) else torch.zeros(len(want))
         ids = text.token_ids[c, lo:hi].tolist()
-        return Context([(decode(t), float(a)) for t, a in zip(ids, acts.tolist())], p - lo, float(acts[p - lo]),
-                       (c, p))
+        return Context([(decode(t), float(a)) for t, a in zip(ids, acts.tolist())], p - lo, float(acts[p - lo]), (c, p))
 
     count = len(rows)
-    view = LatentView(j, reason, count, count / codes.n_rows, float(values.max()) if count else 0.0,
-                      float(values.mean()) if count else 0.0, histogram(values, cfg.histogram_bins), [])
+    view = LatentView(
+        j,
+        reason,
+        count,
+        count / codes.n_rows,
+        float(values.max()) if count else 0.0,
+        float(values.mean()) if count else 0.0,
+        histogram(values, cfg.histogram_bins),
+        [],
+    )
     if count == 0:
         return view
     view.top = [context(r) for r in top_rows(rows, values, text, cfg)]
@@ -170,7 +185,8 @@ def add_logits(views: list[LatentView], W_dec: torch.Tensor, model: Any, decode:
         return
     weights = logit_weights(W_dec[[v.index for v in views]], model)  # (m, vocab)
     up, down = torch.topk(weights, n, dim=1), torch.topk(-weights, n, dim=1)
-    for v, ui, uv, di, dv in zip(views, up.indices.tolist(), up.values.tolist(), down.indices.tolist(),
-                                 down.values.tolist()):
+    for v, ui, uv, di, dv in zip(
+        views, up.indices.tolist(), up.values.tolist(), down.indices.tolist(), down.values.tolist()
+    ):
         v.promoted = [(decode(t), w) for t, w in zip(ui, uv)]
         v.suppressed = [(decode(t), -w) for t, w in zip(di, dv)]

@@ -41,7 +41,9 @@ _CONTEXT = """{% macro context(c, top) %}<div class="ctx"><span class="val">{{ '
  style="background: rgba(255,130,0,{{ '%.2f'|format([a / top, 1.0]|min if top > 0 else 0) }})">{{ show(text) }}</span>
 {%- endfor %}</div>{% endmacro %}"""
 
-SAE_PAGE = _ENV.from_string(_CONTEXT + """<!doctype html>
+SAE_PAGE = _ENV.from_string(
+    _CONTEXT
+    + """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ name }}: feature dashboards</title>
 <style>{{ style }}</style></head><body>
 <p><a href="{{ index }}">&larr; all SAEs</a></p>
@@ -77,7 +79,8 @@ max {{ '%.4g'|format(v.max_value) }}, mean when active {{ '%.4g'|format(v.mean_v
 </div>
 {% endfor %}
 </body></html>
-""")
+"""
+)
 
 INDEX_PAGE = _ENV.from_string("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Feature dashboards</title><style>{{ style }}</style></head><body>
@@ -104,21 +107,27 @@ def hist(bins: list[tuple[float, float, int]], width: int = 260, height: int = 7
         return ""
     top = max(c for _, _, c in bins) or 1
     w = width / len(bins)
-    bars = "".join(f'<rect x="{i * w:.1f}" y="{height - c / top * height:.1f}" width="{max(w - 1, 1):.1f}" '
-                   f'height="{c / top * height:.1f}" fill="#e07b00"><title>{lo:.3g}-{hi:.3g}: {c}</title></rect>'
-                   for i, (lo, hi, c) in enumerate(bins))
-    axis = (f'<text x="0" y="{height + 12}" font-size="10">{bins[0][0]:.3g}</text>'
-            f'<text x="{width}" y="{height + 12}" font-size="10" text-anchor="end">{bins[-1][1]:.3g}</text>')
+    bars = "".join(
+        f'<rect x="{i * w:.1f}" y="{height - c / top * height:.1f}" width="{max(w - 1, 1):.1f}" '
+        f'height="{c / top * height:.1f}" fill="#e07b00"><title>{lo:.3g}-{hi:.3g}: {c}</title></rect>'
+        for i, (lo, hi, c) in enumerate(bins)
+    )
+    axis = (
+        f'<text x="0" y="{height + 12}" font-size="10">{bins[0][0]:.3g}</text>'
+        f'<text x="{width}" y="{height + 12}" font-size="10" text-anchor="end">{bins[-1][1]:.3g}</text>'
+    )
     return Markup(
         f'<svg class="hist" width="{width}" height="{height + 14}" role="img" aria-label="activation histogram">'
-        f'{bars}{axis}</svg>')
+        f"{bars}{axis}</svg>"
+    )
 
 
 _ENV.globals.update(show=show, hist=hist, style=STYLE)
 
 
-def write_sae_page(path: Path, name: str, views: list[LatentView], summary: dict[str, Any], n_top: int,
-                   index: str = INDEX_FILE) -> None:
+def write_sae_page(
+    path: Path, name: str, views: list[LatentView], summary: dict[str, Any], n_top: int, index: str = INDEX_FILE
+) -> None:
     """One SAE's page (atomic)."""
     atomic_write_text(path, SAE_PAGE.render(name=name, views=views, summary=summary, n_top=n_top, index=index))
 

@@ -11,5 +11,14 @@ SAEBench's own config dataclass (:meth:`~MetricRunner.config`; unknown ``config:
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
 from pipeline.evals.metrics.registry import METRICS, REGISTRY, MetricOutcome, needs_labelled, run_metric, run_metrics
 
-__all__ = ["EvalContext", "MetricRunner", "MetricOutcome", "REGISTRY", "METRICS", "config_as_dict",
-           "needs_labelled", "run_metric", "run_metrics"]
+__all__ = [
+    "EvalContext",
+    "MetricRunner",
+    "MetricOutcome",
+    "REGISTRY",
+    "METRICS",
+    "config_as_dict",
+    "needs_labelled",
+    "run_metric",
+    "run_metrics",
+]

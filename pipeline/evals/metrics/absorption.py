@@ -17,9 +17,11 @@ from typing import Any
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
 from pipeline.evals.saebench_patches import patched_attr, pushd, use_loaded_model
 
-LOW_CONFIDENCE = ("absorption on a model below {limit:.0e} parameters ({n:.3g}) is low-confidence: SAEBench "
-                  "recommends >= 2B-parameter models (first-letter spelling knowledge), and the vocabulary was "
-                  "subsampled to {v} words with the gate lowered")
+LOW_CONFIDENCE = (
+    "absorption on a model below {limit:.0e} parameters ({n:.3g}) is low-confidence: SAEBench "
+    "recommends >= 2B-parameter models (first-letter spelling knowledge), and the vocabulary was "
+    "subsampled to {v} words with the gate lowered"
+)
 """The note ``eval_info.json`` (and the report) gets for a small model."""
 
 
@@ -37,18 +39,23 @@ class AbsorptionRunner(MetricRunner):
         out.mkdir(parents=True, exist_ok=True)
         import sae_bench.evals.absorption.main as ab_main
 
-        with absorption_setup(ctx.artifacts(self.name), node.vocab_size, node.min_words_per_letter,
-                              node.seed) as vocab, use_loaded_model(ctx.model):
+        with (
+            absorption_setup(ctx.artifacts(self.name), node.vocab_size, node.min_words_per_letter, node.seed) as vocab,
+            use_loaded_model(ctx.model),
+        ):
             ab_main.run_eval(config, ctx.selected, ctx.device, str(out), force_rerun=ctx.force_rerun)
         ctx.record_sizes(self.name, {**config_as_dict(config), **vocab, "vocab_size": node.vocab_size})
         if ctx.n_params < node.low_confidence_below_params:
-            note = LOW_CONFIDENCE.format(limit=node.low_confidence_below_params, n=ctx.n_params,
-                                         v=vocab.get("subsampled_vocab", node.vocab_size))
+            note = LOW_CONFIDENCE.format(
+                limit=node.low_confidence_below_params, n=ctx.n_params, v=vocab.get("subsampled_vocab", node.vocab_size)
+            )
             ctx.info["notes"].append({"metric": self.name, "low_confidence": True, "note": note})
 
     def no_result_reason(self, ctx: EvalContext, config: Any) -> str:
-        return (f"SAEBench's absorption gate: fewer than min_feats_for_eval={config.min_feats_for_eval} letters "
-                f"reached ground-truth probe F1 > min_GT_probe_f1={config.min_GT_probe_f1} (no result written)")
+        return (
+            f"SAEBench's absorption gate: fewer than min_feats_for_eval={config.min_feats_for_eval} letters "
+            f"reached ground-truth probe F1 > min_GT_probe_f1={config.min_GT_probe_f1} (no result written)"
+        )
 
 
 def subsample_alpha_vocab(vocab: list[str], size: int | None, min_per_letter: int, seed: int = 0) -> list[str]:
@@ -92,8 +99,7 @@ def absorption_setup(run_dir: Path, vocab_size: int | None, min_per_letter: int,
         full = original(tokenizer, *a, **k)
         # sorted: with `random` seeded below, SAEBench's train/test split is then the same in every process
         sub = sorted(subsample_alpha_vocab(full, vocab_size, min_per_letter, seed))
-        info.update(full_vocab=len(full), subsampled_vocab=len(sub),
-                    letters=len({w.strip()[0].lower() for w in sub}))
+        info.update(full_vocab=len(full), subsampled_vocab=len(sub), letters=len({w.strip()[0].lower() for w in sub}))
         return sub
 
     k_sparse, fa = ab_main.run_k_sparse_probing_experiment, ab_main.run_feature_absortion_experiment
@@ -103,17 +109,26 @@ def absorption_setup(run_dir: Path, vocab_size: int | None, min_per_letter: int,
         return k_sparse(*a, **{**k, **dirs})
 
     def fa_here(*a: Any, **k: Any) -> Any:
-        return fa(*a, **{**k, "experiment_dir": run_dir / "feature_absorption",
-                         "sparse_probing_experiment_dir": dirs["experiment_dir"], "probes_dir": dirs["probes_dir"]})
+        return fa(
+            *a,
+            **{
+                **k,
+                "experiment_dir": run_dir / "feature_absorption",
+                "sparse_probing_experiment_dir": dirs["experiment_dir"],
+                "probes_dir": dirs["probes_dir"],
+            },
+        )
 
     random_state = random.getstate()
     random.seed(seed)
     try:
-        with patched_attr(ab_common, "get_alpha_tokens", get_alpha_tokens), \
-                patched_attr(ab_fa, "get_alpha_tokens", get_alpha_tokens), \
-                patched_attr(ab_main, "run_k_sparse_probing_experiment", k_sparse_here), \
-                patched_attr(ab_main, "run_feature_absortion_experiment", fa_here), \
-                pushd(run_dir):
+        with (
+            patched_attr(ab_common, "get_alpha_tokens", get_alpha_tokens),
+            patched_attr(ab_fa, "get_alpha_tokens", get_alpha_tokens),
+            patched_attr(ab_main, "run_k_sparse_probing_experiment", k_sparse_here),
+            patched_attr(ab_main, "run_feature_absortion_experiment", fa_here),
+            pushd(run_dir),
+        ):
             yield info
     finally:
         random.setstate(random_state)

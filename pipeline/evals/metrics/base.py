@@ -99,8 +99,10 @@ class MetricRunner:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
-            raise ValueError(f"unknown key(s) {[f'eval.{self.name}.config.{k}' for k in unknown]}: not fields of "
-                             f"SAEBench's {cls.__name__} ({sorted(names)})")
+            raise ValueError(
+                f"unknown key(s) {[f'eval.{self.name}.config.{k}' for k in unknown]}: not fields of "
+                f"SAEBench's {cls.__name__} ({sorted(names)})"
+            )
 
     def node(self, ctx: EvalContext) -> Any:
         """This metric's ``eval.<name>`` node."""

@@ -18,8 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evals.metrics.base import EvalContext, MetricRunner
-from pipeline.evals.metrics.positions import (ALL_COVERS, FIT_RESULTS, LEFT_OUT, FitRule, MarkedTokens,
-                                              TrueTokensModel, position_runs, with_positions)
+from pipeline.evals.metrics.positions import (
+    ALL_COVERS,
+    FIT_RESULTS,
+    LEFT_OUT,
+    FitRule,
+    MarkedTokens,
+    TrueTokensModel,
+    position_runs,
+    with_positions,
+)
 from pipeline.evals.metrics.shared_forwards import SharedForwards
 from pipeline.evals.metrics.text import harvested_contexts, text_after
 from pipeline.evals.results import write_json
@@ -42,17 +50,26 @@ class CoreRunner(MetricRunner):
         from sae_bench.evals.core.eval_config import CoreEvalConfig
 
         c = ctx.eval.core
-        every = core.get_multiple_evals_everything_config(c.batch_size_prompts, c.n_eval_reconstruction_batches,
-                                                          c.n_eval_sparsity_variance_batches)
+        every = core.get_multiple_evals_everything_config(
+            c.batch_size_prompts, c.n_eval_reconstruction_batches, c.n_eval_sparsity_variance_batches
+        )
         return CoreEvalConfig(
-            model_name=ctx.model_name, batch_size_prompts=c.batch_size_prompts,
+            model_name=ctx.model_name,
+            batch_size_prompts=c.batch_size_prompts,
             n_eval_reconstruction_batches=c.n_eval_reconstruction_batches,
             n_eval_sparsity_variance_batches=c.n_eval_sparsity_variance_batches,
-            exclude_special_tokens_from_reconstruction=False, dataset=c.dataset or "local tokens",
-            context_size=c.context_size, compute_kl=every.compute_kl, compute_ce_loss=every.compute_ce_loss,
-            compute_l2_norms=every.compute_l2_norms, compute_sparsity_metrics=every.compute_sparsity_metrics,
-            compute_variance_metrics=every.compute_variance_metrics, compute_featurewise_density_statistics=True,
-            compute_featurewise_weight_based_metrics=True, llm_dtype=ctx.llm_dtype)
+            exclude_special_tokens_from_reconstruction=False,
+            dataset=c.dataset or "local tokens",
+            context_size=c.context_size,
+            compute_kl=every.compute_kl,
+            compute_ce_loss=every.compute_ce_loss,
+            compute_l2_norms=every.compute_l2_norms,
+            compute_sparsity_metrics=every.compute_sparsity_metrics,
+            compute_variance_metrics=every.compute_variance_metrics,
+            compute_featurewise_density_statistics=True,
+            compute_featurewise_weight_based_metrics=True,
+            llm_dtype=ctx.llm_dtype,
+        )
 
     def result_paths(self, ctx: EvalContext, record: SAERecord) -> list[Path]:
         """The result files of ``record`` that ``eval.core.positions`` asks for."""
@@ -64,18 +81,26 @@ class CoreRunner(MetricRunner):
         rule = FitRule.from_manifest(ctx.store.manifest) if "fit" in runs else None
         dataset, label = self.dataset(ctx)
         config.dataset = label
-        ctx.record_sizes(self.name, {"batch_size_prompts": c.batch_size_prompts,
-                                     "n_eval_reconstruction_batches": c.n_eval_reconstruction_batches,
-                                     "n_eval_sparsity_variance_batches": c.n_eval_sparsity_variance_batches,
-                                     "context_size": c.context_size, "dataset": label, "positions": c.positions})
+        ctx.record_sizes(
+            self.name,
+            {
+                "batch_size_prompts": c.batch_size_prompts,
+                "n_eval_reconstruction_batches": c.n_eval_reconstruction_batches,
+                "n_eval_sparsity_variance_batches": c.n_eval_sparsity_variance_batches,
+                "context_size": c.context_size,
+                "dataset": label,
+                "positions": c.positions,
+            },
+        )
         passed: dict[str, Any] = {}
         model = SharedForwards(ctx.model, c.reuse_forwards_mb)  # one clean / ablated forward for every SAE
         for record in ctx.saes:
             for which in runs:
                 path = record.result_path(ctx.results_dir, RESULT_DIRS[which])
                 if ctx.force_rerun or not path.exists():
-                    run_core(record, model, path, config, dataset, ctx.device,
-                             fit_rule=rule if which == "fit" else None)
+                    run_core(
+                        record, model, path, config, dataset, ctx.device, fit_rule=rule if which == "fit" else None
+                    )
                 if which == "fit":
                     passed[record.selected[0]] = _read_positions(path)
         ctx.info["sizes"][self.name]["shared_forwards"] = model.stats.as_dict()
@@ -98,15 +123,24 @@ class CoreRunner(MetricRunner):
 
         n = c.batch_size_prompts * max(c.n_eval_reconstruction_batches, c.n_eval_sparsity_variance_batches)
         skip = harvested_contexts(ctx.store.manifest, c.context_size)
-        rows = text_after(iter_documents(ctx.text_source), ctx.model.tokenizer, c.context_size,
-                          ctx.store.manifest.get("bos_token_id"), skip, n + SPARE_CONTEXTS)
-        label = (f"local text ({ctx.text_source.kind}) after the {skip} harvested contexts: {len(rows)} contexts "
-                 f"of {c.context_size} tokens, never seen by the fit")
+        rows = text_after(
+            iter_documents(ctx.text_source),
+            ctx.model.tokenizer,
+            c.context_size,
+            ctx.store.manifest.get("bos_token_id"),
+            skip,
+            n + SPARE_CONTEXTS,
+        )
+        label = (
+            f"local text ({ctx.text_source.kind}) after the {skip} harvested contexts: {len(rows)} contexts "
+            f"of {c.context_size} tokens, never seen by the fit"
+        )
         return Dataset.from_dict({"tokens": rows}), label
 
 
-def run_core(record: SAERecord, model: Any, path: Path, config: Any, dataset: Any, device: str,
-             fit_rule: FitRule | None = None) -> Path:
+def run_core(
+    record: SAERecord, model: Any, path: Path, config: Any, dataset: Any, device: str, fit_rule: FitRule | None = None
+) -> Path:
     """SAEBench's core metrics of one SAE on ``dataset``, written to ``path`` (SAEBench's result JSON).
 
     With ``fit_rule``, the positions it leaves out are passed through and left out of every mean
@@ -120,8 +154,15 @@ def run_core(record: SAERecord, model: Any, path: Path, config: Any, dataset: An
     sae_id, sae, _ = general_utils.load_and_format_sae(name, sae_obj, device)
     sae = sae.to(device=device, dtype=general_utils.str_to_dtype(config.llm_dtype))
     config = dataclasses.replace(config, model_name=sae.cfg.model_name)
-    store = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=config.context_size,
-                                      streaming=False, dataset_trust_remote_code=False, device=device)
+    store = ActivationsStore.from_sae(
+        model,
+        sae,
+        dataset=dataset,
+        context_size=config.context_size,
+        streaming=False,
+        dataset_trust_remote_code=False,
+        device=device,
+    )
     store.shuffle_input_dataset(seed=SHUFFLE_SEED)
     tok = model.tokenizer
     ignore: set[int | None] = {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}
@@ -130,16 +171,25 @@ def run_core(record: SAERecord, model: Any, path: Path, config: Any, dataset: An
         marked = MarkedTokens(store, model, sae.cfg.hook_name, fit_rule)
         store, model, ignore = marked, TrueTokensModel(model, marked), {LEFT_OUT}
         config = dataclasses.replace(config, exclude_special_tokens_from_reconstruction=True)
-    metrics, feature_metrics = core.run_evals(sae=sae, activation_store=store, model=model, eval_config=config,
-                                              ignore_tokens=ignore)
+    metrics, feature_metrics = core.run_evals(
+        sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=ignore
+    )
     metrics["misc_metrics"] = core.calculate_misc_metrics(feature_metrics)
-    result = core.replace_nans_with_negative_one({
-        "unique_id": f"{name}_{sae_id}", "sae_set": name, "sae_id": sae_id, "eval_cfg": config,
-        "metrics": metrics, "feature_metrics": feature_metrics})
+    result = core.replace_nans_with_negative_one(
+        {
+            "unique_id": f"{name}_{sae_id}",
+            "sae_set": name,
+            "sae_id": sae_id,
+            "eval_cfg": config,
+            "metrics": metrics,
+            "feature_metrics": feature_metrics,
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     out = path if marked is None else path.with_name(f".{path.name}.partial")  # fit: completed below
-    core.save_single_eval_result(result, core.get_eval_uuid(), core.get_sae_lens_version(),
-                                 core.get_sae_bench_version(), str(out), sae)
+    core.save_single_eval_result(
+        result, core.get_eval_uuid(), core.get_sae_lens_version(), core.get_sae_bench_version(), str(out), sae
+    )
     if marked is not None:
         write_json(path, with_positions(json.loads(out.read_text()), fit_rule, marked, config, sae.cfg.hook_name))
         out.unlink()
@@ -149,8 +199,11 @@ def run_core(record: SAERecord, model: Any, path: Path, config: Any, dataset: An
 def _read_positions(path: Path) -> dict[str, Any]:
     """The rule and pass-through counts a ``core_fit_positions`` result records (:func:`run_core`)."""
     extra = json.loads(path.read_text()).get("eval_result_unstructured") or {}
-    return {"rule_text": extra.get("rule_text"), "covers": extra.get("covers") or "the positions the fit used",
-            "passed_through": extra.get("passed_through") or {}}
+    return {
+        "rule_text": extra.get("rule_text"),
+        "covers": extra.get("covers") or "the positions the fit used",
+        "passed_through": extra.get("passed_through") or {},
+    }
 
 
 def fit_note(passed: dict[str, dict[str, Any]]) -> str:
@@ -161,9 +214,15 @@ def fit_note(passed: dict[str, dict[str, Any]]) -> str:
     counts = {name: p["passed_through"] for name, p in passed.items()}
 
     def phases(c: dict[str, dict[str, int]] | None) -> str:
-        return "; ".join(f"{phase} batches: {t['passed_through']} of {t['positions']} positions passed through "
-                         f"({t['special']} special, {t['outlier']} outlier)" for phase, t in (c or {}).items())
+        return "; ".join(
+            f"{phase} batches: {t['passed_through']} of {t['positions']} positions passed through "
+            f"({t['special']} special, {t['outlier']} outlier)"
+            for phase, t in (c or {}).items()
+        )
 
-    where = (phases(first["passed_through"]) + " (every SAE)") if same else \
-        "; ".join(f"{name}: {phases(c)}" for name, c in counts.items())
+    where = (
+        (phases(first["passed_through"]) + " (every SAE)")
+        if same
+        else "; ".join(f"{name}: {phases(c)}" for name, c in counts.items())
+    )
     return f"`{FIT_RESULTS}/` covers {first['covers']}. {where}."

@@ -65,12 +65,17 @@ class FitRule:
         """The rule a store's ``manifest`` records (``masking`` and ``batch_size``)."""
         masking = manifest.get("masking") or {}
         if "masked_token_ids" not in masking:
-            raise ValueError("the store's manifest records no masking.masked_token_ids, so the positions the fit "
-                             "used are unknown; re-harvest, or set eval.core.positions=all")
+            raise ValueError(
+                "the store's manifest records no masking.masked_token_ids, so the positions the fit "
+                "used are unknown; re-harvest, or set eval.core.positions=all"
+            )
         factor = masking.get("outlier_norm_factor")
         group = manifest.get("batch_size")
-        return cls(tuple(int(i) for i in masking["masked_token_ids"]), None if factor is None else float(factor),
-                   int(group) if group else None)
+        return cls(
+            tuple(int(i) for i in masking["masked_token_ids"]),
+            None if factor is None else float(factor),
+            int(group) if group else None,
+        )
 
     def left_out(self, tokens: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(special, outlier)``: bool masks ``(B, L)`` of the positions of ``tokens`` ``(B, L)`` with hook
@@ -82,9 +87,9 @@ class FitRule:
             norms = acts.float().norm(dim=-1)
             step = self.group_contexts or len(tokens)
             for lo in range(0, len(tokens), step):
-                k, n = keep[lo:lo + step], norms[lo:lo + step]
+                k, n = keep[lo : lo + step], norms[lo : lo + step]
                 if bool(k.any()):  # as the harvest: the median of the kept positions of the group
-                    keep[lo:lo + step] = k & (n <= self.outlier_norm_factor * n[k].median())
+                    keep[lo : lo + step] = k & (n <= self.outlier_norm_factor * n[k].median())
         return special, ~special & ~keep
 
     def describe(self, hook: str) -> str:
@@ -93,8 +98,10 @@ class FitRule:
         if self.outlier_norm_factor is None:
             return f"{ids} (the store had no outlier-norm rule)"
         group = f"{self.group_contexts} contexts" if self.group_contexts else "batch"
-        return (f"{ids}, and positions whose norm at {hook} exceeds {self.outlier_norm_factor:g} x the median norm "
-                f"of the other kept positions of their group of {group}")
+        return (
+            f"{ids}, and positions whose norm at {hook} exceeds {self.outlier_norm_factor:g} x the median norm "
+            f"of the other kept positions of their group of {group}"
+        )
 
 
 @dataclass
@@ -139,8 +146,9 @@ class MarkedTokens:
         _, cache = self._model.run_with_cache(tokens, names_filter=[self._hook], stop_at_layer=self._stop)
         acts = cache[self._hook]
         if acts.ndim != 3:
-            raise ValueError(f"eval.core.positions=fit needs (batch, pos, d) activations at {self._hook}, got "
-                             f"{tuple(acts.shape)}")
+            raise ValueError(
+                f"eval.core.positions=fit needs (batch, pos, d) activations at {self._hook}, got {tuple(acts.shape)}"
+            )
         special, outlier = self._rule.left_out(tokens, acts)
         t = self.tallies[-1]
         t.positions += tokens.numel()
@@ -159,8 +167,10 @@ class MarkedTokens:
         if self._last is not None and tokens is self._last[0]:
             return self._last[1]
         if isinstance(tokens, torch.Tensor) and bool((tokens == LEFT_OUT).any()):
-            raise RuntimeError("SAEBench ran the model on marked tokens other than the batch last handed out; "
-                               "eval.core.positions=fit does not support this SAEBench version")
+            raise RuntimeError(
+                "SAEBench ran the model on marked tokens other than the batch last handed out; "
+                "eval.core.positions=fit does not support this SAEBench version"
+            )
         return tokens
 
 
@@ -195,26 +205,38 @@ def phase_tallies(marked: MarkedTokens, config: Any) -> dict[str, dict[str, int]
     return {p: t.as_dict() for p, t in zip(phases, marked.tallies)}
 
 
-def with_positions(result: dict[str, Any], rule: FitRule, marked: MarkedTokens, config: Any,
-                   hook: str) -> dict[str, Any]:
+def with_positions(
+    result: dict[str, Any], rule: FitRule, marked: MarkedTokens, config: Any, hook: str
+) -> dict[str, Any]:
     """SAEBench's core ``result`` JSON with its ``eval_result_unstructured`` (SAEBench's slot for extra outputs,
     which core leaves empty) saying which positions it covers: the rule, and per phase how many positions of the
     eval text were passed through (:func:`phase_tallies`)."""
     text = rule.describe(hook)
-    return {**result, "eval_result_unstructured": {
-        "positions": "fit", "rule": asdict(rule), "rule_text": text, "covers": fit_covers(text),
-        "passed_through": phase_tallies(marked, config)}}
+    return {
+        **result,
+        "eval_result_unstructured": {
+            "positions": "fit",
+            "rule": asdict(rule),
+            "rule_text": text,
+            "covers": fit_covers(text),
+            "passed_through": phase_tallies(marked, config),
+        },
+    }
 
 
-ALL_COVERS = ("SAEBench's core as published: the SAE replaces the activation at every position of the eval text "
-              "(special tokens and norm outliers included) in the CE/KL forward; CE, KL, L0/L1, MSE, explained "
-              "variance, cossim, L2 ratio and feature density are means over the positions whose token is not "
-              "pad/eos/bos (SAEBench's ignore_tokens)")
+ALL_COVERS = (
+    "SAEBench's core as published: the SAE replaces the activation at every position of the eval text "
+    "(special tokens and norm outliers included) in the CE/KL forward; CE, KL, L0/L1, MSE, explained "
+    "variance, cossim, L2 ratio and feature density are means over the positions whose token is not "
+    "pad/eos/bos (SAEBench's ignore_tokens)"
+)
 
 
 def fit_covers(rule_text: str) -> str:
     """What the numbers of a ``core_fit_positions`` result cover."""
-    return ("the positions the fit used: the positions the harvest left out of the store (" + rule_text + ") keep "
-            "their original activation in the CE/KL forward (SAEBench's exclude_special_tokens_from_reconstruction) "
-            "and are left out of every mean (the CE/KL of the predictions made there, L0/L1, MSE, explained "
-            "variance, cossim, L2 ratio, feature density: SAEBench's ignore_tokens)")
+    return (
+        "the positions the fit used: the positions the harvest left out of the store (" + rule_text + ") keep "
+        "their original activation in the CE/KL forward (SAEBench's exclude_special_tokens_from_reconstruction) "
+        "and are left out of every mean (the CE/KL of the predictions made there, L0/L1, MSE, explained "
+        "variance, cossim, L2 ratio, feature density: SAEBench's ignore_tokens)"
+    )

@@ -26,8 +26,13 @@ class SparseProbingRunner(MetricRunner):
     def config(self, ctx: EvalContext) -> Any:
         config = self.saebench_config(ctx, swap_labelled(self.node(ctx).config, ctx.labelled.name))
         if ctx.labelled.name in config.dataset_names:
-            check_labelled_sizes(ctx.labelled, config.probe_train_set_size, config.probe_test_set_size,
-                                 ctx.labelled.classes, f"eval.{self.name}")
+            check_labelled_sizes(
+                ctx.labelled,
+                config.probe_train_set_size,
+                config.probe_test_set_size,
+                ctx.labelled.classes,
+                f"eval.{self.name}",
+            )
         return config
 
     def run(self, ctx: EvalContext, config: Any) -> None:
@@ -35,9 +40,15 @@ class SparseProbingRunner(MetricRunner):
 
         ctx.record_sizes(self.name, config_as_dict(config))
         with use_loaded_model(ctx.model):
-            sp.run_eval(config, ctx.selected, ctx.device, str(ctx.results_dir / self.name),
-                        force_rerun=ctx.force_rerun, save_activations=True,
-                        artifacts_path=str(ctx.artifacts(self.name)))
+            sp.run_eval(
+                config,
+                ctx.selected,
+                ctx.device,
+                str(ctx.results_dir / self.name),
+                force_rerun=ctx.force_rerun,
+                save_activations=True,
+                artifacts_path=str(ctx.artifacts(self.name)),
+            )
 
 
 class ScrTppRunner(MetricRunner):
@@ -55,16 +66,19 @@ class ScrTppRunner(MetricRunner):
 
     def config(self, ctx: EvalContext) -> Any:
         labelled = ctx.labelled
-        config = self.saebench_config(ctx, swap_labelled(self.node(ctx).config, labelled.name),
-                                      perform_scr=self.name == "scr")
+        config = self.saebench_config(
+            ctx, swap_labelled(self.node(ctx).config, labelled.name), perform_scr=self.name == "scr"
+        )
         if labelled.name in config.dataset_names:
             if self.name == "scr":
                 pairs = [c for pair in config.column1_vals_lookup.get(labelled.name, []) for c in pair]
-                check_labelled_sizes(labelled, config.train_set_size, config.test_set_size, pairs,
-                                     f"eval.{self.name}", scr=True)
+                check_labelled_sizes(
+                    labelled, config.train_set_size, config.test_set_size, pairs, f"eval.{self.name}", scr=True
+                )
             else:
-                check_labelled_sizes(labelled, config.train_set_size, config.test_set_size, labelled.classes,
-                                     f"eval.{self.name}")
+                check_labelled_sizes(
+                    labelled, config.train_set_size, config.test_set_size, labelled.classes, f"eval.{self.name}"
+                )
         return config
 
     def run(self, ctx: EvalContext, config: Any) -> None:
@@ -73,5 +87,12 @@ class ScrTppRunner(MetricRunner):
         ctx.record_sizes(self.name, config_as_dict(config))
         with use_loaded_model(ctx.model):
             # SAEBench's SCR/TPP run_eval appends the eval type (scr / tpp) to output_path itself
-            st.run_eval(config, ctx.selected, ctx.device, str(ctx.results_dir), force_rerun=ctx.force_rerun,
-                        save_activations=True, artifacts_path=str(ctx.artifacts(self.name)))
+            st.run_eval(
+                config,
+                ctx.selected,
+                ctx.device,
+                str(ctx.results_dir),
+                force_rerun=ctx.force_rerun,
+                save_activations=True,
+                artifacts_path=str(ctx.artifacts(self.name)),
+            )

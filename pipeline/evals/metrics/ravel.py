@@ -32,11 +32,16 @@ from typing import Any
 import torch
 
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
-from pipeline.evals.ravel_data import (HUB_DATASET, check_ravel_data, clear_cached_instances,
-                                       filtered_prompt_counts, stage_ravel_data)
+from pipeline.evals.ravel_data import (
+    HUB_DATASET,
+    check_ravel_data,
+    clear_cached_instances,
+    filtered_prompt_counts,
+    stage_ravel_data,
+)
 from pipeline.evals.ravel_model import RavelModel, resolve_ravel_model, saebench_llm_names
-from pipeline.evals.saebench_patches import any_decoder_layers, local_hf_model, patched_attr, patched_dict_item
 from pipeline.evals.sae_records import SAERecord
+from pipeline.evals.saebench_patches import any_decoder_layers, local_hf_model, patched_attr, patched_dict_item
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +49,17 @@ RESID_POST = "blocks.{layer}.hook_resid_post"
 """The only hook RAVEL's SAEs can be on: the output of HF block ``hook_layer``."""
 SAEBENCH_SIZES = {"num_pairs_per_attribute": 5000, "top_n_entities": 500, "num_epochs": 2}
 """SAEBench's default sizes, quoted in the low-confidence note."""
-LOW_CONFIDENCE_MODEL = ("the model has {n:.3g} parameters, below {limit:.0e}: SAEBench's RAVEL targets >= 2B "
-                        "models; a small model answers few prompts right, so few entities and pairs survive the "
-                        "filter (answered right and kept: {answered})")
-LOW_CONFIDENCE_DATA = ("its prompts come from eval.ravel.data_dir={data_dir}, not SAEBench's " + HUB_DATASET +
-                       ": unless that is an unmodified copy, the scores are not comparable with SAEBench's "
-                       "published RAVEL numbers")
+LOW_CONFIDENCE_MODEL = (
+    "the model has {n:.3g} parameters, below {limit:.0e}: SAEBench's RAVEL targets >= 2B "
+    "models; a small model answers few prompts right, so few entities and pairs survive the "
+    "filter (answered right and kept: {answered})"
+)
+LOW_CONFIDENCE_DATA = (
+    "its prompts come from eval.ravel.data_dir={data_dir}, not SAEBench's "
+    + HUB_DATASET
+    + ": unless that is an unmodified copy, the scores are not comparable with SAEBench's "
+    "published RAVEL numbers"
+)
 SCORE_KEYS = ("disentanglement_score", "cause_score", "isolation_score")
 """SAEBench's RAVEL scores (``eval_result_metrics.ravel``)."""
 
@@ -72,10 +82,12 @@ def check_batch_sizes(num_pairs: int, split: float, batch: int) -> None:
     total = 2 * num_pairs
     train = int(total * split)
     if min(train, total - train) < batch:
-        raise ValueError(f"eval.ravel.config.num_pairs_per_attribute={num_pairs} gives at most {total} pairs per "
-                         f"attribute: {train} train / {total - train} validation with train_test_split={split}, "
-                         f"fewer than eval.llm_batch_size={batch} in a split, so SAEBench's dataloader would be "
-                         "empty; raise num_pairs_per_attribute or lower eval.llm_batch_size")
+        raise ValueError(
+            f"eval.ravel.config.num_pairs_per_attribute={num_pairs} gives at most {total} pairs per "
+            f"attribute: {train} train / {total - train} validation with train_test_split={split}, "
+            f"fewer than eval.llm_batch_size={batch} in a split, so SAEBench's dataloader would be "
+            "empty; raise num_pairs_per_attribute or lower eval.llm_batch_size"
+        )
 
 
 def check_pairs(labels: dict[str, list[str]], entity: str, cause: str, iso: list[str], config: Any) -> None:
@@ -84,21 +96,27 @@ def check_pairs(labels: dict[str, list[str]], entity: str, cause: str, iso: list
     crash (one label only, no isolation prompt) or build an empty train or validation dataloader."""
     n, batch = config.num_pairs_per_attribute, config.llm_batch_size
     counts = {a: len(labels.get(a, [])) for a in [cause, *iso]}
-    fix = (f"add entities / templates the model knows to the data, raise eval.ravel.config.top_n_entities="
-           f"{config.top_n_entities} or num_pairs_per_attribute={n}, or lower eval.llm_batch_size={batch}")
+    fix = (
+        f"add entities / templates the model knows to the data, raise eval.ravel.config.top_n_entities="
+        f"{config.top_n_entities} or num_pairs_per_attribute={n}, or lower eval.llm_batch_size={batch}"
+    )
     where = f"RAVEL {entity}/{cause}: the model answered {counts} prompts right"
     for attr in [cause, *iso]:
         if counts[attr] and len(set(labels[attr])) < 2:
-            raise ValueError(f"{where}, all of {attr} with one label {sorted(set(labels[attr]))}; SAEBench "
-                             f"needs two labels to pair them; {fix}")
+            raise ValueError(
+                f"{where}, all of {attr} with one label {sorted(set(labels[attr]))}; SAEBench "
+                f"needs two labels to pair them; {fix}"
+            )
     n_cause = min(n, counts[cause])
     n_iso = min(n_cause, sum(min(n, counts[a]) for a in iso))
     total = n_cause + n_iso
     train = int(total * config.train_test_split)
     if n_iso == 0 or min(train, total - train) < batch:
-        raise ValueError(f"{where}: {n_cause} cause + {n_iso} isolation pairs, {train} train / {total - train} "
-                         f"validation, and a split with fewer pairs than eval.llm_batch_size={batch} (or no "
-                         f"isolation pair) leaves SAEBench without a batch; {fix}")
+        raise ValueError(
+            f"{where}: {n_cause} cause + {n_iso} isolation pairs, {train} train / {total - train} "
+            f"validation, and a split with fewer pairs than eval.llm_batch_size={batch} (or no "
+            f"isolation pair) leaves SAEBench without a batch; {fix}"
+        )
 
 
 @contextlib.contextmanager
@@ -111,8 +129,7 @@ def guarded_sizes() -> Iterator[None]:
 
     original, downsample = ravel_main.run_eval_single_cause_attribute, RAVELInstance.downsample_
 
-    def checked(dataset: Any, cause_attribute: str, iso_attributes: list[str], config: Any, *a: Any,
-                **k: Any) -> Any:
+    def checked(dataset: Any, cause_attribute: str, iso_attributes: list[str], config: Any, *a: Any, **k: Any) -> Any:
         labels: dict[str, list[str]] = {}
         for p in dataset.prompts:
             labels.setdefault(p.attribute_type, []).append(p.attribute_label)
@@ -123,11 +140,17 @@ def guarded_sizes() -> Iterator[None]:
         if n < len(self.prompts):
             downsample(self, n)
         else:
-            log.info("RAVEL: full_dataset_downsample=%d >= the %d prompts of %s: all kept", n, len(self.prompts),
-                     self.config.get("entity_type"))
+            log.info(
+                "RAVEL: full_dataset_downsample=%d >= the %d prompts of %s: all kept",
+                n,
+                len(self.prompts),
+                self.config.get("entity_type"),
+            )
 
-    with patched_attr(ravel_main, "run_eval_single_cause_attribute", checked), \
-            patched_attr(RAVELInstance, "downsample_", capped):
+    with (
+        patched_attr(ravel_main, "run_eval_single_cause_attribute", checked),
+        patched_attr(RAVELInstance, "downsample_", capped),
+    ):
         yield
 
 
@@ -149,9 +172,13 @@ def ravel_model_setup(stage_name: str, model: RavelModel) -> Iterator[None]:
     import sae_bench.evals.ravel.main as ravel_main
 
     local = {model.saebench_name: str(model.local_dir)} if model.local_dir is not None else {}
-    with patched_dict_item(ravel_main.LLM_NAME_MAP, stage_name, model.saebench_name), \
-            local_hf_model(ravel_main, local, freeze=True), any_decoder_layers(), guarded_sizes(), \
-            restored_global_state():
+    with (
+        patched_dict_item(ravel_main.LLM_NAME_MAP, stage_name, model.saebench_name),
+        local_hf_model(ravel_main, local, freeze=True),
+        any_decoder_layers(),
+        guarded_sizes(),
+        restored_global_state(),
+    ):
         yield
 
 
@@ -172,8 +199,7 @@ class RavelRunner(MetricRunner):
 
     def model(self, ctx: EvalContext) -> tuple[RavelModel | None, str | None]:
         """The HF model RAVEL loads, or the reason there is none (:func:`resolve_ravel_model`)."""
-        return resolve_ravel_model(ctx.model_name, ctx.model_config.path, ctx.eval.ravel.model_dir,
-                                   ctx.hub_reachable)
+        return resolve_ravel_model(ctx.model_name, ctx.model_config.path, ctx.eval.ravel.model_dir, ctx.hub_reachable)
 
     def data_reason(self, ctx: EvalContext, selection: dict[str, list[str]]) -> str | None:
         """Why RAVEL has no prompt files here (a bad ``data_dir``, or none and no hub), or None."""
@@ -182,21 +208,27 @@ class RavelRunner(MetricRunner):
             return check_ravel_data(node.data_dir, selection)
         if ctx.hub_reachable:
             return None
-        reason = (f"no RAVEL data: eval.ravel.data_dir is not set and the hub is unreachable (SAEBench downloads "
-                  f"{HUB_DATASET}); set eval.ravel.data_dir=<folder holding base/ravel_<entity>_*.json>")
+        reason = (
+            f"no RAVEL data: eval.ravel.data_dir is not set and the hub is unreachable (SAEBench downloads "
+            f"{HUB_DATASET}); set eval.ravel.data_dir=<folder holding base/ravel_<entity>_*.json>"
+        )
         names = saebench_llm_names()
         if ctx.model_name not in names and "entity_attribute_selection" not in node.config:
-            reason += (f" (RAVEL supports only SAEBench's models {sorted(names)} out of the box: for "
-                       f"{ctx.model_name!r} give prompts it answers right, with their entity types and attributes "
-                       "in eval.ravel.config.entity_attribute_selection)")
+            reason += (
+                f" (RAVEL supports only SAEBench's models {sorted(names)} out of the box: for "
+                f"{ctx.model_name!r} give prompts it answers right, with their entity types and attributes "
+                "in eval.ravel.config.entity_attribute_selection)"
+            )
         return reason
 
     def requirements(self, ctx: EvalContext) -> str | None:
         reasons = [self.model(ctx)[1], self.data_reason(ctx, self.saebench_config(ctx).entity_attribute_selection)]
         mismatched = [m for m in map(hook_mismatch, ctx.saes) if m]
         if ctx.saes and len(mismatched) == len(ctx.saes):
-            reasons.append(f"RAVEL intervenes on the residual stream after a block (blocks.<L>.hook_resid_post); "
-                           f"no SAE is on one: {mismatched}")
+            reasons.append(
+                f"RAVEL intervenes on the residual stream after a block (blocks.<L>.hook_resid_post); "
+                f"no SAE is on one: {mismatched}"
+            )
         reasons = [r for r in reasons if r]
         return "; ".join(reasons) if reasons else None
 
@@ -212,50 +244,81 @@ class RavelRunner(MetricRunner):
         if model is None:
             raise ValueError(reason)
         if node.data_dir is not None:
-            extra = {"model": model.source, "n_generated_tokens": config.n_generated_tokens,
-                     "full_dataset_downsample": config.full_dataset_downsample}
-            config.artifact_dir = str(stage_ravel_data(node.data_dir, config.entity_attribute_selection,
-                                                       ctx.artifacts(self.name), extra))
+            extra = {
+                "model": model.source,
+                "n_generated_tokens": config.n_generated_tokens,
+                "full_dataset_downsample": config.full_dataset_downsample,
+            }
+            config.artifact_dir = str(
+                stage_ravel_data(node.data_dir, config.entity_attribute_selection, ctx.artifacts(self.name), extra)
+            )
         if config.force_dataset_recompute:
             clear_cached_instances(Path(config.artifact_dir))
         records = [r for r in ctx.saes if hook_mismatch(r) is None]
-        sizes = {**config_as_dict(config), "model": model.source,
-                 "data": f"local {node.data_dir}" if node.data_dir is not None else f"hub {HUB_DATASET}"}
+        sizes = {
+            **config_as_dict(config),
+            "model": model.source,
+            "data": f"local {node.data_dir}" if node.data_dir is not None else f"hub {HUB_DATASET}",
+        }
         ctx.record_sizes(self.name, sizes)
         out = ctx.results_dir / self.name
         with ravel_model_setup(ctx.model_name, model):
-            ravel.run_eval(config, [r.selected for r in records], ctx.device, str(out),
-                           force_rerun=ctx.force_rerun, artifacts_path=str(ctx.artifacts(self.name)))
+            ravel.run_eval(
+                config,
+                [r.selected for r in records],
+                ctx.device,
+                str(out),
+                force_rerun=ctx.force_rerun,
+                artifacts_path=str(ctx.artifacts(self.name)),
+            )
         sizes["answered_prompts"] = filtered_prompt_counts(Path(config.artifact_dir))
         self.add_notes(ctx, config, sizes["answered_prompts"], records)
 
-    def add_notes(self, ctx: EvalContext, config: Any, answered: dict[str, dict[str, int]],
-                  records: list[SAERecord]) -> None:
+    def add_notes(
+        self, ctx: EvalContext, config: Any, answered: dict[str, dict[str, int]], records: list[SAERecord]
+    ) -> None:
         """The low-confidence note (small model, local data) and a note per non-finite score."""
         node = ctx.eval.ravel
         why = []
         if ctx.n_params < node.low_confidence_below_params:
-            why.append(LOW_CONFIDENCE_MODEL.format(n=ctx.n_params, limit=node.low_confidence_below_params,
-                                                   answered=answered))
+            why.append(
+                LOW_CONFIDENCE_MODEL.format(n=ctx.n_params, limit=node.low_confidence_below_params, answered=answered)
+            )
         if node.data_dir is not None:
             why.append(LOW_CONFIDENCE_DATA.format(data_dir=node.data_dir))
         if why:
             used = {k: getattr(config, k) for k in SAEBENCH_SIZES}
-            ctx.info["notes"].append({"metric": self.name, "low_confidence": True, "note": (
-                f"RAVEL is low-confidence here: {'; '.join(why)}. Sizes {used} (SAEBench's defaults: "
-                f"{SAEBENCH_SIZES})")})
+            ctx.info["notes"].append(
+                {
+                    "metric": self.name,
+                    "low_confidence": True,
+                    "note": (
+                        f"RAVEL is low-confidence here: {'; '.join(why)}. Sizes {used} (SAEBench's defaults: "
+                        f"{SAEBENCH_SIZES})"
+                    ),
+                }
+            )
         for r in records:
             path = r.result_path(ctx.results_dir, self.name)
             bad = nonfinite_scores(path) if path.exists() else []
             if bad:
                 log.warning("RAVEL scores %s of %s are not finite", bad, r.name)
-                ctx.info["notes"].append({"metric": self.name, "low_confidence": True, "note": (
-                    f"RAVEL {bad} of {r.name} are not finite: its validation batches held no cause or no "
-                    "isolation pair; raise eval.ravel.config.num_pairs_per_attribute")})
+                ctx.info["notes"].append(
+                    {
+                        "metric": self.name,
+                        "low_confidence": True,
+                        "note": (
+                            f"RAVEL {bad} of {r.name} are not finite: its validation batches held no cause or no "
+                            "isolation pair; raise eval.ravel.config.num_pairs_per_attribute"
+                        ),
+                    }
+                )
 
     def no_result_reason(self, ctx: EvalContext, config: Any) -> str:
         mismatched = [m for m in map(hook_mismatch, ctx.saes) if m]
         if mismatched:
-            return (f"RAVEL runs only SAEs on the residual stream after a block (blocks.<L>.hook_resid_post); not "
-                    f"run: {mismatched}")
+            return (
+                f"RAVEL runs only SAEs on the residual stream after a block (blocks.<L>.hook_resid_post); not "
+                f"run: {mismatched}"
+            )
         return super().no_result_reason(ctx, config)

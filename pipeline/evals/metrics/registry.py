@@ -23,9 +23,19 @@ from pipeline.evals.saebench_patches import local_datasets
 
 log = logging.getLogger(__name__)
 
-REGISTRY: dict[str, MetricRunner] = {r.name: r for r in (
-    CoreRunner(), AbsorptionRunner(), SparseProbingRunner(), ScrTppRunner("scr"), ScrTppRunner("tpp"),
-    AutointerpRunner(), RavelRunner(), UnlearningRunner())}
+REGISTRY: dict[str, MetricRunner] = {
+    r.name: r
+    for r in (
+        CoreRunner(),
+        AbsorptionRunner(),
+        SparseProbingRunner(),
+        ScrTppRunner("scr"),
+        ScrTppRunner("tpp"),
+        AutointerpRunner(),
+        RavelRunner(),
+        UnlearningRunner(),
+    )
+}
 """Every SAEBench metric the pipeline runs, by name (its ``eval.metrics`` entry and result folder)."""
 METRICS: tuple[str, ...] = tuple(REGISTRY)
 """The metric names, in the registry's order."""
@@ -75,8 +85,13 @@ def run_metric(ctx: EvalContext, name: str, outcome: MetricOutcome) -> None:
         else:
             for record in ctx.saes:
                 if not all(path.exists() for path in result_files(runner, ctx, record)):
-                    outcome.skipped.append({"what": f"metric:{name}", "sae": record.selected[0],
-                                            "reason": runner.no_result_reason(ctx, config)})
+                    outcome.skipped.append(
+                        {
+                            "what": f"metric:{name}",
+                            "sae": record.selected[0],
+                            "reason": runner.no_result_reason(ctx, config),
+                        }
+                    )
     except Exception as exc:  # noqa: BLE001 - recorded, the other metrics still run
         log.exception("metric %s failed", name)
         outcome.failed.append({"metric": name, "error": format_exception(exc)})

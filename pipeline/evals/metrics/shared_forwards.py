@@ -68,8 +68,9 @@ class SharedForwards:
         return self._answer(("call", args, kwargs), tokens, lambda: self._model(tokens, *args, **kwargs))
 
     def run_with_cache(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
-        return self._answer(("cache", args, kwargs), tokens,
-                            lambda: self._model.run_with_cache(tokens, *args, **kwargs))
+        return self._answer(
+            ("cache", args, kwargs), tokens, lambda: self._model.run_with_cache(tokens, *args, **kwargs)
+        )
 
     def run_with_hooks(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
         run = lambda: self._model.run_with_hooks(tokens, *args, **kwargs)  # noqa: E731

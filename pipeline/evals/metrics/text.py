@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def text_after(documents: Iterator[str], tokenizer: Any, context_length: int, bos: int | None, skip: int,
-               n: int) -> list[list[int]]:
+def text_after(
+    documents: Iterator[str], tokenizer: Any, context_length: int, bos: int | None, skip: int, n: int
+) -> list[list[int]]:
     """``n`` token contexts (``n`` lists of ``context_length`` ids) of ``documents``, after the first ``skip``
     ones (text the harvest never saw when ``skip`` covers the harvested contexts)."""
     from pipeline.data.text import iter_contexts
@@ -22,10 +23,12 @@ def text_after(documents: Iterator[str], tokenizer: Any, context_length: int, bo
         if len(out) >= n:
             break
     if len(out) < n:
-        raise ValueError(f"the text holds only {len(out)} contexts of {context_length} tokens after the {skip} "
-                         f"harvested ones, {n} are needed; lower eval.core.n_eval_reconstruction_batches / "
-                         "n_eval_sparsity_variance_batches / batch_size_prompts (or eval.autointerp.config."
-                         "total_tokens), or point eval.core.dataset at more text")
+        raise ValueError(
+            f"the text holds only {len(out)} contexts of {context_length} tokens after the {skip} "
+            f"harvested ones, {n} are needed; lower eval.core.n_eval_reconstruction_batches / "
+            "n_eval_sparsity_variance_batches / batch_size_prompts (or eval.autointerp.config."
+            "total_tokens), or point eval.core.dataset at more text"
+        )
     return out
 
 

@@ -19,8 +19,10 @@ class UnlearningRunner(MetricRunner):
 
     def requirements(self, ctx: EvalContext) -> str | None:
         if "it" not in ctx.model_name.split("-"):
-            return (f"unlearning needs an instruction-tuned model (SAEBench: 'it' in the model name, e.g. "
-                    f"gemma-2-2b-it); the model is {ctx.model_name!r}")
+            return (
+                f"unlearning needs an instruction-tuned model (SAEBench: 'it' in the model name, e.g. "
+                f"gemma-2-2b-it); the model is {ctx.model_name!r}"
+            )
         if not ctx.hub_reachable:
             return "unlearning needs the gated WMDP bio corpus, cais/wmdp and cais/mmlu from the hub; unreachable"
         return None
@@ -30,5 +32,11 @@ class UnlearningRunner(MetricRunner):
 
         ctx.record_sizes(self.name, config_as_dict(config))
         with use_loaded_model(ctx.model):
-            un.run_eval(config, ctx.selected, ctx.device, str(ctx.results_dir / self.name),
-                        force_rerun=ctx.force_rerun, artifacts_path=str(ctx.artifacts(self.name)))
+            un.run_eval(
+                config,
+                ctx.selected,
+                ctx.device,
+                str(ctx.results_dir / self.name),
+                force_rerun=ctx.force_rerun,
+                artifacts_path=str(ctx.artifacts(self.name)),
+            )
