@@ -6,109 +6,61 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.evals.judge import SCORING_GRAMMAR, SCORING_REGEX, JudgeCalls, JudgeClient, JudgeSettings
 from tests.conftest import tiny_eval_config
+from tools import judge as local_judge
+from tools.server import Server, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
-JUDGE_NAME = "smollm2-135m-instruct"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(cmd: list[str], port: int, log: Path, timeout: float = 240.0):
-    """Start a server, wait until ``/v1/models`` answers; the process (``terminate()`` it)."""
-    import urllib.request
-
-    proc = subprocess.Popen(
-        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
-    t = time.monotonic()
-    while time.monotonic() - t < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode}): {log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-            return proc
-        except OSError:
-            time.sleep(1.0)
-    proc.terminate()
-    raise TimeoutError(f"the server did not answer within {timeout} s: {log.read_text()[-3000:]}")
-
-
-def _smollm2_gguf() -> Path:
-    from pipeline.data.offline_models import OFFLINE_MODELS, SMOLLM2_GGUF, package_dir
-
-    return package_dir(OFFLINE_MODELS["smollm2-135m"]) / SMOLLM2_GGUF
+pytestmark = pytest.mark.filterwarnings("ignore")
+JUDGE_NAME = local_judge.JUDGE_NAME
 
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
+    """llama.cpp's server on the SmolLM2 GGUF, started and asked for one token. Skipped only when it is not installed
+    or when ``setup.sh --tests`` recorded that no build answered here (the skip names each build's crash); a server
+    that dies here or under a test fails it with its exit status or signal and its log's tail."""
+    status = local_judge.read_status()
+    if status is not None and not status["ok"]:
+        pytest.skip(local_judge.skip_reason(status))
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip(
-            "llama-cpp-python[server] is not installed: `bash setup.sh --tests` builds it (or pip install "
-            "'llama-cpp-python[server]')"
+            "llama-cpp-python[server] is not installed: `bash setup.sh --tests` builds it "
+            "(python -m tools.judge ensure)"
         )
-    port = _free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    proc = _serve(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(_smollm2_gguf()),
-            "--model_alias",
-            JUDGE_NAME,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "4096",
-            "--n_threads",
-            "2",
-            "--seed",
-            "0",
-        ],
-        port,
-        log,
-    )
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = local_judge.llama_server(tmp_path_factory.mktemp("llama") / "server.log").start()
+    try:
+        server.one_token(JUDGE_NAME)
+        yield server
+    finally:
+        server.stop()
 
 
+@pytest.mark.slow
 def test_saebench_autointerp_runs_against_a_local_llama_cpp_judge(llama_server, eval_inputs, tmp_path, monkeypatch):
     from stages import evaluate
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a base_url needs no key
     cfg = tiny_eval_config(eval_inputs, tmp_path, ["autointerp"])
     node = cfg.eval.autointerp
-    node.base_url, node.model = llama_server, JUDGE_NAME
+    node.base_url, node.model = llama_server.url, JUDGE_NAME
     node.extra_body = {"temperature": 0.0}
     node.scoring_extra_body = {"grammar": SCORING_GRAMMAR}
-    folder = evaluate.run(
-        cfg,
-        run_dir=tmp_path / "evaluate",
-        fit_dir=eval_inputs["fit"],
-        baselines_dir=eval_inputs["baselines"],
-        store_dir=eval_inputs["store"],
-        model=eval_inputs["model"],
-    )
-    assert json.loads((folder / "failed.json").read_text()) == []
+    with llama_server.watch():  # a server that dies under the run is reported as that, with its signal and log
+        folder = evaluate.run(
+            cfg,
+            run_dir=tmp_path / "evaluate",
+            fit_dir=eval_inputs["fit"],
+            baselines_dir=eval_inputs["baselines"],
+            store_dir=eval_inputs["store"],
+            model=eval_inputs["model"],
+        )
+        assert json.loads((folder / "failed.json").read_text()) == []
     results = sorted((folder / "eval_results" / "autointerp").glob("*_eval_results.json"))
     assert [p.name for p in results] == [
         "dbksvd_plain_K64_k4_custom_sae_eval_results.json",
@@ -122,7 +74,7 @@ def test_saebench_autointerp_runs_against_a_local_llama_cpp_judge(llama_server, 
         assert judged and all(isinstance(v["explanation"], str) and 0 <= v["score"] <= 1 for v in judged.values())
     info = json.loads((folder / "eval_info.json").read_text())
     judge = info["sizes"]["autointerp"]["judge"]
-    assert judge["base_url"] == llama_server and judge["model"] == JUDGE_NAME
+    assert judge["base_url"] == llama_server.url and judge["model"] == JUDGE_NAME
     assert judge["requests"] >= 2 * len(results) and judge["failed_requests"] == 0
     note = next(n for n in info["notes"] if n["metric"] == "autointerp")
     assert note["low_confidence"] and JUDGE_NAME in note["note"]
@@ -137,39 +89,25 @@ def transformers_server(tmp_path_factory):
         pytest.skip("`transformers serve` needs fastapi and uvicorn: `pip install -e .[dev]` installs them")
     from pipeline.data.offline_models import OFFLINE_MODELS, converted_dir
 
-    port = _free_port()
-    log = tmp_path_factory.mktemp("tserve") / "server.log"
+    port = free_port()
     exe = Path(sys.executable).with_name("transformers")
-    proc = _serve(
-        [
-            str(exe),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--force_model",
-            str(converted_dir(OFFLINE_MODELS["smollm2-135m"])),
-        ],
-        port,
-        log,
-    )
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(timeout=30)
+    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    cmd += ["--force_model", str(converted_dir(OFFLINE_MODELS["smollm2-135m"]))]
+    server = Server(cmd, port, tmp_path_factory.mktemp("tserve") / "server.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
+@pytest.mark.slow
 def test_a_stream_only_server_is_asked_for_a_stream_and_joined(transformers_server):
     """``transformers serve`` (4.57) answers chat completions only as a stream; the judge joins it into the one
     completion SAEBench reads, with the configured model name and options sent."""
     calls = JudgeCalls()
     client = JudgeClient(
         api_key="unused",
-        settings=JudgeSettings(transformers_server, "any-name", stream=True, extra_body={"temperature": 0.0}),
+        settings=JudgeSettings(transformers_server.url, "any-name", stream=True, extra_body={"temperature": 0.0}),
         calls=calls,
     )
     out = client.chat.completions.create(
