@@ -7,7 +7,7 @@ from pipeline.core.coders import encode
 from pipeline.core.learner import learn_dictionary
 from pipeline.core.synthetic import planted_problem, recovered_fraction
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("method", ["mp", "omp"])

@@ -66,6 +66,7 @@ def test_every_readme_command_composes_and_validates(argv):
         check_config(compose_config(*variant, *(ON_CPU if gpu else [])))
 
 
+@pytest.mark.slow
 def test_print_the_config_command_runs(tmp_path):
     """``python -m pipeline experiment=gemma2b_paper --cfg job`` prints the composed config and runs nothing."""
     import subprocess

@@ -15,10 +15,13 @@ from pipeline.core.learner import learn_dictionary
 from pipeline.core.synthetic import planted_problem
 from tests.core.ranks import fit_worker
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="torch.distributed with gloo is not available in this torch build",
-)
+pytestmark = [
+    pytest.mark.slow,  # processes spawned, each importing torch, and whole fits
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="torch.distributed with gloo is not available in this torch build",
+    ),
+]
 
 K, k = 64, 4
 COMMON = dict(max_iters=6, tol=None, batch_size=1000, seed=3)

@@ -32,12 +32,13 @@ def _phases(sync, threads, t, seen, rounds, counter):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_barrier_orders_every_thread_s_writes(threads):
     """After a barrier every thread sees every write made before it, round after round (3 threads on a 2-core
-    machine: a waiter spins while the thread it waits for is off its core)."""
+    machine: a waiter spins while the thread it waits for is off its core, so each barrier can cost a scheduler
+    time slice; 300 such rounds, 600 barriers, still cross many preemptions)."""
     sync = np.zeros(SYNC_SLOTS, dtype=np.int64)
     seen = np.full(threads, -1, dtype=np.int64)
     counter = np.zeros(1, dtype=np.int64)
     wrong = np.zeros(threads, dtype=np.int64)
-    rounds = 2000
+    rounds = 2000 if threads < 3 else 300
 
     def work(t):
         wrong[t] = _phases(sync, threads, t, seen, rounds, counter)

@@ -176,6 +176,7 @@ def test_rule_from_manifest(eval_inputs):
 
 
 # ------------------------------------------------------------------------------ (a) nothing left out
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dictionary_sae", "sae_lens"])
 def test_nothing_left_out_fit_equals_all(eval_inputs, tmp_path, kind):
     """Text without special ids and a norm rule that leaves nothing out: fit's numbers are all's."""
@@ -213,6 +214,7 @@ def test_nothing_left_out_fit_equals_all(eval_inputs, tmp_path, kind):
 
 
 # ------------------------------------------------------------------------- (b)+(c) planted sinks
+@pytest.mark.slow
 def test_planted_sinks_fit_is_perfect_all_is_not(eval_inputs, tmp_path):
     """Norm-10x sinks planted at fixed positions; an SAE exact everywhere but zero on them. With the harvest's
     rule (factor 3) fit covers only the rest: perfect. all covers the sinks: ruined. The pass-through counts are
@@ -304,6 +306,7 @@ def _ctx(eval_inputs: dict[str, Any], tmp_path: Path, positions: str) -> Any:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "positions, folders", [("fit", {"core_fit_positions"}), ("both", {"core", "core_fit_positions"})]
 )

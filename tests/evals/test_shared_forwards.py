@@ -134,6 +134,7 @@ def _run_core(eval_inputs: dict[str, Any], tmp_path: Path, reuse_mb: float) -> t
     return out, ctx.info["sizes"]["core"]["shared_forwards"]
 
 
+@pytest.mark.slow
 def test_core_with_reused_forwards_equals_core_recomputed(eval_inputs, tmp_path):
     shared, stats = _run_core(eval_inputs, tmp_path / "shared", reuse_mb=256)
     alone, none = _run_core(eval_inputs, tmp_path / "alone", reuse_mb=0)

@@ -63,6 +63,7 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["core", "sparse_probing", "scr", "tpp", "absorption", "autointerp"])
 def test_saebench_metric_json(evaluated, metric):
     folder, *_ = evaluated
@@ -78,6 +79,7 @@ def test_saebench_metric_json(evaluated, metric):
         assert 0 < res["eval_result_metrics"]["sparsity"]["l0"] <= 4 + 1e-6
 
 
+@pytest.mark.slow
 def test_skipped_carry_reasons(evaluated):
     folder, *_ = evaluated
     skipped = {s["what"]: s["reason"] for s in json.loads((folder / "skipped.json").read_text())}
@@ -90,6 +92,7 @@ def test_skipped_carry_reasons(evaluated):
     assert (folder / "DONE.json").exists()
 
 
+@pytest.mark.slow
 def test_absorption_writes_only_inside_the_run_folder(evaluated, eval_inputs):
     """SAEBench's probes, experiment tables and result files land in the run folder; nothing new appears in
     the installed package's own absorption folder."""
@@ -106,6 +109,7 @@ def test_absorption_writes_only_inside_the_run_folder(evaluated, eval_inputs):
     assert results == ["dbksvd_plain_K64_k4_custom_sae_eval_results.json", "topk_K64_k4_custom_sae_eval_results.json"]
 
 
+@pytest.mark.slow
 def test_existing_results_kept_and_autointerp_skipped_without_key(evaluated, eval_inputs, monkeypatch):
     folder, *_ = evaluated
     core = folder / "eval_results/core/dbksvd_plain_K64_k4_custom_sae_eval_results.json"
@@ -127,6 +131,7 @@ def test_existing_results_kept_and_autointerp_skipped_without_key(evaluated, eva
     assert "no judge: autointerp asks an LLM" in skipped["metric:autointerp"]
 
 
+@pytest.mark.slow
 def test_saes_described(evaluated):
     folder, *_ = evaluated
     saes = {s["name"]: s for s in json.loads((folder / "saes.json").read_text())}
@@ -174,6 +179,7 @@ def test_subsample_keeps_every_letter():
     assert subsample_alpha_vocab(vocab, None, 3) == vocab
 
 
+@pytest.mark.slow
 def test_autograd_mode_restored(evaluated):
     """SAEBench's SCR/TPP switch autograd off globally; the stage gives the caller its mode back."""
     import torch

@@ -26,6 +26,7 @@ def _hydra(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "preset,target,keys",
     [
@@ -40,6 +41,28 @@ def test_launcher_presets_compose(preset, target, keys):
         assert key in hydra_cfg
     job = _hydra(f"launcher={preset}", "experiment=smoke", "--cfg", "job")
     assert ("pin_job_gpu: true" in job) == (preset == "local_gpus")
+
+
+@pytest.mark.parametrize(
+    "preset,target,pinned",
+    [
+        ("local_gpus", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", True),
+        ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", False),
+    ],
+)
+def test_launcher_presets_choose_hydras_launcher(preset, target, pinned):
+    """In-process (the fast lane's): the preset sets Hydra's launcher and the job's GPU pinning; the command-line
+    check above runs the same through ``python -m pipeline``."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.runs.config import register_configs
+    from tests.conftest import CONF
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"launcher={preset}", "experiment=smoke"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    assert cfg.distributed.pin_job_gpu is pinned
 
 
 def test_gpu_count_resolver_counts_at_least_one_job():
