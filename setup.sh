@@ -24,10 +24,18 @@ LOCKED_TORCH="torch==$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' "$LOCK")"
 TORCH_SPEC=${TORCH_SPEC:-$LOCKED_TORCH}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-# the lock's lists for the two installs below (tools/lock.py: the lock without torch, and without the judge's build)
-python -m tools.lock split .venv
-# 1. torch as TORCH_SPEC asks, its dependencies at the lock's versions (a CUDA torch brings its own CUDA libraries)
-pip install -q "$TORCH_SPEC" -c .venv/lock-constraints.txt
+# 1. torch, and the lock's lists for the installs below (tools/lock.py: without torch, without the judge's build)
+if [ "$TORCH_SPEC" = "$LOCKED_TORCH" ]; then
+    # the lock's torch, its dependencies at the lock's versions
+    python -m tools.lock split .venv
+    pip install -q "$TORCH_SPEC" -c .venv/lock-constraints.txt
+    LOCK_CHECK=""
+else
+    # your own torch (a CUDA build): it and everything it requires stay as pip resolves them for it
+    pip install -q "$TORCH_SPEC"
+    python -m tools.lock split .venv --torch-any
+    LOCK_CHECK="--torch-any"
+fi
 # 2. everything else exactly as locked, with no resolution of its own (--no-deps): the lock already holds every
 #    dependency but those left out on purpose (torchvision, NCCL: pyproject.toml's [tool.uv.pip]) and the judge's
 #    build (step 4, --tests only). The project itself is built with the lock's setuptools (no build isolation)
@@ -68,5 +76,5 @@ if [ "$TESTS" = 1 ]; then
     fi
 fi
 # the environment against the lock: every locked package installed at its version (tools/lock.py)
-if [ "$TORCH_SPEC" = "$LOCKED_TORCH" ]; then python -m tools.lock check; else python -m tools.lock check --torch-any; fi
+python -m tools.lock check $LOCK_CHECK
 echo "set-up done: activate with '. .venv/bin/activate'"

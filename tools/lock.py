@@ -5,7 +5,8 @@ runs it before anything else is installed.
 ``pyproject.toml``): every package the project and all its extras need, at one version each, resolved for CPython
 3.11 on x86-64 Linux against the CPU build of torch. ``setup.sh`` installs from it in three parts:
 
-- torch as ``TORCH_SPEC`` asks (default: the lock's version), its dependencies constrained to the lock;
+- torch as ``TORCH_SPEC`` asks: by default the lock's version, its dependencies constrained to the lock; a GPU
+  user's own build (``--torch-any``) with whatever it requires, which the next step leaves alone;
 - everything else but the judge's build with ``--no-deps``, so nothing outside the lock comes in;
 - the judge's build (``JUDGE_BUILD``) only under ``--tests`` (``tools/judge.py``).
 
@@ -65,9 +66,9 @@ def read_lock(path: Path = LOCK_FILE) -> dict[str, str]:
     return pins
 
 
-def split(out_dir: Path, path: Path = LOCK_FILE) -> None:
-    """Write the constraints file (all but torch) and the ``--no-deps`` install list (all but torch and the judge's
-    build) of the lock at ``path`` into ``out_dir``."""
+def split(out_dir: Path, path: Path = LOCK_FILE, keep: frozenset[str] = frozenset()) -> None:
+    """Write the constraints file (all but torch) and the ``--no-deps`` install list (all but torch, the judge's
+    build and the installed packages named in ``keep``) of the lock at ``path`` into ``out_dir``."""
     keep_constraints, keep_install = [], []
     for line in path.read_text().splitlines():
         m = _PIN.match(line.strip())
@@ -76,7 +77,7 @@ def split(out_dir: Path, path: Path = LOCK_FILE) -> None:
         name = canonical(m.group(1))
         if name != TORCH:
             keep_constraints.append(line.strip())
-            if name not in JUDGE_BUILD:
+            if name not in JUDGE_BUILD and name not in keep:
                 keep_install.append(line.strip())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONSTRAINTS_NAME).write_text("\n".join(keep_constraints) + "\n")
@@ -86,6 +87,28 @@ def split(out_dir: Path, path: Path = LOCK_FILE) -> None:
 def installed() -> dict[str, metadata.Distribution]:
     """The distributions importable by this interpreter, by canonical name."""
     return {canonical(d.metadata["Name"]): d for d in metadata.distributions() if d.metadata["Name"]}
+
+
+def torch_closure(dists: dict[str, metadata.Distribution] | None = None) -> frozenset[str]:
+    """The installed torch's requirements, theirs, and so on (canonical names; requirements of extras left out).
+
+    A GPU user's own torch (``TORCH_SPEC``) may need other versions of these than the lock's CPU torch does; with
+    ``--torch-any`` they stay as pip installed them for it. Standard library only: ``setup.sh`` calls this before
+    ``packaging`` is installed, so a requirement's name is read as the text before its version or marker.
+    """
+    dists = installed() if dists is None else dists
+    seen: set[str] = set()
+    todo = [TORCH] if TORCH in dists else []
+    while todo:
+        name = todo.pop()
+        for text in dists[name].requires or []:
+            if "extra" in text.partition(";")[2]:
+                continue
+            dep = canonical(re.match(r"[A-Za-z0-9._-]+", text.strip()).group(0))
+            if dep in dists and dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return frozenset(seen)
 
 
 def _unmet(dists: dict[str, metadata.Distribution]) -> list[str]:
@@ -114,17 +137,19 @@ def check(torch_any: bool = False, path: Path = LOCK_FILE) -> list[str]:
     """Every difference between this environment and the lock, as sentences (empty: they agree).
 
     A locked package must be installed at its locked version; the judge's build only once it is installed;
-    torch at any version when ``torch_any`` (a GPU user's own build). Installed packages must meet each other's
-    requirements, but for ``UNMET_ON_PURPOSE``. Packages that are not in the lock are the user's own and allowed.
+    with ``torch_any`` (a GPU user's own build), torch and what it requires (``torch_closure``) at any version.
+    Installed packages must meet each other's requirements, but for ``UNMET_ON_PURPOSE``. Packages that are not in
+    the lock are the user's own and allowed.
     """
     pins, dists = read_lock(path), installed()
+    free = {TORCH, *torch_closure(dists)} if torch_any else set()
     problems = []
     for name, version in sorted(pins.items()):
         dist = dists.get(name)
         if dist is None:
             if name not in JUDGE_BUILD:
                 problems.append(f"{name}=={version} is locked but not installed")
-        elif public(dist.version) != public(version) and not (torch_any and name == TORCH):
+        elif public(dist.version) != public(version) and name not in free:
             problems.append(f"{name} {dist.version} is installed, the lock says {version}")
     return problems + _unmet(dists)
 
@@ -135,10 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     p_split = sub.add_parser("split", help="write the constraints and --no-deps install lists of the lock")
     p_split.add_argument("out_dir", type=Path)
     p_check = sub.add_parser("check", help="compare this environment with the lock")
-    p_check.add_argument("--torch-any", action="store_true", help="accept any torch (TORCH_SPEC chose another)")
+    for p in (p_split, p_check):
+        p.add_argument(
+            "--torch-any",
+            action="store_true",
+            help="TORCH_SPEC chose another torch: it and what it requires stay as installed (torch_closure)",
+        )
     args = parser.parse_args(argv)
     if args.command == "split":
-        split(args.out_dir)
+        split(args.out_dir, keep=torch_closure() if args.torch_any else frozenset())
         return 0
     problems = check(torch_any=args.torch_any)
     for p in problems:

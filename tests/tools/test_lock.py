@@ -87,3 +87,21 @@ def test_a_version_that_differs_from_the_lock_is_named(tmp_path):
 @pytest.mark.parametrize("name", ["Foo_Bar", "foo.bar", "FOO-bar"])
 def test_names_compare_as_pep_503_says(name):
     assert lock.canonical(name) == "foo-bar"
+
+
+def test_a_gpu_users_own_torch_keeps_what_it_requires(tmp_path):
+    """TORCH_SPEC=torch (a CUDA build installed first): torch's requirements, as pip resolved them for it, are not
+    reinstalled from the lock, and the check accepts their versions; other packages are still held to the lock."""
+    closure = lock.torch_closure()
+    assert {"sympy", "mpmath", "filelock", "networkx"} <= closure and "numpy" not in closure
+    lock.split(tmp_path, keep=closure)
+    assert not closure & set(lock.read_lock(tmp_path / lock.INSTALL_NAME))
+    text = (REPO / "requirements.lock").read_text()
+    pins = lock.read_lock()
+    other = tmp_path / "requirements.lock"
+    other.write_text(
+        text.replace(f"sympy=={pins['sympy']}", "sympy==0.0.1").replace(f"tqdm=={pins['tqdm']}", "tqdm==0.0.1")
+    )
+    strict, free = lock.check(path=other), lock.check(torch_any=True, path=other)
+    assert any(p.startswith("sympy ") for p in strict) and not any(p.startswith("sympy ") for p in free)
+    assert any(p.startswith("tqdm ") for p in free)
