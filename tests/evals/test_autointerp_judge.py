@@ -110,9 +110,10 @@ def test_a_stream_only_server_is_asked_for_a_stream_and_joined(transformers_serv
         settings=JudgeSettings(transformers_server.url, "any-name", stream=True, extra_body={"temperature": 0.0}),
         calls=calls,
     )
-    out = client.chat.completions.create(
-        model="gpt-4o-mini", n=1, max_tokens=8, stream=False, messages=[{"role": "user", "content": "Say hello."}]
-    )
+    with transformers_server.watch():
+        out = client.chat.completions.create(
+            model="gpt-4o-mini", n=1, max_tokens=8, stream=False, messages=[{"role": "user", "content": "Say hello."}]
+        )
     (choice,) = out.choices
     assert isinstance(choice.message.content, str) and choice.message.content.strip()
     assert calls.requests == 1 and calls.failures == 0
