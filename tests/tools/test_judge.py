@@ -190,3 +190,32 @@ def test_an_installed_build_that_still_answers_is_kept(fake_builds, tmp_path):
     calls.clear()
     assert judge.ensure("0.3.37", tmp_path / "cache", tmp_path / "logs")  # another version: built anew
     assert calls[0] == "build portable"
+
+
+@pytest.mark.slow
+def test_the_installed_judge_holds_no_avx512_or_amx_instructions():
+    """Whatever CPU compiled it, the installed judge's libraries hold no AVX-512 (zmm registers) or AMX (tile)
+    instruction, what the crashing native build had; the baseline build holds no AVX (ymm) either. Read from the
+    machine code itself, so it holds on a CPU without these instructions, where a crash could never be seen."""
+    import importlib.util
+    import re
+    import shutil
+    import subprocess
+
+    status = judge.read_status()
+    spec = importlib.util.find_spec("llama_cpp")
+    if status is None or not status.get("ok") or spec is None:
+        pytest.skip("no llama.cpp judge was built and checked here (`bash setup.sh --tests`)")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    libs = sorted((Path(spec.origin).parent / "lib").glob("*.so"))
+    assert libs, f"no shared libraries next to {spec.origin}"
+    forbidden = r"%zmm\d|%tmm\d|\b(ldtilecfg|sttilecfg|tileloadd\w*|tilestored|tilezero|tilerelease|tdp\w+)\b"
+    for lib in libs:
+        code = subprocess.run(
+            [objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True
+        ).stdout
+        assert not re.search(forbidden, code), f"{lib.name} holds AVX-512 or AMX instructions"
+        if status["build"] == "baseline":
+            assert "%ymm" not in code, f"{lib.name} holds AVX instructions"
