@@ -69,7 +69,7 @@ def main() -> None:
     from sae_bench.custom_saes.topk_sae import TopKSAE
 
     from pipeline.core.dictionary import CoderSettings, Dictionary
-    from pipeline.evals.dictionary_sae import DictionarySAE
+    from pipeline.saes.dictionary_sae import DictionarySAE
 
     Y = _data(args)
     args.d = Y.shape[1]

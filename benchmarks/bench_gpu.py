@@ -187,7 +187,7 @@ def main():
     res["sae_step_tokens_per_s"] = {}
     bs = min(4096, n_code)
     try:
-        from pipeline.evals.baselines import BaselineSpec, Budget, train_baseline  # noqa: E402
+        from pipeline.baselines import BaselineSpec, Budget, train_baseline  # noqa: E402
     except ImportError as exc:  # the GPU image may lack sae-lens and its dependencies
         res["sae_step_tokens_per_s"]["skipped"] = f"sae-lens not importable here: {exc}"
     for arch in ("topk", "batchtopk") if "skipped" not in res["sae_step_tokens_per_s"] else ():

@@ -26,10 +26,10 @@ from sklearn.decomposition import MiniBatchDictionaryLearning
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.baselines import BaselineSpec, Budget, train_baseline  # noqa: E402
 from pipeline.core.coders import encode  # noqa: E402
 from pipeline.core.learner import learn_dictionary  # noqa: E402
 from pipeline.data.store import ActivationStore  # noqa: E402
-from pipeline.evals.baselines import BaselineSpec, Budget, train_baseline  # noqa: E402
 
 
 def fvu(Y: torch.Tensor, Yhat: torch.Tensor) -> float:

@@ -114,8 +114,8 @@ def bench_updates(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> di
 
 
 def bench_topk_pass(Y: torch.Tensor, K: int, k: int) -> dict:
-    from pipeline.evals.baselines.config import BaselineSpec, Budget
-    from pipeline.evals.baselines.train import train_baseline
+    from pipeline.baselines.config import BaselineSpec, Budget
+    from pipeline.baselines.train import train_baseline
 
     spec = BaselineSpec(architecture="topk", batch_size=1024)
     runs = {}

@@ -22,12 +22,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.baselines import BaselineSpec, load_record, save_baseline, train_baseline
+from pipeline.baselines.compare import budget_summary, comparison_width, matched_budget
+from pipeline.baselines.io import RECORD_FILE, SUMMARY_FILE
 from pipeline.core.dictionary import Dictionary
+from pipeline.core.spend import FitSpend
 from pipeline.data.loader import training_data
 from pipeline.data.store import ActivationStore
-from pipeline.evals.baselines import BaselineSpec, load_record, save_baseline, train_baseline
-from pipeline.evals.baselines.compare import FitSpend, budget_summary, comparison_width, matched_budget
-from pipeline.evals.baselines.io import RECORD_FILE, SUMMARY_FILE
 from pipeline.runs.config import baseline_specs, check_config_or_exit, open_stage_tracker, register_configs, section
 from pipeline.runs.layout import (
     DICTIONARY_DIRNAME,
@@ -133,7 +134,7 @@ def train_one(
     logging: dict[str, Any] | None = None,
 ) -> Any:
     """Train one baseline on ``store``'s training rows (held-out rows for its statistics), save it to ``folder``
-    and return it (:class:`~pipeline.evals.baselines.TrainedBaseline`)."""
+    and return it (:class:`~pipeline.baselines.TrainedBaseline`)."""
     device = resolve_device(spec.device)
     data = training_data(store, spec.batch_size, device, seed)
     log.info(

@@ -6,7 +6,7 @@
 Inputs: the fit stage's dictionary, the baselines stage's sae-lens SAEs, the harvest store (its rows and token ids:
 no second forward pass over the text), the model (tokenizer and unembedding), and, when the evaluate stage ran
 autointerp, its explanations. Outputs: ``index.html``, ``<sae>.html`` per SAE and ``dashboards.json``
-(:mod:`pipeline.evals.dashboards`); the report's ``index.html`` links them.
+(:mod:`pipeline.report.dashboards`); the report's ``index.html`` links them.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pipeline.data.config import parse_harvest_config
 from pipeline.data.harvest import hook_layer
 from pipeline.data.models import load_model
 from pipeline.data.store import ActivationStore
-from pipeline.evals.dashboards import INDEX_FILE, build_dashboards
-from pipeline.evals.dashboards.render import write_index
 from pipeline.evals.results import RESULTS_SUBDIR
 from pipeline.evals.sae_records import SAERecord, fit_records
+from pipeline.report.dashboards import INDEX_FILE, build_dashboards
+from pipeline.report.dashboards.render import write_index
 from pipeline.runs.config import baseline_specs, check_config_or_exit, register_configs, section
 from pipeline.runs.layout import DICTIONARY_DIRNAME, finished_stage_dir, mark_done, prepare, stage_dir
 from pipeline.runs.layout import store_dir as run_store_dir

@@ -28,12 +28,10 @@ from omegaconf import DictConfig
 
 from pipeline.core.dictionary import DICTIONARY_META, Dictionary
 from pipeline.core.learner import fit_dictionary
+from pipeline.core.spend import FitSpend
 from pipeline.data.harvest import hook_layer
 from pipeline.data.loader import training_data
 from pipeline.data.store import ActivationStore
-from pipeline.evals.baselines.compare import FitSpend
-from pipeline.evals.dictionary_sae import DictionarySAE
-from pipeline.evals.heldout import heldout_stats
 from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs, section
 from pipeline.runs.distributed import agree, join, leave, rank_device, ranks
 from pipeline.runs.layout import (
@@ -46,6 +44,8 @@ from pipeline.runs.layout import (
     stage_config,
     stage_dir,
 )
+from pipeline.saes.dictionary_sae import DictionarySAE
+from pipeline.saes.heldout import heldout_stats
 from pipeline.utils.atomic import atomic_write_text
 from pipeline.utils.devices import resolve_device
 
@@ -138,7 +138,7 @@ def run(cfg: DictConfig) -> Path:
 
 
 def heldout_metrics(sae: Any, Y: torch.Tensor, **extra: Any) -> dict[str, Any]:
-    """``metrics.json``'s entry for one SAE: :func:`~pipeline.evals.heldout.heldout_stats` on ``Y: (n, d)``."""
+    """``metrics.json``'s entry for one SAE: :func:`~pipeline.saes.heldout.heldout_stats` on ``Y: (n, d)``."""
     s = heldout_stats(sae, Y)
     return {
         "heldout_fvu": s["fvu"],

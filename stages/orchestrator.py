@@ -32,8 +32,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.evals.index_page import INDEX_FILE
-from pipeline.evals.report import REPORT_FILE
+from pipeline.report.index_page import INDEX_FILE
+from pipeline.report.markdown import REPORT_FILE
 from pipeline.runs.config import check_config, register_configs
 from pipeline.runs.distributed import ALL_RANK_STAGES, agree, ranks
 from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir, stage_lock

@@ -17,9 +17,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.evals.index_page import INDEX_FILE, write_index
-from pipeline.evals.report import REPORT_FILE, SUMMARY_FILE, write_report
 from pipeline.evals.results import SAES_FILE
+from pipeline.report.index_page import INDEX_FILE, write_index
+from pipeline.report.markdown import REPORT_FILE, SUMMARY_FILE, write_report
 from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs
 from pipeline.runs.layout import experiment_dir, is_done, mark_done, prepare, stage_dir
 

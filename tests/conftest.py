@@ -191,10 +191,10 @@ def make_labelled_documents(n_titles: int = 3, n_paragraphs: int = 96, seed: int
 def eval_inputs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path, text_files) -> dict[str, Any]:
     """Store + dictionary + a sae-lens TopK baseline (``baselines/topk``) + labelled jsonl for the
     evaluate/report tests."""
+    from pipeline.baselines import BaselineSpec, Budget, save_baseline, train_baseline
     from pipeline.core.dictionary import CoderSettings, Dictionary
     from pipeline.data.harvest import harvest
     from pipeline.data.models import load_model
-    from pipeline.evals.baselines import BaselineSpec, Budget, save_baseline, train_baseline
 
     root = tmp_path_factory.mktemp("eval_inputs")
     model = load_model("tiny-local", path=tiny_hf_dir)

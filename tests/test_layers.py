@@ -97,8 +97,8 @@ def test_imports_point_down(module, path):
     "module, source, expected",
     [
         ("pipeline.core.learner", "from pipeline.data.store import ActivationStore", "higher layer"),
-        ("pipeline.data.harvest", "def f():\n    from pipeline.evals import report", "higher layer"),
-        ("pipeline.evals.report", "import stages.report", "higher layer"),
+        ("pipeline.data.harvest", "def f():\n    from pipeline.report import markdown as report", "higher layer"),
+        ("pipeline.report.markdown", "import stages.report", "higher layer"),
         ("pipeline.runs.layout", "from stages.orchestrator import main", "higher layer"),
         ("stages.fit", "from stages.harvest import run", "imports another stage"),
         ("pipeline.core.coders", "from pipeline import encode", "facade"),
@@ -113,7 +113,7 @@ def test_the_checker_catches_each_kind_of_violation(module, source, expected):
 @pytest.mark.parametrize(
     "module, source",
     [
-        ("pipeline.evals.report", "from pipeline.data.store import ActivationStore"),
+        ("pipeline.report.markdown", "from pipeline.data.store import ActivationStore"),
         ("stages.orchestrator", "from stages import fit, harvest"),
         ("stages.fit", "from pipeline.runs.layout import stage_dir\nfrom pipeline.utils.atomic import atomic_write"),
         ("pipeline.data.store", "from .harvest import x"),

@@ -16,8 +16,8 @@ import torch
 
 from pipeline.core.dictionary import DICTIONARY_META
 from pipeline.evals.config import HubBaseline
-from pipeline.evals.heldout import heldout_stats
 from pipeline.evals.results import result_path
+from pipeline.saes.heldout import heldout_stats
 from pipeline.utils.atomic import atomic_write
 
 #: Published result files copied from a ``results_dir`` hub baseline.
@@ -52,14 +52,14 @@ def dictionary_record(
 ) -> SAERecord:
     """The dictionary of ``path`` (``Dictionary.save``) as a :class:`DictionarySAE` record."""
     from pipeline.core.dictionary import Dictionary
-    from pipeline.evals.dictionary_sae import DictionarySAE
+    from pipeline.saes.dictionary_sae import DictionarySAE
 
     if not (path / DICTIONARY_META).exists():
         raise FileNotFoundError(
             f"no dictionary at {path}; run the fit stage first (`python -m pipeline "
             "stage=fit`) or point the config at the right experiment"
         )
-    from pipeline.evals.baselines.compare import FitSpend
+    from pipeline.core.spend import FitSpend
 
     d = Dictionary.load(path)
     sae = DictionarySAE(d, model_name, layer, hook, device=device, cache_bytes=cache_mb << 20)
@@ -119,12 +119,12 @@ def baseline_record(
     prepend_bos: bool | None = None,
     budget: dict[str, Any] | None = None,
 ) -> SAERecord:
-    """The sae-lens baseline saved in ``folder`` (:func:`~pipeline.evals.baselines.save_baseline`), loaded by
+    """The sae-lens baseline saved in ``folder`` (:func:`~pipeline.baselines.save_baseline`), loaded by
     plain ``sae_lens.SAE.load_from_disk`` and handed to SAEBench as any sae-lens SAE (decoder norms folded into
     the encoder where the architecture allows, as SAEBench does for SAEs it loads itself). ``context_size`` /
     ``prepend_bos`` fill the SAE's metadata where its folder leaves them unset (sae-lens's activation store,
     which SAEBench's core uses, requires them)."""
-    from pipeline.evals.baselines.io import load_baseline, load_record
+    from pipeline.baselines.io import load_baseline, load_record
 
     sae = load_baseline(folder, device=device)
     for key, value in (("context_size", context_size), ("prepend_bos", prepend_bos)):
@@ -221,7 +221,7 @@ def _baseline_summary(folder: Path | None) -> dict[str, Any]:
     """The baselines stage's summary file (name -> record + budget summary), or {}."""
     import json
 
-    from pipeline.evals.baselines.io import SUMMARY_FILE
+    from pipeline.baselines.io import SUMMARY_FILE
 
     path = folder / SUMMARY_FILE if folder is not None else None
     return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.exists() else {}
@@ -290,9 +290,9 @@ def describe_heldout(records: list[SAERecord], Y: torch.Tensor) -> None:
 
 def export_sae_lens(records: list[SAERecord], out_dir: Path) -> list[Path]:
     """Write every dictionary record in the sae-lens format, to ``out_dir/<name>/``
-    (:func:`pipeline.evals.sae_lens_io.save_sae_lens`: loads in plain sae-lens as its matching_pursuit SAE,
+    (:func:`pipeline.saes.sae_lens_io.save_sae_lens`: loads in plain sae-lens as its matching_pursuit SAE,
     with ``stock_fidelity`` and the differences from our encoder in the metadata)."""
-    from pipeline.evals.dictionary_sae import DictionarySAE
-    from pipeline.evals.sae_lens_io import save_sae_lens
+    from pipeline.saes.dictionary_sae import DictionarySAE
+    from pipeline.saes.sae_lens_io import save_sae_lens
 
     return [save_sae_lens(r.sae, out_dir / r.name) for r in records if isinstance(r.sae, DictionarySAE)]

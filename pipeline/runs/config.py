@@ -12,12 +12,12 @@ data       :class:`pipeline.data.text.TextSource`                ``conf/data/*.y
 harvest    :class:`pipeline.data.config.HarvestConfig`           the dataclass; presets override
 dictionary :class:`pipeline.core.learner_config.LearnerConfig`   the dataclass (the library's own defaults)
            (its ``coder``: :class:`~pipeline.core.dictionary.CoderSettings`)
-baseline   name -> :class:`pipeline.evals.baselines.BaselineSpec`  ``conf/baseline/<name>.yaml``, chosen by
+baseline   name -> :class:`pipeline.baselines.BaselineSpec`  ``conf/baseline/<name>.yaml``, chosen by
            (each SAE baseline to train)                          ``baseline=[topk,batchtopk]`` (a list)
-compare    :class:`pipeline.evals.baselines.compare.CompareConfig` the dataclass; presets override
+compare    :class:`pipeline.baselines.compare.CompareConfig` the dataclass; presets override
            (budget and width of the baselines)
 eval       :class:`pipeline.evals.config.EvalConfig`             ``conf/eval/*.yaml`` (no defaults in code)
-dashboards :class:`pipeline.evals.dashboards.DashboardsConfig`   the dataclass; presets override
+dashboards :class:`pipeline.report.dashboards.DashboardsConfig`   the dataclass; presets override
 wandb      :class:`pipeline.utils.tracking.TrackingConfig`       the dataclass (off); not part of any stage hash
 distributed :class:`pipeline.runs.distributed.DistributedConfig` the dataclass; how torchrun ranks join (backend,
            timeouts); not part of any stage hash
@@ -37,13 +37,13 @@ from typing import Any, get_type_hints
 
 from omegaconf import MISSING, DictConfig
 
+from pipeline.baselines.compare import CompareConfig
+from pipeline.baselines.config import BaselineSpec
 from pipeline.core.learner_config import LearnerConfig
 from pipeline.data.config import HarvestConfig, ModelConfig, parse_harvest_config
 from pipeline.data.text import TextSource
-from pipeline.evals.baselines.compare import CompareConfig
-from pipeline.evals.baselines.config import BaselineSpec
 from pipeline.evals.config import FIT_SAES, EvalConfig, validate_eval_config
-from pipeline.evals.dashboards.config import DashboardsConfig
+from pipeline.report.dashboards.config import DashboardsConfig
 from pipeline.runs.distributed import DistributedConfig, gpu_count
 from pipeline.runs.layout import STAGES
 from pipeline.utils.devices import resolve_device

@@ -181,8 +181,8 @@ def test_rule_from_manifest(eval_inputs):
 def test_nothing_left_out_fit_equals_all(eval_inputs, tmp_path, kind):
     """Text without special ids and a norm rule that leaves nothing out: fit's numbers are all's."""
     from pipeline.core.dictionary import Dictionary
-    from pipeline.evals.dictionary_sae import DictionarySAE
     from pipeline.evals.metrics.positions import FitRule
+    from pipeline.saes.dictionary_sae import DictionarySAE
 
     model = eval_inputs["model"]
     sae = DictionarySAE(Dictionary.load(eval_inputs["fit"] / "dictionary"), "tiny-local", LAYER, HOOK)
@@ -190,7 +190,7 @@ def test_nothing_left_out_fit_equals_all(eval_inputs, tmp_path, kind):
     if kind == "sae_lens":  # the same dictionary as a stock sae-lens SAE (architecture topk)
         from sae_lens import SAE
 
-        from pipeline.evals.sae_lens_io import save_sae_lens
+        from pipeline.saes.sae_lens_io import save_sae_lens
 
         sae = SAE.load_from_disk(str(save_sae_lens(sae, tmp_path / "sl", architecture="topk")), device="cpu")
     rows = _contexts(model, bos=False)

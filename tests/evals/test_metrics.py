@@ -207,7 +207,7 @@ def test_parse_eval_config_is_typed():
 
 # ------------------------------------------------------------------------------------------ held-out stats
 def test_mean_max_abs_cos_normalises_rows():
-    from pipeline.evals.heldout import mean_max_abs_cos
+    from pipeline.saes.heldout import mean_max_abs_cos
 
     W = torch.eye(4)
     assert mean_max_abs_cos(W) == 0.0

@@ -405,7 +405,7 @@ def residual_dictionary_sae(model_dir: Path, texts: list[str], n_atoms: int = 64
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.core.dictionary import CoderSettings, Dictionary
-    from pipeline.evals.dictionary_sae import DictionarySAE
+    from pipeline.saes.dictionary_sae import DictionarySAE
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.eos_token

@@ -183,8 +183,8 @@ def test_sae_lens_trainer_logs_into_the_tracker_run(wandb_env: Path, tmp_path: P
     from sae_lens.config import LoggingConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from pipeline.evals.baselines.config import BaselineSpec
-    from pipeline.evals.baselines.lens import build_training_sae, trainer_config
+    from pipeline.baselines.config import BaselineSpec
+    from pipeline.baselines.lens import build_training_sae, trainer_config
 
     steps, batch, d_in, width, k = 20, 32, 16, 32, 4
     spec = BaselineSpec(architecture="topk", batch_size=batch)

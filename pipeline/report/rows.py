@@ -1,6 +1,6 @@
 """The report's rows: one :class:`Row` per evaluated SAE (its ``saes.json`` description and SAEBench result
-JSONs), the table's columns, and how cells are formatted. Used by :mod:`pipeline.evals.report` (the markdown) and
-:mod:`pipeline.evals.report_notes` (the generated notes)."""
+JSONs), the table's columns, and how cells are formatted. Used by :mod:`pipeline.report.markdown` (the markdown) and
+:mod:`pipeline.report.notes` (the generated notes)."""
 
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def width_label(w: int | None) -> str:
     return f"{w // 1000}k" if w >= 1000 and w % 1024 == 0 else str(w)
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -227,7 +227,7 @@ def fmt(v: float | None, digits: int = 4) -> str:
 
 def fmt_seconds(v: Any) -> str:
     """Wall seconds: ``—`` when missing, one decimal (two below 10 s)."""
-    if not _number(v):
+    if not is_number(v):
         return "—"
     if not math.isfinite(v):
         return fmt(float(v))
@@ -236,14 +236,14 @@ def fmt_seconds(v: Any) -> str:
 
 def fmt_count(v: Any) -> str:
     """A count with thousands separators; ``—`` when missing."""
-    if not _number(v):
+    if not is_number(v):
         return "—"
     return f"{int(v):,}" if math.isfinite(v) else fmt(float(v))
 
 
 def steps_text(budget: dict[str, Any]) -> str:
     """``735 steps`` (an SAE's optimiser steps) / ``40 updates`` (the dictionary's updates); ``—`` if neither."""
-    parts = [f"{fmt_count(budget[key])} {key}" for key in ("steps", "updates") if _number(budget.get(key))]
+    parts = [f"{fmt_count(budget[key])} {key}" for key in ("steps", "updates") if is_number(budget.get(key))]
     return ", ".join(parts) or "—"
 
 
@@ -251,7 +251,7 @@ def budget_cells(row: Row) -> list[str]:
     """The :data:`BUDGET_COLUMNS` cells of a row (``—`` for anything its budget does not record)."""
     b = row.budget
     mode = str(b["mode"]) if b.get("mode") else "—"
-    if mode != "—" and _number(b.get("factor")) and b["factor"] != 1:
+    if mode != "—" and is_number(b.get("factor")) and b["factor"] != 1:
         mode += f" ×{fmt(float(b['factor']), 3)}"
     return [
         mode,
@@ -299,7 +299,7 @@ def _safe(name: str) -> str:
     return name.replace("/", "_")
 
 
-def _json_or(path: Path, default: Any) -> Any:
+def read_json_or(path: Path, default: Any) -> Any:
     return json.loads(path.read_text()) if path.exists() else default
 
 
@@ -309,14 +309,14 @@ def columns_present(rows: list[Row]) -> list[str]:
     return [c for c, _ in STATS] + cols
 
 
-def _cell(text: str) -> str:
+def md_cell(text: str) -> str:
     """A markdown table cell: ``|`` escaped (``mean max |cos|`` would otherwise split the cell)."""
     return text.replace("|", "\\|")
 
 
-def _names(rows: list[Row]) -> str:
+def joined_names(rows: list[Row]) -> str:
     return ", ".join(f"`{r.name}`" for r in rows)
 
 
-def _values(vs: list[Any], render: Any = str) -> str:
+def joined_values(vs: list[Any], render: Any = str) -> str:
     return ", ".join(dict.fromkeys(render(v) for v in vs))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 
-from pipeline.evals.report_rows import (
+from pipeline.evals.results import RESULTS_SUBDIR
+from pipeline.report.rows import (
     COLUMNS,
     EV_COLUMN,
     EV_LEGACY_COLUMN,
@@ -15,14 +16,13 @@ from pipeline.evals.report_rows import (
     ONE_MINUS_FVU,
     STATS,
     Row,
-    _names,
-    _number,
-    _values,
     fmt,
     fmt_count,
     fmt_seconds,
+    is_number,
+    joined_names,
+    joined_values,
 )
-from pipeline.evals.results import RESULTS_SUBDIR
 
 
 def how_to_read(rows: list[Row], cols: list[str]) -> list[str]:
@@ -33,7 +33,7 @@ def how_to_read(rows: list[Row], cols: list[str]) -> list[str]:
     lines = ["## How to read this", ""]
     dicts = [r for r in rows if r.is_dictionary]
     bases = [r for r in rows if not r.is_dictionary]
-    arch = _values([r.architecture for r in bases])
+    arch = joined_values([r.architecture for r in bases])
     if dicts and bases:
         lines.append(
             f"- **Compared**: {len(dicts)} DB-KSVD dictionar{'y' if len(dicts) == 1 else 'ies'} "
@@ -65,26 +65,26 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
             "seen, `steps/updates` = optimiser steps of an SAE / dictionary updates):"
         )
     for mode, members in modes.items():
-        factors = [float(r.budget["factor"]) for r in members if _number(r.budget.get("factor"))]
-        factor = "" if all(f == 1 for f in factors) else f" × {_values(factors, lambda f: fmt(f, 3))}"
+        factors = [float(r.budget["factor"]) for r in members if is_number(r.budget.get("factor"))]
+        factor = "" if all(f == 1 for f in factors) else f" × {joined_values(factors, lambda f: fmt(f, 3))}"
         target = ""
         if mode in ("equal_time", "time"):
-            ts = [r.budget.get("target_seconds") for r in members if _number(r.budget.get("target_seconds"))]
-            target = f" (target {_values(ts, fmt_seconds)} s)" if ts else ""
+            ts = [r.budget.get("target_seconds") for r in members if is_number(r.budget.get("target_seconds"))]
+            target = f" (target {joined_values(ts, fmt_seconds)} s)" if ts else ""
         elif mode in ("equal_samples", "samples"):
-            ts = [r.budget.get("target_samples") for r in members if _number(r.budget.get("target_samples"))]
-            target = f" (target {_values(ts, fmt_count)} samples)" if ts else ""
+            ts = [r.budget.get("target_samples") for r in members if is_number(r.budget.get("target_samples"))]
+            target = f" (target {joined_values(ts, fmt_count)} samples)" if ts else ""
         elif mode == "steps":
-            ts = [r.budget.get("steps") for r in members if _number(r.budget.get("steps"))]
-            target = f" ({_values(ts, fmt_count)})" if ts else ""
+            ts = [r.budget.get("steps") for r in members if is_number(r.budget.get("steps"))]
+            target = f" ({joined_values(ts, fmt_count)})" if ts else ""
         meaning = MODE_MEANINGS.get(mode, "a budget mode this report does not know").format(
             factor=factor, target=target
         )
-        out.append(f"  - `{mode}`: {meaning}: {_names(members)}.")
+        out.append(f"  - `{mode}`: {meaning}: {joined_names(members)}.")
     missing = [r for r in rows if not r.budget.get("mode")]
     if missing:
         out.append(
-            f"- **No budget recorded** for {_names(missing)} (an older evaluate folder, or an SAE trained "
+            f"- **No budget recorded** for {joined_names(missing)} (an older evaluate folder, or an SAE trained "
             "elsewhere): their budget columns are `—`."
         )
     base_budgets = {(str(r.budget.get("mode")), r.budget.get("factor")) for r in bases if r.budget.get("mode")}
@@ -92,7 +92,7 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
         out.append(
             "- **Budgets differ between baseline rows** ("
             + "; ".join(
-                f"`{m}`" + (f" ×{fmt(float(f), 3)}" if _number(f) and f != 1 else "")
+                f"`{m}`" + (f" ×{fmt(float(f), 3)}" if is_number(f) and f != 1 else "")
                 for m, f in sorted(base_budgets, key=str)
             )
             + "): compare rows trained under the same budget."
@@ -109,7 +109,7 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
         )
         out.append(
             "- **Warning: devices differ** ("
-            + "; ".join(f"{d}: {_names(rs)}" for d, rs in devices.items())
+            + "; ".join(f"{d}: {joined_names(rs)}" for d, rs in devices.items())
             + f"): {what}."
         )
     elif devices:
@@ -165,12 +165,12 @@ def _width_lines(rows: list[Row]) -> list[str]:
 
 def _position_lines(rows: list[Row], cols: list[str]) -> list[str]:
     out = ["- **Positions** each number covers:"]
-    held = [r.described.get("heldout_rows") for r in rows if _number(r.described.get("heldout_rows"))]
+    held = [r.described.get("heldout_rows") for r in rows if is_number(r.described.get("heldout_rows"))]
     out.append(
         "  - "
         + ", ".join(f"`{c}`" for c, _ in STATS if c != "mean max |cos|")
         + ": the harvest store's held-out rows"
-        + (f" ({_values(held, fmt_count)} rows)" if held else "")
+        + (f" ({joined_values(held, fmt_count)} rows)" if held else "")
         + ", which leave out special tokens and attention-sink outlier positions (the store manifest "
         "records the counts); `mean max |cos|` is a property of the decoder weights."
     )
@@ -193,7 +193,7 @@ def _position_lines(rows: list[Row], cols: list[str]) -> list[str]:
             "  - "
             + ", ".join(f"`{c}`" for c in core_cols)
             + ": SAEBench core on its own eval text"
-            + (f" ({_values(datasets)})" if datasets else "")
+            + (f" ({joined_values(datasets)})" if datasets else "")
             + f"; the reconstruction is spliced in at "
             f"{splice} for loss recovered / CE / KL; its sparsity and variance statistics skip only the "
             "tokens SAEBench is given as `ignore_tokens` (BOS/EOS/pad). Attention-sink outlier positions "

@@ -16,9 +16,9 @@ from pipeline.core.dictionary import CoderSettings, Dictionary
 from pipeline.core.learner import learn_dictionary
 from pipeline.core.matryoshka import matryoshka_groups, total_budget
 from pipeline.core.synthetic import planted_problem
-from pipeline.evals import sae_lens_io
-from pipeline.evals.dictionary_sae import DictionarySAE
-from pipeline.evals.sae_lens_io import (
+from pipeline.saes import sae_lens_io
+from pipeline.saes.dictionary_sae import DictionarySAE
+from pipeline.saes.sae_lens_io import (
     APPROXIMATE,
     EXACT,
     EXACT_RECONSTRUCTION,

@@ -112,7 +112,7 @@ from pipeline.core.coders import gram
 from pipeline.core.dictionary import CoderSettings, Dictionary, code_width
 from pipeline.core.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
 from pipeline.core.matryoshka import groups_from_list
-from pipeline.evals.dictionary_sae import ARCHITECTURE, DictionarySAE, split_signed
+from pipeline.saes.dictionary_sae import ARCHITECTURE, DictionarySAE, split_signed
 from pipeline.utils.atomic import atomic_write, atomic_write_text
 
 #: Metadata key of the exported coder settings.
@@ -140,7 +140,7 @@ ENCODER_NOTE = (
     "DB-KSVD dictionary. Its real encoder is sparse coding (matching pursuit / OMP, settings in "
     "metadata.dbksvd_coder). Loaded as architecture 'topk' by plain sae-lens, encode is only the "
     "top-k of the correlations relu((x - b_dec) @ W_enc) with W_enc = W_dec^T, an approximation "
-    "(stock 'matching_pursuit' is closer); load with pipeline.evals.sae_lens_io.load_sae_lens "
+    "(stock 'matching_pursuit' is closer); load with pipeline.saes.sae_lens_io.load_sae_lens "
     "(registered architecture 'dbksvd') for the exact coder. metadata.differences lists how the two "
     "encoders differ."
 )
@@ -149,33 +149,33 @@ MP_ENCODER_NOTES = {
         "DB-KSVD dictionary exported as sae-lens's native 'matching_pursuit' architecture, whose stock "
         "encoder reproduces this dictionary's coder (non-negative matching pursuit, no refit, a step cap <= k, "
         "no relative stop) up to float rounding (metadata.stock_fidelity = 'exact'). Load with "
-        "pipeline.evals.sae_lens_io.load_sae_lens (registered architecture 'dbksvd') for the exact coder."
+        "pipeline.saes.sae_lens_io.load_sae_lens (registered architecture 'dbksvd') for the exact coder."
     ),
     EXACT_RECONSTRUCTION: (
         "DB-KSVD signed dictionary exported as sae-lens's native 'matching_pursuit' architecture over the +/- "
         "split W_dec = [D; -D]: stock encode reproduces this dictionary's reconstruction and its signed code "
         "(latents [:K] minus latents [K:]) up to float rounding, but where a row re-picks an atom with the other "
         "sign both of its split latents are active (metadata.stock_fidelity = 'exact_reconstruction'). Load "
-        "with pipeline.evals.sae_lens_io.load_sae_lens (registered architecture 'dbksvd') for the exact coder."
+        "with pipeline.saes.sae_lens_io.load_sae_lens (registered architecture 'dbksvd') for the exact coder."
     ),
     APPROXIMATE: (
         "DB-KSVD dictionary exported as sae-lens's native 'matching_pursuit' architecture, the closest stock "
         "approximation of its coder (measured much closer than 'topk'), but an approximation: stock encode does "
         "not reproduce our codes (metadata.stock_fidelity = 'approximate'; metadata.differences says how, "
-        "metadata.stock_agreement, when present, measures it). Load with pipeline.evals.sae_lens_io."
+        "metadata.stock_agreement, when present, measures it). Load with pipeline.saes.sae_lens_io."
         "load_sae_lens (registered architecture 'dbksvd') for the exact coder."
     ),
 }
 DBKSVD_ENCODER_NOTE = (
     "DB-KSVD dictionary declared as the registered architecture 'dbksvd': needs "
-    "`import pipeline.evals.sae_lens_io` before sae_lens.SAE.load_from_disk; its encode is the "
+    "`import pipeline.saes.sae_lens_io` before sae_lens.SAE.load_from_disk; its encode is the "
     "exact coder."
 )
 EXACT_LOADER = (
-    "pipeline.evals.sae_lens_io.load_sae_lens(path), i.e. sae_lens.SAE.load_from_disk(path, "
-    "converter=pipeline.evals.sae_lens_io.dbksvd_disk_loader): the registered sae-lens architecture "
+    "pipeline.saes.sae_lens_io.load_sae_lens(path), i.e. sae_lens.SAE.load_from_disk(path, "
+    "converter=pipeline.saes.sae_lens_io.dbksvd_disk_loader): the registered sae-lens architecture "
     "'dbksvd', whose encode runs the project's coder exactly; "
-    "pipeline.evals.sae_lens_io.load_dictionary_sae(path) rebuilds the DictionarySAE."
+    "pipeline.saes.sae_lens_io.load_dictionary_sae(path) rebuilds the DictionarySAE."
 )
 MP_CRITERION = (
     "'auto' exports every dictionary as 'matching_pursuit', the stock encoder closest to ours "
@@ -314,7 +314,7 @@ def describe_stock_encoder(sae: DictionarySAE, architecture: str) -> tuple[list[
     if architecture == ARCHITECTURE:
         same.append(
             "Encoder: the registered 'dbksvd' class runs the project's coder exactly (needs "
-            "`import pipeline.evals.sae_lens_io`; stock sae-lens alone cannot load this folder)."
+            "`import pipeline.saes.sae_lens_io`; stock sae-lens alone cannot load this folder)."
         )
         same.append(centring)
         return diff, same

@@ -7,7 +7,7 @@
   width, points of one (architecture, width) joined by a line sorted by L0 when a sweep gives several
   (``<eval>_vs_l0.png``).
 
-The plots read :class:`~pipeline.evals.report.Row` objects; nothing is recomputed.
+The plots read :class:`~pipeline.report.rows.Row` objects; nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.utils.atomic import atomic_write
 
 if TYPE_CHECKING:
-    from pipeline.evals.report import Row
+    from pipeline.report.rows import Row
 
 FIT_CURVE_FILE = "fit_curve.png"
 """The dictionary's fit curve (FVU vs iteration)."""

@@ -33,7 +33,7 @@ def heldout_stats(sae: Any, Y: Tensor, chunk: int = 4096) -> dict[str, float]:
     """L0, FVU and dead fraction of ``sae`` on held-out activations, and the coherence of its decoder.
 
     ``sae`` has ``encode: (n, d) -> (n, d_sae)`` and ``decode: (n, d_sae) -> (n, d)`` (an SAEBench SAE); a
-    signed :class:`~pipeline.evals.dictionary_sae.DictionarySAE` (``d_sae = 2K``) counts an atom as used when
+    signed :class:`~pipeline.saes.dictionary_sae.DictionarySAE` (``d_sae = 2K``) counts an atom as used when
     either half fires, and its coherence is over the K atoms (``sae.atoms``), not ``W_dec = [D; -D]``.
     ``Y: (n, d)`` is encoded in chunks of ``chunk`` rows. Returns ``heldout_rows``, ``l0`` (mean non-zeros per
     row), ``fvu`` (‖Y − Ŷ‖² / ‖Y − mean(Y)‖²), ``dead_fraction`` (latents never non-zero) and

@@ -10,8 +10,7 @@ import pytest
 import sae_lens
 import torch
 
-from pipeline.core.synthetic import planted_problem
-from pipeline.evals.baselines import (
+from pipeline.baselines import (
     ARCHITECTURES,
     BaselineSpec,
     Budget,
@@ -20,7 +19,8 @@ from pipeline.evals.baselines import (
     save_baseline,
     train_baseline,
 )
-from pipeline.evals.baselines.io import CFG_FILE, RECORD_FILE, WEIGHTS_FILE
+from pipeline.baselines.io import CFG_FILE, RECORD_FILE, WEIGHTS_FILE
+from pipeline.core.synthetic import planted_problem
 
 D, WIDTH, K, BATCH = 16, 64, 4, 128
 #: Per-architecture settings for a tiny problem: MP-SAE is slow per step (serial pursuit), and the docs'

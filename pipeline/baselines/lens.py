@@ -1,4 +1,4 @@
-"""A :class:`~pipeline.evals.baselines.config.BaselineSpec` as sae-lens objects: the architecture's training SAE
+"""A :class:`~pipeline.baselines.config.BaselineSpec` as sae-lens objects: the architecture's training SAE
 (with its own training config class), the ``SAETrainerConfig``, and the inference form of a trained SAE.
 
 Nothing of the recipe is ours: the optimiser (Adam, grad-norm clipping at 1), lr schedule, AuxK loss, decoder
@@ -14,7 +14,7 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE
 
-from pipeline.evals.baselines.config import BaselineSpec
+from pipeline.baselines.config import BaselineSpec
 
 #: Training-config fields this package sets itself (``sae_options`` may not override them).
 RESERVED_SAE_FIELDS = frozenset(

@@ -1,7 +1,7 @@
 """Train an SAE baseline with sae-lens's own trainer (``SAETrainer.fit()``) on our activations.
 
-The recipe is sae-lens's (:mod:`~pipeline.evals.baselines.lens`); ours are only the data provider
-(:mod:`~pipeline.evals.baselines.batches`), ``b_dec`` starting at the data mean, and the budget:
+The recipe is sae-lens's (:mod:`~pipeline.baselines.lens`); ours are only the data provider
+(:mod:`~pipeline.baselines.batches`), ``b_dec`` starting at the data mean, and the budget:
 
 * ``steps`` / ``samples``: the trainer's ``total_training_samples`` is ``steps × batch_size`` (samples rounded
   down to whole batches, at least one), and every batch is full, so ``fit()`` runs exactly that many steps and
@@ -38,10 +38,10 @@ from sae_lens.training import sae_trainer as _trainer_module
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
-from pipeline.evals.baselines.batches import data_mean, training_batches
-from pipeline.evals.baselines.config import DEFAULT_L1_WARM_UP_FRACTION, DEFAULT_LR_DECAY_FRACTION, BaselineSpec, Budget
-from pipeline.evals.baselines.lens import build_training_sae, inference_form, trainer_config
-from pipeline.evals.heldout import heldout_stats
+from pipeline.baselines.batches import data_mean, training_batches
+from pipeline.baselines.config import DEFAULT_L1_WARM_UP_FRACTION, DEFAULT_LR_DECAY_FRACTION, BaselineSpec, Budget
+from pipeline.baselines.lens import build_training_sae, inference_form, trainer_config
+from pipeline.saes.heldout import heldout_stats
 from pipeline.utils.devices import resolve_device
 
 #: ``total_training_samples`` of an open-ended (``time``) run: never reached, the stop hook ends it.

@@ -11,8 +11,8 @@ import jinja2
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
-from pipeline.evals.dashboards import SUMMARY_FILE as DASHBOARDS_SUMMARY
-from pipeline.evals.dashboards.render import STYLE
+from pipeline.report.dashboards import SUMMARY_FILE as DASHBOARDS_SUMMARY
+from pipeline.report.dashboards.render import STYLE
 from pipeline.utils.atomic import atomic_write_text
 
 #: The run's entry page, in the report folder.

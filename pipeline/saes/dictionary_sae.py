@@ -16,7 +16,7 @@
   ``2K``: ``W_dec = [D; −D]`` and the signed code ``x`` becomes ``[relu(x), relu(−x)]``, so
   ``decode(encode(y))`` is the signed reconstruction and L0 is unchanged.
 
-The sae-lens export and loader are in :mod:`pipeline.evals.sae_lens_io`.
+The sae-lens export and loader are in :mod:`pipeline.saes.sae_lens_io`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 architecture, with each SAE's training budget), a generated "How to read this" section, the FVU-vs-wall-time
 plot, the fit curve and SAEBench-style plots (headline metric vs L0, one marker per architecture, one colour per
 width, a line through a sweep's points), from the evaluate stage folders of one experiment (several folders =
-a sweep, gathered into one table and plot). The plots are in :mod:`pipeline.evals.report_plots`.
+a sweep, gathered into one table and plot). The plots are in :mod:`pipeline.report.plots`.
 
 Values are read from SAEBench's own result JSONs and the evaluate stage's ``saes.json``; nothing is
 recomputed (``1 − FVU`` is the held-out FVU subtracted from 1). Non-finite values are shown as ``+inf`` /
@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.evals.report_notes import explained_variance_note, how_to_read
-from pipeline.evals.report_plots import (
+from pipeline.evals.results import FAILED_FILE, INFO_FILE, SKIPPED_FILE
+from pipeline.report.notes import explained_variance_note, how_to_read
+from pipeline.report.plots import (
     FIT_CURVE_FILE,
     FVU_TIME_PLOT_FILE,
     MARKERS,
@@ -27,7 +28,7 @@ from pipeline.evals.report_plots import (
     plot_fvu_vs_time,
     plot_metric_vs_l0,
 )
-from pipeline.evals.report_rows import (
+from pipeline.report.rows import (
     BUDGET_COLUMNS,
     COLUMNS,
     FIT_POSITIONS_EVAL,
@@ -36,16 +37,15 @@ from pipeline.evals.report_rows import (
     STATS,
     SUMMARY_FILE,
     Row,
-    _cell,
-    _json_or,
     budget_cells,
     columns_present,
     fmt,
     load_rows,
+    md_cell,
+    read_json_or,
     steps_text,
     width_label,
 )
-from pipeline.evals.results import FAILED_FILE, INFO_FILE, SKIPPED_FILE
 from pipeline.utils.atomic import atomic_write_text
 
 
@@ -73,7 +73,7 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
     lines += how_to_read(rows, cols)
     # the table
     head = ["SAE", "architecture", "width", "k", *BUDGET_COLUMNS, *cols]
-    lines += ["## Metrics", "", "| " + " | ".join(_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["## Metrics", "", "| " + " | ".join(md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             f"`{r.name}`",
@@ -83,7 +83,7 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
             *budget_cells(r),
             *[fmt(r.value(c)) for c in cols],
         ]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     lines.append("")
     lines += [f"- **{c}**: {d}" for c, ev, cat, key, d in COLUMNS if c in cols]
     lines.append(
@@ -162,9 +162,9 @@ def _folder_sections(eval_folders: list[Path]) -> list[str]:
     """Per evaluate folder: model, sizes, skipped, failures, notes."""
     lines = []
     for folder in eval_folders:
-        info = _json_or(folder / INFO_FILE, {})
-        skipped = _json_or(folder / SKIPPED_FILE, [])
-        failed = _json_or(folder / FAILED_FILE, [])
+        info = read_json_or(folder / INFO_FILE, {})
+        skipped = read_json_or(folder / SKIPPED_FILE, [])
+        failed = read_json_or(folder / FAILED_FILE, [])
         lines += [f"## Evaluation `{folder.name}`", ""]
         if info:
             m = info.get("model", {})

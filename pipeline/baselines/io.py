@@ -2,7 +2,7 @@
 
 ``<folder>/cfg.json`` and ``<folder>/sae_weights.safetensors`` are written by sae-lens's own ``save_model`` of the
 inference SAE (exactly what ``save_inference_model`` writes), so ``sae_lens.SAE.load_from_disk(folder)`` opens it
-with no code of ours; ``<folder>/record.json`` is the :class:`~pipeline.evals.baselines.train.BaselineRecord`.
+with no code of ours; ``<folder>/record.json`` is the :class:`~pipeline.baselines.train.BaselineRecord`.
 The folder is written whole into a temporary sibling, then renamed into place: a reader sees no folder, the old
 one or the new one, never a half-written one.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 from sae_lens import SAE
 
-from pipeline.evals.baselines.train import TrainedBaseline
-from pipeline.evals.sae_lens_io import CFG_FILE, WEIGHTS_FILE
+from pipeline.baselines.train import TrainedBaseline
+from pipeline.saes.sae_lens_io import CFG_FILE, WEIGHTS_FILE
 from pipeline.utils.atomic import atomic_write_text
 
 #: Our record of the training run, beside sae-lens's files.

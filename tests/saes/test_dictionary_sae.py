@@ -10,8 +10,8 @@ import torch
 
 from pipeline.core.dictionary import CoderSettings, Dictionary
 from pipeline.core.matryoshka import matryoshka_groups
-from pipeline.evals.dictionary_sae import DictionarySAE
-from pipeline.evals.sae_lens_io import load_sae_lens, save_sae_lens
+from pipeline.saes.dictionary_sae import DictionarySAE
+from pipeline.saes.sae_lens_io import load_sae_lens, save_sae_lens
 
 D_IN, K, k = 32, 96, 5
 

@@ -148,7 +148,7 @@ class BaselineSpec:
 class Budget:
     """How long a baseline trains. ``steps``: exactly ``steps`` optimiser steps. ``samples``: ``samples``
     rounded down to whole batches (at least one). ``time``: steps until ``seconds`` of wall time have passed
-    since :func:`~pipeline.evals.baselines.train.train_baseline` was called (set-up included, held-out
+    since :func:`~pipeline.baselines.train.train_baseline` was called (set-up included, held-out
     evaluation not), checked after each step. ``converged``: every ``check_every`` steps the held-out FVU is
     measured; training stops once it has failed ``patience`` times in a row to beat the best so far by a
     relative ``rel_tol``, or at ``steps``."""

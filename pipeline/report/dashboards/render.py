@@ -11,7 +11,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
-from pipeline.evals.dashboards.features import Context, LatentView
+from pipeline.report.dashboards.features import Context, LatentView
 from pipeline.utils.atomic import atomic_write_text
 
 #: The dashboards folder's index (beside one page per SAE, ``<name>.html``).

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.store import ActivationStore
-from pipeline.evals.dashboards.collect import encode_rows, read_store_text
-from pipeline.evals.dashboards.config import DashboardsConfig
-from pipeline.evals.dashboards.features import TokenText, add_logits, latent_view, select_latents
-from pipeline.evals.dashboards.render import INDEX_FILE, write_index, write_sae_page
+from pipeline.report.dashboards.collect import encode_rows, read_store_text
+from pipeline.report.dashboards.config import DashboardsConfig
+from pipeline.report.dashboards.features import TokenText, add_logits, latent_view, select_latents
+from pipeline.report.dashboards.render import INDEX_FILE, write_index, write_sae_page
 from pipeline.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)

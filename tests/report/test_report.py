@@ -101,14 +101,14 @@ def test_report_table_plots_and_infinity(tmp_path):
 
 
 def test_report_without_evaluations(tmp_path):
-    from pipeline.evals.report import write_report
+    from pipeline.report.markdown import write_report
 
     path = write_report([tmp_path / "missing"], tmp_path / "out")
     assert "No evaluated SAE" in path.read_text()
 
 
 def test_fmt():
-    from pipeline.evals.report import fmt, width_label
+    from pipeline.report.markdown import fmt, width_label
 
     assert fmt(float("inf")) == "+inf" and fmt(float("-inf")) == "-inf" and fmt(float("nan")) == "nan"
     assert fmt(None) == "—" and fmt(0.5) == "0.5"
@@ -279,7 +279,7 @@ def _table(md: str) -> list[list[str]]:
 
 
 def test_sorted_by_architecture_with_budget_columns(tmp_path):
-    from pipeline.evals.report import write_report
+    from pipeline.report.markdown import write_report
 
     folder = _write_folder(
         tmp_path / "evaluate-x", _comparison_descs(), saebench_arch={"batchtopk_K2048_k32": "jumprelu"}
@@ -323,7 +323,7 @@ def test_sorted_by_architecture_with_budget_columns(tmp_path):
 
 
 def test_how_to_read_names_modes_and_warns_on_devices(tmp_path):
-    from pipeline.evals.report import write_report
+    from pipeline.report.markdown import write_report
 
     same = write_report([_write_folder(tmp_path / "a" / "evaluate-x", _comparison_descs())], tmp_path / "o1")
     md = same.read_text()
@@ -345,7 +345,7 @@ def test_how_to_read_names_modes_and_warns_on_devices(tmp_path):
 
 
 def test_how_to_read_flags_rows_off_their_target_l0(tmp_path):
-    from pipeline.evals.report import write_report
+    from pipeline.report.markdown import write_report
 
     descs = _comparison_descs()
     descs[1]["l0"] = 49.46  # batchtopk: its threshold short of k = 32 after a short budget
@@ -357,7 +357,7 @@ def test_how_to_read_flags_rows_off_their_target_l0(tmp_path):
 
 
 def test_how_to_read_differing_budgets_factor_and_no_baseline(tmp_path):
-    from pipeline.evals.report import write_report
+    from pipeline.report.markdown import write_report
 
     descs = _comparison_descs()
     descs[1]["budget"] = {
@@ -382,8 +382,8 @@ def test_how_to_read_differing_budgets_factor_and_no_baseline(tmp_path):
 def test_fvu_vs_time_plot_only_with_curves(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from pipeline.evals.report import write_report
-    from pipeline.evals.report_plots import FVU_TIME_PLOT_FILE
+    from pipeline.report.markdown import write_report
+    from pipeline.report.plots import FVU_TIME_PLOT_FILE
 
     calls = []
     orig_plot, orig_scatter = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.scatter
@@ -420,8 +420,8 @@ def test_fvu_vs_time_plot_only_with_curves(tmp_path, monkeypatch):
 def test_metric_vs_l0_joins_a_sweep(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from pipeline.evals.report import load_rows
-    from pipeline.evals.report_plots import plot_metric_vs_l0
+    from pipeline.report.markdown import load_rows
+    from pipeline.report.plots import plot_metric_vs_l0
 
     descs = [_desc(f"topk_K1024_k{k}", "baseline", "topk", 1024, k) for k in (64, 16, 32)]
     descs += [
@@ -441,7 +441,7 @@ def test_metric_vs_l0_joins_a_sweep(tmp_path, monkeypatch):
 
 
 def test_explained_variance_note_and_fit_positions(tmp_path):
-    from pipeline.evals.report import write_report
+    from pipeline.report.markdown import write_report
 
     descs = _comparison_descs()
     ev = {d["name"]: 1.52 if d["kind"] == "dictionary" else 1.07 for d in descs}
@@ -485,7 +485,7 @@ def test_explained_variance_note_and_fit_positions(tmp_path):
 
 
 def test_old_format_folder_still_renders(tmp_path):
-    from pipeline.evals.report import write_report
+    from pipeline.report.markdown import write_report
 
     old = _fake_eval_folder(tmp_path / "exp", "evaluate-old", 64, 4, 0.9, 0.95)
     md = write_report([old], tmp_path / "out").read_text()

@@ -1,8 +1,9 @@
 """How a baseline is matched to the dictionary it is compared with: the budget and the width.
 
-The dictionary's fit spends wall time, samples and updates (:class:`FitSpend`, read from its history);
+The dictionary's fit spends wall time, samples and updates (:class:`~pipeline.core.spend.FitSpend`, read from
+its history);
 :class:`CompareConfig` (the ``compare`` config node) says which of them a baseline gets, and
-:func:`matched_budget` turns that into a trainer :class:`~pipeline.evals.baselines.config.Budget`:
+:func:`matched_budget` turns that into a trainer :class:`~pipeline.baselines.config.Budget`:
 
 =============== ======================================================================================
 ``equal_time``  ``factor`` × the dictionary's fit wall time (the default: what a user with that machine
@@ -22,11 +23,11 @@ at the dictionary's k.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.evals.baselines.config import Budget
+from pipeline.baselines.config import Budget
+from pipeline.core.spend import FitSpend
 
 #: Budget modes of the comparison.
 COMPARE_BUDGETS = ("equal_time", "equal_samples", "steps", "converged")
@@ -78,71 +79,6 @@ class CompareConfig:
                 f"compare.check_every={self.check_every} and compare.patience={self.patience} must "
                 f"be >= 1, compare.rel_tol={self.rel_tol} >= 0."
             )
-
-
-@dataclass
-class FitSpend:
-    """What the dictionary's fit spent: the quantities a baseline's budget is matched to."""
-
-    seconds: float
-    """Wall time of the fit (the learner's clock, which survives a resume)."""
-    samples: int
-    """Sample rows coded over all updates."""
-    updates: int
-    """Dictionary updates (iterations)."""
-    device: str
-    """Where it ran (rank 0's device for a data-parallel fit)."""
-    ranks: int = 1
-    """Data-parallel processes (devices) the fit ran on; ``equal_time`` matches their device-seconds,
-    ``ranks × seconds``, since a baseline trains on one device."""
-
-    @classmethod
-    def from_history(
-        cls,
-        history: Sequence[Mapping[str, Any]],
-        *,
-        batch_size: int,
-        device: str,
-        fit_seconds: float | None = None,
-        ranks: int = 1,
-    ) -> FitSpend:
-        """From a dictionary's per-iteration ``history`` (``seconds`` cumulative; ``rows`` per iteration, else
-        ``batch_size``); ``fit_seconds``, the fit stage's own clock of the whole call, wins when larger (it
-        also counts the initialisation; after a resume it counts only the resumed part, hence the max)."""
-        if not history:
-            raise ValueError(
-                "the dictionary has no fit history: it was not fitted by learn_dictionary / "
-                "fit_dictionary, so there is no fit time or sample count to match a baseline to."
-            )
-        seconds = max(float(history[-1].get("seconds", 0.0)), float(fit_seconds or 0.0))
-        samples = sum(int(h.get("rows", batch_size)) for h in history)
-        return cls(seconds=seconds, samples=samples, updates=len(history), device=str(device), ranks=ranks)
-
-    @classmethod
-    def of_dictionary(cls, dictionary: Any) -> FitSpend:
-        """The spend a fitted :class:`~pipeline.core.dictionary.Dictionary` recorded (``metadata["spend"]``, written
-        by the fit stage), else derived from its history and the learner settings in its metadata."""
-        meta = dictionary.metadata
-        if meta.get("spend"):
-            return cls(**{k: v for k, v in meta["spend"].items() if k != "mode"})
-        learner = meta.get("learner") or {}
-        return cls.from_history(
-            dictionary.history,
-            batch_size=int(learner.get("batch_size") or 0),
-            device=str(learner.get("device")),
-            fit_seconds=meta.get("fit_seconds"),
-            ranks=int(meta.get("ranks") or 1),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "mode": "fit",
-            "seconds": self.seconds,
-            "samples": self.samples,
-            "updates": self.updates,
-            "device": self.device,
-            "ranks": self.ranks,
-        }
 
 
 def matched_budget(compare: CompareConfig, spend: FitSpend) -> Budget:

@@ -15,10 +15,10 @@ import torch
 from pipeline.data.harvest import MaskingOptions, harvest
 from pipeline.data.store import ActivationStore
 from pipeline.data.text import iter_contexts
-from pipeline.evals.dashboards import build_dashboards
-from pipeline.evals.dashboards.collect import encode_rows, read_store_text
-from pipeline.evals.dashboards.config import DashboardsConfig
-from pipeline.evals.dashboards.features import TokenText, latent_view, logit_weights
+from pipeline.report.dashboards import build_dashboards
+from pipeline.report.dashboards.collect import encode_rows, read_store_text
+from pipeline.report.dashboards.config import DashboardsConfig
+from pipeline.report.dashboards.features import TokenText, latent_view, logit_weights
 
 HOOK = "blocks.1.hook_resid_post"
 L = 16

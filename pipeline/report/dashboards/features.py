@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from pipeline.evals.dashboards.collect import SparseCodes, StoreText
-from pipeline.evals.dashboards.config import DashboardsConfig
+from pipeline.report.dashboards.collect import SparseCodes, StoreText
+from pipeline.report.dashboards.config import DashboardsConfig
 
 #: Why a latent was drawn, in the order the page lists them.
 REASONS = ("most used", "autointerp", "included", "random")

@@ -1,0 +1,33 @@
+"""SAE baselines trained the way the field trains them: sae-lens's own trainer on our activation batches.
+
+* :mod:`~pipeline.baselines.config`: :class:`BaselineSpec` (architecture and hyperparameters, defaults
+  from sae-lens's documentation / SAEBench's suites) and :class:`Budget` (steps, samples, time or converged);
+* :mod:`~pipeline.baselines.lens`: the spec as sae-lens configs, and a trained SAE's inference form;
+* :mod:`~pipeline.baselines.batches`: our data as the trainer's provider of full batches;
+* :mod:`~pipeline.baselines.train`: :func:`train_baseline` -> :class:`TrainedBaseline`;
+* :mod:`~pipeline.baselines.io`: :func:`save_baseline` (a plain sae-lens folder + ``record.json``) and
+  :func:`load_baseline` (plain ``sae_lens.SAE.load_from_disk``).
+
+Example::
+
+    spec = BaselineSpec("batchtopk", batch_size=1024)
+    trained = train_baseline(Y, d_in=576, width=2048, k=32, spec=spec, budget=Budget("time", seconds=60),
+                             heldout=Y_heldout)
+    save_baseline(trained, "outputs/.../batchtopk")
+"""
+
+from pipeline.baselines.config import ARCHITECTURES, BaselineSpec, Budget
+from pipeline.baselines.io import load_baseline, load_record, save_baseline
+from pipeline.baselines.train import BaselineRecord, TrainedBaseline, train_baseline
+
+__all__ = [
+    "ARCHITECTURES",
+    "BaselineRecord",
+    "BaselineSpec",
+    "Budget",
+    "TrainedBaseline",
+    "load_baseline",
+    "load_record",
+    "save_baseline",
+    "train_baseline",
+]
