@@ -55,7 +55,7 @@ if ! ls "$AUSTEN_DIR"/r-cran-janeaustenr_*.deb >/dev/null 2>&1; then
     }
 fi
 # compile the CPU fit's loops (numba) now, so that the first fit's clock holds no compilation (~45 s, cached)
-python -c "from pipeline.core.compiled import warm_up; warm_up()" || echo "note: the compiled CPU loops did not build; fits use the torch loops"
+python -c "from pipeline.core.warm import warm_up; warm_up()" || echo "note: the compiled CPU loops did not build; fits use the torch loops"
 # --- test-only tools (bash setup.sh --tests) --------------------------------------------------------
 if [ "$TESTS" = 1 ]; then
     # 4. the autointerp test's judge: llama.cpp's server on the offline SmolLM2 GGUF. No wheel on PyPI, so it is

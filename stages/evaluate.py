@@ -27,9 +27,9 @@ from pipeline.data.harvest import hook_layer
 from pipeline.data.models import hub_reachable, load_model
 from pipeline.data.store import ActivationStore
 from pipeline.evals import results as layout
-from pipeline.evals.config import parse_eval_config, validate_eval_config
+from pipeline.evals.config import EvalConfig, parse_eval_config, validate_eval_config
 from pipeline.evals.labelled_data import build_labelled_text, labelled_documents
-from pipeline.evals.metrics import METRICS, EvalContext, needs_labelled, run_metrics
+from pipeline.evals.metrics import METRICS, EvalContext, check_metric_configs, needs_labelled, run_metrics
 from pipeline.evals.sae_records import describe_heldout, export_sae_lens, fit_records, hub_records
 from pipeline.runs.config import baseline_specs, check_config_or_exit, register_configs
 from pipeline.runs.layout import DICTIONARY_DIRNAME, finished_stage_dir, is_done, mark_done, prepare, stage_dir
@@ -62,6 +62,15 @@ def run(
         torch.set_grad_enabled(grad)
 
 
+def check(cfg: DictConfig | dict) -> EvalConfig:
+    """The ``eval`` node, typed and checked, SAEBench's config keys of each metric included (the orchestrator calls
+    this before the first stage of a run that will evaluate)."""
+    e = parse_eval_config(cfg["eval"] if "eval" in cfg else None)
+    validate_eval_config(e)
+    check_metric_configs(e)
+    return e
+
+
 def _run(
     cfg: DictConfig | dict,
     run_dir: str | Path | None,
@@ -70,8 +79,7 @@ def _run(
     store_dir: str | Path | None,
     model: Any,
 ) -> Path:
-    e = parse_eval_config(cfg["eval"] if "eval" in cfg else None)
-    validate_eval_config(e)
+    e = check(cfg)
     model_cfg, source, harvest = parse_harvest_config(cfg)
     device = str(resolve_device(e.device or model_cfg.device))
     fit = Path(fit_dir) if fit_dir else finished_stage_dir(cfg, "fit")

@@ -61,6 +61,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
     """Check the config, then run the selected stages; returns each stage's folder."""
     check_config(cfg)
     alone = cfg.stage != "all"
+    if cfg.stage in ("all", "evaluate"):
+        evaluate.check(cfg)  # SAEBench's config keys of each metric, before the first stage's work
     out: dict[str, Path] = {}
     rerun_later = False
     me = ranks()

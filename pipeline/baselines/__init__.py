@@ -16,9 +16,28 @@ Example::
     save_baseline(trained, "outputs/.../batchtopk")
 """
 
+import importlib
+from typing import Any
+
 from pipeline.baselines.config import ARCHITECTURES, BaselineSpec, Budget
-from pipeline.baselines.io import load_baseline, load_record, save_baseline
-from pipeline.baselines.train import BaselineRecord, TrainedBaseline, train_baseline
+
+#: Names re-exported from the modules that import sae-lens (seconds to import), loaded on first use, so that
+#: reading the config (``pipeline.baselines.config`` / ``compare``, every stage's config check) does not pay it.
+_LAZY = {
+    "load_baseline": "io",
+    "load_record": "io",
+    "save_baseline": "io",
+    "BaselineRecord": "train",
+    "TrainedBaseline": "train",
+    "train_baseline": "train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"pipeline.baselines.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'pipeline.baselines' has no attribute {name!r}")
+
 
 __all__ = [
     "ARCHITECTURES",

@@ -27,7 +27,6 @@ sequential K-SVD; one batch of all K atoms converges much worse (noted by the re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +39,7 @@ from pipeline.core.codes import Codes
 from pipeline.core.collective import LOCAL, Collective
 from pipeline.core.compiled import KERNELS
 from pipeline.core.rank1 import refit_block
+from pipeline.core.update_stats import UpdateStats
 
 #: Largest number of gathered residual entries (rows × d) held at once by one compute chunk (CPU, CUDA).
 _GATHER_BUDGET = {"cpu": 1 << 25, "cuda": 1 << 28}
@@ -51,22 +51,6 @@ _BLOCK_OVERHEAD_ATOMS = 4
 SOLVERS = ("direct", "gram", "alternating")
 #: Solvers that gather blocks (everything but the matrix-free alternating one).
 _BLOCK_SOLVERS = ("direct", "gram")
-
-
-@dataclass
-class UpdateStats:
-    """What one sweep over the atoms did."""
-
-    n_used: int
-    """Atoms with at least one coefficient in the batch (the ones refitted)."""
-    mean_rank1_iters: float
-    """Mean number of iterations the refit blocks (block solvers) or atom batches (alternating) needed."""
-    capped: int = 0
-    """Refits stopped at the iteration cap before converging (non-negative, or the alternating solver)."""
-    eigensolved: int = 0
-    """Signed refits finished by the dense eigensolver (block solvers; exact)."""
-    lanczos: int = 0
-    """Signed refits not certified by power steps and converged by Lanczos ("direct")."""
 
 
 def update_atoms(

@@ -2,7 +2,8 @@
 ``refit_numba``'s per-atom refits and ``spin``'s barriers), imported lazily: numba's import and its cache load
 cost ~1 s, paid only by the first CPU fit or encode. The ``kernel`` choice that selects them (:func:`use`), the
 threads that run them (:func:`threads`, :func:`run_threads`), the check that their cache is of the current
-sources (:func:`fresh_cache`), and their ahead-of-time compilation (:func:`warm_up`)."""
+sources (:func:`fresh_cache`). Their ahead-of-time compilation is :func:`pipeline.core.warm.warm_up`, which sits
+above the coder and the update it runs."""
 
 from __future__ import annotations
 
@@ -141,22 +142,3 @@ def run_threads(work: Callable[[int], object], n: int, abort: np.ndarray | None 
 def _set(flag: np.ndarray | None) -> None:
     if flag is not None:
         flag[0] = 1
-
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the CPU loops a fit uses, for fp32 and fp64: the coder's and the
-    update's. ``setup.sh`` calls it, so a first fit's clock (the equal-time budget) holds no compilation."""
-    import torch
-
-    from pipeline.core.atom_update import update_atoms
-    from pipeline.core.coders import encode
-
-    g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.float64):
-        D = torch.randn(24, 8, generator=g, dtype=dtype).abs()
-        D = D / D.norm(dim=1, keepdim=True)
-        Y = torch.randn(64, 8, generator=g, dtype=dtype).abs()
-        for nonnegative in (True, False):
-            encode(Y, D, 3, nonnegative=nonnegative, kernel="numba")
-        codes = encode(Y, D, 3, kernel="numba")
-        update_atoms(Y - codes.decode(D), D, codes, 4, kernel="numba", generator=g)

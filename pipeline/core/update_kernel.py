@@ -16,6 +16,7 @@ from torch import Tensor
 
 from pipeline.core import compiled
 from pipeline.core.codes import Codes
+from pipeline.core.update_stats import UpdateStats
 
 
 def update(
@@ -34,10 +35,8 @@ def update(
 ):
     """One sweep over the used atoms ``order`` (their code entries ``nz`` sorted by atom, atom a's being
     ``starts[a]:starts[a+1]``, in sample rows ``rows_all``), in place on ``R: (n, d)``, ``D: (K, d)`` and
-    the codes; returns :class:`~pipeline.core.atom_update.UpdateStats` (iterations: mean over atoms; signed,
+    the codes; returns :class:`~pipeline.core.update_stats.UpdateStats` (iterations: mean over atoms; signed,
     Lanczos steps; ``lanczos``: signed refits stopped on the Lanczos estimate rather than certified)."""
-    from pipeline.core.atom_update import UpdateStats
-
     kernels = compiled.module("update_numba")
     spin = compiled.module("spin")
     refit = compiled.module("refit_numba")

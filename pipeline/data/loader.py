@@ -17,17 +17,32 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from pipeline.utils.devices import free_memory
 
-if TYPE_CHECKING:
-    from pipeline.data.store import ActivationStore
-
 _DONE = object()
+
+
+class ShardedRows(Protocol):
+    """What the loader reads: an :class:`~pipeline.data.store.ActivationStore`, named here by its methods so that
+    the store (whose ``loader`` method builds an :class:`ActivationLoader`) is not imported back."""
+
+    path: Path
+    d: int
+    dtype: torch.dtype
+
+    def n_rows(self, split: str = "train") -> int: ...
+
+    def shards(self, split: str = "train") -> list[dict[str, Any]]: ...
+
+    def read_shard(self, shard: dict[str, Any]) -> torch.Tensor: ...
+
+    def load_all(self, *args: Any, **kwargs: Any) -> torch.Tensor: ...
 
 
 log = logging.getLogger(__name__)
@@ -54,7 +69,7 @@ class ActivationLoader:
 
     def __init__(
         self,
-        store: ActivationStore,
+        store: ShardedRows,
         batch_size: int,
         *,
         split: str = "train",
@@ -214,7 +229,7 @@ IN_MEMORY_SHARE = 0.25
 
 
 def training_data(
-    store: ActivationStore, batch_size: int, device: torch.device, seed: int, shuffle: bool = True, readers: int = 1
+    store: ShardedRows, batch_size: int, device: torch.device, seed: int, shuffle: bool = True, readers: int = 1
 ):
     """The store's training rows: one ``(n, d)`` tensor on ``device`` (in store order) when they take at most
     :data:`IN_MEMORY_SHARE` of its free memory, else a loader of full ``(batch_size, d)`` batches, shuffled
@@ -225,4 +240,4 @@ def training_data(
     if need <= share * free_memory(device):
         return store.load_all(device=device)
     log.info("streaming the store (%.1f GB does not fit in memory comfortably)", need / 1e9)
-    return store.loader(batch_size, seed=seed, device=device, drop_last=True, shuffle=shuffle)
+    return ActivationLoader(store, batch_size, seed=seed, device=device, drop_last=True, shuffle=shuffle)

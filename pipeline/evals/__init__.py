@@ -1,21 +1,16 @@
-"""Layer 2, the evaluation side: SAE wrappers, sae-lens I/O, the baselines, SAEBench runners and the report.
-
-Imports the algorithm and data layers and :mod:`pipeline.utils`; never :mod:`pipeline.runs` or the stages.
+"""SAEBench, and only SAEBench (layer 4: reads the data, the SAEs and the baselines; imports no report or stage).
 
 * :mod:`~pipeline.evals.config`: the typed ``eval`` config node (``EvalConfig``, ``parse_eval_config``,
-  ``validate_eval_config``);
-* :mod:`~pipeline.saes.dictionary_sae`: a dictionary as an SAEBench SAE (``DictionarySAE``);
-  :mod:`~pipeline.saes.sae_lens_io`: its sae-lens export (stock ``matching_pursuit``) and exact loader;
-  :mod:`~pipeline.baselines`: SAE baselines of six architectures trained by sae-lens's own trainer under a
-  budget (steps, samples, time, converged) matched to the dictionary's fit (``baselines.compare``), saved as
-  plain sae-lens folders;
-* :mod:`~pipeline.evals.sae_records`: the SAEs an evaluation runs (``SAERecord``);
-  :mod:`~pipeline.saes.heldout`: their held-out L0 / FVU / dead fraction and coherence;
-* :mod:`~pipeline.evals.metrics`: one runner per SAEBench metric, in a registry, and the loop that runs them
-  (``metrics.positions``: core on the positions the fit used);
-  :mod:`~pipeline.evals.saebench_patches`: pointing SAEBench at the loaded model and local data;
+  ``validate_eval_config``; no SAEBench import, so every stage's config check stays cheap);
+* :mod:`~pipeline.evals.sae_records`: the SAEs an evaluation runs (``SAERecord``: the fitted dictionary, the
+  sae-lens baselines, SAEBench's published suites);
+* :mod:`~pipeline.evals.metrics`: one runner per SAEBench metric, in a registry, the loop that runs them and
+  ``check_metric_configs`` (each metric's ``config:`` keys against SAEBench's own dataclass);
+  ``metrics.positions``: core on the positions the fit used; ``metrics.shared_forwards``: core's LLM forwards
+  reused across SAEs;
+* :mod:`~pipeline.evals.saebench_patches`: pointing SAEBench at the loaded model and local data;
   :mod:`~pipeline.evals.labelled_data`: the labelled passages for sparse probing / SCR / TPP;
-* :mod:`~pipeline.evals.results`: the evaluate folder's layout; :mod:`~pipeline.report.markdown`: ``report.md``
-  (its rows :mod:`~pipeline.report.rows`, notes :mod:`~pipeline.report.notes`, plots
-  :mod:`~pipeline.report.plots`).
+  :mod:`~pipeline.evals.ravel_data` and :mod:`~pipeline.evals.ravel_model`: RAVEL from local files;
+  :mod:`~pipeline.evals.judge`: autointerp's judge at any OpenAI-compatible endpoint;
+* :mod:`~pipeline.evals.results`: the evaluate folder's layout and SAEBench's result file names.
 """

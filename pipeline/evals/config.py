@@ -2,10 +2,12 @@
 
 Every value a ``conf/eval/*.yaml`` sets has no default here (``MISSING``): the defaults live in ``conf/`` only.
 A metric's ``config:`` block stays a plain mapping; it is handed to SAEBench's own config dataclass of that
-metric, whose field names :func:`validate_eval_config` checks.
+metric, whose field names :func:`pipeline.evals.metrics.check_metric_configs` checks (that one imports SAEBench;
+nothing here does, so every stage's config check stays cheap).
 
     e = parse_eval_config(cfg.eval)      # unknown key / wrong type / unset value -> ValueError naming eval.<key>
-    validate_eval_config(e)              # metric names, SAE entries, each metric's config: keys
+    validate_eval_config(e)              # metric names, SAE entries, sizes
+    check_metric_configs(e)              # each metric's config: keys against SAEBench's (pipeline.evals.metrics)
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from typing import Any
 from omegaconf import MISSING, DictConfig
 
 from pipeline.utils.typed_config import as_dict, typed_node
+
+METRICS: tuple[str, ...] = ("core", "absorption", "sparse_probing", "scr", "tpp", "autointerp", "ravel", "unlearning")
+"""Every SAEBench metric the pipeline runs, in order: its ``eval.metrics`` entry, its node of :class:`EvalConfig`
+and its runner in :data:`pipeline.evals.metrics.REGISTRY`."""
 
 #: What ``eval.saes`` may name besides a baseline's name: the dictionary, and every trained baseline.
 FIT_SAES = ("dictionary", "baselines")
@@ -211,14 +217,12 @@ def parse_eval_config(node: DictConfig | dict[str, Any] | None) -> EvalConfig:
 
 
 def validate_eval_config(e: EvalConfig) -> None:
-    """Check what the schema's types cannot: metric names known to the registry, the SAE entries, the hub
-    baselines, positive sizes, and each metric's ``config:`` keys against SAEBench's config dataclass (SAEBench's
-    ``eval_config`` modules are imported here, when validating). ``ValueError`` names the key."""
-    from pipeline.evals.metrics import REGISTRY
-
-    unknown = [m for m in e.metrics if m not in REGISTRY]
+    """Check what the schema's types cannot: metric names, the SAE entries, the hub baselines, positive sizes.
+    ``ValueError`` names the key. Each metric's ``config:`` keys are checked by
+    :func:`pipeline.evals.metrics.check_metric_configs`."""
+    unknown = [m for m in e.metrics if m not in METRICS]
     if unknown:
-        raise ValueError(f"eval.metrics has unknown metric(s) {unknown}; choose from {list(REGISTRY)}")
+        raise ValueError(f"eval.metrics has unknown metric(s) {unknown}; choose from {list(METRICS)}")
     if len(set(e.saes)) != len(e.saes):
         raise ValueError(f"eval.saes={e.saes} names an SAE twice")
     for i, b in enumerate(e.hub_baselines):
@@ -233,7 +237,3 @@ def validate_eval_config(e: EvalConfig) -> None:
         raise ValueError(f"eval.encode_cache_mb={e.encode_cache_mb} must be >= 0 (0 = no cache)")
     if e.labelled.test_every < 2:
         raise ValueError(f"eval.labelled.test_every={e.labelled.test_every} must be at least 2 (train and test)")
-    for name, runner in REGISTRY.items():
-        node = getattr(e, name)
-        if isinstance(node, MetricConfig):
-            runner.check_config_keys(node.config)

@@ -304,7 +304,7 @@ def test_warm_up_compiles_the_fit_loops_for_both_dtypes():
     """setup.sh's warm-up leaves compiled coder and update loops for fp32 and fp64 (a first fit's clock then
     holds no compilation)."""
     from pipeline.core import mp_numba, update_numba
-    from pipeline.core.compiled import warm_up
+    from pipeline.core.warm import warm_up
 
     warm_up()
     for dispatcher in (mp_numba.mp_rows, update_numba.sweep):

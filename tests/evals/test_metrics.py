@@ -11,8 +11,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline.evals.config import EvalConfig, parse_eval_config, validate_eval_config
-from pipeline.evals.metrics import REGISTRY, EvalContext, MetricOutcome, MetricRunner, run_metric, run_metrics
+from pipeline.evals.config import METRICS, EvalConfig, parse_eval_config, validate_eval_config
+from pipeline.evals.metrics import (
+    REGISTRY,
+    EvalContext,
+    MetricOutcome,
+    MetricRunner,
+    check_metric_configs,
+    run_metric,
+    run_metrics,
+)
 from pipeline.evals.sae_records import SAERecord
 
 CONF_EVAL = Path(__file__).resolve().parents[2] / "conf" / "eval"
@@ -57,6 +65,7 @@ def test_presets_found():
 def test_every_configured_metric_has_a_runner(preset):
     e = parse_eval_config(yaml.safe_load(preset.read_text()))
     validate_eval_config(e)
+    check_metric_configs(e)
     for metric in e.metrics:
         assert REGISTRY[metric].name == metric
         assert isinstance(REGISTRY[metric], MetricRunner)
@@ -74,7 +83,7 @@ def test_registry_covers_every_metric_node_of_the_schema():
         for f in dataclasses.fields(EvalConfig)
         if isinstance(hints[f.name], type) and issubclass(hints[f.name], (CoreConfig, MetricConfig))
     }
-    assert nodes == set(REGISTRY)
+    assert nodes == set(REGISTRY) == set(METRICS)
 
 
 @pytest.mark.parametrize(
@@ -159,8 +168,9 @@ def test_unknown_metric_config_key_fails_naming_it(metric):
     raw = _preset()
     raw[metric]["config"] = {**raw[metric]["config"], "bogus_key": 1}
     e = parse_eval_config(raw)
+    validate_eval_config(e)  # the schema's check does not import SAEBench, so it cannot see these keys
     with pytest.raises(ValueError, match=rf"eval\.{metric}\.config\.bogus_key"):
-        validate_eval_config(e)
+        check_metric_configs(e)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,15 @@ SAEBench's own config dataclass (:meth:`~MetricRunner.config`; unknown ``config:
 """
 
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
-from pipeline.evals.metrics.registry import METRICS, REGISTRY, MetricOutcome, needs_labelled, run_metric, run_metrics
+from pipeline.evals.metrics.registry import (
+    METRICS,
+    REGISTRY,
+    MetricOutcome,
+    check_metric_configs,
+    needs_labelled,
+    run_metric,
+    run_metrics,
+)
 
 __all__ = [
     "EvalContext",
@@ -17,6 +25,7 @@ __all__ = [
     "MetricOutcome",
     "REGISTRY",
     "METRICS",
+    "check_metric_configs",
     "config_as_dict",
     "needs_labelled",
     "run_metric",

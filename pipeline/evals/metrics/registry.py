@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.evals.config import METRICS, EvalConfig, MetricConfig
 from pipeline.evals.labelled_data import registered_labelled_dataset
 from pipeline.evals.metrics.absorption import AbsorptionRunner
 from pipeline.evals.metrics.autointerp import AutointerpRunner
@@ -37,8 +38,17 @@ REGISTRY: dict[str, MetricRunner] = {
     )
 }
 """Every SAEBench metric the pipeline runs, by name (its ``eval.metrics`` entry and result folder)."""
-METRICS: tuple[str, ...] = tuple(REGISTRY)
-"""The metric names, in the registry's order."""
+if tuple(REGISTRY) != METRICS:
+    raise RuntimeError(f"the metric registry {tuple(REGISTRY)} and the eval schema's {METRICS} must name the same")
+
+
+def check_metric_configs(e: EvalConfig) -> None:
+    """Each metric's ``config:`` keys against SAEBench's config dataclass of that metric (imports SAEBench's
+    ``eval_config`` modules); ``ValueError`` names ``eval.<metric>.config.<key>``."""
+    for name, runner in REGISTRY.items():
+        node = getattr(e, name)
+        if isinstance(node, MetricConfig):
+            runner.check_config_keys(node.config)
 
 
 @dataclass
