@@ -209,6 +209,7 @@ def test_our_sae_lens_filenames_are_sae_lens_own():
     assert (CFG_FILE, WEIGHTS_FILE) == (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_each_architecture_is_evaluated_by_saebench_as_a_plain_sae_lens_folder(architecture, eval_inputs, tmp_path):
     """Trained on the tiny store's rows, saved, loaded back the way the evaluate stage loads it (plain
