@@ -148,7 +148,7 @@ def render(h: dict, readers: list[dict], learner: dict | None) -> str:
         "Harvest on CPU is bound by the model's forward pass (the loop, masking, shard writes and "
         "checksums cost the difference between the first two rows). On this CPU the reader outruns the CPU "
         "learner many times over, so a CPU fit is never bound by it. For GPU fits (the learner reaches "
-        "10^5-10^6 rows/s at d=2304 on an H200, `shared/design.md`) batches are gathered and cast on the "
+        "10^5-10^6 rows/s at d=2304 on an H200: section (d)) batches are gathered and cast on the "
         "GPU, leaving the CPU only the shard reads and first-epoch checksums; that path was not measured "
         "here: run `python benchmarks/bench_harvest.py --reader-only --device cuda --no-write` on the GPU "
         "machine.",

@@ -55,7 +55,7 @@ class CompareConfig:
     """``converged``: checks in a row without improvement that end training."""
     batch_size: int | None = None
     """Samples per optimiser step of every baseline (None: each architecture's own, ``conf/baseline/*.yaml``).
-    On short CPU budgets smaller batches win: more steps in the same time (notes/sae-lens-baselines.md)."""
+    On short CPU budgets smaller batches win: more steps in the same time (docs/sae-lens-baselines.md)."""
     width: str = "atoms"
     """``atoms``: baselines get K latents; ``directions``: as many as the dictionary's decoder directions
     (2K for a signed dictionary, exported as a ± split; K otherwise)."""

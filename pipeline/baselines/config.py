@@ -1,6 +1,6 @@
 """What to train (:class:`BaselineSpec`) and for how long (:class:`Budget`).
 
-Defaults follow sae-lens 6.54's own defaults and documentation (``docs/training_saes.md``: its tutorial run and
+Defaults follow sae-lens 6.54's own defaults and documentation (its page ``training_saes.md``: the tutorial run and
 the per-architecture examples) and, where sae-lens says nothing, SAEBench's published suites (trained with
 ``dictionary_learning_demo/demo_config.py``); each field's docstring names its source. Two kinds of setting need
 the run's optimiser-step count (the lr decay and the sparsity-penalty warm-up, both fractions of the steps):
@@ -27,7 +27,7 @@ BUDGET_FIELDS = {
 }
 #: ``normalize_activations`` values this package supports (the trainer estimates the factor and folds it in).
 NORMALIZATIONS = ("none", "expected_average_only_in")
-#: Smallest Matryoshka level of the default widths: 2^8, as the DB-KSVD Matryoshka groups (design.md §3).
+#: Smallest Matryoshka level of the default widths: 2^8, as DB-KSVD's Matryoshka groups (pipeline.core.matryoshka).
 MATRYOSHKA_FIRST_WIDTH = 2**8
 #: lr decay over the last 20% of steps: sae-lens tutorial (``lr_decay_steps = total_training_steps // 5``),
 #: SAEBench suites (``DECAY_START_FRACTION = 0.8``).
@@ -47,7 +47,7 @@ class BaselineSpec:
     """Adam learning rate (sae-lens ``LanguageModelSAERunnerConfig.lr`` default)."""
     batch_size: int = 4096
     """Samples per optimiser step (sae-lens ``train_batch_size_tokens`` default and tutorial). At short CPU
-    budgets smaller batches win (notes/sae-lens-baselines.md: 1024 beats 4096 at equal time)."""
+    budgets smaller batches win (docs/sae-lens-baselines.md: 1024 beats 4096 at equal time)."""
     lr_warm_up_steps: int = 0
     """Linear lr warm-up steps (sae-lens default and tutorial)."""
     lr_decay_fraction: float | None = None
@@ -61,7 +61,7 @@ class BaselineSpec:
     ``standard`` and ``jumprelu`` (sae-lens docs' examples for both), ``"none"`` otherwise (sae-lens default)."""
     b_dec_init: str = "mean"
     """``"mean"``: start ``b_dec`` at the training data's mean (what sae-lens 5's runner did with
-    ``b_dec_init_method``; 0.234 -> 0.198 held-out FVU in notes/sae-lens-baselines.md); ``"zeros"``: as the
+    ``b_dec_init_method``; 0.234 -> 0.198 held-out FVU in docs/sae-lens-baselines.md); ``"zeros"``: as the
     sae-lens training class initialises it."""
     l1_coefficient: float = 5.0
     """``standard``: L1 penalty weight (sae-lens docs and tutorial)."""
@@ -81,7 +81,7 @@ class BaselineSpec:
     matryoshka_widths: list[int] | None = None
     """``matryoshka_batchtopk``: the nested prefix widths, strictly increasing, ending at the width (sae-lens
     ``matryoshka_widths``). None: 2^8, 2^9, ... below the width, then the width (the Matryoshka paper's and our
-    DB-KSVD groups, design.md §3)."""
+    DB-KSVD groups, :mod:`pipeline.core.matryoshka`)."""
     mp_residual_threshold: float = 0.0
     """``matching_pursuit``: stop a sample's pursuit when its residual norm falls below this (input units).
     0 with ``mp_max_iterations = k``: the sae-lens docs' "serial TopK" set-up (Overcomplete's MP-SAE)."""

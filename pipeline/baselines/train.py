@@ -10,7 +10,7 @@ The recipe is sae-lens's (:mod:`~pipeline.baselines.lens`); ours are only the da
   after each optimiser step decides to stop. It stops by lowering ``total_training_samples`` to the samples
   seen, so ``fit()``'s own loop test ends the loop and ``fit()`` itself runs everything it runs after the
   loop (folding the normalisation factor into the weights, the final L0 / dead-latent metadata). A provider
-  that raised ``StopIteration`` instead would skip all of that (notes/sae-lens-baselines.md). The time check is
+  that raised ``StopIteration`` instead would skip all of that (docs/sae-lens-baselines.md). The time check is
   after each step, so a run overshoots its seconds by at most one step plus that finalisation.
 
 If ``normalize_activations`` is ``expected_average_only_in``, the scaling factor is estimated (by sae-lens's

@@ -3,7 +3,7 @@
 :func:`deb_members` extracts files from a ``.deb`` (an ``ar`` archive holding ``data.tar.*``);
 :func:`load_r_lazydata` reads an R lazy-load database (``Rdata.rdx`` gzip'd index + ``Rdata.rdb`` zlib
 entries, each an XDR-serialized R object) into Python values (strings, lists, dicts). Used for the Austen
-corpus of ``r-cran-janeaustenr`` (see ``shared/notes/offline-models-and-text.md`` §3).
+corpus of ``r-cran-janeaustenr`` (the format: ``docs/offline-models-and-text.md``).
 """
 
 from __future__ import annotations

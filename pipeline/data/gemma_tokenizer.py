@@ -3,7 +3,7 @@
 transformers 4.57 builds a Unigram tokenizer from Gemma GGUF metadata, which is wrong (Gemma is SentencePiece
 BPE; the GGUF scores are -rank), e.g. ``" capital"`` -> ``" c","ap","it","al"`` (huggingface/transformers#41494,
 fixed in 5.x). This module rebuilds the BPE tokenizer from the GGUF vocab, scores and token types
-(see ``shared/notes/offline-models-and-text.md`` §2.3).
+(``docs/offline-models-and-text.md``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``reference`` mode against independent transcriptions of KSVD.jl (``../shared/notes/dbksvd-reference.md``).
+"""The ``reference`` mode against independent transcriptions of KSVD.jl (``docs/reference-implementation.md``).
 
 * Matching pursuit with ``reference_rules``: KSVD.jl's ``matching_pursuit_`` transcribed sample by sample (explicit
   residual, a dict of coefficients, its order of tests), compared code by code, including the rows that keep

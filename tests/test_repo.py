@@ -1,0 +1,44 @@
+"""The repository stands alone: no tracked file cites a file outside it (facts the code relies on are restated in
+``docs/``), and every ``docs/`` page a file cites exists."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from tests.conftest import REPO
+
+#: Citations of files outside the repository: the workspace's shared folder and the notes its facts were first
+#: gathered in. (Relative paths such as Hydra's ``config_path="../conf"`` stay inside and are not citations.)
+OUTSIDE = re.compile(r"\.\./shared\b|\bshared/[\w./-]+|\bnotes/[\w.-]+\.md\b|\b(?:design|peers)\.md\b")
+DOCS_PAGE = re.compile(r"\bdocs/[\w.-]+\.md\b")
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".cfg", ".txt"}
+
+
+def _tracked_text_files() -> list:
+    names = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    paths = [REPO / n for n in names.split()]
+    return [p for p in paths if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.parent.name == ".ci")]
+
+
+def test_no_file_cites_a_path_outside_the_repo():
+    hits = []
+    for path in _tracked_text_files():
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            hits += [f"{path.relative_to(REPO)}:{n}: {m.group(0)}" for m in OUTSIDE.finditer(line)]
+    assert not hits, "cite docs/ instead:\n" + "\n".join(hits)
+
+
+def test_every_cited_docs_page_exists():
+    missing = []
+    for path in _tracked_text_files():
+        for m in DOCS_PAGE.finditer(path.read_text(errors="replace")):
+            if not (REPO / m.group(0)).is_file():
+                missing.append(f"{path.relative_to(REPO)}: {m.group(0)}")
+    assert not missing, missing
+
+
+def test_the_check_sees_a_citation_outside():
+    up, notes = "../" + "shared", "notes" + "/sae-lens-baselines.md"
+    assert OUTSIDE.search(f"see {up}/x.md") and OUTSIDE.search(f"({notes})")
+    assert not OUTSIDE.search("docs/sae-lens-baselines.md") and not OUTSIDE.search('config_path="../conf"')
