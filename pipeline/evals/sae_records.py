@@ -291,7 +291,7 @@ def describe_heldout(records: list[SAERecord], Y: torch.Tensor) -> None:
 def export_sae_lens(records: list[SAERecord], out_dir: Path) -> list[Path]:
     """Write every dictionary record in the sae-lens format, to ``out_dir/<name>/``
     (:func:`pipeline.saes.sae_lens_io.save_sae_lens`: loads in plain sae-lens as its matching_pursuit SAE,
-    with ``stock_fidelity`` and the differences from our encoder in the metadata)."""
+    with ``stock_fidelity`` and a record of each difference from our encoder in the metadata)."""
     from pipeline.saes.dictionary_sae import DictionarySAE
     from pipeline.saes.sae_lens_io import save_sae_lens
 
