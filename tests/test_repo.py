@@ -42,3 +42,22 @@ def test_the_check_sees_a_citation_outside():
     up, notes = "../" + "shared", "notes" + "/sae-lens-baselines.md"
     assert OUTSIDE.search(f"see {up}/x.md") and OUTSIDE.search(f"({notes})")
     assert not OUTSIDE.search("docs/sae-lens-baselines.md") and not OUTSIDE.search('config_path="../conf"')
+
+
+#: A module longer than this says in its docstring why it is one module ("... (~480 lines) because ...").
+MAX_LINES = 450
+
+
+def test_a_long_module_says_why_it_is_one():
+    import ast
+
+    unexplained = []
+    for path in _tracked_text_files():
+        if path.suffix != ".py":
+            continue
+        text = path.read_text()
+        if text.count("\n") > MAX_LINES:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if not re.search(r"~\d+ lines", doc):
+                unexplained.append(f"{path.relative_to(REPO)} ({text.count(chr(10))} lines)")
+    assert not unexplained, f"over {MAX_LINES} lines with no reason in the docstring: {unexplained}"

@@ -1,5 +1,8 @@
 """Batched K-SVD dictionary update: best rank-1 refits of atoms in shuffled atom batches.
 
+One module (~480 lines) because the plan of one sweep (used atoms, their entries, the shuffled atom batches)
+feeds both of its paths, the torch block solvers here and the compiled sweep (:mod:`pipeline.core.update_kernel`).
+
 For atom j with support ω_j (the samples whose codes use j) and coefficients x_j, the restricted residual
 with the atom added back is ``E_j = R[ω_j] + x_j d_jᵀ``. K-SVD replaces (d_j, x_j) by the best rank-1
 approximation of E_j, keeping the support (non-negative codes: the best one with x_j >= 0).

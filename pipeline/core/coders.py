@@ -1,5 +1,8 @@
 """Batched sparse coding over a dictionary: matching pursuit (the reference's coder) and Batch-OMP.
 
+One module for both coders (~500 lines): they share the chunking, the correlations, the Gram rows, the
+least-squares refit and the dispatch to the compiled loop, and each coder alone is ~150 lines.
+
 Notation: samples as rows. ``Y: (n, d)``, atoms ``D: (K, d)`` with unit-norm rows, Gram ``G = D Dᵀ: (K, K)``.
 Both coders work on correlations only: ``C = Y Dᵀ`` is formed in one matmul per chunk of samples and every
 greedy step updates it with gathered rows of ``G``; no residual vectors are kept.

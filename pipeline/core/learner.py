@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +29,13 @@ from tqdm.auto import tqdm
 
 from pipeline.core.atom_update import update_atoms
 from pipeline.core.batches import BatchSource
+from pipeline.core.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.core.coders import encode, gram
 from pipeline.core.codes import Codes
 from pipeline.core.collective import LOCAL, Collective, collective
 from pipeline.core.dictionary import Dictionary
 from pipeline.core.learner_config import PAPER_SCHEDULE, LearnerConfig
 from pipeline.core.matryoshka import Group, matryoshka_groups
-from pipeline.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def fit_dictionary(
     groups = matryoshka_groups(n_atoms, k, cfg.matryoshka) if cfg.matryoshka is not None else None
     atom_batch = cfg.atom_batch_size or max(1, n_atoms // 128)
 
-    state = _load_checkpoint(cfg, device) if cfg.resume else None
+    state = load_checkpoint(cfg, device) if cfg.resume else None
     if state is not None:
         D, centre = state["atoms"], state["centre"]
         history, it, epoch, batch_pos = state["history"], state["iteration"], state["epoch"], state["batch_pos"]
@@ -156,7 +155,7 @@ def fit_dictionary(
                 callback(it, rec, D)
             stop = _stop_reason(cfg, history, it, epoch, rec["seconds"])
             if cfg.checkpoint_path and comm.is_main and (it % cfg.checkpoint_every == 0 or stop is not None):
-                _save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
+                save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
             if stop is not None:
                 break
         else:
@@ -164,7 +163,7 @@ def fit_dictionary(
             batch_pos = 0
             stop = _stop_reason(cfg, history, it, epoch, _agreed(comm, time.perf_counter() - t0, device))
             if cfg.checkpoint_path and comm.is_main:
-                _save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
+                save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
     bar.close()
     log.info("DB-KSVD stopped after %d iterations: %s", it, stop)
     meta = {
@@ -439,79 +438,6 @@ def _stop_reason(cfg: LearnerConfig, history: list[dict], it: int, epoch: int, s
         if old - new < cfg.tol * max(old, 1e-12):
             return f"converged (FVU improved < {cfg.tol:g} over {cfg.patience} iterations)"
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _save_checkpoint(
-    cfg: LearnerConfig,
-    D: Tensor,
-    centre: Tensor | None,
-    history: list,
-    it: int,
-    epoch: int,
-    batch_pos: int,
-    gen: torch.Generator,
-) -> None:
-    path = Path(cfg.checkpoint_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = dict(
-        atoms=D.cpu(),
-        centre=None if centre is None else centre.cpu(),
-        history=history,
-        iteration=it,
-        epoch=epoch,
-        batch_pos=batch_pos,
-        generator=gen.get_state(),
-        config={k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress", "resume")},
-    )
-    atomic_write(path, lambda p: torch.save(state, p))
-
-
-#: Settings a checkpoint must share with the fit that resumes it.
-_RESUME_KEYS = (
-    "n_atoms",
-    "k",
-    "method",
-    "nonnegative",
-    "matryoshka",
-    "seed",
-    "batch_size",
-    "center",
-    "init",
-    "reference_rules",
-    "matryoshka_loop",
-    "sample_order",
-)
-#: Values of settings added after checkpoints were first written (an older checkpoint ran with these).
-_RESUME_DEFAULTS = {"reference_rules": False, "matryoshka_loop": "cascade", "sample_order": "shuffled"}
-
-
-def _resume_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`_RESUME_KEYS` of a config as ``asdict`` writes it (coder fields nested under ``coder``)."""
-    flat = {**config.get("coder", {}), **{key: v for key, v in config.items() if key != "coder"}}
-    return {key: flat.get(key, _RESUME_DEFAULTS.get(key)) for key in _RESUME_KEYS}
-
-
-def _load_checkpoint(cfg: LearnerConfig, device: torch.device) -> dict | None:
-    path = Path(cfg.checkpoint_path)
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved, now = _resume_identity(state.get("config", {})), _resume_identity(asdict(cfg))
-    clash = {k_: (saved[k_], now[k_]) for k_ in _RESUME_KEYS if saved[k_] != now[k_]}
-    if clash:
-        raise ValueError(
-            f"checkpoint {path} was written with different settings {clash} (saved, now); "
-            f"use a new checkpoint_path or the original settings."
-        )
-    state["atoms"] = state["atoms"].to(device)
-    if state["centre"] is not None:
-        state["centre"] = state["centre"].to(device)
-    return state
 
 
 __all__ = ["fit_dictionary", "learn_dictionary", "LearnerConfig", "PAPER_SCHEDULE"]

@@ -1,7 +1,10 @@
 """SAEBench's RAVEL from local files: the data folder's checks and staging, the HF model's resolution and the
 skip reasons naming the key that fixes them, the size checks that replace SAEBench's crashes on empty
 dataloaders, the ``get_module`` patch for Llama-style blocks, and (slow) the real SAEBench ``run_eval`` through
-:class:`RavelRunner` on the offline SmolLM2-135M with a small city data set it answers right."""
+:class:`RavelRunner` on the offline SmolLM2-135M with a small city data set it answers right.
+
+One file (~480 lines): its unit tests and the slow end-to-end run share the fixtures that build the local data
+folder and model."""
 
 from __future__ import annotations
 

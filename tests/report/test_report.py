@@ -1,7 +1,10 @@
 """The report: table with every metric (non-finite values shown as such), fit curve and SAEBench-style plots,
 one combined table for a sweep. The evaluate folders here are hand-written in SAEBench's result layout (the
 end-to-end path from real SAEBench output is covered by tests/stages/test_evaluate.py and
-tests/stages/test_orchestrator.py)."""
+tests/stages/test_orchestrator.py).
+
+One file (~500 lines): every test reads the same hand-written evaluate folders, built by the helpers at its
+top."""
 
 from __future__ import annotations
 
