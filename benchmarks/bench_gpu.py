@@ -27,9 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.core.atom_update import identity_reduce, update_atoms  # noqa: E402
+from pipeline.core.atom_update import update_atoms  # noqa: E402
 from pipeline.core.coders import correlations, encode, gram  # noqa: E402
 from pipeline.core.codes import Codes  # noqa: E402
+from pipeline.core.collective import LOCAL  # noqa: E402
 from pipeline.core.learner import LearnerConfig, _iteration, learn_dictionary  # noqa: E402
 
 
@@ -168,7 +169,7 @@ def main():
             state = {"G": G}
 
             def one_iteration():
-                rec_ = _iteration(Yf, Dw, state["G"], cfg, None, ab, gen, identity_reduce)
+                rec_ = _iteration(Yf, Dw, state["G"], cfg, None, ab, gen, LOCAL)
                 state["G"] = rec_["G"]  # the next iteration codes with the updated atoms' Gram matrix
                 return rec_
 

@@ -61,3 +61,24 @@ def test_a_long_module_says_why_it_is_one():
             if not re.search(r"~\d+ lines", doc):
                 unexplained.append(f"{path.relative_to(REPO)} ({text.count(chr(10))} lines)")
     assert not unexplained, f"over {MAX_LINES} lines with no reason in the docstring: {unexplained}"
+
+
+def test_every_library_name_a_benchmark_imports_exists():
+    """The benchmarks run rarely (the GPU one only when a GPU is lent): a name they import from the library that
+    a refactor removed would otherwise surface only then."""
+    import ast
+    import importlib
+
+    missing = []
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+                module = importlib.import_module(node.module)
+                package = module.__spec__.submodule_search_locations is not None
+                for alias in node.names:
+                    found = hasattr(module, alias.name) or (
+                        package and importlib.util.find_spec(f"{node.module}.{alias.name}") is not None
+                    )
+                    if not found:
+                        missing.append(f"{path.name}: from {node.module} import {alias.name}")
+    assert not missing, missing
