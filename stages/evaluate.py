@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 
 from pipeline.data.config import parse_harvest_config
 from pipeline.data.harvest import hook_layer
-from pipeline.data.models import hub_reachable, load_model
+from pipeline.data.hub import hub_reachable
+from pipeline.data.models import load_model
 from pipeline.data.store import ActivationStore
 from pipeline.evals import results as layout
 from pipeline.evals.config import EvalConfig, parse_eval_config, validate_eval_config

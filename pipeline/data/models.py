@@ -12,10 +12,6 @@ Three kinds of source, chosen by :func:`load_model`:
 
 Weights are loaded "no processing" (no LayerNorm folding, no centring) so hooked activations are the model's
 own residual stream, as SAEBench evaluates it.
-
-``cache_root``, ``SETUP_HINT``, ``CACHE_ENV`` (:mod:`pipeline.data.cache`), ``hub_reachable``,
-``HubUnreachableError`` (:mod:`pipeline.data.hub`) and ``OFFLINE_MODELS`` are re-exported here for callers
-that import them from this module.
 """
 
 from __future__ import annotations
@@ -28,8 +24,7 @@ from typing import Any
 import torch
 
 from pipeline.data import hub
-from pipeline.data.cache import CACHE_ENV, SETUP_HINT, cache_root
-from pipeline.data.hub import HubUnreachableError, hub_reachable
+from pipeline.data.hub import HubUnreachableError
 from pipeline.data.offline_models import GEMMA3_TL_NAME, OFFLINE_MODELS, OfflineModel, converted_dir
 from pipeline.utils.devices import resolve_device
 
@@ -202,11 +197,4 @@ __all__ = [
     "load_local_hf",
     "describe_model",
     "resolve_dtype",
-    # re-exported from the modules split off this one
-    "cache_root",
-    "CACHE_ENV",
-    "SETUP_HINT",
-    "hub_reachable",
-    "HubUnreachableError",
-    "OFFLINE_MODELS",
 ]

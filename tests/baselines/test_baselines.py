@@ -4,7 +4,6 @@ that reloads identically, keeps its L0, and every budget mode is honoured."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import sae_lens
@@ -87,10 +86,24 @@ def test_samples_budget_rounds_down_to_whole_batches(rows):
     assert (tiny.record.steps, tiny.record.samples) == (1, BATCH)  # at least one batch
 
 
-def test_time_budget_stops_cleanly_and_fit_still_finishes(rows):
-    """A time budget ends fit() through its own loop, so its end-of-training work runs: the normalisation
-    factor is folded into the weights (cfg back to "none") and the final L0 metadata is set."""
-    start = time.perf_counter()
+def test_time_budget_stops_cleanly_and_fit_still_finishes(rows, monkeypatch):
+    """A time budget ends fit() through its own loop, at the first step whose check finds the budget spent (and
+    no other), so its end-of-training work runs: the normalisation factor is folded into the weights (cfg back
+    to "none") and the final L0 metadata is set. No wall-clock bound: the machine's speed decides how many steps
+    fit in the budget, not whether the stop is right."""
+    from pipeline.baselines import train as train_module
+
+    decisions: list[bool] = []
+    original = train_module._BudgetedTrainer.__init__
+
+    def spying_init(self, *args, stop=None, **kwargs):
+        def spy(trainer):
+            decisions.append(bool(stop(trainer)))
+            return decisions[-1]
+
+        original(self, *args, stop=spy if stop is not None else None, **kwargs)
+
+    monkeypatch.setattr(train_module._BudgetedTrainer, "__init__", spying_init)
     trained = train_baseline(
         rows[0],
         D,
@@ -100,10 +113,10 @@ def test_time_budget_stops_cleanly_and_fit_still_finishes(rows):
         Budget("time", seconds=2.0),
         heldout=rows[1],
     )
-    took = time.perf_counter() - start
     rec = trained.record
     assert rec.steps >= 1 and rec.samples == rec.steps * BATCH
-    assert 2.0 <= rec.seconds < 2.0 + 5 and took < 2.0 + 5
+    assert decisions[-1] and not any(decisions[:-1]) and len(decisions) == rec.steps
+    assert rec.seconds >= 2.0
     assert trained.training_sae.cfg.normalize_activations == "none"
     assert trained.sae.cfg.normalize_activations == "none"
     assert trained.training_sae.cfg.metadata.l0 == pytest.approx(K, abs=0.01)

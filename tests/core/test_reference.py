@@ -211,7 +211,7 @@ def test_resume_identity_covers_the_reference_switches():
     their defaults (what it ran with)."""
     from dataclasses import asdict
 
-    from pipeline.core.learner import _resume_identity
+    from pipeline.core.checkpoint import _resume_identity
 
     now = asdict(LearnerConfig.from_options(8, 2))
     older = {key: v for key, v in now.items() if key not in ("matryoshka_loop", "sample_order")}

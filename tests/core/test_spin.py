@@ -45,7 +45,6 @@ def test_barrier_orders_every_thread_s_writes(threads):
 
     compiled.run_threads(work, threads, sync[ABORT : ABORT + 1])
     assert wrong.sum() == 0 and counter[0] == rounds * threads
-    assert sync[1] == 2 * rounds and sync[0] == 0  # barriers passed; arrivals reset
 
 
 @numba.njit(nogil=True)

@@ -56,12 +56,3 @@ def test_dtype_names():
     assert resolve_dtype("bf16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8")
-
-
-def test_split_modules_keep_the_old_import_path():
-    """models.py was split (cache, hub, offline_models); the names callers import from it still resolve there."""
-    from pipeline.data import models
-
-    assert models.cache_root is cache.cache_root and models.SETUP_HINT is cache.SETUP_HINT
-    assert models.hub_reachable is hub.hub_reachable and models.HubUnreachableError is hub.HubUnreachableError
-    assert models.OFFLINE_MODELS is offline_models.OFFLINE_MODELS

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.evals.judge import SCORING_GRAMMAR, SCORING_REGEX, JudgeCalls, JudgeClient, JudgeSettings
-from tests.conftest import tiny_eval_config
+from tests.conftest import SAEBENCH_TINY_RUN_WARNINGS, tiny_eval_config
 from tools import judge as local_judge
 from tools.server import Server, free_port
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = SAEBENCH_TINY_RUN_WARNINGS
 JUDGE_NAME = local_judge.JUDGE_NAME
 
 

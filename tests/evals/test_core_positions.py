@@ -21,9 +21,9 @@ import torch
 import yaml
 from sae_bench.custom_saes.base_sae import BaseSAE
 
-from tests.conftest import CONF, EVAL_CONTEXT, make_documents
+from tests.conftest import CONF, EVAL_CONTEXT, SAEBENCH_TINY_RUN_WARNINGS, make_documents
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = SAEBENCH_TINY_RUN_WARNINGS
 
 HOOK = "blocks.1.hook_resid_post"  # the tiny store's hook (the last of 2 layers)
 LAYER = 1
@@ -187,12 +187,12 @@ def test_nothing_left_out_fit_equals_all(eval_inputs, tmp_path, kind):
     model = eval_inputs["model"]
     sae = DictionarySAE(Dictionary.load(eval_inputs["fit"] / "dictionary"), "tiny-local", LAYER, HOOK)
     sae.cfg.context_size = EVAL_CONTEXT
-    if kind == "sae_lens":  # the same dictionary as a stock sae-lens SAE (architecture topk)
+    if kind == "sae_lens":  # the same dictionary as a stock sae-lens SAE (its matching_pursuit architecture)
         from sae_lens import SAE
 
         from pipeline.saes.sae_lens_io import save_sae_lens
 
-        sae = SAE.load_from_disk(str(save_sae_lens(sae, tmp_path / "sl", architecture="topk")), device="cpu")
+        sae = SAE.load_from_disk(str(save_sae_lens(sae, tmp_path / "sl")), device="cpu")
     rows = _contexts(model, bos=False)
     assert not any(t in SPECIAL_IDS for r in rows for t in r)
     all_ = _core(sae, model, tmp_path / "all.json", rows)

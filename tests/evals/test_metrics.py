@@ -57,8 +57,15 @@ def _ctx(tmp_path: Path, e: EvalConfig, model_name: str = "tiny-local", hub: boo
 
 
 # ------------------------------------------------------------------------------------------ registry
-def test_presets_found():
-    assert {p.stem for p in PRESETS} >= {"offline_small", "paper", "smoke"}
+def test_every_eval_preset_is_used_and_every_used_one_exists():
+    """The eval presets the experiments (and the root config) choose are the files in conf/eval/: none missing,
+    none unused (the parametrised tests below run over the files)."""
+    import re
+
+    conf = CONF_EVAL.parent
+    texts = [conf / "config.yaml", *sorted((conf / "experiment").glob("*.yaml"))]
+    chosen = {m for t in texts for m in re.findall(r"(?m)^\s*- (?:override /)?eval: (\w+)", t.read_text())}
+    assert chosen and chosen == {p.stem for p in PRESETS}, (chosen, [p.stem for p in PRESETS])
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

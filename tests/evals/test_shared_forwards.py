@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import SAEBENCH_TINY_RUN_WARNINGS
 from tests.evals.test_core_positions import N_BATCHES, RuinsLargeNorms, _ctx
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = SAEBENCH_TINY_RUN_WARNINGS
 
 
 def _tokens(model: Any, n: int = 2, length: int = 12) -> torch.Tensor:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_eval_config
+from tests.conftest import SAEBENCH_TINY_RUN_WARNINGS, tiny_eval_config
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = SAEBENCH_TINY_RUN_WARNINGS
 
 
 def _run(inputs, out, metrics, **kw):
