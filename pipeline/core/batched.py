@@ -9,7 +9,7 @@ from torch import Tensor
 
 def bmv(A: Tensor, v: Tensor) -> Tensor:
     """(B, m) ``A_b v_b`` for A: (B, m, n), v: (B, n), computed as the row product ``v_bᵀ A_bᵀ``: on CPU
-    (torch 2.13, MKL) that form runs 3-7× faster than ``bmm(A, v[..., None])`` for both A = E and A = Eᵀ."""
+    (torch 2.13, MKL) that form runs several times faster than ``bmm(A, v[..., None])`` for both A = E and A = Eᵀ."""
     return torch.bmm(v.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
 
 

@@ -26,9 +26,9 @@ least-squares fit on the support via a progressive Cholesky factor of ``G`` rest
 evaluation time); in non-negative mode negative coefficients are removed by a small active-set loop.
 
 Speed: on CPU, MP runs as a compiled per-sample loop (``kernel``, :mod:`pipeline.core.mp_kernel`) whose
-correlation row stays in cache, ~5× faster than the batched loop at K = 2048. The batched tensor loop (GPUs,
-candidate lists) moves the (n, K) correlation block once or twice through memory every step, so large K is
-memory-bound. ``candidates=M`` restricts the greedy loop, after two steps on all atoms, to each sample's M
+correlation row stays in cache, several times faster than the batched loop (BENCHMARKS.md (e)). The batched
+tensor loop (GPUs, candidate lists) moves the (n, K) correlation block once or twice through memory every step,
+so large K is memory-bound. ``candidates=M`` restricts the greedy loop, after two steps on all atoms, to each sample's M
 largest correlations (an approximation that is exact whenever the greedy choice never leaves that set; its
 effect on the reconstruction is measured in BENCHMARKS.md). ``precision`` selects the matmul for ``Y Dᵀ`` ("fp32",
 "tf32" or "bf16" tensor cores); the greedy loop always accumulates in fp32 (fp64 for fp64 input).

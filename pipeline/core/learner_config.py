@@ -96,7 +96,7 @@ class LearnerConfig:
     """Dead atoms: "worst" (residuals of the worst-reconstructed samples), "random" (the reference), None."""
     duplicate_threshold: float | None = 0.95
     """Replace the less used of two atoms whose |cos| exceeds this (the K-SVD paper replaces near-duplicate
-    atoms too); 0.95 lifts planted recovery from ~88% to ~95% (BENCHMARKS.md). None: off."""
+    atoms too); at 0.95 more planted atoms are recovered than without it (BENCHMARKS.md (c)). None: off."""
     matryoshka: int | None = None
     """log2 of the smallest Matryoshka group (the paper uses 8); None: a plain dictionary."""
     matryoshka_loop: str = "cascade"

@@ -19,7 +19,7 @@ Two methods, both iterating from the current atom to ``tol``:
   (non-negative: ``max(M v, 0)``, the same alternating minimisation folded into one step), costing ``P²``
   per step instead of ``P·d``; ``N = EᵀE`` (B, d, d) for heavy signed blocks; heavy non-negative blocks
   iterate directly. Forming M costs ``2 P² d`` flops per atom, so this wins when steps are many or flops
-  are cheap relative to memory traffic (GPUs); on a 2-core CPU at ``P ≈ d/2`` "direct" is ~5× faster.
+  are cheap relative to memory traffic (GPUs); on a 2-core CPU at ``P ≈ d/2`` "direct" is several times faster.
 
 Convergence is tested on the atoms, against ``tol`` on ``1 − cos`` to the exact solution:
 

@@ -35,6 +35,13 @@ class ModelConfig:
     """Context window to build the model with (None: the model's own; 1024 for the offline models)."""
     layer: int = MISSING
     """Default layer whose hook is harvested (``harvest.layers`` overrides)."""
+    d_model: int | None = None
+    """The named model's residual width, when known (``conf/model/*.yaml``): the config check sizes the dictionary
+    against it before any work. None: checked once the model is loaded. Facts about the model, not settings: they
+    stay out of the stage hashes. Set both to null when ``model.name`` is pointed at another model."""
+    n_layers: int | None = None
+    """The named model's block count, when known: ``model.layer`` / ``harvest.layers`` are checked against it
+    before any work."""
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Typed schema of the ``eval`` config node (``conf/eval/*.yaml``).
 
-Every value a ``conf/eval/*.yaml`` sets has no default here (``MISSING``): the defaults live in ``conf/`` only.
-A metric's ``config:`` block stays a plain mapping; it is handed to SAEBench's own config dataclass of that
-metric, whose field names :func:`pipeline.evals.metrics.check_metric_configs` checks (that one imports SAEBench;
-nothing here does, so every stage's config check stays cheap).
+The defaults here are SAEBench's own full sizes (its ``run_all_evals`` settings and each eval's defaults), what
+``eval=paper`` runs; each ``conf/eval/*.yaml`` lists only what its preset changes. A metric's ``config:`` block
+stays a plain mapping; it is handed to SAEBench's own config dataclass of that metric, whose field names
+:func:`pipeline.evals.metrics.check_metric_configs` checks (that one imports SAEBench; nothing here does, so every
+stage's config check stays cheap).
 
     e = parse_eval_config(cfg.eval)      # unknown key / wrong type / unset value -> ValueError naming eval.<key>
     validate_eval_config(e)              # metric names, SAE entries, sizes
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from pipeline.utils.typed_config import as_dict, typed_node
 
@@ -46,9 +47,9 @@ class HubBaseline:
 class LabelledConfig:
     """The labelled passages built for sparse probing / SCR / TPP (column1 = document, column2 = dialogue)."""
 
-    min_words: int = MISSING
+    min_words: int = 12
     """Paragraphs shorter than this many words are left out."""
-    test_every: int = MISSING
+    test_every: int = 5
     """Every ``test_every``-th kept paragraph of a document goes to the test split."""
     jsonl: str | None = None
     """A jsonl file of ``{"title", "text"}`` documents (None: Jane Austen's six novels)."""
@@ -58,21 +59,21 @@ class LabelledConfig:
 class CoreConfig:
     """SAEBench's core metrics (reconstruction, loss recovered, sparsity)."""
 
-    dataset: str | None = MISSING
+    dataset: str | None = "Skylion007/openwebtext"
     """Hub dataset of the eval text (None: the harvest text after the harvested contexts, never seen by the fit)."""
-    context_size: int = MISSING
+    context_size: int = 128
     """Tokens per eval context."""
-    batch_size_prompts: int = MISSING
+    batch_size_prompts: int = 16
     """Contexts per batch."""
-    n_eval_reconstruction_batches: int = MISSING
+    n_eval_reconstruction_batches: int = 200
     """Batches for the reconstruction / CE metrics (3 LLM forwards each: the costly part)."""
-    n_eval_sparsity_variance_batches: int = MISSING
+    n_eval_sparsity_variance_batches: int = 2000
     """Batches for the sparsity / variance metrics."""
-    positions: str = "all"
+    positions: str = "both"
     """Positions the numbers cover: ``all`` (SAEBench's core as published, ``eval_results/core/``), ``fit`` (the
     positions the fit used: those the harvest left out, special tokens and, with ``harvest.outlier_norm_factor``,
     norm outliers, pass through unreconstructed and out of every mean; ``eval_results/core_fit_positions/``) or
-    ``both``. Default ``all`` (today's behaviour) for an ``eval`` node without the key."""
+    ``both`` (about twice core's cost)."""
     reuse_forwards_mb: float = 2048.0
     """Memory (MiB, on the eval device) for the LLM forwards that do not depend on the SAE (clean and
     zero-ablated logits, hook activations), computed once and reused by every SAE and position set
@@ -89,7 +90,7 @@ class CoreConfig:
 class MetricConfig:
     """A metric whose settings are SAEBench's own config dataclass."""
 
-    config: dict[str, Any] = MISSING
+    config: dict[str, Any] = field(default_factory=dict)
     """Fields of SAEBench's config dataclass of the metric (unknown keys fail); ``{}`` = SAEBench's defaults.
     ``model_name``, ``llm_dtype`` and ``llm_batch_size`` are set by the stage."""
 
@@ -98,11 +99,11 @@ class MetricConfig:
 class AbsorptionConfig(MetricConfig):
     """SAEBench's feature absorption (first-letter probes)."""
 
-    vocab_size: int | None = MISSING
+    vocab_size: int | None = None
     """Alphabetic tokens subsampled from the vocabulary (None: all of them)."""
-    min_words_per_letter: int = MISSING
+    min_words_per_letter: int = 12
     """Words of every first letter kept in the subsample (SAEBench needs each letter in its train split)."""
-    low_confidence_below_params: float = MISSING
+    low_confidence_below_params: float = 2.0e9
     """Models with fewer parameters get a low-confidence note in the report."""
     seed: int = 0
     """Seed of the vocabulary subsample and of SAEBench's train/test split of it."""
@@ -113,7 +114,7 @@ class AutointerpConfig(MetricConfig):
     """SAEBench's automated interpretability: a judge LLM explains latents from their top activations, then
     scores the explanations. The judge is any OpenAI-compatible endpoint (:mod:`pipeline.evals.judge`)."""
 
-    api_key_env: str = MISSING
+    api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the judge's API key. Unset and no ``base_url``: the metric is skipped with
     the reason; with a ``base_url`` (a local server) no key is needed."""
     base_url: str | None = None
@@ -139,11 +140,7 @@ class AutointerpConfig(MetricConfig):
 
 @dataclass
 class RavelConfig(MetricConfig):
-    """SAEBench's RAVEL (attribute disentanglement through an MDBM trained on the SAE's latents).
-
-    The keys below default here (not only in ``conf/``) so an ``eval.ravel`` node without them keeps today's
-    behaviour: SAEBench's data and model from the hub.
-    """
+    """SAEBench's RAVEL (attribute disentanglement through an MDBM trained on the SAE's latents)."""
 
     data_dir: str | None = None
     """Local RAVEL prompts, instead of SAEBench's download of ``adamkarvonen/ravel_prompts``: a folder holding
@@ -166,40 +163,40 @@ class RavelConfig(MetricConfig):
 class EvalConfig:
     """The ``eval`` node: which SAEs go through which SAEBench metrics, at which sizes."""
 
-    metrics: list[str] = MISSING
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
     """SAEBench metrics to run, in order (core, absorption, sparse_probing, scr, tpp, autointerp, ravel,
-    unlearning)."""
-    saes: list[str] = MISSING
+    unlearning); one whose requirements are missing here is skipped with the reason."""
+    saes: list[str] = field(default_factory=lambda: list(FIT_SAES))
     """SAEs to evaluate: ``dictionary``, ``baselines`` (every trained baseline) and/or baselines by name."""
-    hub_baselines: list[HubBaseline] = MISSING
+    hub_baselines: list[HubBaseline] = field(default_factory=list)
     """SAEBench's published suites (baseline b)."""
-    device: str | None = MISSING
+    device: str | None = None
     """Device of the evals (None: ``model.device``)."""
-    llm_batch_size: int = MISSING
+    llm_batch_size: int = 32
     """LLM batch size handed to every SAEBench metric."""
-    force_rerun: bool = MISSING
+    force_rerun: bool = False
     """False: an existing SAEBench result file is kept, not recomputed."""
-    local_datasets: dict[str, str] = MISSING
+    local_datasets: dict[str, str] = field(default_factory=dict)
     """SAEBench hub dataset name -> local copy (folder of parquet/jsonl/csv files, or a save_to_disk folder)."""
-    encode_cache_mb: int = MISSING
+    encode_cache_mb: int = 2048
     """MiB of codes the dictionary SAE keeps for repeated batches (SCR/TPP re-encode them)."""
-    labelled: LabelledConfig = MISSING
+    labelled: LabelledConfig = field(default_factory=LabelledConfig)
     """The labelled passages for sparse probing / SCR / TPP."""
-    core: CoreConfig = MISSING
+    core: CoreConfig = field(default_factory=CoreConfig)
     """Core metrics."""
-    absorption: AbsorptionConfig = MISSING
+    absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
     """Feature absorption."""
-    sparse_probing: MetricConfig = MISSING
+    sparse_probing: MetricConfig = field(default_factory=MetricConfig)
     """Sparse probing (SAEBench's SparseProbingEvalConfig)."""
-    scr: MetricConfig = MISSING
+    scr: MetricConfig = field(default_factory=MetricConfig)
     """Spurious correlation removal (SAEBench's ScrAndTppEvalConfig)."""
-    tpp: MetricConfig = MISSING
+    tpp: MetricConfig = field(default_factory=MetricConfig)
     """Targeted probe perturbation (SAEBench's ScrAndTppEvalConfig)."""
-    autointerp: AutointerpConfig = MISSING
+    autointerp: AutointerpConfig = field(default_factory=AutointerpConfig)
     """Automated interpretability."""
-    ravel: RavelConfig = MISSING
+    ravel: RavelConfig = field(default_factory=RavelConfig)
     """RAVEL (SAEBench's RAVELEvalConfig, local data / model folders)."""
-    unlearning: MetricConfig = MISSING
+    unlearning: MetricConfig = field(default_factory=MetricConfig)
     """Unlearning (SAEBench's UnlearningEvalConfig)."""
 
 

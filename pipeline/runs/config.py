@@ -53,16 +53,6 @@ from pipeline.utils.typed_config import typed_node
 #: Name of the top-level schema in Hydra's ConfigStore (first entry of ``conf/config.yaml``'s defaults).
 SCHEMA_NAME = "pipeline_schema"
 
-#: (d_model, n_layers) of the models we know by name.
-KNOWN_SHAPES: dict[str, tuple[int, int]] = {
-    "smollm2-135m": (576, 30),
-    "gemma-3-270m": (640, 18),
-    "gemma-2-2b": (2304, 26),
-    "pythia-160m-deduped": (768, 12),
-    "pythia-160m": (768, 12),
-    "pythia-70m-deduped": (512, 6),
-}
-
 
 @dataclass
 class ReportConfig:
@@ -213,16 +203,17 @@ def _check(cfg: DictConfig | dict) -> None:
                 f"dictionary.{key} is set by the fit stage (its checkpoint lives in the fit folder); "
                 f"remove dictionary.{key} from the config."
             )
-    shape = KNOWN_SHAPES.get(model.name) if not model.path else None
-    if shape is not None:
-        d, n_layers = shape
+    # the shape conf/model/*.yaml records for the named model (a local folder, model.path, may be another one)
+    n_layers = model.n_layers if not model.path else None
+    if n_layers is not None:
         for layer in harvest.layers if harvest.layers is not None else [model.layer]:
             if not 0 <= layer < n_layers:
                 raise ValueError(
                     f"layer {layer} does not exist: {model.name} has {n_layers} layers "
                     f"(0..{n_layers - 1}); set model.layer / harvest.layers accordingly."
                 )
-    _prefixed(learner.validate, shape[0] if shape is not None else max(learner.coder.k, 1))
+    d_model = model.d_model if not model.path else None
+    _prefixed(learner.validate, d_model if d_model is not None else max(learner.coder.k, 1))
     evals = section(cfg, "eval")
     validate_eval_config(evals)
     dashboards = section(cfg, "dashboards")

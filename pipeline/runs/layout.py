@@ -85,11 +85,16 @@ def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:
     return out
 
 
+#: Keys that change how a run looks or what is checked before it, not what it computes: progress bars, and the
+#: model's shape as ``conf/model/*.yaml`` records it for the config check (devices are kept: they change the
+#: bytes of a harvest).
+VOLATILE_KEYS = ("progress", "d_model", "n_layers")
+
+
 def _drop_volatile(node: Any) -> Any:
-    """Remove keys that change how a run looks, not what it computes (progress bars, devices for harvest
-    are kept since they change the bytes)."""
+    """``node`` without :data:`VOLATILE_KEYS`, at any depth."""
     if isinstance(node, dict):
-        return {k: _drop_volatile(v) for k, v in node.items() if k not in ("progress",)}
+        return {k: _drop_volatile(v) for k, v in node.items() if k not in VOLATILE_KEYS}
     return node
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.data import harvest as harvest_module
 from pipeline.data import store as activation_store
@@ -17,6 +18,7 @@ from pipeline.data.harvest import MaskingOptions, harvest, stop_layer
 from pipeline.data.store import MANIFEST_NAME, ActivationStore, ChecksumError, heldout_mask
 from pipeline.data.store_writer import StoreWriter
 from pipeline.data.text import iter_contexts
+from tests.conftest import REPO
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid"]
 NO_MASK = MaskingOptions(mask_bos=False, mask_special_tokens=False)
@@ -260,6 +262,9 @@ def test_smollm2_real_model_row_matches_forward(tmp_path):
     )
     store = ActivationStore(path)
     assert store.hook == hook and store.d == 576 and store.n_rows() == 256
+    # the shape conf/model/smollm2_135m.yaml records for the config check is the model's
+    shape = yaml.safe_load((REPO / "conf" / "model" / "smollm2_135m.yaml").read_text())
+    assert (shape["d_model"], shape["n_layers"]) == (model.cfg.d_model, model.cfg.n_layers)
     ctx = next(iter(iter_contexts(docs, model.tokenizer, 128, model.tokenizer.bos_token_id)))
     assert ctx[0] == model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with torch.inference_mode():

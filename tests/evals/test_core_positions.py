@@ -344,5 +344,10 @@ def test_bad_positions_names_the_key(bad):
 
 
 def test_presets_ask_for_both():
+    """Every eval preset, as composed, reports core on every position and on the fit's (``both``)."""
+    from pipeline.evals.config import parse_eval_config
+
     for preset in ("offline_small", "smoke", "paper"):
-        assert yaml.safe_load((CONF / "eval" / f"{preset}.yaml").read_text())["core"]["positions"] == "both"
+        assert (
+            parse_eval_config(yaml.safe_load((CONF / "eval" / f"{preset}.yaml").read_text())).core.positions == "both"
+        )

@@ -173,7 +173,8 @@ def test_saebench_config_gets_the_stage_values(tmp_path):
 @pytest.mark.parametrize("metric", ["absorption", "sparse_probing", "scr", "tpp", "autointerp", "ravel", "unlearning"])
 def test_unknown_metric_config_key_fails_naming_it(metric):
     raw = _preset()
-    raw[metric]["config"] = {**raw[metric]["config"], "bogus_key": 1}
+    node = raw.setdefault(metric, {})
+    node["config"] = {**node.get("config", {}), "bogus_key": 1}
     e = parse_eval_config(raw)
     validate_eval_config(e)  # the schema's check does not import SAEBench, so it cannot see these keys
     with pytest.raises(ValueError, match=rf"eval\.{metric}\.config\.bogus_key"):
@@ -185,13 +186,15 @@ def test_unknown_metric_config_key_fails_naming_it(metric):
     [
         (lambda r: r.update(bogus=1), r"eval\.bogus"),
         (lambda r: r["core"].update(bogus=1), r"eval\.core\.bogus"),
-        (lambda r: r["labelled"].pop("min_words"), r"eval\.labelled\.min_words"),
-        (lambda r: r.pop("tpp"), r"eval\.tpp"),
+        (lambda r: r.update(labelled={"min_words": "twelve"}), r"eval\.labelled\.min_words"),
+        (lambda r: r.update(tpp={"confg": {}}), r"eval\.tpp\.confg"),
         (lambda r: r.update(llm_batch_size="many"), r"eval\.llm_batch_size"),
         (lambda r: r.update(hub_baselines=[{"release": "x", "zzz": 1}]), r"eval\.hub_baselines\[0\]\.zzz"),
     ],
 )
 def test_parse_eval_config_names_the_bad_key(change, match):
+    """A preset lists only what it changes (the schema has every default), so errors are unknown keys and wrong
+    types, each named with its path."""
     raw = copy.deepcopy(_preset())
     change(raw)
     with pytest.raises(ValueError, match=match):
