@@ -14,9 +14,13 @@ starting from a fitted dictionary (``--dictionary``) or one warmed up here for `
    another: the medians of the per-round ratios are the headline figures (the VM's speed drifts);
 5. signed codes (KSVD.jl's pursuit, the reference mode's): the torch block solver (power steps, then batched
    Lanczos) against the compiled per-atom Lanczos refits, wall time, objective and atom agreement;
-6. two fits of ``--fit-iters`` iterations from the same start over the store's other rows, one with the default
+6. the compiled loops' threads, ``--threading-rounds`` interleaved rounds: Python threads at hand-written spin
+   barriers against numba's ``prange`` (results equal to the bit), for the coder and both updates;
+7. two fits of ``--fit-iters`` iterations from the same start over the store's other rows, one with the default
    update and one with the capped update, at equal samples: held-out FVU on the benchmark's rows and wall time
    (the objective a whole fit reaches, not one update's).
+
+One script (~460 lines): every part times the same batch and dictionary, side by side in one process.
 
 Usage: python benchmarks/bench_update_cpu.py --store outputs/default/harvest-*/store \
            [--dictionary outputs/default/fit-*/dictionary] [--out benchmarks/results_update_cpu.json]
@@ -166,6 +170,155 @@ def bench_rounds(Y: torch.Tensor, D0: torch.Tensor, k: int, rounds: int) -> dict
     }
 
 
+def _prange_launchers():
+    """numba ``prange`` versions of the two compiled loops' thread launches (``mp_driver.launch``,
+    ``update_driver.launch``), built here so that the library keeps one way to run threads: the same kernels and
+    arguments, numba's own threads (its threading layer; parallel chunk size 1, so threads take one piece or one
+    atom at a time, largest first) instead of Python threads meeting at spin barriers."""
+    import numba
+    import numpy as np
+
+    from pipeline.core.cpu import mp_kernel, sweep_kernel
+
+    mp_rows, refit_nonnegative, refit_signed, correct = (
+        mp_kernel.mp_rows,
+        sweep_kernel.refit_nonnegative,
+        sweep_kernel.refit_signed,
+        sweep_kernel.correct,
+    )
+
+    @numba.njit(parallel=True)
+    def mp_pieces(C, G, masks, n2, th, k, max_iter, nonnegative, reference_rules, out_idx, out_val, bounds):
+        for i in numba.prange(bounds.shape[0] - 1):
+            mp_rows(
+                C,
+                G,
+                masks,
+                n2,
+                th,
+                k,
+                max_iter,
+                nonnegative,
+                reference_rules,
+                out_idx,
+                out_val,
+                bounds[i],
+                bounds[i + 1],
+            )
+
+    @numba.njit(parallel=True, fastmath=True)
+    def sweep_parallel(
+        R, D, order, rows, x_old, starts, claim_order, batch, signed, tol, max_steps, D_new, x_new, steps_out,
+        outcome_out, row_cuts, scratch_y, scratch_basis,
+    ):  # fmt: skip
+        n_used = order.shape[0]
+        max_step = np.sqrt(max(2 * tol, 0.0)) if tol >= 0 else -1.0
+        for b0 in range(0, n_used, batch):
+            b1 = min(b0 + batch, n_used)
+            for jj in numba.prange(b1 - b0):
+                p = claim_order[b0 + jj]
+                t = numba.get_thread_id()
+                e0, e1 = starts[p], starts[p + 1]
+                if signed:
+                    steps, outcome = refit_signed(
+                        R, rows[e0:e1], x_old[e0:e1], D[order[p]], D_new[p], x_new[e0:e1], scratch_y[t],
+                        scratch_basis[t], tol, max_steps,
+                    )  # fmt: skip
+                else:
+                    steps, outcome = refit_nonnegative(
+                        R, rows[e0:e1], x_old[e0:e1], D[order[p]], D_new[p], x_new[e0:e1], scratch_y[t], max_step,
+                        max_steps,
+                    )  # fmt: skip
+                steps_out[p] = steps
+                outcome_out[p] = outcome
+            for c in numba.prange(row_cuts.shape[0] - 1):
+                for p in range(b0, b1):
+                    e0, e1 = starts[p], starts[p + 1]
+                    correct(
+                        R, D[order[p]], D_new[p], rows[e0:e1], x_old[e0:e1], x_new[e0:e1], row_cuts[c], row_cuts[c + 1]
+                    )
+
+    def mp_launch(kernels, args, bounds, threads):
+        numba.set_num_threads(threads)
+        previous = numba.set_parallel_chunksize(1)
+        try:
+            mp_pieces(*args, bounds)
+        finally:
+            numba.set_parallel_chunksize(previous)
+
+    def update_launch(kernel, args, cuts, threads, sync):
+        R, signed, max_steps = args[0], args[8], args[10]
+        d = R.shape[1]
+        scratch_y = np.empty((threads, d), dtype=R.dtype)
+        scratch_basis = np.empty((threads, min(max_steps, d) + 1 if signed else 1, d), dtype=R.dtype)
+        numba.set_num_threads(threads)
+        previous = numba.set_parallel_chunksize(1)
+        try:
+            sweep_parallel(*args[:15], cuts, scratch_y, scratch_basis)
+        finally:
+            numba.set_parallel_chunksize(previous)
+
+    return mp_launch, update_launch
+
+
+def bench_threading(Y: torch.Tensor, D0: torch.Tensor, k: int, rounds: int) -> dict:
+    """The compiled loops' two ways to run threads, side by side: Python threads (the library's: the coder's
+    pieces taken in turn, the sweep's threads meeting at hand-written spin barriers) against numba's own
+    ``parallel=True`` / ``prange`` (:func:`_prange_launchers`). Each round times the coder, the non-negative update
+    and the signed update both ways, in alternating order; results must be equal to the bit. Reported: per-round
+    times and the medians of the per-round ratios prange / spin (above 1: prange slower)."""
+    import numba
+
+    from pipeline.core.cpu import mp_driver, update_driver
+
+    G = gram(D0)
+    atom_batch = max(1, D0.shape[0] // 128)
+    spin_launchers = (mp_driver.launch, update_driver.launch)
+    modes = {"spin": spin_launchers, "prange": _prange_launchers()}
+
+    def run(mode: str, what: str, codes0: Codes | None) -> tuple[float, tuple]:
+        mp_driver.launch, update_driver.launch = modes[mode]
+        try:
+            if what == "coder":
+                t = time.perf_counter()
+                codes = encode(Y, D0, k, G=G, kernel="numba")
+                return time.perf_counter() - t, (codes.indices, codes.values)
+            D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
+            R = Y - codes.decode(D)
+            gen = torch.Generator().manual_seed(0)
+            t = time.perf_counter()
+            update_atoms(R, D, codes, atom_batch, nonnegative=what == "update", kernel="numba", generator=gen)
+            return time.perf_counter() - t, (D, codes.values, R)
+        finally:
+            mp_driver.launch, update_driver.launch = spin_launchers
+
+    codes = {"update": encode(Y, D0, k, G=G), "signed_update": encode(Y, D0, k, G=G, nonnegative=False)}
+    for mode in modes:  # compile or load both variants first: not timed
+        for what in ("coder", "update", "signed_update"):
+            run(mode, what, codes.get(what))
+    out = []
+    for r in range(rounds):
+        order = list(modes) if r % 2 == 0 else list(modes)[::-1]
+        row = {}
+        for what in ("coder", "update", "signed_update"):
+            results = {}
+            for mode in order:
+                row[f"{what}_{mode}"], results[mode] = run(mode, what, codes.get(what))
+            row[f"{what}_identical"] = all(torch.equal(a, b) for a, b in zip(results["spin"], results["prange"]))
+            row[f"{what}_prange_over_spin"] = row[f"{what}_prange"] / row[f"{what}_spin"]
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    keys = [key for key in out[0] if not key.endswith("_identical")]
+    return {
+        "threading_layer": numba.threading_layer(),
+        "threads": numba.get_num_threads(),
+        "rounds": out,
+        "median": {key: statistics.median(r[key] for r in out) for key in keys},
+        "range": {key: [min(r[key] for r in out), max(r[key] for r in out)] for key in keys},
+        "all_identical": all(r[f"{w}_identical"] for r in out for w in ("coder", "update", "signed_update")),
+    }
+
+
 def bench_signed(Y: torch.Tensor, D0: torch.Tensor, k: int, repeats: int) -> dict:
     """The signed update (the reference mode's): torch block solver against the compiled refits."""
     codes0 = encode(Y, D0, k, G=gram(D0), nonnegative=False, reference_rules=True)
@@ -238,6 +391,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved headline timing")
     ap.add_argument("--fit-iters", type=int, default=8, help="iterations of each fit of the fit comparison (0: skip)")
     ap.add_argument("--fit-seeds", type=int, default=3, help="seeds of the fit comparison")
+    ap.add_argument("--threading-rounds", type=int, default=7, help="rounds of spin barriers against numba prange")
+    ap.add_argument("--only", choices=["threading"], default=None, help="run only this part (with the set-up)")
     ap.add_argument("--out", default="benchmarks/results_update_cpu.json")
     args = ap.parse_args()
     from pipeline.data.store import ActivationStore
@@ -266,10 +421,16 @@ def main() -> None:
         "k": args.k,
         "start": start,
     }
+    if args.only == "threading":
+        res["threading"] = bench_threading(Y, D0, args.k, args.threading_rounds)
+        print(json.dumps({"median": res["threading"]["median"]}, indent=2), flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     res["update"] = bench_updates(Y, D0, args.k, args.repeats)
     res["topk_sae"] = bench_topk_pass(Y, D0.shape[0], args.k)
     res["rounds"] = bench_rounds(Y, D0, args.k, args.rounds)
     res["signed"] = bench_signed(Y, D0, args.k, args.repeats)
+    res["threading"] = bench_threading(Y, D0, args.k, args.threading_rounds)
     if args.fit_iters:
         res["fits"] = bench_fits(
             Y_all[perm[args.rows :]].float(), Y, D0.shape[0], args.k, args.rows, args.fit_iters, args.fit_seeds

@@ -1,7 +1,7 @@
 """Batched K-SVD dictionary update: best rank-1 refits of atoms in shuffled atom batches.
 
 One module (~480 lines) because the plan of one sweep (used atoms, their entries, the shuffled atom batches)
-feeds both of its paths, the torch block solvers here and the compiled sweep (:mod:`pipeline.core.update_kernel`).
+feeds both of its paths, the torch block solvers here and the compiled sweep (:mod:`pipeline.core.cpu.update_driver`).
 
 For atom j with support ω_j (the samples whose codes use j) and coefficients x_j, the restricted residual
 with the atom added back is ``E_j = R[ω_j] + x_j d_jᵀ``. K-SVD replaces (d_j, x_j) by the best rank-1
@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.core import compiled, update_kernel
 from pipeline.core.codes import Codes
 from pipeline.core.collective import LOCAL, Collective
-from pipeline.core.compiled import KERNELS
+from pipeline.core.cpu import runtime, update_driver
+from pipeline.core.cpu.runtime import KERNELS
 from pipeline.core.rank1 import refit_block
 from pipeline.core.update_stats import UpdateStats
 
@@ -87,7 +87,7 @@ def update_atoms(
         generator: random source for the atom shuffle (CPU generator; determinism; the same seed on every rank).
         comm: data-parallel runs: R and codes hold this rank's samples; sums over samples are all-reduced.
         kernel: ``"numba"`` runs the "direct" refits and the residual corrections as compiled per-atom loops
-            that read each atom's rows of R in place (:mod:`pipeline.core.update_numba`; CPU, one process;
+            that read each atom's rows of R in place (:mod:`pipeline.core.cpu`; CPU, one process;
             signed refits by Lanczos from the start, not power steps first); ``"torch"`` the batched block
             solver; ``"auto"`` numba wherever it applies. Each atom then stops on its own test instead of
             waiting for its block's slowest atom.
@@ -124,7 +124,7 @@ def update_atoms(
     rows_all = nz // codes.k
     starts = torch.searchsorted(ent_rank, torch.arange(0, n_used + 1, device=device)).tolist()
     if run_compiled:
-        return update_kernel.update(
+        return update_driver.update(
             R, D, codes, atom_batch_size, order, nz, rows_all, starts, flat_val, nonnegative, tol, max_iters
         )
     counts = [starts[a + 1] - starts[a] for a in range(n_used)]  # this rank's entries per atom, in order
@@ -203,7 +203,7 @@ def _use_compiled(kernel: str, solver: str, approximate: bool, comm: Collective,
         and R.dtype == D.dtype
         and R.dtype in (torch.float32, torch.float64)
     )
-    return compiled.use(
+    return runtime.use(
         kernel,
         fits,
         "kernel='numba' refits atoms with the direct solver (not approximate) on CPU "

@@ -25,7 +25,7 @@ least-squares fit on the support via a progressive Cholesky factor of ``G`` rest
 ``refit=True`` re-solves least squares on the final support (the reference's SAEBench wrapper does this at
 evaluation time); in non-negative mode negative coefficients are removed by a small active-set loop.
 
-Speed: on CPU, MP runs as a compiled per-sample loop (``kernel``, :mod:`pipeline.core.mp_kernel`) whose
+Speed: on CPU, MP runs as a compiled per-sample loop (``kernel``, :mod:`pipeline.core.cpu`) whose
 correlation row stays in cache, several times faster than the batched loop (BENCHMARKS.md (e)). The batched
 tensor loop (GPUs, candidate lists) moves the (n, K) correlation block once or twice through memory every step,
 so large K is memory-bound. ``candidates=M`` restricts the greedy loop, after two steps on all atoms, to each sample's M
@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.core import compiled, mp_kernel
 from pipeline.core.codes import Codes
-from pipeline.core.compiled import KERNELS
+from pipeline.core.cpu import mp_driver, runtime
+from pipeline.core.cpu.runtime import KERNELS
 from pipeline.core.validation import check_atoms, check_samples, check_sparsity
 from pipeline.utils.devices import free_memory
 
@@ -100,7 +100,7 @@ def encode(
             largest correlations (GPU speed; approximate).
         precision: matmul precision of ``Y Dᵀ``: ``"fp32"``, ``"tf32"`` or ``"bf16"``.
         kernel: MP's greedy loop: ``"numba"`` (compiled, one pass per step over each sample's own correlation
-            row, :mod:`pipeline.core.mp_kernel`; CPU, all atoms), ``"torch"`` (batched tensor ops, any device,
+            row, :mod:`pipeline.core.cpu`; CPU, all atoms), ``"torch"`` (batched tensor ops, any device,
             the only one with ``candidates``), or ``"auto"``: numba wherever it applies. Both give the same codes
             up to the rounding of a multiply-add.
         validate: check the inputs (NaN/Inf, shapes, unit norm); disable only in trusted inner loops.
@@ -156,10 +156,10 @@ def encode(
 
 
 def _use_compiled(kernel: str, method: str, device: torch.device, candidates: int | None) -> bool:
-    """Whether MP runs the compiled per-sample loop (:mod:`pipeline.core.mp_kernel`) for ``kernel``."""
+    """Whether MP runs the compiled per-sample loop (:mod:`pipeline.core.cpu`) for ``kernel``."""
     if method != "mp":
         return False
-    return compiled.use(
+    return runtime.use(
         kernel,
         device.type == "cpu" and candidates is None,
         f"kernel='numba' runs matching pursuit on CPU over all atoms; here device={device}, "
@@ -250,7 +250,7 @@ def _mp_chunk(
 ) -> Codes:
     """Matching pursuit on one chunk. ``C0: (m, K)`` initial correlations, consumed in place.
 
-    ``compiled`` runs the per-sample compiled loop (:func:`pipeline.core.mp_kernel.mp_codes`) instead of the
+    ``compiled`` runs the per-sample compiled loop (:func:`pipeline.core.cpu.mp_driver.mp_codes`) instead of the
     batched tensor loop below.
 
     With ``candidates``, the first :data:`_CANDIDATE_WARMUP` steps run on all K atoms (they remove the large
@@ -259,7 +259,7 @@ def _mp_chunk(
     """
     width = k + 1 if reference_rules else k
     if compiled:
-        out_idx, out_val = mp_kernel.mp_codes(
+        out_idx, out_val = mp_driver.mp_codes(
             C0, G, Y.pow(2).sum(dim=1), rtol, k, max_iter, nonnegative, reference_rules
         )
     else:

@@ -1,5 +1,5 @@
 """What one sweep of the atom update did (:func:`pipeline.core.atom_update.update_atoms`, whichever loop ran it:
-the torch block solvers or the compiled sweep of :mod:`pipeline.core.update_kernel`)."""
+the torch block solvers or the compiled sweep of :mod:`pipeline.core.cpu.update_driver`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Ahead-of-time compilation of the CPU fit's compiled loops (:mod:`pipeline.core.compiled`): ``setup.sh`` runs
+"""Ahead-of-time compilation of the CPU fit's compiled loops (:mod:`pipeline.core.cpu`): ``setup.sh`` runs
 :func:`warm_up`, so that a first fit's clock (the equal-time budget of the baselines) holds no compilation. It
-runs the coder and the atom update themselves, so it sits above them (and ``compiled`` below)."""
+runs the coder and the atom update themselves, so it sits above them (and ``cpu`` below)."""
 
 from __future__ import annotations
 

@@ -269,7 +269,7 @@ def test_compiled_update_threads_do_not_change_the_result(monkeypatch, threads):
     the atoms, the codes and the residual are the same to the bit: each refit reads the residual its batch
     started from, and each row's corrections are added in the same order. Three threads on a two-core machine
     also exercise the barrier with a thread waiting on a busy core."""
-    from pipeline.core import compiled
+    from pipeline.core.cpu import runtime
 
     for nonnegative in (True, False):
         p = planted_problem(nonnegative=nonnegative, seed=7)
@@ -278,7 +278,7 @@ def test_compiled_update_threads_do_not_change_the_result(monkeypatch, threads):
         codes0 = encode(p.Y, D0, 3, nonnegative=nonnegative)
         out = []
         for n in (1, threads):
-            monkeypatch.setattr(compiled, "threads", lambda n=n: n)
+            monkeypatch.setattr(runtime, "threads", lambda n=n: n)
             D, codes = D0.clone(), Codes(codes0.indices.clone(), codes0.values.clone())
             R = p.Y - codes.decode(D)
             update_atoms(
@@ -303,10 +303,10 @@ def test_compiled_update_refuses_what_it_does_not_do():
 def test_warm_up_compiles_the_fit_loops_for_both_dtypes():
     """setup.sh's warm-up leaves compiled coder and update loops for fp32 and fp64 (a first fit's clock then
     holds no compilation)."""
-    from pipeline.core import mp_numba, update_numba
+    from pipeline.core.cpu import mp_kernel, sweep_kernel
     from pipeline.core.warm import warm_up
 
     warm_up()
-    for dispatcher in (mp_numba.mp_rows, update_numba.sweep):
+    for dispatcher in (mp_kernel.mp_rows, sweep_kernel.sweep):
         dtypes = {str(sig[0].dtype) for sig in dispatcher.signatures}
         assert {"float32", "float64"} <= dtypes, (dispatcher, dtypes)

@@ -1,4 +1,5 @@
-"""The compiled matching-pursuit loop (numba); imported only through :mod:`pipeline.core.mp_kernel`.
+"""The compiled matching-pursuit loop (numba), the coder's kernel on CPU; its driver is
+:mod:`pipeline.core.cpu.mp_driver`. It calls nothing outside this file (numba's cache check sees every change).
 
 Every function here works on one sample's correlation row ``c: (K,)`` at a time, in place. The largest c is
 found as the largest of c's bit patterns read as signed integers of the same width (``bits``, a view of c made

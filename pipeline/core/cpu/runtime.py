@@ -1,20 +1,18 @@
-"""The numba-compiled CPU loops (``mp_numba``: matching pursuit; ``update_numba``: the atom-update sweep, with
-``refit_numba``'s per-atom refits and ``spin``'s barriers), imported lazily: numba's import and its cache load
-cost ~1 s, paid only by the first CPU fit or encode. The ``kernel`` choice that selects them (:func:`use`), the
-threads that run them (:func:`threads`, :func:`run_threads`), the check that their cache is of the current
-sources (:func:`fresh_cache`). Their ahead-of-time compilation is :func:`pipeline.core.warm.warm_up`, which sits
-above the coder and the update it runs."""
+"""What the compiled CPU loops need at run time: the ``kernel`` choice (:func:`use`), their modules, imported
+lazily (:func:`module`: numba's import and its cache load cost ~1 s, paid only by the first CPU fit or encode),
+and the threads that run them (:func:`threads`, :func:`run_threads`).
+
+numba caches each compiled function beside its source and re-compiles it when that file changes; every compiled
+function's callees live in its own file (:mod:`pipeline.core.cpu`), so that check is enough."""
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import logging
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -26,42 +24,11 @@ log = logging.getLogger(__name__)
 KERNELS = ("auto", "torch", "numba")
 
 
-#: The modules of compiled functions, which call each other across modules.
-COMPILED_MODULES = ("spin", "refit_numba", "update_numba", "mp_numba")
-#: Beside numba's cache files: a digest of :data:`COMPILED_MODULES`' sources when the cache was last checked.
-SOURCES_STAMP = "compiled-sources.sha256"
-
-
-@functools.cache
-def fresh_cache(here: Path = Path(__file__).parent) -> None:
-    """Drop numba's cached machine code of :data:`COMPILED_MODULES` when any of their sources changed since it
-    was written. numba checks only the source file of the function it loads, so after a ``git pull`` that
-    changed ``refit_numba.py`` alone, ``update_numba.sweep`` (which inlines its refits) would load stale code.
-    Only numba's default cache folder (``__pycache__`` beside the sources, in ``here``) is checked, not
-    ``NUMBA_CACHE_DIR``."""
-    digest = hashlib.sha256(b"".join((here / f"{name}.py").read_bytes() for name in COMPILED_MODULES)).hexdigest()
-    cache = here / "__pycache__"
-    stamp = cache / SOURCES_STAMP
-    try:
-        if stamp.exists() and stamp.read_text().strip() == digest:
-            return
-        cache.mkdir(exist_ok=True)
-        for path in cache.iterdir():
-            if path.suffix in (".nbi", ".nbc") and path.name.split(".")[0] in COMPILED_MODULES:
-                path.unlink(missing_ok=True)
-        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
-        tmp.write_text(digest + "\n")
-        tmp.replace(stamp)
-    except OSError as err:  # a read-only install: numba then cannot cache there either
-        log.debug("numba cache check skipped: %s", err)
-
-
 @functools.cache
 def module(name: str) -> ModuleType | None:
-    """``pipeline.core.<name>``, or None when numba cannot be imported (logged once; the torch loops run)."""
+    """``pipeline.core.cpu.<name>``, or None when numba cannot be imported (logged once; the torch loops run)."""
     try:
-        fresh_cache()
-        return importlib.import_module(f"pipeline.core.{name}")
+        return importlib.import_module(f"pipeline.core.cpu.{name}")
     except ImportError as err:  # pragma: no cover - numba is a dependency; this is the documented fallback
         log.warning("numba is not importable (%s): the CPU fit and coder use the slower torch loops.", err)
         return None
@@ -69,7 +36,7 @@ def module(name: str) -> ModuleType | None:
 
 def available() -> bool:
     """Whether the compiled loops can run here (numba importable)."""
-    return module("mp_numba") is not None and module("update_numba") is not None
+    return module("mp_kernel") is not None and module("sweep_kernel") is not None
 
 
 def use(kernel: str, fits: bool, unfit: str) -> bool:
@@ -107,7 +74,7 @@ def threads() -> int:
 def run_threads(work: Callable[[int], object], n: int, abort: np.ndarray | None = None) -> None:
     """``work(t)`` for t = 0 … n − 1, each on its own thread (t = 0 on the calling one), all at once: compiled
     ``nogil`` calls, which may meet at spin barriers. If one raises, ``abort`` (a one-element int64 array: the
-    barriers' abort flag, :mod:`pipeline.core.spin`) is set to 1 so the others leave their barriers, and the
+    barriers' abort flag, :mod:`pipeline.core.cpu.sweep_kernel`) is set to 1 so the others leave their barriers, and the
     first error is raised once all have returned."""
     errors: list[BaseException] = []
 

@@ -1,5 +1,6 @@
-"""The spin barrier and atomics that let compiled threads meet without Python (pipeline.core.spin), and the
-thread runner around them (pipeline.core.compiled.run_threads)."""
+"""The compiled CPU path (pipeline.core.cpu): the spin barrier and atomics that let the sweep's threads meet
+without Python, the thread runner around them (runtime.run_threads), and the layout that lets numba's own cache
+check see every change (each kernel file holds all it calls)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numba
 import numpy as np
 import pytest
 
-from pipeline.core import compiled
-from pipeline.core.spin import ABORT, SYNC_SLOTS, barrier, fetch_add
+from pipeline.core.cpu import runtime
+from pipeline.core.cpu.sweep_kernel import ABORT, SYNC_SLOTS, barrier, fetch_add
 
 
 @numba.njit(nogil=True)
@@ -43,7 +44,7 @@ def test_barrier_orders_every_thread_s_writes(threads):
     def work(t):
         wrong[t] = _phases(sync, threads, t, seen, rounds, counter)
 
-    compiled.run_threads(work, threads, sync[ABORT : ABORT + 1])
+    runtime.run_threads(work, threads, sync[ABORT : ABORT + 1])
     assert wrong.sum() == 0 and counter[0] == rounds * threads
 
 
@@ -65,7 +66,7 @@ def test_a_failing_thread_releases_the_others():
 
     def run():
         with pytest.raises(ValueError, match="thread 1 failed"):
-            compiled.run_threads(work, 3, sync[ABORT:])
+            runtime.run_threads(work, 3, sync[ABORT:])
 
     runner = threading.Thread(target=run, daemon=True)
     runner.start()
@@ -83,28 +84,20 @@ def test_fetch_add_returns_the_old_value():
     assert twice(a) == (10, 15) and a[1] == 13
 
 
-def test_cached_machine_code_is_dropped_when_any_compiled_source_changes(tmp_path):
-    """numba re-checks only the source file of the function it loads: a change to refit_numba.py alone would
-    leave update_numba.sweep's cache (which inlines the refits) stale. compiled.fresh_cache drops the cached code
-    of every compiled module when any of their sources changed, and nothing else."""
+def test_each_kernel_file_holds_every_function_it_calls():
+    """numba re-compiles a cached function only when the file that defines it changes. So every compiled kernel's
+    callees live in its own file: a kernel module imports numba and numpy, and nothing of this project."""
+    import ast
     from pathlib import Path
 
-    src = Path(compiled.__file__).parent
-    for name in compiled.COMPILED_MODULES:
-        (tmp_path / f"{name}.py").write_bytes((src / f"{name}.py").read_bytes())
-    cache = tmp_path / "__pycache__"
-    cache.mkdir()
-    ours = [cache / "update_numba.sweep-33.py311.nbi", cache / "update_numba.sweep-33.py311.1.nbc"]
-    theirs = cache / "coders.helper-10.py311.nbi"
-    check = compiled.fresh_cache.__wrapped__  # uncached: called here once per state
-    for path in [*ours, theirs]:
-        path.write_bytes(b"")
-    check(tmp_path)  # no stamp yet: the cache is of unknown sources
-    assert not any(p.exists() for p in ours) and theirs.exists()
-    for path in ours:
-        path.write_bytes(b"")
-    check(tmp_path)  # same sources: kept
-    assert all(p.exists() for p in ours)
-    (tmp_path / "refit_numba.py").write_text((src / "refit_numba.py").read_text() + "\n# changed\n")
-    check(tmp_path)
-    assert not any(p.exists() for p in ours) and theirs.exists()
+    folder = Path(runtime.__file__).parent
+    kernels = sorted(folder.glob("*_kernel.py"))
+    assert [p.name for p in kernels] == ["mp_kernel.py", "sweep_kernel.py"]
+    for path in kernels:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert imported <= {"__future__", "numba", "numpy"}, (path.name, imported)
