@@ -20,7 +20,7 @@ done
 PY=${PYTHON:-python3}
 LOCK=requirements.lock
 # the torch of the lock (the CPU build here: pip takes it from the local wheel folder where there is one)
-LOCKED_TORCH="torch==$(sed -n 's/^torch==\([^ ;]*\).*/\1/p' "$LOCK")"
+LOCKED_TORCH="$("$PY" -m tools.lock pin torch)"
 TORCH_SPEC=${TORCH_SPEC:-$LOCKED_TORCH}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
@@ -62,7 +62,7 @@ if [ "$TESTS" = 1 ]; then
     #    compiled, for a portable x86-64 CPU (no AVX-512 or AMX: a build for the build machine's own CPU crashed
     #    on one), checked with a one-token completion, rebuilt for the x86-64 baseline if that fails; the outcome
     #    is recorded in .venv for the test to read (tools/judge.py)
-    python -m tools.judge ensure --version "$(sed -n 's/^llama-cpp-python==//p' "$LOCK")" || \
+    python -m tools.judge ensure || \
         echo "note: no working llama.cpp judge here (reason above and in .venv/judge-check.json); the local-judge test will skip naming it"
     # the dashboards test opens the generated pages in headless Chromium (skipped with the reason without it)
     if ! command -v chromium >/dev/null 2>&1; then

@@ -10,7 +10,7 @@ token; the first that answers stays installed. The outcome, with the exit code o
 every build that failed, goes to ``STATUS_FILE`` in the environment, where the test reads it: it skips naming
 the crash only when setup recorded one, and otherwise fails with the server's own exit status and log.
 
-``python -m tools.judge ensure --version V`` (``setup.sh --tests``) builds, checks and records;
+``python -m tools.judge ensure`` (``setup.sh --tests``; ``--version V``, default the lock's) builds, checks and records;
 ``python -m tools.judge check`` checks what is installed. The server process itself: ``tools/server.py``.
 """
 
@@ -156,10 +156,9 @@ def skip_reason(status: dict) -> str:
 
 
 def _write_status(status: dict) -> None:
-    STATUS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = STATUS_FILE.with_name(STATUS_FILE.name + ".tmp")
-    tmp.write_text(json.dumps(status, indent=1) + "\n")
-    tmp.replace(STATUS_FILE)
+    from pipeline.utils.atomic import atomic_write_text
+
+    atomic_write_text(STATUS_FILE, json.dumps(status, indent=1) + "\n")
 
 
 def _cpu_flags() -> str:
@@ -211,6 +210,7 @@ def build_wheel(build: Build, version: str, cache: Path) -> Path:
         env=env,
     )
     if out.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
         tail = "\n".join((out.stdout + out.stderr).splitlines()[-LOG_TAIL_LINES:])
         raise RuntimeError(f"compiling llama-cpp-python {version} ({build.name}) failed:\n{tail}")
     print(f"judge: compiled the {build.name} build in {time.monotonic() - t0:.0f} s", flush=True)
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.judge", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_ensure = sub.add_parser("ensure", help="build, check and record llama-cpp-python[server]")
-    p_ensure.add_argument("--version", required=True, help="the llama-cpp-python version (the lock's)")
+    p_ensure.add_argument("--version", default=None, help="the llama-cpp-python version (default: the lock's)")
     p_ensure.add_argument(
         "--cache",
         type=Path,
@@ -298,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         error = check_installed(logs / "check.log")
         print("judge: answers" if error is None else f"judge: {error}")
         return 0 if error is None else 1
+    if args.version is None:
+        from tools.lock import read_lock
+
+        args.version = read_lock()["llama-cpp-python"]
     ok = ensure(args.version, args.cache, logs)
     if not ok:
         status = read_status() or {}

@@ -11,7 +11,8 @@ runs it before anything else is installed.
 - the judge's build (``JUDGE_BUILD``) only under ``--tests`` (``tools/judge.py``).
 
 ``python -m tools.lock split DIR`` writes those lists into ``DIR``; ``python -m tools.lock check`` compares the
-running environment with the lock and exits non-zero, naming every difference, when they disagree.
+running environment with the lock and exits non-zero, naming every difference, when they disagree;
+``python -m tools.lock pin NAME`` prints the lock's ``name==version`` (what ``setup.sh`` installs torch as).
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p_split = sub.add_parser("split", help="write the constraints and --no-deps install lists of the lock")
     p_split.add_argument("out_dir", type=Path)
     p_check = sub.add_parser("check", help="compare this environment with the lock")
+    p_pin = sub.add_parser("pin", help="print the lock's `name==version` line for a package")
+    p_pin.add_argument("name")
     for p in (p_split, p_check):
         p.add_argument(
             "--torch-any",
@@ -167,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             help="TORCH_SPEC chose another torch: it and what it requires stay as installed (torch_closure)",
         )
     args = parser.parse_args(argv)
+    if args.command == "pin":
+        name = canonical(args.name)
+        print(f"{name}=={read_lock()[name]}")
+        return 0
     if args.command == "split":
         split(args.out_dir, keep=torch_closure() if args.torch_any else frozenset())
         return 0

