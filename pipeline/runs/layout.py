@@ -82,19 +82,21 @@ def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:
         for node in STAGE_NODES[s]:
             if node in container:
                 out[node] = _drop_volatile(container[node])
+    if isinstance(out.get("model"), dict):
+        out["model"] = {k: v for k, v in out["model"].items() if k not in MODEL_FACTS}
     return out
 
 
-#: Keys that change how a run looks or what is checked before it, not what it computes: progress bars, and the
-#: model's shape as ``conf/model/*.yaml`` records it for the config check (devices are kept: they change the
-#: bytes of a harvest).
-VOLATILE_KEYS = ("progress", "d_model", "n_layers")
+#: Keys of the ``model`` node that are facts checked before a run, not settings of what it computes: the shape
+#: ``conf/model/*.yaml`` records for the config check.
+MODEL_FACTS = ("d_model", "n_layers")
 
 
 def _drop_volatile(node: Any) -> Any:
-    """``node`` without :data:`VOLATILE_KEYS`, at any depth."""
+    """Remove keys that change how a run looks, not what it computes (progress bars, devices for harvest
+    are kept since they change the bytes)."""
     if isinstance(node, dict):
-        return {k: _drop_volatile(v) for k, v in node.items() if k not in VOLATILE_KEYS}
+        return {k: _drop_volatile(v) for k, v in node.items() if k not in ("progress",)}
     return node
 
 
