@@ -46,6 +46,7 @@ def run(cfg: DictConfig | dict) -> Path:
         log.info("harvest already finished and every shard matches its sha256: %s", folder)
         return folder
     model_cfg, source, h = section(cfg, "model"), section(cfg, "data"), section(cfg, "harvest")
+    h.validate()  # before the model loads (check_config has done so on the command line)
     identity = store_identity(model_cfg, source, h)
     device = model_cfg.device if not me.distributed else str(rank_device(resolve_device(model_cfg.device)))
     model = load_model(model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype, n_ctx=model_cfg.n_ctx)

@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.report.index_page import INDEX_FILE
 from pipeline.report.markdown import REPORT_FILE
 from pipeline.runs.config import check_config, register_configs
 from pipeline.runs.distributed import ALL_RANK_STAGES, agree, ranks
 from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir, stage_lock
+from pipeline.utils.redact import redact_config
 from stages import baselines, dashboards, evaluate, fit, harvest, report
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ RUNNERS: dict[str, Callable[[DictConfig], Path]] = {
     "dashboards": dashboards.run,
     "report": report.run,
 }
+
+
+#: Stages that write the whole config they are given into their output (the report's "Config" section): they get
+#: it redacted (:func:`redacted`); stage folders are the same, their hash covers the redacted config anyway.
+PRINTS_CONFIG = ("report",)
+
+
+def redacted(cfg: DictConfig) -> DictConfig:
+    """``cfg`` resolved, with the secrets :func:`pipeline.utils.redact.redact_config` knows replaced."""
+    return OmegaConf.create(redact_config(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def stage_runner(stage: str) -> Callable[[DictConfig], Path]:
@@ -85,7 +96,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
             rerun_later = True
             t = time.perf_counter()
             log.info("%-8s running -> %s", stage, folder)
-            out[stage] = stage_runner(stage)(cfg)
+            out[stage] = stage_runner(stage)(redacted(cfg) if stage in PRINTS_CONFIG else cfg)
             log.info("%-8s finished in %.1f s", stage, time.perf_counter() - t)
     return out
 

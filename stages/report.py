@@ -22,6 +22,7 @@ from pipeline.report.index_page import INDEX_FILE, write_index
 from pipeline.report.markdown import REPORT_FILE, SUMMARY_FILE, write_report
 from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs
 from pipeline.runs.layout import experiment_dir, is_done, mark_done, prepare, stage_dir
+from pipeline.utils.redact import redact_config
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def run(cfg: DictConfig | dict, *, eval_folders: list[str | Path] | None = None)
     folder = prepare(stage_dir(cfg, "report"), cfg, "report")
     if eval_folders is None:
         eval_folders = sorted(p for p in experiment_dir(cfg).glob("evaluate-*") if (p / SAES_FILE).exists())
-    cfg_yaml = OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(OmegaConf.create(cfg))
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    cfg_yaml = OmegaConf.to_yaml(OmegaConf.create(redact_config(plain)))  # no judge secrets in the report
     title = f"DB-KSVD report: experiment `{cfg['experiment_name']}`"
     path = write_report([Path(p) for p in eval_folders], folder, cfg_yaml, title=title)
     dashboards = sorted(p for p in experiment_dir(cfg).glob("dashboards-*") if is_done(p))

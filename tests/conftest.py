@@ -321,7 +321,7 @@ def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> A
                 "scr": {"config": {**scr_tpp, "column1_vals_lookup": {"austen_labelled": [["book0", "book1"]]}}},
                 "tpp": {"config": scr_tpp},
                 "autointerp": {
-                    "api_key_env": "OPENAI_API_KEY",
+                    "api_key_env": None,  # OpenAI: $OPENAI_API_KEY; a base_url: no key
                     "config": {
                         "n_latents": 3,
                         "total_tokens": 4000,

@@ -136,3 +136,51 @@ def test_a_cuda_device_without_cuda_fails_before_any_work(override):
     node = override.rsplit(".", 1)[0]
     with pytest.raises(ValueError, match=rf"{node}\.device: device 'cuda.*use device=cpu"):
         check_config(compose_config(override))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dictionary.patience=0"], r"dictionary\.patience = 0 must be >= 1"),
+        (["dictionary.max_iters=0"], r"dictionary\.max_iters = 0 must be >= 1"),
+        (["dictionary.epochs=-1"], r"dictionary\.epochs = -1 must be >= 1"),
+        (["dictionary.time_budget=0"], r"dictionary\.time_budget = 0.* must be > 0"),
+        (["dictionary.time_budget=nan"], r"dictionary\.time_budget = nan"),
+        (["dictionary.tol=-0.1"], r"dictionary\.tol = -0\.1 must be >= 0"),
+        (["dictionary.tol=nan"], r"dictionary\.tol = nan"),
+        (["dictionary.duplicate_threshold=0"], r"dictionary\.duplicate_threshold = 0.* \(0, 1\]"),
+        (["dictionary.duplicate_threshold=1.5"], r"dictionary\.duplicate_threshold = 1\.5.* \(0, 1\]"),
+        (["harvest.context_length=1", "harvest.n_tokens=1000"], r"harvest\.context_length=1 must be at least 2"),
+        (["harvest.outlier_norm_factor=0"], r"harvest\.outlier_norm_factor=0.* must be > 0"),
+        (["harvest.heldout_fraction=0"], r"harvest\.heldout_fraction=0.*held-out"),
+        (["harvest.heldout_fraction=0.0001", "harvest.n_tokens=1280"], r"harvest\.heldout_fraction=0\.0001.*no"),
+        (["eval.autointerp.base_url=ftp://judge/v1"], r"eval\.autointerp\.base_url='ftp://judge/v1'.*http"),
+    ],
+)
+def test_values_fail_before_any_work(overrides, message):
+    """Values that would fail late (after the model loaded, after the first iteration) or silently (a held-out
+    FVU of 0.0) fail in check_config, naming the key."""
+    with pytest.raises(ValueError, match=message):
+        check_config(compose_config(*overrides))
+
+
+def _hf_folder(tmp_path, **config):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_a_local_model_is_sized_before_any_work(tmp_path):
+    """model.path: the width and depth are read from its config.json, so k > d and a missing layer fail in the
+    config check, not at the fit."""
+    folder = _hf_folder(tmp_path, hidden_size=32, num_hidden_layers=2)
+    local = [f"model.path={folder}", "model.layer=1", "dictionary.n_atoms=64"]
+    check_config(compose_config(*local, "dictionary.coder.k=8"))
+    with pytest.raises(ValueError, match=r"dictionary.*k = 40 exceeds the dimension d = 32"):
+        check_config(compose_config(*local, "dictionary.coder.k=40"))
+    with pytest.raises(ValueError, match=r"layer 5 does not exist.*2 layers"):
+        check_config(compose_config(*local, "model.layer=5", "dictionary.coder.k=8"))
+    with pytest.raises(ValueError, match=r"model\.path=.*config\.json does not parse"):
+        (folder / "config.json").write_text("{")
+        check_config(compose_config(*local))

@@ -70,11 +70,13 @@ def _resume_identity(config: dict[str, Any]) -> dict[str, Any]:
 def load_checkpoint(cfg: LearnerConfig, device: torch.device) -> dict | None:
     """The state :func:`save_checkpoint` wrote at ``cfg.checkpoint_path`` (atoms and centre on ``device``), or
     None when there is none; ``ValueError`` when it was written with settings (:data:`_RESUME_KEYS`) that differ
-    from ``cfg``'s."""
+    from ``cfg``'s. Loaded with ``weights_only=True`` (it holds only tensors and plain types): a file holding
+    anything else raises ``pickle.UnpicklingError`` without running it."""
     path = Path(cfg.checkpoint_path)
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # tensors and plain types only: torch's restricted unpickler, which runs no code a file could carry
+    state = torch.load(path, map_location="cpu", weights_only=True)
     saved, now = _resume_identity(state.get("config", {})), _resume_identity(asdict(cfg))
     clash = {k_: (saved[k_], now[k_]) for k_ in _RESUME_KEYS if saved[k_] != now[k_]}
     if clash:

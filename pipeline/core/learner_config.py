@@ -167,3 +167,32 @@ class LearnerConfig:
             raise ValueError("resume=True needs checkpoint_path (the file to resume from).")
         if self.max_iters is None and self.epochs is None and self.time_budget is None and self.tol is None:
             raise ValueError("no stopping rule: set max_iters, epochs, time_budget or tol.")
+        self.validate_schedule(min_passes=0)
+
+    def validate_schedule(self, min_passes: int = 1) -> None:
+        """Raise ``ValueError`` naming the field for a stopping rule that cannot work: ``patience`` < 1, ``tol``
+        negative or NaN, ``time_budget`` <= 0 or NaN, ``duplicate_threshold`` outside (0, 1], and ``max_iters`` or
+        ``epochs`` below ``min_passes`` (the library takes 0, a fit that stops before its first iteration: the
+        initial dictionary; the config check asks for at least 1)."""
+        for key in ("max_iters", "epochs"):
+            value = getattr(self, key)
+            if value is not None and value < min_passes:
+                raise ValueError(
+                    f"{key} = {value} must be >= {min_passes}; set it to a positive count, or null for no such cap."
+                )
+        if self.patience < 1:
+            raise ValueError(
+                f"patience = {self.patience} must be >= 1: it is the number of iterations over which tol is judged "
+                "(e.g. 5)."
+            )
+        if self.tol is not None and not self.tol >= 0:  # NaN fails too
+            raise ValueError(
+                f"tol = {self.tol} must be >= 0 (the relative FVU improvement below which the fit stops); null: never."
+            )
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget = {self.time_budget} must be > 0 seconds; null: no time limit.")
+        if self.duplicate_threshold is not None and not 0 < self.duplicate_threshold <= 1:
+            raise ValueError(
+                f"duplicate_threshold = {self.duplicate_threshold} must be in (0, 1] (an |cos| between two atoms, "
+                "e.g. 0.95); null: no near-duplicate replacement."
+            )

@@ -77,6 +77,11 @@ class HarvestConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the key for a value the harvest cannot use."""
+        if self.context_length < 2:
+            raise ValueError(
+                f"harvest.context_length={self.context_length} must be at least 2 (BOS and one token; the paper "
+                "uses 128)"
+            )
         if self.n_tokens < self.context_length:
             raise ValueError(
                 f"harvest.n_tokens={self.n_tokens} is below one context (harvest.context_length={self.context_length})"
@@ -87,6 +92,11 @@ class HarvestConfig:
             raise ValueError("harvest.batch_size and harvest.shard_rows must be positive")
         if self.dtype not in DTYPES:
             raise ValueError(f"harvest.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.outlier_norm_factor is not None and not self.outlier_norm_factor > 0:
+            raise ValueError(
+                f"harvest.outlier_norm_factor={self.outlier_norm_factor} must be > 0 (a multiple of the batch's "
+                "median row norm, e.g. 10); null: no outlier masking"
+            )
 
     def hook_list(self, model_layer: int) -> list[str]:
         if self.hooks:

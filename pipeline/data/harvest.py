@@ -4,7 +4,11 @@
 one or more hooks (one forward pass, ``stop_at_layer`` just above the deepest hook) into a resumable
 :class:`~pipeline.data.store.StoreWriter`. With ``part=(rank, world)`` several processes (torchrun ranks) share
 the work: each makes every world-th shard, rank 0 merges, and the store lists the shards, rows and held-out
-split a one-process harvest lists.
+split a one-process harvest lists. A NaN or Inf activation stops it, naming the hook, context, shard and position.
+
+One module (~470 lines) because the one-process loop, the ranks' parts and the repair of damaged shards all run
+the same shard runner (the per-batch forward pass, masking and checks), which :func:`harvest` binds to its
+settings.
 """
 
 from __future__ import annotations
@@ -137,6 +141,12 @@ def harvest(
     masking = masking or MaskingOptions()
     if dtype not in DTYPES:
         raise ValueError(f"harvest.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if context_length < 2:
+        raise ValueError(
+            f"harvest.context_length={context_length} must be at least 2 (BOS and one token; the paper uses 128)"
+        )
+    if masking.outlier_norm_factor is not None and not masking.outlier_norm_factor > 0:
+        raise ValueError(f"harvest.outlier_norm_factor={masking.outlier_norm_factor} must be > 0 (None: off)")
     if n_tokens < context_length:
         raise ValueError(f"harvest.n_tokens={n_tokens} is less than one context ({context_length} tokens)")
     validate(model, hooks, context_length)
@@ -206,6 +216,7 @@ def harvest(
             masking.outlier_norm_factor,
             store_dtype,
             bar,
+            shard=first // per_shard,
         )
 
     if writer.part is not None and not writer.complete:
@@ -365,9 +376,13 @@ def _harvest_shard(
     outlier: float | None,
     store_dtype: torch.dtype,
     bar: Any,
+    shard: int | None = None,
 ) -> tuple[dict, dict]:
     """Run ``contexts`` (global index from ``first``) through the model; per hook and split, the rows and their
-    token ids (a dict of the shard file's tensors, :class:`~pipeline.data.store.ShardTokens`)."""
+    token ids (a dict of the shard file's tensors, :class:`~pipeline.data.store.ShardTokens`). A NaN or Inf
+    activation at a position the store would keep (before outlier masking, which would drop it silently: its norm
+    compares false with every bound) raises ``ValueError`` naming the hook, the context, the shard (index
+    ``shard``) and the position (:func:`_check_finite`)."""
     parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {"train": [], "heldout": []} for h in hooks}
     where: dict[str, dict[str, list[torch.Tensor]]] = {h: {"train": [], "heldout": []} for h in hooks}
     counts = {h: {"positions": 0, "masked_special": 0, "masked_outlier": 0} for h in hooks}
@@ -384,6 +399,7 @@ def _harvest_shard(
         for h in hooks:
             acts = cache[h]  # (b, L, d) on the model's device
             keep = keep_tok.to(acts.device)
+            _check_finite(acts, keep, h, first + b, shard)
             if outlier is not None and bool(keep.any()):
                 norms = acts.float().norm(dim=-1)
                 keep = keep & (norms <= outlier * norms[keep].median())
@@ -414,6 +430,22 @@ def _harvest_shard(
         for h, per in parts.items()
     }
     return rows, counts
+
+
+def _check_finite(acts: torch.Tensor, keep: torch.Tensor, hook: str, first: int, shard: int | None) -> None:
+    """``ValueError`` naming the first context (global index ``first`` + row), shard and position where ``acts:
+    (b, L, d)`` holds a NaN or Inf at a ``keep: (b, L)`` position."""
+    bad = keep & ~torch.isfinite(acts).all(dim=-1)
+    if not bool(bad.any()):
+        return
+    row, pos = (int(i) for i in bad.nonzero()[0])
+    n_bad = int(bad.sum())
+    where = f"shard {shard}" if shard is not None else "this shard"
+    raise ValueError(
+        f"non-finite activations (NaN or Inf) at {hook}: context {first + row} ({where}), position {pos}, and "
+        f"{n_bad - 1} more position(s) of this batch; the model overflowed or is broken: load it in float32 "
+        "(model.dtype=float32) or check its weights. The harvest stops rather than store or drop them."
+    )
 
 
 def _hook_width(model: Any, hook: str) -> int:

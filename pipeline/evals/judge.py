@@ -12,13 +12,20 @@ requests only: SAEBench expects comma-separated example numbers or "None" there,
 unprompted, so constrained decoding, e.g. llama.cpp's ``grammar`` or vLLM's ``guided_regex``, belongs there). The
 scoring requests are told apart exactly: SAEBench's ``get_scoring_prompts`` is wrapped to return
 :class:`ScoringMessages`.
+
+Keys (:func:`judge_api_key`): OpenAI's API gets ``$OPENAI_API_KEY`` (or the variable ``api_key_env`` names); a
+``base_url`` gets a key only from the variable ``api_key_env`` names, never ``$OPENAI_API_KEY`` by default, and
+never over plain HTTP to another machine (:func:`pipeline.evals.config.check_judge_endpoint`). While the judge is
+in use, the HTTP client's request log (which prints each request's URL) is kept at WARNING.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +34,10 @@ from typing import Any
 SAEBENCH_JUDGE = "gpt-4o-mini"
 #: The key sent to a local endpoint when no key is configured (local servers do not check it; the client needs one).
 NO_KEY = "no-key"
+#: Where OpenAI's key is read from when ``api_key_env`` names no other variable (OpenAI's API only).
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+#: Loggers that print each request's URL at INFO (a URL may carry a key in its query string or user-info).
+REQUEST_LOGGERS = ("httpx", "openai")
 #: What SAEBench's scoring step parses (``AutoInterp.parse_predictions``): "None" or comma-separated example
 #: numbers. As a llama.cpp GBNF grammar (``scoring_extra_body: {grammar: ...}``) ...
 SCORING_GRAMMAR = 'root ::= "None" | num (", " num)*\nnum ::= [1-9] [0-9]?'
@@ -107,6 +118,40 @@ class JudgeClient:
         )
 
 
+def key_variable(base_url: str | None, api_key_env: str | None) -> str | None:
+    """The environment variable the judge's key comes from: ``api_key_env``, else ``$OPENAI_API_KEY`` for
+    OpenAI's API (no ``base_url``), else none (a custom endpoint gets no key unless its variable is named)."""
+    if api_key_env:
+        return api_key_env
+    return OPENAI_KEY_ENV if base_url is None else None
+
+
+def judge_api_key(base_url: str | None, api_key_env: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The key sent to the judge: the value of :func:`key_variable`, or :data:`NO_KEY` when it names none or the
+    variable is unset. ``ValueError`` (:func:`pipeline.evals.config.check_judge_endpoint`) when a key would go
+    over plain HTTP to another machine."""
+    from pipeline.evals.config import check_judge_endpoint
+
+    check_judge_endpoint(base_url, api_key_env)
+    name = key_variable(base_url, api_key_env)
+    value = (os.environ if environ is None else environ).get(name) if name else None
+    return value or NO_KEY
+
+
+@contextlib.contextmanager
+def quiet_request_logs() -> Iterator[None]:
+    """Keep :data:`REQUEST_LOGGERS` at WARNING or above for the duration (restored after)."""
+    loggers = [logging.getLogger(name) for name in REQUEST_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 @contextlib.contextmanager
 def use_judge(settings: JudgeSettings) -> Iterator[JudgeCalls]:
     """Within the block, SAEBench's autointerp asks the judge of ``settings``; yields the request counts."""
@@ -123,7 +168,11 @@ def use_judge(settings: JudgeSettings) -> Iterator[JudgeCalls]:
     def marked(self: Any, *args: Any, **kwargs: Any) -> ScoringMessages:
         return ScoringMessages(scoring_prompts(self, *args, **kwargs))
 
-    with patched_attr(ai, "OpenAI", make), patched_attr(ai.AutoInterp, "get_scoring_prompts", marked):
+    with (
+        patched_attr(ai, "OpenAI", make),
+        patched_attr(ai.AutoInterp, "get_scoring_prompts", marked),
+        quiet_request_logs(),
+    ):
         yield calls
 
 
@@ -132,9 +181,13 @@ __all__ = [
     "JudgeClient",
     "JudgeSettings",
     "NO_KEY",
+    "OPENAI_KEY_ENV",
     "SAEBENCH_JUDGE",
     "SCORING_GRAMMAR",
     "SCORING_REGEX",
     "ScoringMessages",
+    "judge_api_key",
+    "key_variable",
+    "quiet_request_logs",
     "use_judge",
 ]

@@ -6,6 +6,7 @@
     data/labelled/                                                 the labelled passages (parquet + spec)
     sae_lens/<sae name>/                                           the dictionary in the sae-lens format
     saes.json  skipped.json  failed.json  eval_info.json           what the stage records
+    result_weights.json                                            each result's SAE and its weights' sha256
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ FAILED_FILE = "failed.json"
 """Metrics that raised, with the error."""
 INFO_FILE = "eval_info.json"
 """Eval sizes used, per-metric wall time, the model, the data, notes."""
+RESULT_WEIGHTS_FILE = "result_weights.json"
+"""Result file (relative to ``eval_results/``) -> the SAE and the sha256 of the weights it was computed from: a
+result whose SAE's weights changed since is re-run (:mod:`pipeline.evals.kept_results`)."""
 CUSTOM_SAE_ID = "custom_sae"
 """SAEBench's id of an SAE passed in as an object (a sae-lens ``(release, sae_id)`` pair keeps its own id)."""
 

@@ -9,7 +9,9 @@ the duration of a run is enough:
   the labelled passages built here) to local files (:func:`local_datasets`);
 * cwd-relative writes go into the run folder (:func:`pushd`);
 * RAVEL's HF model: its ``get_module`` finds the blocks of any decoder-only HF model (:func:`any_decoder_layers`),
-  and its ``from_pretrained`` calls load a local ``save_pretrained`` folder (:func:`local_hf_model`).
+  and its ``from_pretrained`` calls load a local ``save_pretrained`` folder (:func:`local_hf_model`);
+* result files: every metric's ``BaseEvalOutput.to_json_file`` writes through a temporary file and a rename
+  (:func:`atomic_result_writes`), so a kill mid-write leaves the old file or none, never a torn one.
 """
 
 from __future__ import annotations
@@ -55,6 +57,27 @@ def patched_dict_item(d: dict, key: Any, value: Any) -> Iterator[None]:
             d[key] = old
         else:
             d.pop(key, None)
+
+
+def atomic_to_json_file(self: Any, file_path: str, indent: int = 2) -> None:
+    """SAEBench's ``BaseEvalOutput.to_json_file`` (the same JSON: ``json.dump(asdict(self), indent=indent,
+    default=str)``), written to a temporary file beside ``file_path``, flushed, then renamed over it."""
+    import json
+    from dataclasses import asdict
+
+    from pipeline.utils.atomic import atomic_write_text
+
+    atomic_write_text(file_path, json.dumps(asdict(self), indent=indent, default=str))
+
+
+@contextlib.contextmanager
+def atomic_result_writes() -> Iterator[None]:
+    """Make every SAEBench metric's result write (``BaseEvalOutput.to_json_file``, which all of SAEBench 0.6.0's
+    ``run_eval`` functions and core's ``save_single_eval_result`` call) atomic (:func:`atomic_to_json_file`)."""
+    from sae_bench.evals.base_eval_output import BaseEvalOutput
+
+    with patched_attr(BaseEvalOutput, "to_json_file", atomic_to_json_file):
+        yield
 
 
 @contextlib.contextmanager

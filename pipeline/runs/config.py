@@ -203,8 +203,8 @@ def _check(cfg: DictConfig | dict) -> None:
                 f"dictionary.{key} is set by the fit stage (its checkpoint lives in the fit folder); "
                 f"remove dictionary.{key} from the config."
             )
-    # the shape conf/model/*.yaml records for the named model (a local folder, model.path, may be another one)
-    n_layers = model.n_layers if not model.path else None
+    # the shape conf/model/*.yaml records for the named model; a local folder (model.path) says its own
+    d_model, n_layers = (model.d_model, model.n_layers) if not model.path else local_model_shape(model.path)
     if n_layers is not None:
         for layer in harvest.layers if harvest.layers is not None else [model.layer]:
             if not 0 <= layer < n_layers:
@@ -212,8 +212,9 @@ def _check(cfg: DictConfig | dict) -> None:
                     f"layer {layer} does not exist: {model.name} has {n_layers} layers "
                     f"(0..{n_layers - 1}); set model.layer / harvest.layers accordingly."
                 )
-    d_model = model.d_model if not model.path else None
+    _prefixed(learner.validate_schedule)  # a run asks for at least one iteration / epoch
     _prefixed(learner.validate, d_model if d_model is not None else max(learner.coder.k, 1))
+    _check_heldout(harvest)
     evals = section(cfg, "eval")
     validate_eval_config(evals)
     dashboards = section(cfg, "dashboards")
@@ -237,8 +238,63 @@ def _check_devices(**devices: str | None) -> None:
 
 
 def _prefixed(check, *args) -> None:
-    """Re-raise a learner validation error with the config path of the keys."""
+    """Re-raise a learner validation error with the config path of the keys: ``dictionary.<field> = ...`` when
+    it names a field, else the sparsity message with the keys to set."""
     try:
         check(*args)
     except ValueError as exc:
-        raise ValueError(f"dictionary: {exc} (set dictionary.coder.k / dictionary.n_atoms)") from None
+        msg = str(exc)
+        named = {f.name for f in fields(LearnerConfig)}
+        if msg.split(" ", 1)[0].split(".", 1)[0] in named:
+            raise ValueError(f"dictionary.{msg}") from None
+        raise ValueError(f"dictionary: {msg} (set dictionary.coder.k / dictionary.n_atoms)") from None
+
+
+#: Keys of a Hugging Face ``config.json`` that hold the residual width and the block count (Llama, Gemma, Qwen,
+#: GPT-NeoX, ...; GPT-2's; a multimodal model's ``text_config``).
+HF_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
+HF_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def local_model_shape(path: str) -> tuple[int | None, int | None]:
+    """``(d_model, n_layers)`` of the local model at ``model.path``, from its ``config.json`` (None for what it
+    does not say, or when there is none here: the folder may be mounted only where the stage runs)."""
+    import json
+    from pathlib import Path
+
+    config = Path(path).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except ValueError as exc:
+        raise ValueError(f"model.path={path}: its config.json does not parse ({exc})") from None
+    data = {**(data.get("text_config") or {}), **data} if isinstance(data, dict) else {}
+
+    def first(keys: tuple[str, ...]) -> int | None:
+        value = next((data[k] for k in keys if isinstance(data.get(k), int)), None)
+        return value if value is None or value > 0 else None
+
+    return first(HF_WIDTH_KEYS), first(HF_DEPTH_KEYS)
+
+
+def _check_heldout(harvest: HarvestConfig) -> None:
+    """The fit stage (the dictionary's held-out FVU) and the baselines read held-out rows: a store without any
+    would fail there, late, or report an FVU of 0.0."""
+    import math
+
+    import numpy as np
+
+    from pipeline.data.store import heldout_mask
+
+    fraction = harvest.heldout_fraction
+    if fraction == 0:
+        raise ValueError(
+            "harvest.heldout_fraction=0 holds no contexts out, but the fit stage (the dictionary's held-out FVU) "
+            "and the baselines read held-out rows; set it to e.g. 0.05"
+        )
+    n_contexts = math.ceil(harvest.n_tokens / harvest.context_length)
+    if not heldout_mask(np.arange(n_contexts), fraction).any():
+        raise ValueError(
+            f"harvest.heldout_fraction={fraction} holds out no context of the {n_contexts} harvested "
+            f"(harvest.n_tokens / harvest.context_length), but the fit stage and the baselines read held-out rows; "
+            f"raise it to at least {1 / n_contexts:.3g} or harvest more tokens"
+        )

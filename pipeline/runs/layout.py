@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.utils.atomic import atomic_write_text
+from pipeline.utils.redact import redact_config
 
 #: The stages, in order.
 STAGES = ("harvest", "fit", "baselines", "evaluate", "dashboards", "report")
@@ -73,7 +74,10 @@ def stage_lock(folder: Path) -> Iterator[None]:
 
 
 def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:
-    """The config nodes ``stage`` depends on (its own and all earlier stages'), resolved to plain data."""
+    """The config nodes ``stage`` depends on (its own and all earlier stages'), resolved to plain data, with the
+    secrets a config may hold redacted (:func:`pipeline.utils.redact.redact_config`: a judge ``base_url``'s
+    user-info and query string, secret-named ``extra_body`` fields): what ``config.yaml`` records and the stage
+    hash covers, so two runs that differ only in a secret share their folders."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}.")
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -84,7 +88,7 @@ def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:
                 out[node] = _drop_volatile(container[node])
     if isinstance(out.get("model"), dict):
         out["model"] = {k: v for k, v in out["model"].items() if k not in MODEL_FACTS}
-    return out
+    return redact_config(out)
 
 
 #: Keys of the ``model`` node that are facts checked before a run, not settings of what it computes: the shape

@@ -232,6 +232,36 @@ def test_clear_errors(tiny_hooked_model, text_files, tmp_path):
         _run(tiny_hooked_model, text_files["docs"], tmp_path / "s", n_tokens=320)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("outlier", [None, 10.0])
+def test_non_finite_activations_stop_the_harvest_naming_context_and_shard(
+    tiny_hooked_model, text_files, tmp_path, bad, outlier
+):
+    """A NaN or Inf activation stops the harvest, naming the hook, the context and the shard; with outlier masking
+    on, it is not dropped as an outlier (its norm compares false with every bound)."""
+    model, calls = tiny_hooked_model, []
+
+    def plant(acts, hook):
+        if tuple(acts.shape[:2]) == (4, 16):  # the harvest's batches (4 contexts of 16 tokens; 8 per shard)
+            calls.append(len(calls))
+            if len(calls) == 4:  # contexts 12..15: shard 1
+                acts = acts.clone()
+                acts[1, 7, 3] = bad
+        return acts
+
+    model.add_hook(HOOKS[0], plant, is_permanent=True)
+    try:
+        with pytest.raises(ValueError, match=r"(?s)blocks\.0\.hook_resid_post.*context 13.*shard 1.*position 7"):
+            _run(model, text_files["docs"], tmp_path / "s", masking=MaskingOptions(outlier_norm_factor=outlier))
+    finally:
+        model.reset_hooks(including_permanent=True)
+
+
+def test_a_context_of_one_token_is_refused_before_the_model_runs(tiny_hooked_model, text_files, tmp_path):
+    with pytest.raises(ValueError, match=r"harvest\.context_length=1 must be at least 2"):
+        _run(tiny_hooked_model, text_files["docs"], tmp_path / "s", context_length=1, n_tokens=100)
+
+
 def test_refuses_when_disk_is_too_small(tiny_hooked_model, text_files, tmp_path, monkeypatch):
     monkeypatch.setattr(activation_store.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(OSError, match="not enough disk"):

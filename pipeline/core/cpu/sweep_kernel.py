@@ -7,11 +7,14 @@ the job of a section below.
 long ``nogil`` call and meet at spin barriers: a barrier costs well under a microsecond when every thread has its
 own core, against ~a millisecond for a round of a thread pool from Python, and numba's own ``prange`` measured
 slower on the whole sweep (BENCHMARKS.md (e)). Callers start at most as many threads as the process has cores
-(:func:`pipeline.core.cpu.runtime.threads`), since a spinning thread holds its core. The atomics are
+and CPU quota (:func:`pipeline.core.cpu.runtime.threads`), since a spinning thread holds its core. A waiter spins
+:data:`SPIN_ROUNDS` rounds, then yields its core (``sched_yield``) at every further round: when the thread it waits
+for is off its core (more threads than cores, another process, a quota), that thread gets the core at once
+instead of after the scheduler's time slice; with a core each, ``sched_yield`` returns at once. The atomics are
 sequentially consistent read-modify-writes, so every plain write made before a barrier is seen by every thread
 after it. ``sync``, the shared state, is an int64 array of :data:`SYNC_SLOTS` zeros, ``[arrived, generation,
-abort]``; a thread that sees ``abort`` set (the driver sets it when another thread failed before reaching a
-barrier) leaves the barrier returning -1 instead of waiting forever.
+abort, yields]``; a thread that sees ``abort`` set (the driver sets it when another thread failed before reaching
+a barrier) leaves the barrier returning -1 instead of waiting forever; ``yields`` counts the rounds that yielded.
 
 **Refits** (:func:`refit_nonnegative`, :func:`refit_signed`): one atom's exact rank-1 refit, reading its rows of
 the residual in place. The restricted error ``E = R[ω] + x_old d_oldᵀ`` is never gathered:
@@ -40,11 +43,18 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 # ---------------------------------------------------------------------------------------------- synchronisation
-#: Length of the ``sync`` array: arrivals at the current barrier, barriers passed, abort flag.
-SYNC_SLOTS = 3
+#: Length of the ``sync`` array: arrivals at the current barrier, barriers passed, abort flag, yielded rounds.
+SYNC_SLOTS = 4
 _ARRIVED, _GENERATION = 0, 1
 #: Index of the abort flag in ``sync``.
 ABORT = 2
+#: Index of the count of waiting rounds that yielded the core (all barriers of the run).
+YIELDS = 3
+#: Rounds a waiter spins before it yields its core at every further round: ~10-100 µs of spinning, far longer
+#: than a barrier takes when every thread has its own core.
+SPIN_ROUNDS = 2000
+#: libc's ``sched_yield()``: the calling thread goes to the back of its core's run queue (returns 0).
+sched_yield = types.ExternalFunction("sched_yield", types.int32())
 
 
 @intrinsic
@@ -84,14 +94,21 @@ def load(typingctx, array, index):
 @numba.njit(nogil=True, cache=True)
 def barrier(sync, threads, generation):
     """Wait until all ``threads`` threads have called this for barrier number ``generation`` (0, 1, 2, … in
-    every thread); returns the next generation, or -1 when the run was aborted."""
+    every thread); returns the next generation, or -1 when the run was aborted. Spins :data:`SPIN_ROUNDS` rounds,
+    then yields the core at every round (counted in ``sync[YIELDS]``)."""
     if fetch_add(sync, _ARRIVED, 1) == threads - 1:  # the last to arrive resets the count and releases the rest
         fetch_add(sync, _ARRIVED, -threads)
         fetch_add(sync, _GENERATION, 1)
         return generation + 1
+    rounds = 0
     while load(sync, _GENERATION) == generation:
         if load(sync, ABORT) != 0:
             return -1
+        if rounds < SPIN_ROUNDS:
+            rounds += 1
+        else:
+            fetch_add(sync, YIELDS, 1)
+            sched_yield()
     return generation + 1
 
 
