@@ -6,10 +6,11 @@
 
 Inputs: the fit stage's dictionary, the baselines stage's sae-lens SAEs, the harvest stage's activation store.
 Outputs in the stage folder (layout: :mod:`pipeline.evals.results`): SAEBench's result files ``eval_results/<metric>/``,
-``saes.json``, ``skipped.json``, ``failed.json``, ``eval_info.json`` and ``sae_lens/<name>/``. The config:
-:class:`pipeline.evals.config.EvalConfig`; the metrics: :mod:`pipeline.evals.metrics`. An existing result file
-is kept unless ``eval.force_rerun``; the stage is marked done only when no metric failed, so a re-run retries
-just the failed ones.
+``saes.json``, ``skipped.json``, ``failed.json``, ``eval_info.json``, ``result_weights.json`` and
+``sae_lens/<name>/``. The config: :class:`pipeline.evals.config.EvalConfig`; the metrics:
+:mod:`pipeline.evals.metrics`. An existing result file is kept unless ``eval.force_rerun``, it does not parse, or
+its SAE's weights changed since it was computed (:mod:`pipeline.evals.kept_results`); SAEBench's result writes are
+atomic. The stage is marked done only when no metric failed, so a re-run retries just the failed ones.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipeline.data.models import load_model
 from pipeline.data.store import ActivationStore
 from pipeline.evals import results as layout
 from pipeline.evals.config import EvalConfig, parse_eval_config, validate_eval_config
+from pipeline.evals.kept_results import ResultLedger, drop_unreadable, weights_sha256
 from pipeline.evals.labelled_data import build_labelled_text, labelled_documents
 from pipeline.evals.metrics import METRICS, EvalContext, check_metric_configs, needs_labelled, run_metrics
 from pipeline.evals.sae_records import describe_heldout, export_sae_lens, fit_records, hub_records
@@ -88,6 +90,7 @@ def _run(
     context_length = int(store.manifest.get("context_length") or harvest.context_length)
     folder = prepare(Path(run_dir) if run_dir else stage_dir(cfg, "evaluate"), cfg, "evaluate")
     results = folder / layout.RESULTS_SUBDIR
+    drop_unreadable(results)  # a result torn by a kill would be kept, and break the report and the dashboards
     hub_ok = hub_reachable()
 
     names = list(baseline_specs(cfg))
@@ -105,9 +108,12 @@ def _run(
         cache_mb=e.encode_cache_mb,
         context_size=context_length,
         prepend_bos=bool(store.manifest.get("prepend_bos", True)),
+        signed_export=e.signed_export,
     )
     describe_heldout(saes, store.heldout())
     export_sae_lens(saes, folder / layout.SAE_LENS_SUBDIR)
+    ledger = ResultLedger(folder, results, weights_sha256(saes, fit / DICTIONARY_DIRNAME))
+    ledger.drop_stale(saes)  # results of a re-fitted dictionary / retrained baseline re-run
     hub_saes, hub_skipped = hub_records(e.hub_baselines, hub_ok, results, METRICS)
     saes, skipped = saes + hub_saes, skipped + hub_skipped
 
@@ -150,6 +156,7 @@ def _run(
         eval=e,
         hub_reachable=hub_ok,
         info=info,
+        results_ledger=ledger,
     )
     outcome = run_metrics(ctx, e.metrics)
 

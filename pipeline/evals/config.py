@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
 
+from pipeline.saes.export_forms import SPLIT, check_signed_export
+from pipeline.utils.redact import is_loopback_host, redact_url
 from pipeline.utils.typed_config import as_dict, typed_node
 
 METRICS: tuple[str, ...] = ("core", "absorption", "sparse_probing", "scr", "tpp", "autointerp", "ravel", "unlearning")
@@ -114,12 +117,16 @@ class AutointerpConfig(MetricConfig):
     """SAEBench's automated interpretability: a judge LLM explains latents from their top activations, then
     scores the explanations. The judge is any OpenAI-compatible endpoint (:mod:`pipeline.evals.judge`)."""
 
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the judge's API key. Unset and no ``base_url``: the metric is skipped with
-    the reason; with a ``base_url`` (a local server) no key is needed."""
+    api_key_env: str | None = None
+    """Environment variable holding the judge's API key. None: ``$OPENAI_API_KEY`` for OpenAI's API (no
+    ``base_url``; unset, the metric is skipped with the reason), and no key at all for a ``base_url``. A custom
+    endpoint gets a key only when this names its variable (unset, the metric is skipped with the reason), and
+    never over plain HTTP to a host other than this machine (``http://localhost``, 127.0.0.0/8, ``[::1]``): the
+    config check refuses that; use ``https://``."""
     base_url: str | None = None
-    """The judge's OpenAI-compatible endpoint, e.g. ``http://localhost:8000/v1`` (vLLM, llama.cpp's
-    ``llama-server``, ``transformers serve``). None: OpenAI's API."""
+    """The judge's OpenAI-compatible endpoint, an ``http(s)://`` URL, e.g. ``http://localhost:8000/v1`` (vLLM,
+    llama.cpp's ``llama-server``, ``transformers serve``). None: OpenAI's API. What the stage writes of it
+    (``eval_info.json``, the report, ``config.yaml``, ``.hydra/``) has its user-info and query string redacted."""
     model: str = "gpt-4o-mini"
     """The judge model name sent with every request (SAEBench hard-codes gpt-4o-mini, the judge of its published
     scores); for a local server, the name it serves (vLLM: the model path or ``--served-model-name``)."""
@@ -128,7 +135,9 @@ class AutointerpConfig(MetricConfig):
     timeout_s: float = 120.0
     """Seconds one judge request may take (the client retries twice)."""
     extra_body: dict[str, Any] = field(default_factory=dict)
-    """Server-specific options added to every judge request (e.g. ``{temperature: 0}``)."""
+    """Server-specific options added to every judge request (e.g. ``{temperature: 0}``). Fields whose name looks
+    like a secret (``api_key``, ``Authorization``, ``*_token``, ...: :func:`pipeline.utils.redact.is_secret_name`)
+    are sent, and redacted in everything the pipeline writes (as are those of ``scoring_extra_body``)."""
     scoring_extra_body: dict[str, Any] = field(default_factory=dict)
     """Options added to the scoring requests only, where SAEBench parses comma-separated example numbers or
     "None": constrained decoding for a small judge, e.g. llama.cpp's ``{grammar: ...}`` or vLLM's
@@ -180,6 +189,14 @@ class EvalConfig:
     """SAEBench hub dataset name -> local copy (folder of parquet/jsonl/csv files, or a save_to_disk folder)."""
     encode_cache_mb: int = 2048
     """MiB of codes the dictionary SAE keeps for repeated batches (SCR/TPP re-encode them)."""
+    signed_export: str = SPLIT
+    """How a signed dictionary (``dictionary.coder.nonnegative=false``, e.g. ``dictionary=reference``) is handed
+    to SAEBench (:mod:`pipeline.saes.export_forms`): ``split`` = 2K non-negative latents, ``W_dec = [D; -D]``,
+    codes ``[relu(x), relu(-x)]``, read correctly by every metric; ``signed`` = K latents with signed codes,
+    ``W_dec = D``, as the DB-KSVD authors' SAEBench wrapper: core, sparse_probing, scr and ravel run on it, and
+    absorption, tpp, autointerp and unlearning (whose SAEBench code reads a latent as active only where it is
+    > 0) skip it with the reason (``MetricRunner.signed_codes``). A non-negative dictionary has one form (K
+    latents) and ignores this."""
     labelled: LabelledConfig = field(default_factory=LabelledConfig)
     """The labelled passages for sparse probing / SCR / TPP."""
     core: CoreConfig = field(default_factory=CoreConfig)
@@ -214,8 +231,8 @@ def parse_eval_config(node: DictConfig | dict[str, Any] | None) -> EvalConfig:
 
 
 def validate_eval_config(e: EvalConfig) -> None:
-    """Check what the schema's types cannot: metric names, the SAE entries, the hub baselines, positive sizes.
-    ``ValueError`` names the key. Each metric's ``config:`` keys are checked by
+    """Check what the schema's types cannot: metric names, the SAE entries, the hub baselines, the signed export
+    form, positive sizes. ``ValueError`` names the key. Each metric's ``config:`` keys are checked by
     :func:`pipeline.evals.metrics.check_metric_configs`."""
     unknown = [m for m in e.metrics if m not in METRICS]
     if unknown:
@@ -230,7 +247,33 @@ def validate_eval_config(e: EvalConfig) -> None:
             )
     if e.llm_batch_size < 1:
         raise ValueError(f"eval.llm_batch_size={e.llm_batch_size} must be at least 1")
+    check_signed_export(e.signed_export)
     if e.encode_cache_mb < 0:
         raise ValueError(f"eval.encode_cache_mb={e.encode_cache_mb} must be >= 0 (0 = no cache)")
     if e.labelled.test_every < 2:
         raise ValueError(f"eval.labelled.test_every={e.labelled.test_every} must be at least 2 (train and test)")
+    check_judge_endpoint(e.autointerp.base_url, e.autointerp.api_key_env)
+
+
+def check_judge_endpoint(base_url: str | None, api_key_env: str | None) -> None:
+    """``ValueError`` naming ``eval.autointerp.base_url`` when it is not an ``http(s)://host...`` URL, and naming
+    ``eval.autointerp.api_key_env`` when a key would go over plain HTTP to a host that is not this machine."""
+    if base_url is None:
+        return
+    shown = redact_url(base_url)
+    try:
+        parts = urlsplit(base_url)
+        host = parts.hostname
+    except ValueError:
+        parts, host = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
+        raise ValueError(
+            f"eval.autointerp.base_url={shown!r} is not an http(s) URL; write the server's OpenAI-compatible "
+            "endpoint in full, e.g. http://localhost:8000/v1 (a server on this machine) or https://host/v1"
+        )
+    if api_key_env and parts.scheme == "http" and not is_loopback_host(host):
+        raise ValueError(
+            f"eval.autointerp.api_key_env={api_key_env!r} would send the key over plain HTTP to {host}, which is not "
+            f"this machine; use https:// in eval.autointerp.base_url ({shown}), or api_key_env=null for a server "
+            "that needs no key"
+        )

@@ -17,6 +17,7 @@ import torch
 from pipeline.core.dictionary import DICTIONARY_META
 from pipeline.evals.config import HubBaseline
 from pipeline.evals.results import result_path
+from pipeline.saes.export_forms import NONNEGATIVE, SIGNED, SPLIT
 from pipeline.saes.heldout import heldout_stats
 from pipeline.utils.atomic import atomic_write
 
@@ -48,9 +49,18 @@ class SAERecord:
 
 
 def dictionary_record(
-    path: Path, *, model_name: str, hook: str, layer: int, device: str, cache_mb: int, context_size: int
+    path: Path,
+    *,
+    model_name: str,
+    hook: str,
+    layer: int,
+    device: str,
+    cache_mb: int,
+    context_size: int,
+    signed_export: str = SPLIT,
 ) -> SAERecord:
-    """The dictionary of ``path`` (``Dictionary.save``) as a :class:`DictionarySAE` record."""
+    """The dictionary of ``path`` (``Dictionary.save``) as a :class:`DictionarySAE` record; a signed dictionary in
+    the form ``signed_export`` (``eval.signed_export``: :mod:`pipeline.saes.export_forms`)."""
     from pipeline.core.dictionary import Dictionary
     from pipeline.saes.dictionary_sae import DictionarySAE
 
@@ -62,11 +72,13 @@ def dictionary_record(
     from pipeline.core.spend import FitSpend
 
     d = Dictionary.load(path)
-    sae = DictionarySAE(d, model_name, layer, hook, device=device, cache_bytes=cache_mb << 20)
+    sae = DictionarySAE(
+        d, model_name, layer, hook, device=device, cache_bytes=cache_mb << 20, signed_export=signed_export
+    )
     spend = FitSpend.of_dictionary(d).as_dict() if d.history else None
     sae.cfg.context_size = context_size
     groups = "matryoshka" if d.groups is not None else "plain"
-    name = f"dbksvd_{groups}_K{d.n_atoms}_k{d.coder.k}"
+    name = f"dbksvd_{groups}_K{d.n_atoms}_k{d.coder.k}" + ("_signed" if sae.signed_codes else "")
     return SAERecord(
         name,
         {
@@ -77,34 +89,44 @@ def dictionary_record(
             "width": sae.cfg.d_sae,
             "k": d.coder.k,
             "signed": sae.signed,
+            "export": sae.export_form,
             "coder": sae.coder_metadata(),
             "matryoshka": d.groups is not None,
-            "width_note": (
-                "signed dictionary compared at width 2K (W_dec = [D; -D])"
-                if sae.signed
-                else "non-negative dictionary compared at width K"
-            ),
+            "width_note": WIDTH_NOTES[sae.export_form],
             "budget": spend,
             "curve": dictionary_curve(d.history),
+            "heldout_curve": dictionary_curve(d.history, key="heldout_fvu"),
             "history": d.history,
         },
         sae=sae,
     )
 
 
-def dictionary_curve(history: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """The fit's training-batch FVU (each batch's, before its update) against the learner's wall clock, the
-    samples coded so far and the updates: the same axes as a baseline's training curve."""
+#: ``saes.json``'s ``width_note`` of a dictionary, by its form (:mod:`pipeline.saes.export_forms`).
+WIDTH_NOTES = {
+    NONNEGATIVE: "non-negative dictionary compared at width K",
+    SPLIT: "signed dictionary compared at width 2K (W_dec = [D; -D])",
+    SIGNED: (
+        "signed dictionary compared at width K with signed codes (W_dec = D, eval.signed_export=signed, as the "
+        "DB-KSVD authors' SAEBench wrapper)"
+    ),
+}
+
+
+def dictionary_curve(history: list[dict[str, Any]], key: str = "fvu") -> list[dict[str, float]]:
+    """The fit's training-batch FVU (``key="fvu"``: each batch's, before its update), or its held-out FVU on the
+    log grid of updates (``key="heldout_fvu"``), against the learner's wall clock, the samples coded so far and
+    the updates: the same axes as a baseline's curves."""
     samples, out = 0, []
     for h in history:
         samples += int(h.get("rows", 0))
-        if "fvu" in h and "seconds" in h:
+        if key in h and "seconds" in h:
             out.append(
                 {
                     "seconds": float(h["seconds"]),
                     "samples": samples or None,
                     "updates": int(h.get("iteration", len(out) + 1)),
-                    "fvu": float(h["fvu"]),
+                    "fvu": float(h[key]),
                 }
             )
     return out
@@ -156,6 +178,7 @@ def baseline_record(
                 "device": r.get("device"),
             },
             "curve": r.get("curve") or [],
+            "heldout_curve": r.get("heldout_curve") or [],
             "folder": str(folder),
             "sae_lens_version": r.get("sae_lens_version"),
         },
@@ -176,9 +199,11 @@ def fit_records(
     cache_mb: int,
     context_size: int,
     prepend_bos: bool = True,
+    signed_export: str = SPLIT,
 ) -> tuple[list[SAERecord], list[dict]]:
     """The SAEs named in ``which`` (``dictionary``, ``baselines`` = every one of ``baseline_names``, or single
-    names) and skip records for those not found in ``baselines_dir``."""
+    names) and skip records for those not found in ``baselines_dir``; a signed dictionary in the form
+    ``signed_export``."""
     records, skipped = [], []
     if "dictionary" in which:
         records.append(
@@ -190,6 +215,7 @@ def fit_records(
                 device=device,
                 cache_mb=cache_mb,
                 context_size=context_size,
+                signed_export=signed_export,
             )
         )
     names = [n for n in baseline_names if "baselines" in which or n in which]
@@ -291,7 +317,8 @@ def describe_heldout(records: list[SAERecord], Y: torch.Tensor) -> None:
 def export_sae_lens(records: list[SAERecord], out_dir: Path) -> list[Path]:
     """Write every dictionary record in the sae-lens format, to ``out_dir/<name>/``
     (:func:`pipeline.saes.sae_lens_io.save_sae_lens`: loads in plain sae-lens as its matching_pursuit SAE,
-    with ``stock_fidelity`` and a record of each difference from our encoder in the metadata)."""
+    with ``stock_fidelity`` and a record of each difference from our encoder in the metadata; a signed
+    dictionary as its ± split, whatever ``eval.signed_export``: stock sae-lens codes non-negatively)."""
     from pipeline.saes.dictionary_sae import DictionarySAE
     from pipeline.saes.sae_lens_io import save_sae_lens
 

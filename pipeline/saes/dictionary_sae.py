@@ -12,15 +12,19 @@
   leaves them fp32;
 * the last few encoded batches are remembered (exact comparison), so SAEBench's repeated encodes of the same
   activations are not recomputed;
-* a *signed* dictionary (``coder.nonnegative = False``) is exposed exactly as a non-negative SAE of width
-  ``2K``: ``W_dec = [D; −D]`` and the signed code ``x`` becomes ``[relu(x), relu(−x)]``, so
-  ``decode(encode(y))`` is the signed reconstruction and L0 is unchanged.
+* a *signed* dictionary (``coder.nonnegative = False``) has two forms (``signed_export``;
+  :mod:`pipeline.saes.export_forms`): ``"split"`` (default) exposes it exactly as a non-negative SAE of width
+  ``2K``: ``W_dec = [D; −D]`` and the signed code ``x`` becomes ``[relu(x), relu(−x)]``; ``"signed"`` exposes
+  it as the DB-KSVD authors' SAEBench wrapper does: ``d_sae = K``, ``W_dec = D`` and the signed codes
+  themselves. Either way ``decode(encode(y))`` is the signed reconstruction and L0 is that of the signed code;
+  :meth:`DictionarySAE.with_export` gives the other form of the same dictionary.
 
 The sae-lens export and loader are in :mod:`pipeline.saes.sae_lens_io`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections import OrderedDict
@@ -36,6 +40,7 @@ from pipeline.core.codes import Codes
 from pipeline.core.dictionary import CoderSettings, Dictionary, code_width
 from pipeline.core.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
 from pipeline.core.matryoshka import groups_to_list
+from pipeline.saes.export_forms import SIGNED, SPLIT, export_form
 
 #: SAEBench / sae-lens architecture name of a dictionary (SAEBench's plots key markers on it).
 ARCHITECTURE = "dbksvd"
@@ -118,14 +123,22 @@ class DictionarySAE(BaseSAE):
         dtype: torch.dtype = torch.float32,
         cache_bytes: int = 256 << 20,
         coder_overrides: dict[str, Any] | None = None,
+        signed_export: str = SPLIT,
     ):
         D = dictionary.atoms.detach().float().cpu()
         K, d = D.shape
         self.coder = CoderSettings(**(asdict(dictionary.coder) | dict(coder_overrides or {})))
         self.groups = dictionary.groups
+        #: the dictionary's coefficients are signed (``coder.nonnegative = False``), whatever the form
         self.signed = not self.coder.nonnegative
+        #: ``"nonnegative"``, ``"split"`` or ``"signed"`` (:func:`~pipeline.saes.export_forms.export_form`)
+        self.export_form = export_form(self.signed, signed_export)
+        #: exposed as the 2K-wide ± split (``W_dec = [D; −D]``)
+        self.split = self.export_form == SPLIT
+        #: ``encode`` returns signed codes (``d_sae = K``, ``W_dec = D``)
+        self.signed_codes = self.export_form == SIGNED
         self.n_atoms = K
-        W = torch.cat([D, -D]) if self.signed else D
+        W = torch.cat([D, -D]) if self.split else D
         super().__init__(d, W.shape[0], model_name, hook_layer, torch.device(device), dtype, hook_name)
         centre = torch.zeros(d) if dictionary.centre is None else dictionary.centre.detach().float().cpu()
         with torch.no_grad():
@@ -162,8 +175,38 @@ class DictionarySAE(BaseSAE):
 
     @property
     def width(self) -> int:
-        """``d_sae``: K for a non-negative dictionary, 2K for a signed one."""
+        """``d_sae``: 2K for a signed dictionary in the ± split form, else K."""
         return self.cfg.d_sae
+
+    def with_export(self, signed_export: str) -> DictionarySAE:
+        """This SAE in the form ``signed_export`` (``"split"`` / ``"signed"``; :mod:`~pipeline.saes.export_forms`):
+        the same atoms, coder, centre, groups, metadata and ``cfg`` fields (``d_sae`` follows the form), on the same
+        device, with an empty code cache of the same size; ``self`` when it already has that form (or has only one:
+        a non-negative dictionary)."""
+        if export_form(self.signed, signed_export) == self.export_form:
+            return self
+        dictionary = Dictionary(
+            self.atoms.detach().cpu(),
+            self.coder,
+            self.centre32.detach().cpu() if self.has_centre else None,
+            self.groups,
+            list(self.fit_history),
+            dict(self.dictionary_metadata),
+        )
+        other = DictionarySAE(
+            dictionary,
+            self.cfg.model_name,
+            self.cfg.hook_layer,
+            self.cfg.hook_name,
+            device=self.atoms.device,
+            dtype=self.W_dec.dtype,
+            cache_bytes=self._cache.max_bytes,
+            signed_export=signed_export,
+        )
+        cfg = copy.deepcopy(self.cfg)
+        cfg.d_sae = other.cfg.d_sae
+        other.cfg = cfg
+        return other
 
     @torch.no_grad()
     def encode_sparse(self, x: Tensor) -> Codes:
@@ -195,11 +238,12 @@ class DictionarySAE(BaseSAE):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """Dense non-negative ``(…, d_sae)`` codes of ``x: (…, d)``, in ``x``'s dtype."""
+        """Dense ``(…, d_sae)`` codes of ``x: (…, d)``, in ``x``'s dtype: non-negative, except in the ``signed``
+        form."""
         shape = x.shape
         codes = self.encode_sparse(x.reshape(-1, shape[-1]))
         dense = codes.to_dense(self.n_atoms)
-        if self.signed:
+        if self.split:
             dense = split_signed(dense)
         return dense.reshape(*shape[:-1], self.cfg.d_sae).to(x.dtype)
 
@@ -224,10 +268,11 @@ class DictionarySAE(BaseSAE):
         return cls(Dictionary.load(path, device="cpu"), model_name, hook_layer, hook_name, device=device, **kwargs)
 
     def coder_metadata(self) -> dict[str, Any]:
-        """The coder settings as exported (the ``metadata.dbksvd_coder`` block)."""
+        """The coder settings as exported (the ``metadata.dbksvd_coder`` block), with the form (``export``)."""
         return {
             **asdict(self.coder),
             "signed": self.signed,
+            "export": self.export_form,
             "n_atoms": self.n_atoms,
             "groups": groups_to_list(self.groups),
         }

@@ -32,9 +32,12 @@ def mean_max_abs_cos(W: Tensor, block: int = 4096) -> float:
 def heldout_stats(sae: Any, Y: Tensor, chunk: int = 4096) -> dict[str, float]:
     """L0, FVU and dead fraction of ``sae`` on held-out activations, and the coherence of its decoder.
 
-    ``sae`` has ``encode: (n, d) -> (n, d_sae)`` and ``decode: (n, d_sae) -> (n, d)`` (an SAEBench SAE); a
-    signed :class:`~pipeline.saes.dictionary_sae.DictionarySAE` (``d_sae = 2K``) counts an atom as used when
-    either half fires, and its coherence is over the K atoms (``sae.atoms``), not ``W_dec = [D; -D]``.
+    ``sae`` has ``encode: (n, d) -> (n, d_sae)`` and ``decode: (n, d_sae) -> (n, d)`` (an SAEBench SAE). A
+    latent is used where its code is non-zero (either sign: a signed-form
+    :class:`~pipeline.saes.dictionary_sae.DictionarySAE` has ``d_sae = K`` signed codes); a ± split one
+    (``sae.split``, ``d_sae = 2K``) counts an atom as used when either half fires. A dictionary's coherence is
+    over its K atoms (``sae.atoms``), not ``W_dec = [D; -D]``. Both forms of a signed dictionary give the same
+    numbers.
     ``Y: (n, d)`` is encoded in chunks of ``chunk`` rows. Returns ``heldout_rows``, ``l0`` (mean non-zeros per
     row), ``fvu`` (‖Y − Ŷ‖² / ‖Y − mean(Y)‖²), ``dead_fraction`` (latents never non-zero) and
     ``mean_max_abs_cos``.
@@ -50,7 +53,7 @@ def heldout_stats(sae: Any, Y: Tensor, chunk: int = 4096) -> dict[str, float]:
         used = u if used is None else used | u
     var = float((Y - Y.mean(0)).pow(2).sum())
     W = getattr(sae, "atoms", sae.W_dec)
-    if used is not None and getattr(sae, "signed", False):
+    if used is not None and getattr(sae, "split", False):
         K = used.shape[0] // 2
         used = used[:K] | used[K:]
     return {

@@ -14,6 +14,11 @@ Its ``metadata`` records, as structured fields (none is prose):
   (:func:`~pipeline.saes.stock_encoder.encoder_agreement`);
 * ``exact_loader``: the function that loads the folder with the exact coder.
 
+A signed dictionary in the ``signed`` form (``d_sae = K``, signed codes: :mod:`pipeline.saes.export_forms`) is
+written as its ± split when the folder declares ``matching_pursuit`` (stock sae-lens's encoder codes
+non-negatively, so it can follow a signed coder only through ``W_dec = [D; −D]``), and as itself (``d_sae = K``,
+``metadata.dbksvd_coder.export = "signed"``) when it declares ``"dbksvd"``.
+
 The exact coder: :func:`load_sae_lens` (``SAE.load_from_disk(path, converter=dbksvd_disk_loader)``) loads any
 export as the registered sae-lens architecture ``"dbksvd"``, whose ``encode`` runs the project's coder;
 :func:`load_dictionary_sae` rebuilds the :class:`DictionarySAE`. Importing this module registers ``"dbksvd"``
@@ -39,6 +44,7 @@ from pipeline.core.dictionary import CoderSettings, Dictionary
 from pipeline.core.dictionary import apply_coder as run_coder  # the coder Dictionary.encode runs
 from pipeline.core.matryoshka import groups_from_list
 from pipeline.saes.dictionary_sae import ARCHITECTURE, DictionarySAE, split_signed
+from pipeline.saes.export_forms import NONNEGATIVE, SIGNED, SPLIT
 from pipeline.saes.stock_encoder import (
     EXACT,
     MATCHING_PURSUIT,
@@ -158,8 +164,9 @@ def save_sae_lens(
         sae: the dictionary SAE.
         path: the folder. Both files are written into a staging folder ``.<name>.tmp-<pid>`` beside it and then
             renamed into place, so a reader never sees a half-written export.
-        architecture: ``"matching_pursuit"`` (default): stock sae-lens's closest encoder; ``"dbksvd"``: the
-            registered exact class (loading then needs this module imported).
+        architecture: ``"matching_pursuit"`` (default): stock sae-lens's closest encoder (a ``signed``-form SAE is
+            written as its ± split: stock codes are non-negative); ``"dbksvd"``: the registered exact class
+            (loading then needs this module imported), in ``sae``'s own form.
         extra_metadata: merged into ``cfg.json``'s metadata.
         sample: optional activations ``(…, d)``: the written folder's stock encoder is loaded and compared with
             ours on them (``metadata.stock_agreement``); an exact claim whose identical (net signed) support
@@ -172,6 +179,8 @@ def save_sae_lens(
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if architecture == MATCHING_PURSUIT and sae.signed_codes:
+        sae = sae.with_export(SPLIT)  # stock matching_pursuit cannot produce a negative code
     found = differences(sae) if architecture == MATCHING_PURSUIT else []
     stage = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
@@ -223,8 +232,8 @@ def load_sae_lens(path: str | os.PathLike, device: str = "cpu") -> Any:
 
 def load_dictionary_sae(path: str | os.PathLike, device: str = "cpu", **kwargs: Any) -> DictionarySAE:
     """Rebuild the :class:`DictionarySAE` of an exported folder (any declared architecture): atoms =
-    ``W_dec[:K]``, centre = ``b_dec``, coder and groups from ``metadata.dbksvd_coder``; ``kwargs`` go to
-    :class:`DictionarySAE`."""
+    ``W_dec[:K]``, centre = ``b_dec``, coder, groups and form (``export``; an export without it: the split) from
+    ``metadata.dbksvd_coder``; ``kwargs`` go to :class:`DictionarySAE`."""
     path = Path(path)
     cfg = json.loads((path / CFG_FILE).read_text())
     meta = cfg.get("metadata") or {}
@@ -232,6 +241,8 @@ def load_dictionary_sae(path: str | os.PathLike, device: str = "cpu", **kwargs: 
         raise ValueError(f"{path} is not a DB-KSVD export: metadata.{CODER_KEY} is missing.")
     coder = dict(meta[CODER_KEY])
     coder.pop("signed")
+    form = coder.pop("export", None)
+    kwargs.setdefault("signed_export", SIGNED if form == SIGNED else SPLIT)
     K, groups = int(coder.pop("n_atoms")), groups_from_list(coder.pop("groups"))
     tensors = load_file(str(path / WEIGHTS_FILE))
     atoms = tensors["W_dec"][:K].float()
@@ -280,9 +291,12 @@ def _register_sae_lens() -> None:
         """sae-lens SAE whose ``encode`` is the project's sparse coder over ``W_dec`` (exact)."""
 
         def _coder(self):
+            """``(coder, split, K, groups)``: ``split`` = codes go out as ``[relu(x), relu(−x)]`` (a signed
+            dictionary exported as its ± split; an export that records no form and is signed is one)."""
             meta = dict(self.cfg.metadata[CODER_KEY])
             signed, n_atoms, groups = meta.pop("signed"), meta.pop("n_atoms"), meta.pop("groups")
-            return CoderSettings(**meta), bool(signed), int(n_atoms), groups_from_list(groups)
+            form = meta.pop("export", None) or (SPLIT if signed else NONNEGATIVE)
+            return CoderSettings(**meta), form == SPLIT, int(n_atoms), groups_from_list(groups)
 
         def _gram(self, atoms: Tensor) -> Tensor:
             """``atoms atomsᵀ``, computed once per version of ``W_dec`` (not on every encode call)."""
@@ -293,13 +307,13 @@ def _register_sae_lens() -> None:
 
         @torch.no_grad()
         def encode(self, x: Tensor) -> Tensor:
-            coder, signed, K, groups = self._coder()
+            coder, split, K, groups = self._coder()
             sae_in = self.process_sae_in(x)
             shape = sae_in.shape
             atoms = self.W_dec[:K].float()
             codes = run_coder(sae_in.reshape(-1, shape[-1]).float(), atoms, self._gram(atoms), coder, groups)
             dense = codes.to_dense(K)
-            if signed:
+            if split:
                 dense = split_signed(dense)
             dense = dense.reshape(*shape[:-1], -1).to(sae_in.dtype)
             return self.hook_sae_acts_post(dense)

@@ -1,5 +1,6 @@
 """DictionarySAE: SAEBench's contract (decoder norms, test_sae-style forward, shapes, dtype), exact agreement
-with the library coder, the ± split of a signed dictionary, the code cache, and the sae-lens round trip."""
+with the library coder, the two forms of a signed dictionary (± split and signed codes), the code cache, and the
+sae-lens round trip."""
 
 from __future__ import annotations
 
@@ -82,6 +83,74 @@ def test_signed_split_reconstructs_exactly():
     assert torch.equal(f.reshape(-1, 2 * K)[:, :K] - f.reshape(-1, 2 * K)[:, K:], signed)
     assert torch.equal((f != 0).sum(-1).reshape(-1), codes.l0())  # L0 unchanged by the split
     assert torch.allclose(sae.decode(f).reshape(-1, D_IN), codes.decode(d.atoms), atol=1e-6)
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_signed_form_is_the_split_with_k_latents(centre):
+    """``signed_export="signed"`` (the DB-KSVD authors' wrapper): d_sae = K, W_dec = D, the signed codes; the same
+    reconstruction and L0 as the split, whose net code ``a[:K] − a[K:]`` it is."""
+    d = _dictionary(nonnegative=False, centre=centre)
+    split = DictionarySAE(d, "m", 1)
+    signed = DictionarySAE(d, "m", 1, signed_export="signed")
+    assert (split.export_form, signed.export_form) == ("split", "signed")
+    assert split.split and not split.signed_codes and signed.signed_codes and not signed.split
+    assert signed.signed and split.signed  # the dictionary is signed either way
+    assert signed.cfg.d_sae == signed.width == K and split.cfg.d_sae == 2 * K
+    assert torch.equal(signed.W_dec, d.atoms) and torch.equal(signed.W_enc, d.atoms.T)
+    assert signed.check_decoder_norms()
+    x = _x(3, 6)
+    f, g = split.encode(x), signed.encode(x)
+    assert g.shape == (3, 6, K) and bool((g < 0).any())
+    assert torch.equal(g, f[..., :K] - f[..., K:])
+    assert torch.equal((g != 0).sum(-1), (f != 0).sum(-1))  # L0
+    # the same reconstruction (up to the order of the matmul's sums: K signed terms vs 2K split ones, half zero)
+    assert torch.allclose(signed.decode(g), split.decode(f), rtol=0, atol=1e-5)
+    assert torch.allclose(signed(x), split(x), rtol=0, atol=1e-5)
+    assert torch.equal(signed.decode(g), g @ d.atoms + signed.b_dec)
+    assert torch.equal(g.reshape(-1, K), d.encode(x.reshape(-1, D_IN)).to_dense(K))
+    assert signed.coder_metadata()["export"] == "signed" and split.coder_metadata()["export"] == "split"
+
+
+def test_with_export_switches_forms_keeping_the_rest():
+    d = _dictionary(nonnegative=False, centre=True)
+    split = DictionarySAE(d, "m", 1, "blocks.1.hook_resid_post", cache_bytes=1 << 20)
+    split.cfg.context_size = 77
+    signed = split.with_export("signed")
+    assert signed is not split and signed.cfg.d_sae == K and signed.cfg.context_size == 77
+    assert signed.cfg.hook_name == "blocks.1.hook_resid_post" and signed._cache.max_bytes == 1 << 20
+    assert split.cfg.d_sae == 2 * K  # the original is untouched
+    assert torch.equal(signed.b_dec, split.b_dec) and torch.equal(signed.atoms, split.atoms)
+    back = signed.with_export("split")
+    x = _x(12)
+    assert torch.equal(back.encode(x), split.encode(x)) and back.cfg.d_sae == 2 * K
+    assert split.with_export("split") is split
+
+
+def test_signed_export_is_checked_and_ignored_by_a_nonnegative_dictionary():
+    with pytest.raises(ValueError, match="signed_export='both' is not one of split, signed"):
+        DictionarySAE(_dictionary(nonnegative=False), "m", 1, signed_export="both")
+    with pytest.raises(ValueError, match="not one of split, signed"):
+        DictionarySAE(_dictionary(), "m", 1, signed_export="both")
+    d = _dictionary()  # non-negative: one form, K latents, whatever was asked
+    for form in ("split", "signed"):
+        sae = DictionarySAE(d, "m", 1, signed_export=form)
+        assert sae.export_form == "nonnegative" and sae.cfg.d_sae == K and not sae.split and not sae.signed_codes
+        assert sae.with_export("signed") is sae
+
+
+def test_heldout_stats_agree_between_the_forms():
+    """L0, FVU and the dead fraction per atom are the same whether the signed dictionary is split or not."""
+    from pipeline.saes.heldout import heldout_stats
+
+    d = _dictionary(nonnegative=False)
+    x = _x(40)
+    split, signed = DictionarySAE(d, "m", 1), DictionarySAE(d, "m", 1, signed_export="signed")
+    a, b = heldout_stats(split, x, chunk=16), heldout_stats(signed, x, chunk=16)
+    assert a["l0"] == b["l0"] <= k and a["heldout_rows"] == b["heldout_rows"] == 40
+    assert a["dead_fraction"] == b["dead_fraction"] and 0 < a["dead_fraction"] < 1  # 40 rows x 5 atoms: some dead
+    used = (signed.encode(x) != 0).any(0)
+    assert b["dead_fraction"] == pytest.approx(1 - float(used.float().mean()))
+    assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-6) and a["mean_max_abs_cos"] == b["mean_max_abs_cos"]
 
 
 def test_saebench_checks_and_test_sae_style_forward(tiny_hooked_model):
@@ -179,3 +248,29 @@ def test_sae_lens_round_trip(tmp_path, nonnegative):
     # a folder declaring the registered architecture loads with plain SAE.load_from_disk once imported
     path2 = save_sae_lens(sae, tmp_path / "sae2", architecture="dbksvd")
     assert type(SAE.load_from_disk(str(path2))).__name__ == "DBKSVDSAE"
+
+
+def test_sae_lens_export_of_the_signed_form(tmp_path):
+    """Declaring stock matching_pursuit (non-negative codes only), the signed form is written as its ± split;
+    declaring "dbksvd", as itself (d_sae = K, signed codes); each loads back in the form it was written in."""
+    from pipeline.saes.sae_lens_io import load_dictionary_sae
+
+    d = _dictionary(nonnegative=False, centre=True)
+    signed = DictionarySAE(d, "tiny-test", 1, signed_export="signed")
+    split = signed.with_export("split")
+    x = _x(30)
+    stock = save_sae_lens(signed, tmp_path / "stock")
+    cfg = json.loads((stock / "cfg.json").read_text())
+    assert cfg["d_sae"] == 2 * K and cfg["metadata"]["dbksvd_coder"]["export"] == "split"
+    assert torch.allclose(load_sae_lens(stock).encode(x), split.encode(x), atol=1e-5)
+    exact = save_sae_lens(signed, tmp_path / "exact", architecture="dbksvd")
+    cfg = json.loads((exact / "cfg.json").read_text())
+    assert cfg["d_sae"] == K and cfg["metadata"]["dbksvd_coder"]["export"] == "signed"
+    loaded = load_sae_lens(exact)
+    f = loaded.encode(x)
+    assert f.shape == (30, K) and bool((f < 0).any()) and torch.allclose(f, signed.encode(x), atol=1e-5)
+    assert torch.allclose(loaded.decode(f), signed(x), atol=1e-5)
+    back = load_dictionary_sae(exact)
+    assert back.export_form == "signed" and torch.allclose(back.encode(x), signed.encode(x), atol=1e-5)
+    assert load_dictionary_sae(stock).export_form == "split"
+    assert load_dictionary_sae(exact, signed_export="split").cfg.d_sae == 2 * K

@@ -27,6 +27,13 @@ LOW_CONFIDENCE = (
 
 class AbsorptionRunner(MetricRunner):
     name = "absorption"
+    signed_codes = (
+        "SAEBench's absorption reads a latent as carrying a letter only through positive activations: its k-sparse "
+        "probes keep the latents of largest positive weight (topk, not |weight|), an absorbing latent needs a "
+        "positive projection on the probe and a decoder cosine >= 0.1 with it, and a main latent counts as not "
+        "firing wherever its code is below 1e-8, negative codes included; a latent that carries the letter "
+        "through negative codes is invisible to it."
+    )
 
     def config_class(self) -> type:
         from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig

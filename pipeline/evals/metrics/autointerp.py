@@ -1,7 +1,9 @@
 """SAEBench's automated interpretability: a judge LLM explains latents from their top activations, then scores
 the explanations. The judge is any OpenAI-compatible endpoint (``eval.autointerp.base_url`` / ``model``;
-:mod:`pipeline.evals.judge`); skipped (reason recorded) with neither an API key nor a ``base_url``. Offline, its
-hub text is replaced by the harvest text."""
+:mod:`pipeline.evals.judge`); skipped (reason recorded) with neither an API key nor a ``base_url``, or with a
+``base_url`` whose named key variable (``api_key_env``) is unset. A key goes only where
+:func:`pipeline.evals.judge.judge_api_key` sends it; ``eval_info.json`` records the endpoint with its user-info,
+query string and secret-named request fields redacted. Offline, its hub text is replaced by the harvest text."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from typing import Any
 
 import torch
 
-from pipeline.evals.judge import NO_KEY, SAEBENCH_JUDGE, JudgeSettings, use_judge
+from pipeline.evals.judge import SAEBENCH_JUDGE, JudgeSettings, judge_api_key, key_variable, use_judge
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
 from pipeline.evals.metrics.text import text_after
 from pipeline.evals.saebench_patches import patched_attr, use_loaded_model
+from pipeline.utils.redact import redact_secrets, redact_url
 
 #: SAEBench's judge log, inside the metric's result folder.
 LOG_FILE = "logs.txt"
@@ -26,6 +29,11 @@ LOW_CONFIDENCE = (
 
 class AutointerpRunner(MetricRunner):
     name = "autointerp"
+    signed_codes = (
+        "SAEBench's autointerp counts a latent alive by how often it is > 0 (latents never > 0 are dead and not "
+        "explained) and builds its examples from the largest activations, thresholded at a fraction of the "
+        "maximum: the negative firings of a signed latent are never shown to the judge or scored."
+    )
 
     def config_class(self) -> type:
         from sae_bench.evals.autointerp.eval_config import AutoInterpEvalConfig
@@ -34,11 +42,17 @@ class AutointerpRunner(MetricRunner):
 
     def requirements(self, ctx: EvalContext) -> str | None:
         node = ctx.eval.autointerp
-        if not os.environ.get(node.api_key_env) and node.base_url is None:
+        env = key_variable(node.base_url, node.api_key_env)
+        if node.base_url is None and not os.environ.get(env):
             return (
-                f"no judge: autointerp asks an LLM to explain and score latents; set ${node.api_key_env} (OpenAI, "
+                f"no judge: autointerp asks an LLM to explain and score latents; set ${env} (OpenAI, "
                 "with network access to its API) or eval.autointerp.base_url to any OpenAI-compatible server "
                 "(vLLM, llama.cpp's llama-server, transformers serve) with eval.autointerp.model"
+            )
+        if node.base_url is not None and env is not None and not os.environ.get(env):
+            return (
+                f"no key for the judge at {redact_url(node.base_url)}: eval.autointerp.api_key_env names ${env}, "
+                "which is unset; set it, or eval.autointerp.api_key_env=null for a server that needs no key"
             )
         return None
 
@@ -49,6 +63,7 @@ class AutointerpRunner(MetricRunner):
         from pipeline.data.text import iter_documents
 
         node = ctx.eval.autointerp
+        key = judge_api_key(node.base_url, node.api_key_env)  # refuses a key over plain HTTP to another machine
         sizes = config_as_dict(config)
         local_text = contextlib.nullcontext()
         if not ctx.hub_reachable:
@@ -63,16 +78,15 @@ class AutointerpRunner(MetricRunner):
             tokens = torch.tensor(rows, dtype=torch.long)  # (N, llm_context_size)
             local_text = patched_attr(dataset_utils, "load_and_tokenize_dataset", lambda *_a, **_k: tokens)
             sizes["dataset"] = f"local text ({ctx.text_source.kind}), hub unreachable"
-        sizes["judge"] = {
+        sizes["judge"] = {  # as written to eval_info.json (and the report): secrets redacted
             "model": node.model,
-            "base_url": node.base_url or "OpenAI",
+            "base_url": redact_url(node.base_url) if node.base_url else "OpenAI",
             "stream": node.stream,
-            "extra_body": dict(node.extra_body),
-            "scoring_extra_body": dict(node.scoring_extra_body),
+            "extra_body": redact_secrets(dict(node.extra_body)),
+            "scoring_extra_body": redact_secrets(dict(node.scoring_extra_body)),
         }
         ctx.record_sizes(self.name, sizes)
         out = ctx.results_dir / self.name
-        key = os.environ.get(node.api_key_env) or NO_KEY
         with (
             local_text,
             use_loaded_model(ctx.model),
@@ -116,7 +130,7 @@ class AutointerpRunner(MetricRunner):
         node = ctx.eval.autointerp
         flagged = node.model != SAEBENCH_JUDGE if node.low_confidence is None else node.low_confidence
         if flagged:
-            where = f" at {node.base_url}" if node.base_url else ""
+            where = f" at {redact_url(node.base_url)}" if node.base_url else ""
             small = (
                 "; a small judge explains and predicts poorly, so low scores say as much about the judge as "
                 "about the SAE"

@@ -54,6 +54,9 @@ class EvalContext:
     """Whether the Hugging Face hub answers."""
     info: dict[str, Any]
     """``eval_info.json`` being written: runners add ``info["sizes"][metric]`` and ``info["notes"]``."""
+    results_ledger: Any = None
+    """The :class:`pipeline.evals.kept_results.ResultLedger` the evaluation loop records each metric's result
+    files in (with the sha256 of their SAE's weights); None: not recorded."""
 
     @property
     def model_name(self) -> str:
@@ -85,6 +88,10 @@ class MetricRunner:
     """The metric's name in ``eval.metrics`` and its result folder."""
     needs_labelled: bool = False
     """Whether it reads the labelled passages (they are built only when such a metric is selected)."""
+    signed_codes: str | None = None
+    """None: SAEBench's code of the metric reads signed codes correctly (a signed dictionary handed over with
+    ``eval.signed_export=signed``: K latents, codes of either sign). Else why it cannot: the evaluation loop then
+    skips such an SAE for this metric with that reason (:func:`pipeline.evals.metrics.registry.run_metric`)."""
 
     def config_class(self) -> type | None:
         """SAEBench's config dataclass of the metric (imported here: SAEBench loads only when asked), or None

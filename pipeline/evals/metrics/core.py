@@ -8,6 +8,13 @@ harvest text *after* the harvested contexts (never seen by the fit), or ``eval.c
 ``core/``), ``fit`` (the positions the fit used, written to ``core_fit_positions/`` in the same layout and file
 names: :mod:`pipeline.evals.metrics.positions`) or ``both``. The LLM forwards that do not depend on the SAE are
 run once for all SAEs and both position sets (:mod:`pipeline.evals.metrics.shared_forwards`).
+
+Signed codes (``eval.signed_export=signed``). SAEBench's core uses an SAE's codes for the reconstruction
+(``decode(encode(x))``), L0 (``!= 0``), L1 (``codes.sum()``) and the feature density (``codes > 0``): the last two
+are right only for non-negative codes. :class:`MagnitudeCodes` hands core ``|codes|`` and decodes the signed codes
+behind them, so every number is the signed SAE's: the reconstruction, CE/KL and L0 as they are, L1 = Σ|code|, a
+latent active where its code is non-zero. The decoder-weight statistics (``max_decoder_cosine_sim``, ...) are
+SAEBench's over the K atoms: a signed maximum, where the ± split's amounts to max |cos| over the atoms.
 """
 
 from __future__ import annotations
@@ -39,6 +46,45 @@ SPARE_CONTEXTS = 8
 SHUFFLE_SEED = 42
 #: Result folder of each core run (``eval.core.positions``).
 RESULT_DIRS = {"all": "core", "fit": FIT_RESULTS}
+#: The ``eval_info.json`` note of a core run on signed codes.
+SIGNED_NOTE = (
+    "{names}: signed codes (eval.signed_export=signed, K latents). Core read their magnitudes for its "
+    "statistics and decoded the signed codes: L0, L1 (= sum of |code|) and feature density count a latent as "
+    "active where its code is non-zero, of either sign; max encoder/decoder cosine are SAEBench's signed maxima "
+    "over the K atoms (the ± split's amount to max |cos|)."
+)
+
+
+class MagnitudeCodes:
+    """An SAE with signed codes as SAEBench's core reads it (module docstring): ``encode`` returns ``|codes|``,
+    ``decode`` of exactly that tensor returns the reconstruction of the signed codes behind it; every other
+    attribute is the wrapped SAE's.
+
+    Core (SAEBench 0.6.0) decodes only what ``encode`` has just returned (``decode(encode(x))`` in its
+    reconstruction hooks, ``encode`` then ``decode`` in its sparsity loop); ``decode`` of any other tensor raises,
+    so a SAEBench that used the codes otherwise fails loudly instead of decoding magnitudes as codes.
+    """
+
+    def __init__(self, sae: Any):
+        self._sae = sae
+        self._last: tuple[Any, Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sae, name)
+
+    def encode(self, x: Any) -> Any:
+        codes = self._sae.encode(x)
+        magnitudes = codes.abs()
+        self._last = (magnitudes, codes)
+        return magnitudes
+
+    def decode(self, feature_acts: Any) -> Any:
+        if self._last is None or feature_acts is not self._last[0]:
+            raise RuntimeError(
+                "SAEBench's core decoded codes other than those encode had just returned; core on signed codes "
+                "(eval.signed_export=signed) does not support this SAEBench version: use eval.signed_export=split"
+            )
+        return self._sae.decode(self._last[1])
 
 
 class CoreRunner(MetricRunner):
@@ -104,6 +150,9 @@ class CoreRunner(MetricRunner):
                 if which == "fit":
                     passed[record.selected[0]] = _read_positions(path)
         ctx.info["sizes"][self.name]["shared_forwards"] = model.stats.as_dict()
+        signed = [r.selected[0] for r in ctx.saes if getattr(r.sae, "signed_codes", False)]
+        if signed:
+            ctx.info["notes"].append({"metric": self.name, "note": SIGNED_NOTE.format(names=", ".join(signed))})
         if "all" in runs:
             ctx.info["notes"].append({"metric": self.name, "note": f"`core/` covers {ALL_COVERS}."})
         if passed:
@@ -145,7 +194,8 @@ def run_core(
 
     With ``fit_rule``, the positions it leaves out are passed through and left out of every mean
     (:mod:`pipeline.evals.metrics.positions`); the rule and the counts of such positions go into the result's
-    ``eval_result_unstructured`` (SAEBench's slot for extra outputs; core itself leaves it empty)."""
+    ``eval_result_unstructured`` (SAEBench's slot for extra outputs; core itself leaves it empty). An SAE with
+    signed codes is read through :class:`MagnitudeCodes`."""
     import sae_bench.evals.core.main as core
     from sae_bench.sae_bench_utils import general_utils
     from sae_lens.training.activations_store import ActivationsStore
@@ -171,8 +221,9 @@ def run_core(
         marked = MarkedTokens(store, model, sae.cfg.hook_name, fit_rule)
         store, model, ignore = marked, TrueTokensModel(model, marked), {LEFT_OUT}
         config = dataclasses.replace(config, exclude_special_tokens_from_reconstruction=True)
+    read = MagnitudeCodes(sae) if getattr(sae, "signed_codes", False) else sae
     metrics, feature_metrics = core.run_evals(
-        sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=ignore
+        sae=read, activation_store=store, model=model, eval_config=config, ignore_tokens=ignore
     )
     metrics["misc_metrics"] = core.calculate_misc_metrics(feature_metrics)
     result = core.replace_nans_with_negative_one(

@@ -13,10 +13,20 @@ from pipeline.evals.labelled_data import check_labelled_sizes, swap_labelled
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
 from pipeline.evals.saebench_patches import use_loaded_model
 
+TPP_SIGNED_CODES = (
+    "SAEBench's TPP clamps each latent's mean-activation difference (class minus rest) at 0 before weighting it by "
+    "the probe's read of the latent's decoder direction, then ablates the largest effects (not |effect|): a latent "
+    "that marks the class with negative codes is never chosen."
+)
+"""Why TPP cannot read signed codes (:attr:`MetricRunner.signed_codes`)."""
+
 
 class SparseProbingRunner(MetricRunner):
     name = "sparse_probing"
     needs_labelled = True
+    # signed codes: read correctly (signed_codes = None). SAEBench mean-pools each latent over a passage's tokens,
+    # ranks latents by |mean(class) - mean(rest)| and fits a logistic probe: nothing assumes a sign (a signed
+    # latent's positive and negative firings pool into one mean, where the split pools them into two latents)
 
     def config_class(self) -> type:
         from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
@@ -52,12 +62,17 @@ class SparseProbingRunner(MetricRunner):
 
 
 class ScrTppRunner(MetricRunner):
-    """SCR (``perform_scr=True``) or TPP: one SAEBench eval, two metrics."""
+    """SCR (``perform_scr=True``) or TPP: one SAEBench eval, two metrics.
+
+    Signed codes: SCR reads them correctly. It ranks latents by ``|(mean(class) - mean(rest)) x (probe · d_j)|``,
+    latent j's linear effect on the probe, and zero-ablates the top ones: both hold for a code of either sign.
+    TPP cannot (:data:`TPP_SIGNED_CODES`)."""
 
     needs_labelled = True
 
     def __init__(self, name: str):
         self.name = name
+        self.signed_codes = TPP_SIGNED_CODES if name == "tpp" else None
 
     def config_class(self) -> type:
         from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig

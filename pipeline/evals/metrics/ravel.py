@@ -191,6 +191,8 @@ def nonfinite_scores(path: Path) -> list[str]:
 
 class RavelRunner(MetricRunner):
     name = "ravel"
+    # signed codes: read correctly (signed_codes = None). Its MDBM swaps masked latent values between base and
+    # source and decodes linearly (plus the base's error): nothing assumes a sign
 
     def config_class(self) -> type:
         from sae_bench.evals.ravel.eval_config import RAVELEvalConfig

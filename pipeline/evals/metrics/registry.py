@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pipeline.evals.metrics.ravel import RavelRunner
 from pipeline.evals.metrics.unlearning import UnlearningRunner
 from pipeline.evals.results import format_exception
 from pipeline.evals.sae_records import SAERecord
-from pipeline.evals.saebench_patches import local_datasets
+from pipeline.evals.saebench_patches import atomic_result_writes, local_datasets
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +76,47 @@ def result_files(runner: MetricRunner, ctx: EvalContext, record: SAERecord) -> l
     return paths(ctx, record) if paths is not None else [record.result_path(ctx.results_dir, runner.name)]
 
 
+def has_signed_codes(record: SAERecord) -> bool:
+    """Whether ``record``'s SAE hands SAEBench signed codes (a signed dictionary with
+    ``eval.signed_export=signed``)."""
+    return bool(getattr(record.sae, "signed_codes", False))
+
+
+def signed_codes_skip(runner: MetricRunner, record: SAERecord) -> dict[str, Any]:
+    """The skip record of an SAE with signed codes for a metric that cannot read them
+    (:attr:`MetricRunner.signed_codes`)."""
+    return {
+        "what": f"metric:{runner.name}",
+        "sae": record.selected[0],
+        "reason": (
+            f"eval.signed_export=signed hands this SAE's signed codes to SAEBench, which {runner.name} cannot "
+            f"read: {runner.signed_codes} Evaluate it with eval.signed_export=split (the default: the ± split, "
+            "2K non-negative latents) for this metric."
+        ),
+    }
+
+
 def run_metric(ctx: EvalContext, name: str, outcome: MetricOutcome) -> None:
     """Run one metric with SAEBench pointed at the local data; a missing requirement or a missing result file
-    becomes a skip record, an exception a failure record (the other metrics still run)."""
+    becomes a skip record, an exception a failure record (the other metrics still run). An SAE with signed codes
+    (:func:`has_signed_codes`) is left out of a metric that cannot read them, with a skip record saying why
+    (:func:`signed_codes_skip`); the metric still runs for the other SAEs. SAEBench's result writes are atomic
+    meanwhile (:func:`~pipeline.evals.saebench_patches.atomic_result_writes`), and the result files are then
+    recorded with their SAE's weights' sha256 in ``ctx.results_ledger`` (when set)."""
     runner = REGISTRY[name]
+    if runner.signed_codes is not None and any(has_signed_codes(r) for r in ctx.saes):
+        outcome.skipped.extend(signed_codes_skip(runner, r) for r in ctx.saes if has_signed_codes(r))
+        ctx = dataclasses.replace(ctx, saes=[r for r in ctx.saes if not has_signed_codes(r)])
+        if not ctx.saes:
+            outcome.timings[name] = 0.0
+            return
     local = dict(ctx.eval.local_datasets)
     if ctx.labelled is not None:
         local[ctx.labelled.base_name] = ctx.labelled.path
     labelled = registered_labelled_dataset(ctx.labelled) if ctx.labelled is not None else contextlib.nullcontext()
     t0 = time.perf_counter()
     try:
-        with local_datasets(local), labelled:
+        with local_datasets(local), labelled, atomic_result_writes():
             reason = runner.requirements(ctx)
             if reason is None:
                 config = runner.config(ctx)
@@ -105,6 +136,8 @@ def run_metric(ctx: EvalContext, name: str, outcome: MetricOutcome) -> None:
     except Exception as exc:  # noqa: BLE001 - recorded, the other metrics still run
         log.exception("metric %s failed", name)
         outcome.failed.append({"metric": name, "error": format_exception(exc)})
+    if getattr(ctx, "results_ledger", None) is not None:  # what now exists was computed from these weights
+        ctx.results_ledger.note(ctx.saes, lambda record: result_files(runner, ctx, record))
     outcome.timings[name] = time.perf_counter() - t0
     log.info("%s took %.1f s", name, outcome.timings[name])
 

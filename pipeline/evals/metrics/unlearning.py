@@ -11,6 +11,10 @@ from pipeline.evals.saebench_patches import use_loaded_model
 
 class UnlearningRunner(MetricRunner):
     name = "unlearning"
+    signed_codes = (
+        "SAEBench's unlearning picks latents by how often they are > 0 on the forget and retain text and clamps a "
+        "latent to -multiplier only where it is > 0: negative firings are neither counted nor clamped."
+    )
 
     def config_class(self) -> type:
         from sae_bench.evals.unlearning.eval_config import UnlearningEvalConfig
