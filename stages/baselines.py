@@ -1,12 +1,13 @@
 """Baselines stage: train every configured SAE baseline with sae-lens on the store the dictionary saw, matched to
-the dictionary's fit (by default, the same wall time) at its width and k.
+the dictionary's fit (by default, each to its held-out curve's plateau or the sample cap) at its width and k.
 
     python -m pipeline stage=baselines 'baseline=[topk,batchtopk,jumprelu]'   # the dictionary is reused
     python -m stages.baselines compare.budget=equal_samples compare.factor=5
 
 Writes into ``<output_root>/<experiment>/baselines-<hash>/``: one plain sae-lens folder per baseline, named as
 in the ``baseline`` node (``cfg.json`` + ``sae_weights.safetensors``, opened by ``sae_lens.SAE.load_from_disk``,
-plus our ``record.json``: budget, samples, steps, wall time, training curve, held-out statistics),
+plus our ``record.json``: budget, samples, steps, wall time, training curve, held-out curve and statistics, why it
+stopped),
 ``baselines.json`` (the same, one entry per baseline) and the completion marker. A baseline already saved is
 reused when the stage is re-run (each folder is written whole, then renamed into place).
 """
@@ -98,14 +99,7 @@ def run(cfg: DictConfig) -> Path:
         record = load_record(folder)
         summary[name] = {
             **record,
-            "budget_summary": budget_summary(
-                compare,
-                spend,
-                seconds=record["seconds"],
-                samples=record["samples"],
-                steps=record["steps"],
-                device=record.get("device") or "?",
-            ),
+            "budget_summary": budget_summary(compare, spend, record),
         }
         if record.get("device") and record["device"] != spend.device and compare.budget == "equal_time":
             log.warning(
@@ -145,13 +139,15 @@ def train_one(
     )
     r = trained.record
     log.info(
-        "baseline %s: %d steps, %d samples in %.1f s, held-out FVU %.4f, L0 %.1f",
+        "baseline %s: %d steps, %d samples in %.1f s, held-out FVU %.4f, L0 %.1f; stopped by %s, curve %s",
         name,
         r.steps,
         r.samples,
         r.seconds,
         r.heldout_fvu,
         r.heldout_l0,
+        r.stop_reason,
+        "flattened" if r.flattened else "not flattened",
     )
     save_baseline(trained, folder, metadata)
     return trained

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=8 -m pipeline stage=fit     # data parallel over 8 GPUs (exact; rank 0 writes)
 
 Writes into ``<output_root>/<experiment>/fit-<hash>/``: ``dictionary/`` (Dictionary.save; its metadata holds
-the fit's spend: wall seconds, samples, updates, device, which the baselines are matched to), ``fit.ckpt`` (the
+the fit's spend: wall seconds, samples, updates, device, which the baselines are matched to; its history the
+held-out FVU on the log grid of updates, the dictionary's curve in the report), ``fit.ckpt`` (the
 learner's checkpoint; an interrupted fit resumes from it), ``metrics.json`` (held-out FVU, L0, dead fraction,
 coherence, the spend) and the completion marker.
 
@@ -96,19 +97,20 @@ def run(cfg: DictConfig) -> Path:
         "train_rows": store.n_rows(),
         "heldout_rows": store.n_rows("heldout"),
     }
+    heldout = store.heldout(device=device)
     if fitted:
         D = Dictionary.load(dict_dir, device)
         log.info("dictionary already fitted: %s", dict_dir)
     else:
         t = time.perf_counter()
-        D = fit_dictionary(data, learner, process_group=group)
+        D = fit_dictionary(data, learner, process_group=group, heldout=heldout)
         if not main:
             return out  # rank 0 saves the dictionary, which every rank holds
         spend = FitSpend.from_history(
             D.history,
             batch_size=learner.batch_size,
             device=str(device),
-            fit_seconds=time.perf_counter() - t,
+            fit_seconds=time.perf_counter() - t - D.metadata.get("heldout_eval_seconds", 0.0),
             ranks=ranks().world,
         )
         D.metadata.update(
@@ -119,7 +121,6 @@ def run(cfg: DictConfig) -> Path:
             spend=spend.as_dict(),
         )
         D.save(dict_dir)
-    heldout = store.heldout(device=device)
     view = DictionarySAE(D, section(cfg, "model").name, hook_layer(store.hook), store.hook, device=device)
     metrics["dictionary"] = heldout_metrics(
         view,

@@ -1,7 +1,7 @@
 """SAE baselines trained the way the field trains them: sae-lens's own trainer on our activation batches.
 
 * :mod:`~pipeline.baselines.config`: :class:`BaselineSpec` (architecture and hyperparameters, defaults
-  from sae-lens's documentation / SAEBench's suites) and :class:`Budget` (steps, samples, time or converged);
+  from sae-lens's documentation / SAEBench's suites) and :class:`Budget` (steps, samples, time or plateau);
 * :mod:`~pipeline.baselines.lens`: the spec as sae-lens configs, and a trained SAE's inference form;
 * :mod:`~pipeline.baselines.batches`: our data as the trainer's provider of full batches;
 * :mod:`~pipeline.baselines.train`: :func:`train_baseline` -> :class:`TrainedBaseline`;

@@ -6,14 +6,17 @@ its history);
 :func:`matched_budget` turns that into a trainer :class:`~pipeline.baselines.config.Budget`:
 
 =============== ======================================================================================
-``equal_time``  ``factor`` × the dictionary's fit wall time (the default: what a user with that machine
-                time would get), on the baseline's device (a different device is recorded and warned about);
-                a fit on N data-parallel ranks gives N × its wall time (device-seconds)
+``plateau``     (the default) until the baseline's held-out curve flattens (``plateau_threshold``), at most
+                ``cap_samples`` (and ``cap_seconds`` if set); the report then states time-to-quality: how
+                long each SAE needed to reach the dictionary's held-out FVU, and where each one stopped
+``equal_time``  ``factor`` × the dictionary's fit wall time, on the baseline's device (a different device is
+                recorded and warned about); a fit on N data-parallel ranks gives N × its wall time
 ``equal_samples`` ``factor`` × the samples the dictionary's fit coded
 ``steps``       ``steps`` optimiser steps
-``converged``   until the held-out FVU stops improving (``check_every``, ``rel_tol``, ``patience``), at most
-                ``steps`` (default :data:`CONVERGED_STEP_CAP`)
 =============== ======================================================================================
+
+Every budget trains with sae-lens's lr shape (warm-up, constant, linear decay over the last 20%) and a
+dead-latent window scaled to the run (:mod:`pipeline.baselines.control`).
 
 Width: a non-negative dictionary of K atoms has K decoder directions; a signed one is compared as a ± split,
 2K directions (SAEBench sees ``W_dec = [D; -D]``). ``width="atoms"`` trains baselines with K latents,
@@ -23,36 +26,41 @@ at the dictionary's k.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.baselines.config import Budget
+from pipeline.baselines.config import DEFAULT_PLATEAU_THRESHOLD, Budget
 from pipeline.core.spend import FitSpend
 
 #: Budget modes of the comparison.
-COMPARE_BUDGETS = ("equal_time", "equal_samples", "steps", "converged")
+COMPARE_BUDGETS = ("plateau", "equal_time", "equal_samples", "steps")
 #: Widths a baseline can be matched at.
 COMPARE_WIDTHS = ("atoms", "directions")
-#: Step cap of a ``converged`` budget when ``compare.steps`` is not set.
-CONVERGED_STEP_CAP = 100_000
 
 
 @dataclass
 class CompareConfig:
     """The ``compare`` node: how every baseline is matched to the dictionary."""
 
-    budget: str = "equal_time"
-    """``equal_time`` (the dictionary's fit wall time), ``equal_samples``, ``steps`` or ``converged``."""
+    budget: str = "plateau"
+    """``plateau`` (train to the curve's plateau or the cap), ``equal_time`` (the dictionary's fit wall time),
+    ``equal_samples`` or ``steps``."""
     factor: float = 1.0
     """``equal_time`` / ``equal_samples``: multiple of the dictionary's time / samples (5 = five times longer)."""
     steps: int | None = None
-    """``steps``: the optimiser steps; ``converged``: the cap (None: :data:`CONVERGED_STEP_CAP`)."""
-    check_every: int = 100
-    """``converged``: optimiser steps between held-out FVU checks."""
-    rel_tol: float = 1e-3
-    """``converged``: a check improves when FVU < best × (1 − rel_tol)."""
-    patience: int = 3
-    """``converged``: checks in a row without improvement that end training."""
+    """``steps``: the optimiser steps of each baseline."""
+    cap_samples: int = 2**21
+    """``plateau``: the most training samples a baseline sees (its lr decays over the last 20% of them when the
+    curve has not flattened first)."""
+    cap_seconds: float | None = None
+    """``plateau``: an optional cap on each baseline's training seconds as well (None: samples only, so that
+    where a run stops does not depend on the machine's speed)."""
+    plateau_threshold: float = DEFAULT_PLATEAU_THRESHOLD
+    """``plateau``: the curve has flattened when held-out FVU improved by less than this share of itself over
+    the last doubling of the samples."""
+    plateau_min_samples: int = 2**18
+    """``plateau``: samples before the rule is first applied."""
     batch_size: int | None = None
     """Samples per optimiser step of every baseline (None: each architecture's own, ``conf/baseline/*.yaml``).
     On short CPU budgets smaller batches win: more steps in the same time (docs/sae-lens-baselines.md)."""
@@ -74,11 +82,20 @@ class CompareConfig:
             raise ValueError(f"compare.batch_size={self.batch_size} must be >= 1 (or null).")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"compare.steps={self.steps} must be >= 1 (or null).")
-        if self.check_every < 1 or self.patience < 1 or self.rel_tol < 0:
+        if self.cap_samples < 1 or self.plateau_min_samples < 0:
             raise ValueError(
-                f"compare.check_every={self.check_every} and compare.patience={self.patience} must "
-                f"be >= 1, compare.rel_tol={self.rel_tol} >= 0."
+                f"compare.cap_samples={self.cap_samples} must be >= 1 and compare.plateau_min_samples="
+                f"{self.plateau_min_samples} >= 0."
             )
+        if self.cap_seconds is not None and not (math.isfinite(self.cap_seconds) and self.cap_seconds > 0):
+            raise ValueError(f"compare.cap_seconds={self.cap_seconds} must be a number of seconds > 0 (or null).")
+        if not (math.isfinite(self.plateau_threshold) and self.plateau_threshold >= 0):
+            raise ValueError(
+                f"compare.plateau_threshold={self.plateau_threshold} must be a finite share >= 0 (e.g. 0.01: "
+                "less than 1% better per doubling of samples counts as flat)."
+            )
+        if not math.isfinite(self.factor):
+            raise ValueError(f"compare.factor={self.factor} must be a finite number > 0.")
 
 
 def matched_budget(compare: CompareConfig, spend: FitSpend) -> Budget:
@@ -91,11 +108,11 @@ def matched_budget(compare: CompareConfig, spend: FitSpend) -> Budget:
     if compare.budget == "steps":
         return Budget("steps", steps=compare.steps)
     return Budget(
-        "converged",
-        steps=compare.steps or CONVERGED_STEP_CAP,
-        check_every=compare.check_every,
-        rel_tol=compare.rel_tol,
-        patience=compare.patience,
+        "plateau",
+        samples=compare.cap_samples,
+        seconds=compare.cap_seconds,
+        threshold=compare.plateau_threshold,
+        min_samples=compare.plateau_min_samples,
     )
 
 
@@ -104,21 +121,40 @@ def comparison_width(compare: CompareConfig, n_atoms: int, signed: bool) -> int:
     return 2 * n_atoms if compare.width == "directions" and signed else n_atoms
 
 
-def budget_summary(
-    compare: CompareConfig, spend: FitSpend, *, seconds: float, samples: int, steps: int, device: str
-) -> dict[str, Any]:
-    """A baseline's ``budget`` entry in ``saes.json``: what it was matched to and what it spent."""
+#: Fields of a baseline's ``record.json`` that say how its training went, copied into its budget summary.
+TRAINING_FACTS = (
+    "stop_reason",
+    "flattened",
+    "improvement_per_doubling",
+    "decay_start_step",
+    "dead_window_steps",
+    "dead_mask_steps",
+    "final_lr",
+)
+
+
+def budget_summary(compare: CompareConfig, spend: FitSpend, record: dict[str, Any]) -> dict[str, Any]:
+    """A baseline's ``budget`` entry in ``saes.json``: what it was matched to, what it spent (from its
+    ``record.json`` dict), how it trained (lr, schedule, why it stopped, whether its curve had flattened)."""
+    spec = record.get("spec") or {}
     return {
         "mode": compare.budget,
         "factor": compare.factor,
-        "seconds": seconds,
-        "samples": samples,
-        "steps": steps,
-        "device": device,
+        "seconds": record["seconds"],
+        "samples": record["samples"],
+        "steps": record["steps"],
+        "device": record.get("device") or "?",
         "target_seconds": compare.factor * spend.seconds * spend.ranks if compare.budget == "equal_time" else None,
         "target_samples": round(compare.factor * spend.samples) if compare.budget == "equal_samples" else None,
+        "cap_samples": compare.cap_samples if compare.budget == "plateau" else None,
+        "cap_seconds": compare.cap_seconds if compare.budget == "plateau" else None,
+        "plateau_threshold": compare.plateau_threshold if compare.budget == "plateau" else None,
         "dictionary_device": spend.device,
         "dictionary_ranks": spend.ranks,
+        "lr": spec.get("lr"),
+        "batch_size": spec.get("batch_size"),
+        "lr_decay_fraction": spec.get("lr_decay_fraction"),
+        **{key: record.get(key) for key in TRAINING_FACTS},
     }
 
 

@@ -2,10 +2,20 @@
 
 Defaults follow sae-lens 6.54's own defaults and documentation (its page ``training_saes.md``: the tutorial run and
 the per-architecture examples) and, where sae-lens says nothing, SAEBench's published suites (trained with
-``dictionary_learning_demo/demo_config.py``); each field's docstring names its source. Two kinds of setting need
-the run's optimiser-step count (the lr decay and the sparsity-penalty warm-up, both fractions of the steps):
-under a ``steps`` or ``samples`` budget that count is known before training; under ``time`` and ``converged``
-it is not, so their ``None`` defaults resolve to 0 there, and an explicit non-zero value is refused.
+``dictionary_learning_demo/demo_config.py``); each field's docstring names its source.
+
+The lr schedule has sae-lens's shape under every budget: linear warm-up over ``lr_warm_up_steps``, constant,
+then a linear decay to 0 over the last ``lr_decay_fraction`` of the run. Under ``steps`` / ``samples`` the run's
+length is known and sae-lens's own scheduler places the decay; under ``time`` the decay covers the last
+fraction of the *seconds* (the lr follows the elapsed share of the budget); under ``plateau`` the run's length
+is found while training, so the decay starts when the curve has flattened (or near the cap) and lasts
+``fraction / (1 − fraction)`` of the run so far: the same share of the whole run (a warm-up–stable–decay run).
+The sparsity-penalty warm-up of ``standard`` / ``jumprelu`` is a share of the steps and needs them in advance,
+so under ``time`` / ``plateau`` its ``None`` default resolves to 0 and an explicit value is refused.
+
+The dead-latent window (what sae-lens's AuxK and pre-activation losses act on) is set in samples and scaled to
+the run (:meth:`BaselineSpec.dead_window_samples_for`), so that it acts in short runs too; sae-lens's own
+default, 1,000 steps, is longer than a whole short run.
 """
 
 from __future__ import annotations
@@ -16,14 +26,15 @@ from typing import Any
 
 #: The sae-lens training architectures this package trains (sae-lens's own registry names).
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "standard", "matching_pursuit")
-#: Budget modes: a fixed number of optimiser steps, of samples, of wall seconds, or until held-out FVU stalls.
-BUDGET_MODES = ("steps", "samples", "time", "converged")
+#: Budget modes: a fixed number of optimiser steps, of samples, of wall seconds, or until the held-out curve
+#: flattens (within a cap).
+BUDGET_MODES = ("steps", "samples", "time", "plateau")
 #: The :class:`Budget` fields each mode reads, the one it requires first.
 BUDGET_FIELDS = {
     "steps": ("steps",),
     "samples": ("samples",),
     "time": ("seconds",),
-    "converged": ("steps", "check_every", "rel_tol", "patience"),
+    "plateau": ("samples", "seconds", "threshold", "min_samples"),
 }
 #: ``normalize_activations`` values this package supports (the trainer estimates the factor and folds it in).
 NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -34,6 +45,15 @@ MATRYOSHKA_FIRST_WIDTH = 2**8
 DEFAULT_LR_DECAY_FRACTION = 0.2
 #: L1 warm-up over the first 5% of steps (sae-lens tutorial: ``l1_warm_up_steps = total_training_steps // 20``).
 DEFAULT_L1_WARM_UP_FRACTION = 0.05
+#: Shortest dead-latent window, in samples, whatever the run's length: at a typical L0/width of 1/64 a latent
+#: firing at 1% of the average rate still fires ~2.5 times in it, so silence over it means dead.
+MIN_DEAD_WINDOW_SAMPLES = 2**14
+#: Longest dead-latent window as a share of the run, whatever the other bounds say: the last 3/4 of any run, however
+#: short, can revive latents.
+MAX_DEAD_WINDOW_SHARE = 0.25
+#: A ``plateau`` budget's default threshold: the curve has flattened when held-out FVU improved by less than 1%
+#: of itself over the last doubling of the samples.
+DEFAULT_PLATEAU_THRESHOLD = 0.01
 
 
 @dataclass
@@ -51,10 +71,18 @@ class BaselineSpec:
     lr_warm_up_steps: int = 0
     """Linear lr warm-up steps (sae-lens default and tutorial)."""
     lr_decay_fraction: float | None = None
-    """Share of the steps, at the end, over which the lr decays linearly to 0 (sae-lens ``lr_decay_steps``).
-    None: :data:`DEFAULT_LR_DECAY_FRACTION` under a steps/samples budget, 0 under time/converged."""
-    dead_feature_window: int = 1000
-    """Steps without firing after which a latent is dead (drives TopK's AuxK loss; sae-lens default)."""
+    """Share of the run, at the end, over which the lr decays linearly to 0 (sae-lens ``lr_decay_steps``; of
+    the seconds under a ``time`` budget, of the whole run under ``plateau``: see the module docstring).
+    None: :data:`DEFAULT_LR_DECAY_FRACTION`."""
+    dead_window_fraction: float = 0.05
+    """The dead-latent window as a share of the run's samples (of the budget's, when known in advance; of the
+    samples trained so far under ``plateau``), at least :data:`MIN_DEAD_WINDOW_SAMPLES`, at most
+    ``dead_window_samples`` and :data:`MAX_DEAD_WINDOW_SHARE` of the run. A latent that has not fired for that
+    long is dead: TopK-family AuxK and JumpReLU's pre-activation loss act on it. 5% is of the order of the
+    field's windows (Gao et al.: 10 M tokens; sae-lens: 1,000 steps) relative to their runs' lengths."""
+    dead_window_samples: int = 4096 * 1000
+    """The longest dead-latent window, in samples: sae-lens's default window (1,000 steps) at its default batch
+    of 4,096."""
     normalize_activations: str | None = None
     """sae-lens input normalisation, ``"none"`` or ``"expected_average_only_in"`` (scale to mean norm
     sqrt(d_in) during training, folded into the weights at the end). None: ``expected_average_only_in`` for
@@ -68,7 +96,7 @@ class BaselineSpec:
     sparsity_warm_up_fraction: float | None = None
     """``standard`` / ``jumprelu``: share of the steps over which the sparsity penalty ramps up from 0. None:
     :data:`DEFAULT_L1_WARM_UP_FRACTION` for ``standard`` (sae-lens tutorial), 0 for ``jumprelu`` (sae-lens
-    default; its docs set none for the quadratic loss); 0 under time/converged budgets."""
+    default; its docs set none for the quadratic loss); 0 under time/plateau budgets."""
     jumprelu_sparsity_loss_mode: str = "quadratic"
     """``jumprelu``: ``"quadratic"`` pulls L0 towards ``target_l0 = k`` (Gemma Scope 2, in the sae-lens docs),
     so the baseline sits at the comparison's L0; ``"step"`` (DeepMind) or ``"tanh"`` (Anthropic) penalise L0."""
@@ -101,11 +129,13 @@ class BaselineSpec:
             raise ValueError(f"architecture={self.architecture!r} is not one of {', '.join(ARCHITECTURES)}.")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0.")
-        if self.batch_size < 1 or self.lr_warm_up_steps < 0 or self.dead_feature_window < 1:
+        if self.batch_size < 1 or self.lr_warm_up_steps < 0 or self.dead_window_samples < 1:
             raise ValueError(
-                f"batch_size={self.batch_size} and dead_feature_window={self.dead_feature_window} "
+                f"batch_size={self.batch_size} and dead_window_samples={self.dead_window_samples} "
                 f"must be >= 1, lr_warm_up_steps={self.lr_warm_up_steps} >= 0."
             )
+        if not 0 < self.dead_window_fraction <= 1:
+            raise ValueError(f"dead_window_fraction={self.dead_window_fraction} must be in (0, 1].")
         for name in ("lr_decay_fraction", "sparsity_warm_up_fraction"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
@@ -119,6 +149,17 @@ class BaselineSpec:
             raise ValueError(f"b_dec_init={self.b_dec_init!r} must be 'mean' or 'zeros'.")
         if self.mp_max_iterations is not None and self.mp_max_iterations < 1:
             raise ValueError(f"mp_max_iterations={self.mp_max_iterations} must be >= 1 (or None for k).")
+
+    def decay_fraction(self) -> float:
+        """The resolved ``lr_decay_fraction``."""
+        return DEFAULT_LR_DECAY_FRACTION if self.lr_decay_fraction is None else float(self.lr_decay_fraction)
+
+    def dead_window_samples_for(self, run_samples: float) -> int:
+        """The dead-latent window in samples for a run of ``run_samples``: ``dead_window_fraction`` of it, at
+        least :data:`MIN_DEAD_WINDOW_SAMPLES`, at most ``dead_window_samples`` and at most
+        :data:`MAX_DEAD_WINDOW_SHARE` of the run."""
+        window = max(self.dead_window_fraction * run_samples, MIN_DEAD_WINDOW_SAMPLES)
+        return int(min(window, self.dead_window_samples, MAX_DEAD_WINDOW_SHARE * run_samples))
 
     def normalization(self) -> str:
         """The resolved ``normalize_activations`` (see the field)."""
@@ -149,24 +190,23 @@ class Budget:
     """How long a baseline trains. ``steps``: exactly ``steps`` optimiser steps. ``samples``: ``samples``
     rounded down to whole batches (at least one). ``time``: steps until ``seconds`` of wall time have passed
     since :func:`~pipeline.baselines.train.train_baseline` was called (set-up included, held-out
-    evaluation not), checked after each step. ``converged``: every ``check_every`` steps the held-out FVU is
-    measured; training stops once it has failed ``patience`` times in a row to beat the best so far by a
-    relative ``rel_tol``, or at ``steps``."""
+    evaluation not), checked after each step. ``plateau``: until the held-out curve has flattened (improved by
+    less than ``threshold`` of itself over the last doubling of the samples, judged from ``min_samples`` on),
+    or until the cap (``samples``, and ``seconds`` if set) is near; then the lr decays (module docstring)."""
 
     mode: str = "steps"
     """One of :data:`BUDGET_MODES`."""
     steps: int | None = None
-    """``steps``: the optimiser steps; ``converged``: the cap."""
+    """``steps``: the optimiser steps."""
     samples: int | None = None
-    """``samples``: the training samples (rounded down to whole batches)."""
+    """``samples``: the training samples (rounded down to whole batches); ``plateau``: the cap in samples."""
     seconds: float | None = None
-    """``time``: the wall-clock budget in seconds."""
-    check_every: int = 100
-    """``converged``: optimiser steps between held-out checks."""
-    rel_tol: float = 1e-3
-    """``converged``: a check improves when FVU < best * (1 - rel_tol)."""
-    patience: int = 3
-    """``converged``: checks in a row without improvement that end training."""
+    """``time``: the wall-clock budget in seconds; ``plateau``: an optional cap in training seconds."""
+    threshold: float = DEFAULT_PLATEAU_THRESHOLD
+    """``plateau``: the largest relative improvement of held-out FVU per doubling of samples that counts as
+    flat."""
+    min_samples: int = 2**18
+    """``plateau``: samples before the rule is first applied (early curves can pause before they fall)."""
 
     def __post_init__(self) -> None:
         if self.mode not in BUDGET_FIELDS:
@@ -175,18 +215,17 @@ class Budget:
         value = getattr(self, need)
         if value is None or not value > 0:
             raise ValueError(f"a {self.mode!r} budget needs {need} > 0, got {value!r}.")
-        if self.check_every < 1 or self.patience < 1 or self.rel_tol < 0:
-            raise ValueError(
-                f"check_every={self.check_every} and patience={self.patience} must be >= 1, "
-                f"rel_tol={self.rel_tol} >= 0."
-            )
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"budget seconds={self.seconds!r} must be > 0 (or None under 'plateau').")
+        if not self.threshold >= 0 or self.min_samples < 0:
+            raise ValueError(f"plateau threshold={self.threshold} and min_samples={self.min_samples} must be >= 0.")
 
     def describe(self) -> dict[str, Any]:
         """The mode and the fields it reads (what a log line shows)."""
         return {"mode": self.mode, **{f: getattr(self, f) for f in BUDGET_FIELDS[self.mode]}}
 
     def known_steps(self, batch_size: int) -> int | None:
-        """The optimiser steps this budget fixes in advance (None for ``time`` / ``converged``)."""
+        """The optimiser steps this budget fixes in advance (None for ``time`` / ``plateau``)."""
         if self.mode == "steps":
             return int(self.steps)
         if self.mode == "samples":

@@ -99,10 +99,15 @@ def build_training_sae(
 
 
 def trainer_config(
-    spec: BaselineSpec, total_samples: int, lr_decay_steps: int, device: str, logging: dict[str, Any] | None = None
+    spec: BaselineSpec,
+    total_samples: int,
+    lr_decay_steps: int,
+    dead_feature_window: int,
+    device: str,
+    logging: dict[str, Any] | None = None,
 ) -> SAETrainerConfig:
-    """sae-lens's trainer config: ``total_samples`` ends ``fit()``'s loop; checkpoints off; wandb and sae-lens's
-    evals off unless ``logging`` (``LoggingConfig`` fields, e.g. from
+    """sae-lens's trainer config: ``total_samples`` ends ``fit()``'s loop; ``dead_feature_window`` in steps;
+    checkpoints off; wandb and sae-lens's evals off unless ``logging`` (``LoggingConfig`` fields, e.g. from
     :func:`pipeline.utils.tracking.sae_lens_logging`) turns wandb logging on."""
     _check_reserved("trainer_options", spec.trainer_options, RESERVED_TRAINER_FIELDS)
     options: dict[str, Any] = dict(
@@ -117,7 +122,7 @@ def trainer_config(
         lr_warm_up_steps=spec.lr_warm_up_steps,
         lr_decay_steps=lr_decay_steps,
         device=device,
-        dead_feature_window=spec.dead_feature_window,
+        dead_feature_window=dead_feature_window,
         n_checkpoints=0,
         checkpoint_path=None,
         save_final_checkpoint=False,

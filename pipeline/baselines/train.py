@@ -1,21 +1,24 @@
 """Train an SAE baseline with sae-lens's own trainer (``SAETrainer.fit()``) on our activations.
 
 The recipe is sae-lens's (:mod:`~pipeline.baselines.lens`); ours are only the data provider
-(:mod:`~pipeline.baselines.batches`), ``b_dec`` starting at the data mean, and the budget:
+(:mod:`~pipeline.baselines.batches`), ``b_dec`` starting at the data mean, and the budget
+(:mod:`~pipeline.baselines.control` sets what sae-lens cannot know in advance):
 
 * ``steps`` / ``samples``: the trainer's ``total_training_samples`` is ``steps × batch_size`` (samples rounded
   down to whole batches, at least one), and every batch is full, so ``fit()`` runs exactly that many steps and
   its lr schedule knows the count (decay and sparsity warm-up are placed in it);
-* ``time`` / ``converged``: ``fit()`` runs with an open-ended total (``converged``: its cap) and a subclass hook
-  after each optimiser step decides to stop. It stops by lowering ``total_training_samples`` to the samples
-  seen, so ``fit()``'s own loop test ends the loop and ``fit()`` itself runs everything it runs after the
-  loop (folding the normalisation factor into the weights, the final L0 / dead-latent metadata). A provider
-  that raised ``StopIteration`` instead would skip all of that (docs/sae-lens-baselines.md). The time check is
-  after each step, so a run overshoots its seconds by at most one step plus that finalisation.
+* ``time`` / ``plateau``: ``fit()`` runs with an open-ended total (``plateau``: its sample cap) and a subclass
+  hook around each optimiser step sets the lr and decides to stop. It stops by lowering
+  ``total_training_samples`` to the samples seen, so ``fit()``'s own loop test ends the loop and ``fit()`` itself
+  runs everything it runs after the loop (folding the normalisation factor into the weights, the final L0 /
+  dead-latent metadata). A provider that raised ``StopIteration`` instead would skip all of that
+  (docs/sae-lens-baselines.md). The time check is after each step, so a run overshoots its seconds by at most
+  one step plus that finalisation.
 
-If ``normalize_activations`` is ``expected_average_only_in``, the scaling factor is estimated (by sae-lens's
-``ActivationScaler``, as ``fit()`` would) before ``fit()``, so that ``b_dec`` can start at the *scaled* mean;
-``fit()`` keeps a factor that is already set.
+With ``heldout`` rows, held-out FVU is measured on the log grid of steps (the record's ``heldout_curve``, whose
+last point is the final SAE's held-out FVU). If ``normalize_activations`` is ``expected_average_only_in``, the
+scaling factor is estimated (by sae-lens's ``ActivationScaler``, as ``fit()`` would) before ``fit()``, so that
+``b_dec`` can start at the *scaled* mean; ``fit()`` keeps a factor that is already set.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -39,7 +41,8 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
 from pipeline.baselines.batches import data_mean, training_batches
-from pipeline.baselines.config import DEFAULT_L1_WARM_UP_FRACTION, DEFAULT_LR_DECAY_FRACTION, BaselineSpec, Budget
+from pipeline.baselines.config import DEFAULT_L1_WARM_UP_FRACTION, BaselineSpec, Budget
+from pipeline.baselines.control import RunControl
 from pipeline.baselines.lens import build_training_sae, inference_form, trainer_config
 from pipeline.saes.heldout import heldout_stats
 from pipeline.utils.devices import resolve_device
@@ -68,6 +71,8 @@ class BaselineRecord:
     """Wall time from the call to the end of ``fit()`` (set-up included, held-out evaluation not)."""
     final_lr: float
     lr_decay_steps: int
+    """Decay steps of sae-lens's own scheduler (``steps`` / ``samples`` budgets; 0 where :mod:`control` sets
+    the lr)."""
     sparsity_warm_up_steps: int
     normalize_activations: str
     budget: dict[str, Any]
@@ -86,8 +91,21 @@ class BaselineRecord:
     heldout_mean_max_abs_cos: float | None = None
     heldout_fvu_init: float | None = None
     """The same FVU at step 0 (after ``b_dec`` init), for the inference form of the untrained SAE."""
-    fvu_checks: list[float] | None = None
-    """``converged``: the held-out FVU at each check."""
+    heldout_curve: list[dict[str, float]] | None = None
+    """Held-out FVU on the log grid of steps (``steps``, ``samples``, ``seconds``, ``fvu``, ``lr``), last point the
+    final SAE's (:class:`~pipeline.baselines.control.RunControl`)."""
+    stop_reason: str | None = None
+    """``budget``, ``plateau``, ``cap_samples`` or ``cap_seconds`` (:mod:`~pipeline.baselines.control`)."""
+    improvement_per_doubling: float | None = None
+    """Relative held-out FVU gain over the last doubling of samples at full lr, before the decay."""
+    flattened: bool | None = None
+    """Whether that gain was below the budget's plateau threshold: the curve had flattened."""
+    decay_start_step: int | None = None
+    """``plateau``: steps done when the lr decay began."""
+    dead_window_steps: int | None = None
+    """The dead-latent window at the end of training, in steps."""
+    dead_mask_steps: int | None = None
+    """Steps at which some latent was inside the dead window (AuxK / pre-activation losses acting)."""
 
 
 @dataclass
@@ -117,38 +135,39 @@ def train_baseline(
     ``data``: an ``(n, d_in)`` tensor or a re-iterable of ``(b, d_in)`` batches; ``k``: the L0 the baseline is
     trained at (TopK / BatchTopK / Matryoshka ``k``, JumpReLU's quadratic ``target_l0``, MP-SAE's iterations;
     unused by ``standard``, whose L0 follows ``l1_coefficient``). ``heldout: (m, d_in)`` adds held-out FVU / L0
-    to the record (required by a ``converged`` budget). ``progress`` shows sae-lens's tqdm bars. ``logging``:
-    sae-lens ``LoggingConfig`` fields (:func:`pipeline.utils.tracking.sae_lens_logging`) for wandb logging of the
-    training by sae-lens itself; None: off.
+    and the held-out curve to the record (required by a ``plateau`` budget). ``progress`` shows sae-lens's tqdm
+    bars. ``logging``: sae-lens ``LoggingConfig`` fields (:func:`pipeline.utils.tracking.sae_lens_logging`)
+    for wandb logging of the training by sae-lens itself; None: off.
     """
     clock = _Clock()
     if not 1 <= k <= width or d_in < 1:
         raise ValueError(f"need 1 <= k <= width and d_in >= 1, got k={k}, width={width}, d_in={d_in}.")
-    if budget.mode == "converged" and heldout is None:
-        raise ValueError("a 'converged' budget measures held-out FVU: pass heldout=(m, d_in) rows.")
     if heldout is not None and (heldout.ndim != 2 or heldout.shape[1] != d_in or heldout.shape[0] < 2):
         raise ValueError(f"heldout must be (m >= 2, {d_in}), got {tuple(heldout.shape)}.")
     device = resolve_device(spec.device)
     known = budget.known_steps(spec.batch_size)
     decay_steps, warm_steps = _schedule(spec, budget, known)
-    cap = known if known is not None else (budget.steps if budget.mode == "converged" else None)
-    total = cap * spec.batch_size if cap is not None else OPEN_ENDED_SAMPLES
-    checks: list[float] = []
+    if known is not None:
+        total = known * spec.batch_size
+    elif budget.mode == "plateau":
+        total = int(budget.samples)
+    else:
+        total = OPEN_ENDED_SAMPLES
+    held = heldout.to(device) if heldout is not None else None
+    measure = None
+    if held is not None:
+        measure = lambda tr: _fvu(_finished_copy(tr.sae, tr.activation_scaler.scaling_factor), held)  # noqa: E731
+    control = RunControl(spec, budget, clock, measure)
     curve: list[dict[str, float]] = []
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), _progress_bars(progress), torch.enable_grad():
         torch.manual_seed(spec.seed)
         sae = build_training_sae(spec, d_in, width, k, warm_steps, str(device))
-        stop = None
-        if budget.mode == "time":
-            stop = lambda trainer: clock() >= budget.seconds  # noqa: E731
-        elif budget.mode == "converged":
-            stop = _Convergence(heldout.to(device), budget, checks, clock)
         trainer = _BudgetedTrainer(
-            cfg=trainer_config(spec, total, decay_steps, str(device), logging),
+            cfg=trainer_config(spec, total, decay_steps, control.dead_window_steps, str(device), logging),
             sae=sae,
             data_provider=training_batches(data, d_in, spec.batch_size, spec.seed, device),
-            stop=stop,
+            control=control,
             clock=clock,
             curve=curve,
         )
@@ -157,9 +176,9 @@ def train_baseline(
             with torch.no_grad():
                 sae.b_dec.copy_(data_mean(data, d_in, device) * (scale or 1.0))
         fvu_init = None
-        if heldout is not None:  # evaluation, not training: its time is taken off the clock
+        if held is not None:  # evaluation, not training: its time is taken off the clock
             with clock.paused():
-                fvu_init = _fvu(_finished_copy(sae, scale), heldout.to(device))
+                fvu_init = _fvu(_finished_copy(sae, scale), held)
         trainer.fit()
         if device.type == "cuda":  # queued kernels belong to the training time
             torch.cuda.synchronize(device)
@@ -173,7 +192,7 @@ def train_baseline(
         steps=trainer.n_training_steps,
         samples=trainer.n_training_samples,
         seconds=seconds,
-        final_lr=float(trainer.optimizer.param_groups[0]["lr"]),
+        final_lr=control.last_lr,
         lr_decay_steps=decay_steps,
         sparsity_warm_up_steps=warm_steps,
         normalize_activations=spec.normalization(),
@@ -182,14 +201,17 @@ def train_baseline(
         sae_lens_version=sae_lens.__version__,
         device=str(device),
         heldout_fvu_init=fvu_init,
-        fvu_checks=checks if budget.mode == "converged" else None,
         curve=thin_curve(curve),
+        **control.summary(),
     )
-    if heldout is not None:
-        stats = heldout_stats(final, heldout.to(device))
+    if held is not None:
+        stats = heldout_stats(final, held)
         record.heldout_rows, record.heldout_fvu, record.heldout_l0 = stats["heldout_rows"], stats["fvu"], stats["l0"]
         record.heldout_dead_fraction = stats["dead_fraction"]
         record.heldout_mean_max_abs_cos = stats["mean_max_abs_cos"]
+        points = [p for p in control.curve if p["steps"] < record.steps]
+        last = {"steps": record.steps, "samples": record.samples, "seconds": seconds, "fvu": stats["fvu"]}
+        record.heldout_curve = [*points, {**last, "lr": control.curve[-1]["lr"] if control.curve else spec.lr}]
     return TrainedBaseline(sae=final, training_sae=trainer.sae, record=record)
 
 
@@ -220,77 +242,56 @@ def thin_curve(points: list[dict[str, float]], max_points: int = MAX_CURVE_POINT
 
 
 class _BudgetedTrainer(SAETrainer):
-    """sae-lens's trainer plus one hook: after each optimiser step ``stop(trainer)`` may end training.
+    """sae-lens's trainer plus a hook around each optimiser step: ``control`` sets the step's lr and dead window
+    before it, measures and may end training after it.
 
-    It ends it through ``fit()``'s own loop test (``n_training_samples < total_training_samples``) by lowering the
-    total to the samples seen, so ``fit()`` still runs its end-of-training work. ``step()`` is the public seam
-    ``fit()`` calls once per step, before it counts the step in ``n_training_steps``.
+    It ends training through ``fit()``'s own loop test (``n_training_samples < total_training_samples``) by
+    lowering the total to the samples seen, so ``fit()`` still runs its end-of-training work. ``step()`` is the
+    public seam ``fit()`` calls once per step, before it counts the step in ``n_training_steps``.
     """
 
     def __init__(
         self,
         *args: Any,
-        stop: Callable[[SAETrainer], bool] | None = None,
-        clock: Callable[[], float] | None = None,
-        curve: list[dict[str, float]] | None = None,
+        control: RunControl,
+        clock: Callable[[], float],
+        curve: list[dict[str, float]],
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._stop, self._clock, self._curve = stop, clock, curve
+        self._control, self._clock, self._curve = control, clock, curve
 
     def step(self, batch: Tensor) -> Any:
+        self._control.before_step(self)
         output = super().step(batch)
         step = self.n_training_steps + 1  # fit() counts the step after this returns
-        if self._curve is not None and self._clock is not None and (step <= 10 or step % CURVE_EVERY == 0):
+        if step <= 10 or step % CURVE_EVERY == 0:
             with torch.no_grad():
                 x, x_hat = output.sae_in.float(), output.sae_out.float()
                 fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-30))
             self._curve.append(
                 {"seconds": self._clock(), "samples": self.n_training_samples, "steps": step, "fvu": fvu}
             )
-        if self._stop is not None and self._stop(self):
+        if self._control.after_step(self):
             self.cfg.total_training_samples = self.n_training_samples
         return output
 
 
-class _Convergence:
-    """Stop when held-out FVU has failed ``budget.patience`` checks in a row to beat the best by ``rel_tol``."""
-
-    def __init__(self, heldout: Tensor, budget: Budget, checks: list[float], clock: _Clock) -> None:
-        self.heldout, self.budget, self.checks, self.clock = heldout, budget, checks, clock
-        self.best, self.stale = math.inf, 0
-
-    def __call__(self, trainer: SAETrainer) -> bool:
-        if (trainer.n_training_steps + 1) % self.budget.check_every:
-            return False
-        sae, scaler = trainer.sae, trainer.activation_scaler
-        # the training SAE sees scaled inputs; FVU is scale-free, so it is measured in that space
-        with self.clock.paused():
-            fvu = _fvu(lambda x: sae.decode(sae.encode(scaler(x))), self.heldout)
-        self.checks.append(fvu)
-        if fvu < self.best * (1 - self.budget.rel_tol):
-            self.best, self.stale = fvu, 0
-        else:
-            self.stale += 1
-        return self.stale >= self.budget.patience
-
-
 def _schedule(spec: BaselineSpec, budget: Budget, steps: int | None) -> tuple[int, int]:
-    """``(lr_decay_steps, sparsity_warm_up_steps)``: fractions of the known step count (see the spec)."""
+    """``(lr_decay_steps, sparsity_warm_up_steps)`` of sae-lens's own schedulers: fractions of the known step
+    count; ``time`` / ``plateau`` runs get 0 decay steps (:class:`RunControl` decays their lr)."""
     if steps is None:
-        for name in ("lr_decay_fraction", "sparsity_warm_up_fraction"):
-            if getattr(spec, name):
-                raise ValueError(
-                    f"{name}={getattr(spec, name)} is a share of the optimiser steps, which a "
-                    f"{budget.mode!r} budget does not know in advance: set it to 0 (or None), or "
-                    "use a 'steps' / 'samples' budget."
-                )
+        if spec.sparsity_warm_up_fraction:
+            raise ValueError(
+                f"sparsity_warm_up_fraction={spec.sparsity_warm_up_fraction} is a share of the optimiser "
+                f"steps, which a {budget.mode!r} budget does not know in advance: set it to 0 (or None), or "
+                "use a 'steps' / 'samples' budget."
+            )
         return 0, 0
-    decay = DEFAULT_LR_DECAY_FRACTION if spec.lr_decay_fraction is None else spec.lr_decay_fraction
     warm = spec.sparsity_warm_up_fraction
     if warm is None:
         warm = DEFAULT_L1_WARM_UP_FRACTION if spec.architecture == "standard" else 0.0
-    decay_steps = min(int(decay * steps), max(0, steps - spec.lr_warm_up_steps - 1))
+    decay_steps = min(int(spec.decay_fraction() * steps), max(0, steps - spec.lr_warm_up_steps - 1))
     return decay_steps, int(warm * steps)
 
 

@@ -13,6 +13,9 @@ Data parallel (``process_group``, e.g. ``torch.distributed.group.WORLD`` under t
 same data and codes its own contiguous share of each sample batch; every sum over samples is all-reduced
 (:mod:`pipeline.core.collective`), so the ranks hold the dictionary one process fits on the whole batches, up
 to floating-point summation order. Rank 0 alone writes the checkpoint and shows progress.
+
+One module (~480 lines): the fit loop, one iteration, the held-out curve and the stop rules share the loop's
+state (clock, resume position, checkpoint, generator); split apart they would pass all of it around.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pipeline.core.collective import LOCAL, Collective, collective
 from pipeline.core.dictionary import Dictionary
 from pipeline.core.learner_config import PAPER_SCHEDULE, LearnerConfig
 from pipeline.core.matryoshka import Group, matryoshka_groups
+from pipeline.utils.curves import on_log_grid
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +66,21 @@ HISTORY_FIELDS: dict[str, str] = {
     "iteration": "1-based iteration number",
     "epoch": "0-based epoch",
     "rows": "samples in the batch (all ranks)",
-    "seconds": "learner clock since the start of the fit (resumed fits continue it)",
+    "seconds": "learner clock since the start of the fit (resumed fits continue it; held-out evaluation excluded)",
+    "heldout_fvu": "FVU of the held-out rows under the dictionary after this iteration (only on the log grid of "
+    "iterations and at the last, and only when held-out rows were given)",
 }
 
 
 def learn_dictionary(
-    data: Tensor | Iterable[Tensor], n_atoms: int, k: int, *, process_group=None, callback=None, **options
+    data: Tensor | Iterable[Tensor],
+    n_atoms: int,
+    k: int,
+    *,
+    process_group=None,
+    callback=None,
+    heldout: Tensor | None = None,
+    **options,
 ) -> Dictionary:
     """Learn a dictionary of ``n_atoms`` unit-norm atoms for ``k``-sparse codes of ``data``.
 
@@ -79,18 +92,30 @@ def learn_dictionary(
         process_group: a ``torch.distributed`` process group for a data-parallel fit (every rank calls with the
             same data; each codes its share of every batch); None: one process.
         callback: called as ``callback(iteration, record, dictionary_atoms)`` after every iteration.
+        heldout: ``(m, d)`` held-out rows: their FVU under the dictionary as it stands is measured after the
+            iterations :func:`~pipeline.utils.curves.on_log_grid` names and after the last, off the learner's
+            clock, and recorded as ``heldout_fvu`` in those iterations' history records.
         **options: any field of :class:`LearnerConfig`.
 
     Returns:
         the :class:`~pipeline.core.dictionary.Dictionary` (on the fitting device), with its per-iteration history.
     """
     return fit_dictionary(
-        data, LearnerConfig.from_options(n_atoms, k, **options), process_group=process_group, callback=callback
+        data,
+        LearnerConfig.from_options(n_atoms, k, **options),
+        process_group=process_group,
+        callback=callback,
+        heldout=heldout,
     )
 
 
 def fit_dictionary(
-    data: Tensor | Iterable[Tensor], cfg: LearnerConfig, *, process_group=None, callback=None
+    data: Tensor | Iterable[Tensor],
+    cfg: LearnerConfig,
+    *,
+    process_group=None,
+    callback=None,
+    heldout: Tensor | None = None,
 ) -> Dictionary:
     """:func:`learn_dictionary` with its options as one typed :class:`LearnerConfig` (what the fit stage builds
     from the ``dictionary`` config node)."""
@@ -129,6 +154,7 @@ def fit_dictionary(
         history, it, epoch, batch_pos, elapsed0 = [], 0, 0, 0, 0.0
     G = gram(D, cfg.coder.precision)
     t0 = time.perf_counter() - elapsed0
+    eval_seconds = 0.0
     bar = tqdm(total=cfg.max_iters, initial=it, disable=not (cfg.progress and comm.is_main), desc="DB-KSVD", unit="it")
     stop = _stop_reason(cfg, history, it, epoch, 0.0)
     while stop is None:
@@ -154,6 +180,11 @@ def fit_dictionary(
             if callback is not None:
                 callback(it, rec, D)
             stop = _stop_reason(cfg, history, it, epoch, rec["seconds"])
+            if heldout is not None and (on_log_grid(it) or stop is not None):
+                start = time.perf_counter()
+                rec["heldout_fvu"] = _heldout_fvu(D, centre, groups, cfg, heldout)
+                t0 += time.perf_counter() - start  # evaluation is not fitting: off the clock
+                eval_seconds += time.perf_counter() - start
             if cfg.checkpoint_path and comm.is_main and (it % cfg.checkpoint_every == 0 or stop is not None):
                 save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
             if stop is not None:
@@ -165,6 +196,8 @@ def fit_dictionary(
             if cfg.checkpoint_path and comm.is_main:
                 save_checkpoint(cfg, D, centre, history, it, epoch, batch_pos, gen)
     bar.close()
+    if heldout is not None and history and "heldout_fvu" not in history[-1]:  # stopped at an epoch's end
+        history[-1]["heldout_fvu"] = _heldout_fvu(D, centre, groups, cfg, heldout)
     log.info("DB-KSVD stopped after %d iterations: %s", it, stop)
     meta = {
         "learner": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress",)},
@@ -172,6 +205,7 @@ def fit_dictionary(
         "iterations": it,
         "atom_batch_size": atom_batch,
         "ranks": comm.world,
+        "heldout_eval_seconds": eval_seconds,
     }
     if groups is not None:
         meta["group_atom_batch_sizes"] = [group_atom_batch(atom_batch, g, n_atoms) for g in groups]
@@ -423,6 +457,12 @@ def _init_atoms(Y: Tensor, n_atoms: int, how: str, gen: torch.Generator) -> Tens
             D[zero] = torch.rand(int(zero.sum()), d, generator=gen) - 0.5
     D = D.to(Y.device, torch.float32)
     return D / D.norm(dim=1, keepdim=True)
+
+
+def _heldout_fvu(D: Tensor, centre: Tensor | None, groups, cfg: LearnerConfig, Y: Tensor) -> float:
+    """Held-out FVU of ``Y: (m, d)`` under atoms ``D: (K, d)`` coded as the finished dictionary will code it."""
+    coder = cfg.coder if cfg.eval_refit is None else replace(cfg.coder, refit=cfg.eval_refit)
+    return Dictionary(D, coder, centre, groups, [], {}).fvu(Y.to(D.device))
 
 
 def _stop_reason(cfg: LearnerConfig, history: list[dict], it: int, epoch: int, seconds: float) -> str | None:

@@ -28,6 +28,7 @@ from pipeline.report.plots import (
     plot_fvu_vs_time,
     plot_metric_vs_l0,
 )
+from pipeline.report.quality import time_to_quality
 from pipeline.report.rows import (
     BUDGET_COLUMNS,
     COLUMNS,
@@ -63,6 +64,7 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
             *[f"- `{f}`" for f in eval_folders],
             "",
         ]
+    lines += time_to_quality(rows)
     lines += [
         "Every number below is read from SAEBench's own result files (`eval_results/<eval>/*.json`) and "
         "the evaluate stage's `saes.json` (held-out activations of the harvest store, training budgets). "
@@ -140,8 +142,9 @@ def _plots(rows: list[Row], out: Path) -> list[str]:
     lines += ["## Plots", ""]
     if time_plot:
         lines += [
-            "FVU against wall time, every SAE on one plot: lines = training-batch FVU (measured before each "
-            "update/step), markers = held-out FVU at the end of training, at the budget's wall time.",
+            "Held-out FVU against training wall time, every method on one log-log plot, measured while each "
+            "trained (log grid of updates / steps); markers = the end of training; dotted = the dictionary's "
+            "fit time and held-out FVU.",
             "",
             f"![FVU vs wall time]({time_plot.name})",
             "",

@@ -74,6 +74,9 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
         elif mode in ("equal_samples", "samples"):
             ts = [r.budget.get("target_samples") for r in members if is_number(r.budget.get("target_samples"))]
             target = f" (target {joined_values(ts, fmt_count)} samples)" if ts else ""
+        elif mode == "plateau":
+            ts = [r.budget.get("cap_samples") for r in members if is_number(r.budget.get("cap_samples"))]
+            target = f"; cap {joined_values(ts, fmt_count)} samples" if ts else ""
         elif mode == "steps":
             ts = [r.budget.get("steps") for r in members if is_number(r.budget.get("steps"))]
             target = f" ({joined_values(ts, fmt_count)})" if ts else ""
@@ -149,8 +152,10 @@ def _width_lines(rows: list[Row]) -> list[str]:
         + "; ".join(f"{w} ({', '.join(a)})" for w, a in by_width.items())
         + "."
     ]
-    if any(r.described.get("signed") for r in rows):
+    if any(r.described.get("signed") and r.described.get("export", "split") == "split" for r in rows):
         out.append("  - A signed dictionary of K atoms is exported ± split (each atom as +d and −d): width 2K.")
+    if any(r.described.get("signed") and r.described.get("export") == "signed" for r in rows):
+        out.append("  - A signed dictionary exported with signed codes (`eval.signed_export=signed`): width K.")
     out += [
         f"  - `{r.name}`: {str(r.described['width_note']).rstrip('.')}." for r in rows if r.described.get("width_note")
     ]

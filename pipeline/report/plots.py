@@ -87,50 +87,56 @@ def plot_fit_curves(rows: list[Row], out: Path) -> Path | None:
     return _save(fig, out / FIT_CURVE_FILE)
 
 
-def curve_points(row: Row) -> list[tuple[float, float]]:
-    """``(seconds, fvu)`` of a row's training curve (``curve`` of its description), finite positive FVU only
-    (the plot is log-scale), in ascending seconds."""
-    pts = []
-    for p in row.described.get("curve") or []:
-        if isinstance(p, dict) and _finite(p.get("seconds"), p.get("fvu")) and p["fvu"] > 0:
-            pts.append((float(p["seconds"]), float(p["fvu"])))
-    return sorted(pts)
+def curve_points(row: Row) -> tuple[list[tuple[float, float]], bool]:
+    """``(seconds, fvu)`` of a row's held-out curve (``heldout_curve`` of its description), else of its
+    training-batch curve (``curve``: older folders), finite positive values only (both axes are log-scale),
+    in ascending seconds; and whether they are held-out."""
+    for key, heldout in (("heldout_curve", True), ("curve", False)):
+        pts = []
+        for p in row.described.get(key) or []:
+            if isinstance(p, dict) and _finite(p.get("seconds"), p.get("fvu")) and p["fvu"] > 0 and p["seconds"] > 0:
+                pts.append((float(p["seconds"]), float(p["fvu"])))
+        if pts:
+            return sorted(pts), heldout
+    return [], False
 
 
 def plot_fvu_vs_time(rows: list[Row], out: Path) -> Path | None:
-    """Every SAE's training-batch FVU (measured before each update/step) against wall time on one log-FVU plot,
-    one colour per SAE; its held-out FVU (``fvu``) as a marker at the budget's ``seconds`` (the last curve
-    point's time when the budget has none). None (no file) when no row has a curve."""
-    curves = [(r, curve_points(r)) for r in rows]
-    if not any(pts for _, pts in curves):
+    """Every method's held-out FVU against training wall time on one log-log plot, one colour per SAE, measured
+    on each one's log grid of updates / steps (a row without a held-out curve shows its training-batch curve,
+    dashed); its final held-out FVU as a marker; the dictionaries' fit times and FVUs as dotted guides. None (no
+    file) when no row has a curve."""
+    curves = [(r, *curve_points(r)) for r in rows]
+    if not any(pts for _, pts, _ in curves):
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cmap = plt.cm.tab10 if len(curves) <= 10 else plt.cm.tab20
-    for i, (r, pts) in enumerate(curves):
+    for i, (r, pts, heldout) in enumerate(curves):
         colour = cmap(i % cmap.N)
+        final = r.described.get("fvu")
         end_s = r.budget.get("seconds")
         if not _finite(end_s) and pts:
             end_s = pts[-1][0]
-        heldout = r.described.get("fvu")
-        has_marker = _finite(end_s, heldout) and heldout > 0
+        has_marker = _finite(end_s, final) and final > 0 and end_s > 0
         if not pts and not has_marker:
             continue
-        label = f"{r.name} ({r.architecture})"
+        label = f"{r.name} ({r.architecture})" + ("" if heldout or not pts else ", training batches")
         if pts:
             ax.plot(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 color=colour,
                 linewidth=1.2,
-                marker="." if len(pts) < 40 else None,
-                markersize=3,
+                linestyle="-" if heldout else "--",
+                marker="." if len(pts) < 60 else None,
+                markersize=4,
                 label=label,
             )
         if has_marker:
             ax.scatter(
                 [end_s],
-                [heldout],
+                [final],
                 marker=marker(r.architecture),
                 s=110 if r.is_dictionary else 60,
                 color=colour,
@@ -139,12 +145,16 @@ def plot_fvu_vs_time(rows: list[Row], out: Path) -> Path | None:
                 zorder=3,
                 label=None if pts else label,
             )
+        if r.is_dictionary and has_marker:
+            ax.axvline(end_s, color=colour, linestyle=":", linewidth=0.8)
+            ax.axhline(final, color=colour, linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("FVU (log scale)")
+    ax.set_xlabel("training wall time (s, log scale)")
+    ax.set_ylabel("held-out FVU (log scale)")
     ax.set_title(
-        "FVU vs wall time. Lines: training-batch FVU (before each update/step);\n"
-        "markers: held-out FVU at the end of training (marker = architecture)",
+        "Held-out FVU while training (log grid of updates / steps); markers: the end of training;\n"
+        "dotted: the dictionary's fit time and held-out FVU",
         fontsize=9,
     )
     ax.grid(alpha=0.3, which="both")

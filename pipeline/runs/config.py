@@ -75,7 +75,7 @@ class PipelineConfig:
     """The SAE baselines trained on the same store, by name (``conf/baseline/<name>.yaml``; ``baseline=[]``:
     none)."""
     compare: CompareConfig = field(default_factory=CompareConfig)
-    """How every baseline is matched to the dictionary: the budget (``equal_time`` by default) and the width."""
+    """How every baseline is matched to the dictionary: the budget (``plateau`` by default) and the width."""
     eval: EvalConfig = MISSING
     """The SAEBench metrics, their sizes, and the SAEs they score."""
     dashboards: DashboardsConfig = field(default_factory=DashboardsConfig)

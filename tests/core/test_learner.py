@@ -46,7 +46,8 @@ def test_history_and_dictionary_contents():
     assert len(D.history) == 5
     from pipeline.core.learner import HISTORY_FIELDS
 
-    assert set(D.history[-1]) == set(HISTORY_FIELDS)  # every recorded field is documented, and no more
+    # every recorded field is documented, and no more (held-out FVU only when held-out rows are given)
+    assert set(D.history[-1]) == set(HISTORY_FIELDS) - {"heldout_fvu"}
     # the update can only remove coefficients (non-negative refits), never add them
     assert all(rec["l0_after_update"] <= rec["l0"] + 1e-9 for rec in D.history)
     # atom batch 1 is sequential K-SVD: on the iteration's fixed supports the update never raises the error
@@ -248,3 +249,19 @@ def test_matryoshka_groups_get_atom_batches_scaled_to_their_size():
     p = planted_problem(seed=0)
     D = learn_dictionary(p.Y, 64, 4, matryoshka=4, max_iters=2, tol=None, progress=False, atom_batch_size=8)
     assert D.metadata["group_atom_batch_sizes"] == [2, 2, 4]  # groups of 16, 16, 32 atoms
+
+
+def test_heldout_curve_on_the_log_grid_off_the_clock():
+    """With held-out rows, their FVU is recorded after the log-grid iterations (1, 2, 3, 4, 6, 8, 11) and the
+    last, equal to the finished dictionary's FVU on them at the last; the learner's clock leaves it out."""
+    p = planted_problem(d=16, n_atoms=40, k=3, n=3000, nonnegative=True, seed=0)
+    Y, H = p.Y[:2500], p.Y[2500:]
+    D = learn_dictionary(Y, 40, 3, max_iters=12, batch_size=256, seed=0, heldout=H)
+    marked = [h["iteration"] for h in D.history if "heldout_fvu" in h]
+    assert marked == [1, 2, 3, 4, 6, 8, 11, 12]
+    assert D.history[-1]["heldout_fvu"] == pytest.approx(D.fvu(H), rel=1e-6)
+    fvus = [h["heldout_fvu"] for h in D.history if "heldout_fvu" in h]
+    assert fvus[-1] < fvus[0]
+    assert D.metadata["heldout_eval_seconds"] > 0
+    plain = learn_dictionary(Y, 40, 3, max_iters=12, batch_size=256, seed=0)
+    assert torch.equal(plain.atoms, D.atoms)  # measuring does not change the fit

@@ -405,7 +405,7 @@ def test_fvu_vs_time_plot_only_with_curves(tmp_path, monkeypatch):
     md = write_report([_write_folder(tmp_path / "evaluate-x", _comparison_descs())], out).read_text()
     assert (out / FVU_TIME_PLOT_FILE).stat().st_size > 1000
     assert f"![FVU vs wall time]({FVU_TIME_PLOT_FILE})" in md
-    assert "training-batch FVU (measured before each update/step)" in md and "held-out FVU" in md
+    assert "Held-out FVU against training wall time, every method on one log-log plot" in md
     # the title is set after drawing; the FVU-vs-time calls are the ones before the first titled call
     timed = [c for c in calls if c[1] == ""]
     lines = [c[2:] for c in timed if c[0] == "plot"]
@@ -413,6 +413,13 @@ def test_fvu_vs_time_plot_only_with_curves(tmp_path, monkeypatch):
     assert ([10.0, 100.0, 300.0], [0.6, 0.2, 0.12]) in [tuple(x) for x in lines]
     marks = [tuple(c[2:]) for c in timed if c[0] == "scatter"]
     assert ([301.5], [0.13]) in marks and ([300.2], [0.11]) in marks  # held-out FVU at the budget's seconds
+    # held-out curves win over training-batch curves, on a log time axis
+    calls.clear()
+    descs = _comparison_descs()
+    descs[0]["heldout_curve"] = _curve([1.0, 30.0, 301.5], [0.9, 0.3, 0.13])
+    write_report([_write_folder(tmp_path / "evaluate-h", descs)], tmp_path / "out-h")
+    timed = [tuple(c[2:]) for c in calls if c[1] == "" and c[0] == "plot"]
+    assert ([1.0, 30.0, 301.5], [0.9, 0.3, 0.13]) in timed and ([7.4, 150.0, 300.0], [0.42, 0.2, 0.15]) not in timed
     # old-format folder: no curves, no plot
     out2 = tmp_path / "out2"
     old = _fake_eval_folder(tmp_path / "exp", "evaluate-old", 64, 4, 0.9, 0.95)
@@ -502,3 +509,118 @@ def test_old_format_folder_still_renders(tmp_path):
     assert (tmp_path / "out" / "fit_curve.png").exists()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary[0]["budget"] is None and summary[0]["wall s"] is None
+
+
+def _quality_descs() -> list[dict]:
+    """A dictionary (held-out FVU 0.2 after 100 s, 1.6 M samples) and three baselines: one that reaches it and
+    flattened, one that never reaches it and stopped at its cap still improving, one without a held-out curve."""
+    dictionary = _desc(
+        "dbksvd_K2048_k32",
+        "dictionary",
+        "dbksvd",
+        2048,
+        32,
+        fvu=0.2,
+        budget={"mode": "fit", "seconds": 100.0, "samples": 1_600_000, "updates": 24, "device": "cpu"},
+        heldout_curve=[
+            {"seconds": 10.0, "samples": 100_000, "fvu": 0.4},
+            {"seconds": 50.0, "samples": 800_000, "fvu": 0.22},
+            {"seconds": 100.0, "samples": 1_600_000, "fvu": 0.2},
+        ],
+    )
+    plateau = {"mode": "plateau", "factor": 1.0, "cap_samples": 2_097_152, "device": "cpu"}
+    reached = _desc(
+        "topk_K2048_k32",
+        "baseline",
+        "topk",
+        2048,
+        32,
+        fvu=0.15,
+        budget={
+            **plateau,
+            "seconds": 400.0,
+            "samples": 2_000_000,
+            "steps": 1953,
+            "flattened": True,
+            "stop_reason": "plateau",
+        },
+        heldout_curve=[
+            {"seconds": 10.0, "samples": 50_000, "fvu": 0.5},
+            {"seconds": 40.0, "samples": 200_000, "fvu": 0.3},
+            {"seconds": 160.0, "samples": 800_000, "fvu": 0.1875},
+            {"seconds": 400.0, "samples": 2_000_000, "fvu": 0.15},
+        ],
+    )
+    capped = _desc(
+        "batchtopk_K2048_k32",
+        "baseline",
+        "batchtopk",
+        2048,
+        32,
+        fvu=0.25,
+        budget={
+            **plateau,
+            "seconds": 90.0,
+            "samples": 2_097_152,
+            "steps": 2048,
+            "flattened": False,
+            "stop_reason": "cap_samples",
+        },
+        heldout_curve=[
+            {"seconds": 9.0, "samples": 200_000, "fvu": 0.6},
+            {"seconds": 90.0, "samples": 2_097_152, "fvu": 0.25},
+        ],
+    )
+    bare = _desc("jumprelu_K2048_k32", "baseline", "jumprelu", 2048, 32, fvu=0.3, budget={**plateau})
+    return [dictionary, reached, capped, bare]
+
+
+def test_report_opens_with_time_to_quality(tmp_path):
+    """The first section: per baseline its held-out FVU at the dictionary's fit time (log-time interpolation)
+    and at its end, whether its curve flattened, what stopped it, and the time / samples it needed to reach the
+    dictionary's held-out FVU; figures from curves that had not flattened say so."""
+    from pipeline.report.markdown import write_report
+
+    md = write_report([_write_folder(tmp_path / "evaluate-x", _quality_descs())], tmp_path / "out").read_text()
+    first = md.split("\n## ", 2)[1]
+    assert first.startswith("Time to quality")
+    assert "held-out FVU **0.2** after 100.0 s of fitting and 1,600,000 samples coded" in first
+    assert "improved by 9.09% over its last doubling of samples" in first  # 0.22 -> 0.2 from 800k to 1.6M
+    rows = {
+        line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[2:-1]]
+        for line in first.splitlines()
+        if line.startswith("| `")
+    }
+    # topk: at 100 s, between 40 s (0.3) and 160 s (0.1875) in log time: 0.3 - 0.1125 * log(2.5) / log(4)
+    import math
+
+    at_fit = 0.3 - 0.1125 * math.log(2.5) / math.log(4)
+    assert rows["topk_K2048_k32"][1] == f"{at_fit:.4g}"
+    assert rows["topk_K2048_k32"][2] == "0.15" and rows["topk_K2048_k32"][4:6] == ["yes", "plateau"]
+    # it reaches 0.2 between 40 s (0.3) and 160 s (0.1875): 8/9 of the way in log time
+    reach_s = math.exp(math.log(40) + (0.1 / 0.1125) * math.log(4))
+    reach_n = math.exp(math.log(200_000) + (0.1 / 0.1125) * math.log(4))
+    assert rows["topk_K2048_k32"][6] == f"{reach_s:.1f} s"
+    assert rows["topk_K2048_k32"][7] == f"{round(reach_n):,}"
+    capped = rows["batchtopk_K2048_k32"]
+    assert capped[1] == "— (ended at 90.0 s)" and capped[2] == "0.25 (not flattened)"
+    assert capped[4:6] == ["no", "sample cap"]
+    assert capped[6] == capped[7] == "not reached by 90.0 s / 2,097,152 samples"
+    bare = rows["jumprelu_K2048_k32"]
+    assert bare[1] == "—" and bare[2] == "0.3 (not flattened)" and bare[4] == "not recorded" and bare[6] == "—"
+    assert "not its result" in first
+    assert "`plateau`: each baseline trained until its held-out curve flattened" in md and "cap 2,097,152" in md
+
+
+def test_width_note_follows_the_signed_dictionarys_export_form():
+    from pipeline.report.notes import _width_lines
+    from pipeline.report.rows import Row
+
+    def row(export: str | None) -> Row:
+        described = {"name": "d", "kind": "dictionary", "architecture": "dbksvd", "signed": True, "width": 2048}
+        return Row("d", Path("."), {**described, **({"export": export} if export else {})})
+
+    assert "exported ± split" in " ".join(_width_lines([row("split")]))
+    assert "exported ± split" in " ".join(_width_lines([row(None)]))  # folders written before the key existed
+    signed = " ".join(_width_lines([row("signed")]))
+    assert "exported ± split" not in signed and "signed codes" in signed and "width K" in signed

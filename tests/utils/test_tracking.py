@@ -194,7 +194,7 @@ def test_sae_lens_trainer_logs_into_the_tracker_run(wandb_env: Path, tmp_path: P
     with open_tracker(cfg, name="baseline-topk", job_type="baseline", default_group="ignored") as tracker:
         kwargs = sae_lens_logging(tracker, log_every=5)
         assert kwargs["log_to_wandb"] is True and kwargs["wandb_log_frequency"] == 5
-        trainer_cfg = trainer_config(spec, steps * batch, 0, "cpu")
+        trainer_cfg = trainer_config(spec, steps * batch, 0, 1000, "cpu")
         trainer_cfg.logger = LoggingConfig(**kwargs)
         sae = build_training_sae(spec, d_in, width, k, 0, "cpu")
         trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=iter(data.split(batch)))
