@@ -211,7 +211,7 @@ def train_baseline(
         record.heldout_mean_max_abs_cos = stats["mean_max_abs_cos"]
         points = [p for p in control.curve if p["steps"] < record.steps]
         last = {"steps": record.steps, "samples": record.samples, "seconds": seconds, "fvu": stats["fvu"]}
-        record.heldout_curve = [*points, {**last, "lr": control.curve[-1]["lr"] if control.curve else spec.lr}]
+        record.heldout_curve = [*points, {**last, "lr": control.last_lr}]
     return TrainedBaseline(sae=final, training_sae=trainer.sae, record=record)
 
 

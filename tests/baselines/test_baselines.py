@@ -160,7 +160,7 @@ def test_plateau_budget_stops_at_the_plateau_then_decays_the_lr(rows):
     assert rec.steps == start + -(-start // 4) and rec.samples < 2**22
     steps = [p["steps"] for p in rec.heldout_curve]
     assert steps == sorted(steps) and steps[:4] == [1, 2, 3, 4] and steps[-1] == rec.steps
-    assert rec.heldout_curve[-1]["fvu"] == rec.heldout_fvu
+    assert rec.heldout_curve[-1]["fvu"] == rec.heldout_fvu and rec.heldout_curve[-1]["lr"] == rec.final_lr
     assert all(p["lr"] == pytest.approx(1e-2) for p in rec.heldout_curve if p["steps"] <= start)
     assert rec.final_lr == pytest.approx(1e-2 / (rec.steps - start))  # sae-lens's last decay step: lr / n
     with pytest.raises(ValueError, match="heldout"):
