@@ -58,8 +58,9 @@ class RunControl:
         """``plateau``: steps done when the decay began."""
         self.decay_steps = 0
         self.dead_window_steps = 1
-        self.dead_mask_steps = 0
-        """Steps at which some latent was inside the dead window (so AuxK / pre-activation losses had work)."""
+        self._dead_mask_steps: Any = 0
+        """Steps at which some latent was inside the dead window (so AuxK / pre-activation losses had work),
+        counted on the SAE's device (no host sync per step); :attr:`dead_mask_steps` reads it."""
         self.last_lr = spec.lr
         """The lr of the last step taken."""
 
@@ -74,8 +75,7 @@ class RunControl:
             for group in trainer.optimizer.param_groups:
                 group["lr"] = self.spec.lr * factor
         self.last_lr = float(trainer.optimizer.param_groups[0]["lr"])
-        if bool(trainer.dead_neurons.any()):
-            self.dead_mask_steps += 1
+        self._dead_mask_steps = self._dead_mask_steps + trainer.dead_neurons.any().int()
 
     def lr_factor(self, step: int) -> float | None:
         """The lr multiple of 0-based ``step``; None where sae-lens's own scheduler sets it (known step count)."""
@@ -104,6 +104,11 @@ class RunControl:
         else:
             run = samples_done
         return max(1, round(self.spec.dead_window_samples_for(run) / b))
+
+    @property
+    def dead_mask_steps(self) -> int:
+        """Steps so far at which some latent was inside the dead window."""
+        return int(self._dead_mask_steps)
 
     # ---------------------------------------------------------------------------------------- after a step
     def after_step(self, trainer: Any) -> bool:

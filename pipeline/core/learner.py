@@ -209,8 +209,7 @@ def fit_dictionary(
     }
     if groups is not None:
         meta["group_atom_batch_sizes"] = [group_atom_batch(atom_batch, g, n_atoms) for g in groups]
-    coder = cfg.coder if cfg.eval_refit is None else replace(cfg.coder, refit=cfg.eval_refit)
-    return Dictionary(D, coder, centre, groups, history, meta)
+    return Dictionary(D, _eval_coder(cfg), centre, groups, history, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -461,8 +460,12 @@ def _init_atoms(Y: Tensor, n_atoms: int, how: str, gen: torch.Generator) -> Tens
 
 def _heldout_fvu(D: Tensor, centre: Tensor | None, groups, cfg: LearnerConfig, Y: Tensor) -> float:
     """Held-out FVU of ``Y: (m, d)`` under atoms ``D: (K, d)`` coded as the finished dictionary will code it."""
-    coder = cfg.coder if cfg.eval_refit is None else replace(cfg.coder, refit=cfg.eval_refit)
-    return Dictionary(D, coder, centre, groups, [], {}).fvu(Y.to(D.device))
+    return Dictionary(D, _eval_coder(cfg), centre, groups, [], {}).fvu(Y.to(D.device))
+
+
+def _eval_coder(cfg: LearnerConfig):
+    """The coder settings a fitted dictionary encodes with: the fit's, with ``eval_refit`` when it is set."""
+    return cfg.coder if cfg.eval_refit is None else replace(cfg.coder, refit=cfg.eval_refit)
 
 
 def _stop_reason(cfg: LearnerConfig, history: list[dict], it: int, epoch: int, seconds: float) -> str | None:

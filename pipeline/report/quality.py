@@ -109,7 +109,7 @@ def _cells(r: Row, target: float, fit_s: float | None) -> list[str]:
     if fit_s is not None and curve:
         v = value_at(curve, fit_s, "seconds")
         if v is not None:
-            at_fit = fmt(v)
+            at_fit = fmt(v) + label
         elif fit_s > float(curve[-1]["seconds"]):
             at_fit = f"— (ended at {fmt_seconds(curve[-1]['seconds'])} s)"
     reached_s = first_reaching(curve, target, "seconds") if curve else None
@@ -118,7 +118,7 @@ def _cells(r: Row, target: float, fit_s: float | None) -> list[str]:
     return [
         f"`{r.name}`",
         r.architecture,
-        at_fit + (label if at_fit[0].isdigit() else ""),
+        at_fit,
         (fmt(end_fvu) + label) if is_number(end_fvu) else "—",
         by,
         {True: "yes", False: "no"}.get(flattened, "not recorded"),
