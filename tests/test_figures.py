@@ -13,16 +13,12 @@ import pytest
 from tests.conftest import REPO
 from tools import figures as F
 
-#: Sections whose figures were withdrawn until the comparison benchmark re-measures them: the marker stays where
-#: its tables will go, and any decimal there must carry a tag.
-REMEASURED = {
-    "BENCHMARKS.md": (
-        "## DB-KSVD vs sae-lens SAEs at the default budget and at 5×",
-        "## SAE baselines at equal wall time",
-    ),
-    "README.md": ("- **DB-KSVD vs SAEs at equal wall time and at 5×**",),
+#: The DB-KSVD-vs-SAE comparison, whose earlier figures had no stored results: every decimal there must carry a
+#: tag. Each entry: the line that opens it, and what opens the next part (a heading; in the README, a bullet).
+COMPARISON = {
+    "BENCHMARKS.md": ("## DB-KSVD vs sae-lens SAEs: equal time, 5× and to a 2²¹-sample cap", r"#{1,3} "),
+    "README.md": ("- **DB-KSVD vs SAEs at equal wall time, at 5× and to a 2²¹-sample cap**", r"#{1,3} |- \*\*"),
 }
-MARKER = "<!-- comparison: re-measured -->"
 
 
 def test_every_quoted_figure_equals_its_source():
@@ -197,19 +193,15 @@ def test_an_earlier_results_file_is_the_committed_one():
         assert shown.stdout == file.read_text(), f"{file.name} differs from {name}.json at {commit}"
 
 
-# ------------------------------------------------------------------------------------------------ withdrawn
-@pytest.mark.parametrize("path", sorted(REMEASURED))
-def test_the_withdrawn_comparison_figures_stay_out_until_tagged(path):
-    """The equal-time and 5× comparisons had no stored results: their sections keep the marker where the
-    re-measured tables go, and hold no decimal that lacks a tag."""
+# ----------------------------------------------------------------------------------------------- comparison
+@pytest.mark.parametrize("path", sorted(COMPARISON))
+def test_every_comparison_figure_carries_a_tag(path):
+    """The comparison's figures once stood with no stored results: each decimal in its sections now has a tag."""
     lines = (REPO / path).read_text().split("\n")
     plain = F.without_tagged(path)
-    for start in REMEASURED[path]:
-        first = next(i for i, line in enumerate(lines) if line.startswith(start))
-        end = next(
-            (i for i in range(first + 1, len(lines)) if re.match(r"#{1,3} |- \*\*", lines[i])),
-            len(lines),
-        )
-        assert any(MARKER in line for line in lines[first:end]), f"{path}: {start!r} lost its marker"
-        stray = [f"{path}:{i + 1}: {lines[i]}" for i in range(first, end) if re.search(r"\d\.\d", plain[i])]
-        assert not stray, "untagged figures where the comparison is being re-measured:\n" + "\n".join(stray)
+    start, next_part = COMPARISON[path]
+    first = next(i for i, line in enumerate(lines) if line.startswith(start))
+    end = next((i for i in range(first + 1, len(lines)) if re.match(next_part, lines[i])), len(lines))
+    assert end - first > 5, f"{path}: the comparison at line {first + 1} looks empty"
+    stray = [f"{path}:{i + 1}: {lines[i]}" for i in range(first, end) if re.search(r"\d\.\d", plain[i])]
+    assert not stray, "untagged figures in the comparison:\n" + "\n".join(stray)
