@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.evals.results import SAES_FILE
+from pipeline.report.escape import md_code
 from pipeline.report.index_page import INDEX_FILE, write_index
 from pipeline.report.markdown import REPORT_FILE, SUMMARY_FILE, write_report
 from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs
@@ -35,10 +36,11 @@ def run(cfg: DictConfig | dict, *, eval_folders: list[str | Path] | None = None)
         eval_folders = sorted(p for p in experiment_dir(cfg).glob("evaluate-*") if (p / SAES_FILE).exists())
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     cfg_yaml = OmegaConf.to_yaml(OmegaConf.create(redact_config(plain)))  # no judge secrets in the report
-    title = f"DB-KSVD report: experiment `{cfg['experiment_name']}`"
-    path = write_report([Path(p) for p in eval_folders], folder, cfg_yaml, title=title)
+    title = f"DB-KSVD report: experiment {cfg['experiment_name']}"  # the pages' (autoescaped)
+    md_title = f"DB-KSVD report: experiment {md_code(cfg['experiment_name'])}"
+    path = write_report([Path(p) for p in eval_folders], folder, cfg_yaml, title=md_title)
     dashboards = sorted(p for p in experiment_dir(cfg).glob("dashboards-*") if is_done(p))
-    index = write_index(folder, path, dashboards, title.replace("`", ""))
+    index = write_index(folder, path, dashboards, title)
     with open_stage_tracker(cfg, "report", folder.name) as tracker:
         rows = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
         tracker.log_table("summary", rows)

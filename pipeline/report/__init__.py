@@ -5,5 +5,7 @@
   (:mod:`~pipeline.report.notes`) and the plots (:mod:`~pipeline.report.plots`);
 * :mod:`~pipeline.report.dashboards`: feature dashboards (top contexts, quantile samples, histograms, logit
   effects) as static HTML;
-* :mod:`~pipeline.report.index_page`: ``index.html``, the report and every dashboard behind one page.
+* :mod:`~pipeline.report.index_page`: ``index.html``, the report and every dashboard behind one page;
+* :mod:`~pipeline.report.escape`: what those pages may show (text from outside escaped for markdown, a
+  Content-Security-Policy that forbids scripts on every page).
 """

@@ -8,6 +8,10 @@ Values are read from SAEBench's own result JSONs and the evaluate stage's ``saes
 recomputed (``1 − FVU`` is the held-out FVU subtracted from 1). Non-finite values are shown as ``+inf`` /
 ``-inf`` / ``nan``, never dropped; SAEBench's core writes NaN as -1 (its ``replace_nans_with_negative_one``),
 which the report notes.
+
+Every string the report shows that the project does not write itself (names, skip reasons, notes, failure
+messages, labelled titles, the config) goes through :mod:`pipeline.report.escape`: it reads as itself in the
+markdown and in ``report.html``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evals.results import FAILED_FILE, INFO_FILE, SKIPPED_FILE
+from pipeline.report.escape import md_cell, md_code, md_fence, md_text
 from pipeline.report.notes import explained_variance_note, how_to_read
 from pipeline.report.plots import (
     FIT_CURVE_FILE,
@@ -42,7 +47,6 @@ from pipeline.report.rows import (
     columns_present,
     fmt,
     load_rows,
-    md_cell,
     read_json_or,
     steps_text,
     width_label,
@@ -53,7 +57,8 @@ from pipeline.utils.atomic import atomic_write_text
 # ============================================================================================= markdown
 def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", title: str = "") -> Path:
     """Write ``out/report.md`` (+ PNGs, ``summary.json``), every file atomically, from the evaluate folders;
-    returns the report path."""
+    returns the report path. ``title``: the heading, as inline markdown (its caller escapes what it interpolates,
+    :func:`~pipeline.report.escape.md_code`)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(eval_folders)
     cols = columns_present(rows)
@@ -61,7 +66,7 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
     if not rows:
         lines += [
             "No evaluated SAE found (the evaluate stage has not run, or wrote no `saes.json`):",
-            *[f"- `{f}`" for f in eval_folders],
+            *[f"- {md_code(f)}" for f in eval_folders],
             "",
         ]
     lines += time_to_quality(rows)
@@ -78,8 +83,8 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
     lines += ["## Metrics", "", "| " + " | ".join(md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            f"`{r.name}`",
-            r.architecture,
+            md_code(r.name),
+            md_text(r.architecture),
             r.width_text,
             str(r.k) if r.k is not None else "—",
             *budget_cells(r),
@@ -97,7 +102,7 @@ def write_report(eval_folders: list[Path], out: Path, config_yaml: str = "", tit
     lines += _plots(rows, out)
     lines += _folder_sections(eval_folders)
     if config_yaml:
-        lines += ["## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
+        lines += ["## Config", "", *md_fence(config_yaml, "yaml"), ""]
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary(rows, cols), indent=2, default=str))
     return atomic_write_text(out / REPORT_FILE, "\n".join(lines))
 
@@ -168,43 +173,42 @@ def _folder_sections(eval_folders: list[Path]) -> list[str]:
         info = read_json_or(folder / INFO_FILE, {})
         skipped = read_json_or(folder / SKIPPED_FILE, [])
         failed = read_json_or(folder / FAILED_FILE, [])
-        lines += [f"## Evaluation `{folder.name}`", ""]
+        lines += [f"## Evaluation {md_code(folder.name)}", ""]
         if info:
-            m = info.get("model", {})
-            lines.append(
-                f"- model `{m.get('name')}` ({fmt(m.get('n_params'), 3)} parameters), hook "
-                f"`{m.get('hook')}`, device {info.get('device')}; evals took "
-                f"{fmt(info.get('total_eval_s'), 4)} s "
-                f"({', '.join(f'{k} {v:.0f} s' for k, v in (info.get('timings_s') or {}).items())})"
-            )
-            ld = info.get("labelled_data")
-            if ld:
-                lines.append(
-                    f"- labelled data `{ld['name']}`: paragraphs of {', '.join(ld['titles'])}; column1 = "
-                    "which document, column2 = dialogue vs narration (SAEBench's bias_in_bios layout)"
-                )
+            lines += _info_lines(info)
         for note in info.get("notes", []):
-            lines.append(
-                f"- **{note['metric']}{' (low confidence)' if note.get('low_confidence') else ''}**: {note['note']}"
-            )
+            low = " (low confidence)" if note.get("low_confidence") else ""
+            lines.append(f"- **{md_text(note['metric'])}{low}**: {md_text(note['note'])}")
         if skipped:
             lines += ["", "Skipped:", ""]
-            lines += [f"- {s['what']}{' / ' + s['sae'] if s.get('sae') else ''}: {s['reason']}" for s in skipped]
+            lines += [
+                f"- {md_text(s['what'])}{' / ' + md_text(s['sae']) if s.get('sae') else ''}: {md_text(s['reason'])}"
+                for s in skipped
+            ]
         if failed:
             lines += ["", "**Failed** (re-run the evaluate stage to retry):", ""]
-            lines += [f"- {f['metric']}: `{f['error']}`" for f in failed]
+            lines += [f"- {md_text(f['metric'])}: {md_code(f['error'])}" for f in failed]
         if info.get("sizes"):
-            lines += [
-                "",
-                "<details><summary>Eval sizes used</summary>",
-                "",
-                "```json",
-                json.dumps(info["sizes"], indent=1, default=str),
-                "```",
-                "",
-                "</details>",
-            ]
+            lines += ["", "Eval sizes used:", "", *md_fence(json.dumps(info["sizes"], indent=1, default=str), "json")]
         lines.append("")
+    return lines
+
+
+def _info_lines(info: dict[str, Any]) -> list[str]:
+    """The model, hook, device and timings of one evaluate folder, and its labelled data (``eval_info.json``)."""
+    m = info.get("model", {})
+    timings = ", ".join(f"{md_text(k)} {v:.0f} s" for k, v in (info.get("timings_s") or {}).items())
+    lines = [
+        f"- model {md_code(m.get('name'))} ({fmt(m.get('n_params'), 3)} parameters), hook "
+        f"{md_code(m.get('hook'))}, device {md_text(info.get('device'))}; evals took "
+        f"{fmt(info.get('total_eval_s'), 4)} s ({timings})"
+    ]
+    ld = info.get("labelled_data")
+    if ld:
+        lines.append(
+            f"- labelled data {md_code(ld['name'])}: paragraphs of {', '.join(map(md_text, ld['titles']))}; "
+            "column1 = which document, column2 = dialogue vs narration (SAEBench's bias_in_bios layout)"
+        )
     return lines
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from pipeline.evals.results import RESULTS_SUBDIR
+from pipeline.report.escape import md_code, md_text
 from pipeline.report.rows import (
     COLUMNS,
     EV_COLUMN,
@@ -83,7 +84,7 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
         meaning = MODE_MEANINGS.get(mode, "a budget mode this report does not know").format(
             factor=factor, target=target
         )
-        out.append(f"  - `{mode}`: {meaning}: {joined_names(members)}.")
+        out.append(f"  - {md_code(mode)}: {meaning}: {joined_names(members)}.")
     missing = [r for r in rows if not r.budget.get("mode")]
     if missing:
         out.append(
@@ -95,7 +96,7 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
         out.append(
             "- **Budgets differ between baseline rows** ("
             + "; ".join(
-                f"`{m}`" + (f" ×{fmt(float(f), 3)}" if is_number(f) and f != 1 else "")
+                md_code(m) + (f" ×{fmt(float(f), 3)}" if is_number(f) and f != 1 else "")
                 for m, f in sorted(base_budgets, key=str)
             )
             + "): compare rows trained under the same budget."
@@ -112,11 +113,11 @@ def _budget_lines(rows: list[Row], bases: list[Row]) -> list[str]:
         )
         out.append(
             "- **Warning: devices differ** ("
-            + "; ".join(f"{d}: {joined_names(rs)}" for d, rs in devices.items())
+            + "; ".join(f"{md_text(d)}: {joined_names(rs)}" for d, rs in devices.items())
             + f"): {what}."
         )
     elif devices:
-        out.append(f"- Every recorded budget ran on `{next(iter(devices))}`.")
+        out.append(f"- Every recorded budget ran on {md_code(next(iter(devices)))}.")
     return out
 
 
@@ -131,7 +132,7 @@ def _sparsity_lines(rows: list[Row]) -> list[str]:
     for r in rows:
         l0 = r.value("L0 (held-out)")
         if r.k and l0 is not None and math.isfinite(l0) and abs(l0 - r.k) > L0_MISMATCH * r.k:
-            off.append(f"`{r.name}` (held-out L0 {fmt(l0)} against k = {r.k})")
+            off.append(f"{md_code(r.name)} (held-out L0 {fmt(l0)} against k = {r.k})")
     if not off:
         return []
     return [
@@ -149,7 +150,7 @@ def _width_lines(rows: list[Row]) -> list[str]:
             by_width[r.width_text].append(r.architecture)
     out = [
         "- **Width** = latents of the SAE as SAEBench sees it; compared at "
-        + "; ".join(f"{w} ({', '.join(a)})" for w, a in by_width.items())
+        + "; ".join(f"{w} ({', '.join(map(md_text, a))})" for w, a in by_width.items())
         + "."
     ]
     if any(r.described.get("signed") and r.described.get("export", "split") == "split" for r in rows):
@@ -157,11 +158,13 @@ def _width_lines(rows: list[Row]) -> list[str]:
     if any(r.described.get("signed") and r.described.get("export") == "signed" for r in rows):
         out.append("  - A signed dictionary exported with signed codes (`eval.signed_export=signed`): width K.")
     out += [
-        f"  - `{r.name}`: {str(r.described['width_note']).rstrip('.')}." for r in rows if r.described.get("width_note")
+        f"  - {md_code(r.name)}: {md_text(str(r.described['width_note']).rstrip('.'))}."
+        for r in rows
+        if r.described.get("width_note")
     ]
     out += [
-        f"  - `{r.name}`: trained as `{r.architecture}`; SAEBench's results record the inference form "
-        f"`{r.saebench_architecture}`."
+        f"  - {md_code(r.name)}: trained as {md_code(r.architecture)}; SAEBench's results record the inference "
+        f"form {md_code(r.saebench_architecture)}."
         for r in rows
         if r.saebench_architecture and r.described.get("architecture") and r.saebench_architecture != r.architecture
     ]
@@ -180,7 +183,7 @@ def _position_lines(rows: list[Row], cols: list[str]) -> list[str]:
         "records the counts); `mean max |cos|` is a property of the decoder weights."
     )
     notes = [str(r.described["heldout_positions_note"]) for r in rows if r.described.get("heldout_positions_note")]
-    out += [f"    - {n.rstrip('.')}." for n in dict.fromkeys(notes)]
+    out += [f"    - {md_text(n.rstrip('.'))}." for n in dict.fromkeys(notes)]
     core_cols = [c for c, ev, *_ in COLUMNS if ev == "core" and c in cols]
     if core_cols:
         cores = [r.results["core"] for r in rows if "core" in r.results]
@@ -225,7 +228,8 @@ def explained_variance_note(rows: list[Row], cols: list[str]) -> list[str]:
         return []
     above = [(r, r.value(EV_COLUMN)) for r in rows]
     above = [(r, v) for r, v in above if v is not None and math.isfinite(v) and v > 1]
-    here = (" Here it exceeds 1 for " + ", ".join(f"`{r.name}` ({fmt(v)})" for r, v in above) + ".") if above else ""
+    exceed = ", ".join(f"{md_code(r.name)} ({fmt(v)})" for r, v in above)
+    here = f" Here it exceeds 1 for {exceed}." if above else ""
     lines = [
         f"**Explained variance.** `{EV_COLUMN}` is SAEBench core's `explained_variance` = "
         "1 − E‖x − x̂‖² / (E‖x‖² − (mean_j E[x_j²])²): the denominator subtracts the square of a scalar, the "

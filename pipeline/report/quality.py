@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.report.rows import Row, fmt, fmt_count, fmt_seconds, is_number, md_cell
+from pipeline.report.escape import md_cell, md_code, md_text
+from pipeline.report.rows import Row, fmt, fmt_count, fmt_seconds, is_number
 from pipeline.utils.curves import first_reaching, improvement_per_doubling, value_at
 
 #: What stopped a baseline (``budget.stop_reason``), in words.
@@ -72,7 +73,7 @@ def _table(dictionary: Row, bases: list[Row], folder: Path | None) -> list[str]:
     db = dictionary.budget
     fit_s = db.get("seconds") if is_number(db.get("seconds")) else None
     fit_samples = db.get("samples") if is_number(db.get("samples")) else None
-    head = f"Against `{dictionary.name}`" + (f" (`{folder.name}`)" if folder is not None else "")
+    head = f"Against {md_code(dictionary.name)}" + (f" ({md_code(folder.name)})" if folder is not None else "")
     dict_curve = heldout_curve(dictionary)
     flat = _dictionary_flatness(dict_curve)
     lines = [
@@ -116,8 +117,8 @@ def _cells(r: Row, target: float, fit_s: float | None) -> list[str]:
     reached_n = first_reaching(curve, target, "samples") if curve else None
     by = f"{fmt_seconds(end_s)} s / {fmt_count(end_n)} samples" if is_number(end_s) and is_number(end_n) else "—"
     return [
-        f"`{r.name}`",
-        r.architecture,
+        md_code(r.name),
+        md_text(r.architecture),
         at_fit,
         (fmt(end_fvu) + label) if is_number(end_fvu) else "—",
         by,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evals.results import RESULTS_SUBDIR, SAES_FILE
+from pipeline.report.escape import md_code, md_text
 
 REPORT_FILE = "report.md"
 """The report, in the report folder."""
@@ -250,9 +251,10 @@ def steps_text(budget: dict[str, Any]) -> str:
 
 
 def budget_cells(row: Row) -> list[str]:
-    """The :data:`BUDGET_COLUMNS` cells of a row (``—`` for anything its budget does not record)."""
+    """The :data:`BUDGET_COLUMNS` cells of a row as inline markdown (``—`` for anything its budget does not
+    record; the recorded mode and device escaped)."""
     b = row.budget
-    mode = str(b["mode"]) if b.get("mode") else "—"
+    mode = md_text(b["mode"]) if b.get("mode") else "—"
     if mode != "—" and is_number(b.get("factor")) and b["factor"] != 1:
         mode += f" ×{fmt(float(b['factor']), 3)}"
     return [
@@ -260,7 +262,7 @@ def budget_cells(row: Row) -> list[str]:
         fmt_seconds(b.get("seconds")),
         fmt_count(b.get("samples")),
         steps_text(b),
-        str(b["device"]) if b.get("device") else "—",
+        md_text(b["device"]) if b.get("device") else "—",
     ]
 
 
@@ -311,14 +313,11 @@ def columns_present(rows: list[Row]) -> list[str]:
     return [c for c, _ in STATS] + cols
 
 
-def md_cell(text: str) -> str:
-    """A markdown table cell: ``|`` escaped (``mean max |cos|`` would otherwise split the cell)."""
-    return text.replace("|", "\\|")
-
-
 def joined_names(rows: list[Row]) -> str:
-    return ", ".join(f"`{r.name}`" for r in rows)
+    """The rows' names as code spans, comma-separated."""
+    return ", ".join(md_code(r.name) for r in rows)
 
 
-def joined_values(vs: list[Any], render: Any = str) -> str:
+def joined_values(vs: list[Any], render: Any = md_text) -> str:
+    """``render`` of each value (default: as escaped text), duplicates dropped, comma-separated."""
     return ", ".join(dict.fromkeys(render(v) for v in vs))

@@ -1,6 +1,9 @@
 """Static HTML of the dashboards (Jinja2): one page per SAE with a card per latent, and an index of the SAEs.
 
-Pages are self-contained (inline CSS and SVG, no script, no network), so they open from disk.
+Pages are self-contained (inline CSS and SVG, no script, no network), so they open from disk. Autoescape is on:
+token strings, a judge's explanation, names and skip reasons show as text. The only markup passed through
+unescaped is the project's own: :data:`STYLE`, :data:`~pipeline.report.escape.CSP_META` (first in every head: no
+script runs) and :func:`hist`'s SVG, built from numbers alone.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import jinja2
 from markupsafe import Markup
 
 from pipeline.report.dashboards.features import Context, LatentView
+from pipeline.report.escape import CSP_META, local_href
 from pipeline.utils.atomic import atomic_write_text
 
 #: The dashboards folder's index (beside one page per SAE, ``<name>.html``).
 INDEX_FILE = "index.html"
 
-STYLE = """
+#: The pages' CSS (the report's pages use it too): a project constant, trusted (``Markup``) so that autoescape leaves
+#: its ``>`` selectors alone inside ``<style>``.
+STYLE = Markup("""
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1200px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 0; }
 table { border-collapse: collapse; } td, th { padding: 2px 8px; text-align: left; border-bottom: 1px solid #ddd; }
@@ -31,7 +37,7 @@ table { border-collapse: collapse; } td, th { padding: 2px 8px; text-align: left
 .up { color: #05620b; } .down { color: #9b0d0d; }
 .reason { font-size: 0.75em; background: #eef; border-radius: 3px; padding: 1px 5px; margin-left: 0.5em; }
 .explanation { background: #f6f6e8; padding: 4px 8px; border-radius: 4px; }
-"""
+""")
 
 _ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
@@ -44,7 +50,7 @@ _CONTEXT = """{% macro context(c, top) %}<div class="ctx"><span class="val">{{ '
 SAE_PAGE = _ENV.from_string(
     _CONTEXT
     + """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ name }}: feature dashboards</title>
+<html lang="en"><head><meta charset="utf-8">{{ csp }}<title>{{ name }}: feature dashboards</title>
 <style>{{ style }}</style></head><body>
 <p><a href="{{ index }}">&larr; all SAEs</a></p>
 <h1>{{ name }}</h1>
@@ -83,12 +89,13 @@ max {{ '%.4g'|format(v.max_value) }}, mean when active {{ '%.4g'|format(v.mean_v
 )
 
 INDEX_PAGE = _ENV.from_string("""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Feature dashboards</title><style>{{ style }}</style></head><body>
+<html lang="en"><head><meta charset="utf-8">{{ csp }}<title>Feature dashboards</title><style>{{ style }}</style></head>
+<body>
 <h1>Feature dashboards</h1>
 <p class="meta">{{ note }}</p>
 <table><tr><th>SAE</th><th>latents</th><th>drawn</th><th>rows read</th><th>mean L0</th><th>never fire</th></tr>
-{% for s in saes %}<tr><td><a href="{{ s.page }}">{{ s.name }}</a></td><td>{{ s.width }}</td><td>{{ s.drawn }}</td>
-<td>{{ s.rows }}</td><td>{{ '%.1f'|format(s.l0) }}</td><td>{{ s.dead }}</td></tr>
+{% for s in saes %}<tr><td><a href="{{ local_href(s.page) }}">{{ s.name }}</a></td><td>{{ s.width }}</td>
+<td>{{ s.drawn }}</td><td>{{ s.rows }}</td><td>{{ '%.1f'|format(s.l0) }}</td><td>{{ s.dead }}</td></tr>
 {% endfor %}</table>
 {% if skipped %}<h2>Not drawn</h2><ul>{% for s in skipped %}<li>{{ s.what }}: {{ s.reason }}</li>{% endfor %}</ul>
 {% endif %}
@@ -102,9 +109,12 @@ def show(text: str) -> str:
 
 
 def hist(bins: list[tuple[float, float, int]], width: int = 260, height: int = 70) -> Any:
-    """An inline SVG bar chart of a latent's activation histogram (x: activation, y: rows)."""
+    """An inline SVG bar chart of a latent's activation histogram (x: activation, y: rows). Trusted markup: every
+    value in it goes through ``float`` / ``int`` first."""
     if not bins:
         return ""
+    bins = [(float(lo), float(hi), int(c)) for lo, hi, c in bins]
+    width, height = int(width), int(height)
     top = max(c for _, _, c in bins) or 1
     w = width / len(bins)
     bars = "".join(
@@ -122,7 +132,7 @@ def hist(bins: list[tuple[float, float, int]], width: int = 260, height: int = 7
     )
 
 
-_ENV.globals.update(show=show, hist=hist, style=STYLE)
+_ENV.globals.update(show=show, hist=hist, style=STYLE, csp=CSP_META, local_href=local_href)
 
 
 def write_sae_page(
