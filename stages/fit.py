@@ -31,10 +31,10 @@ from pipeline.core.dictionary import DICTIONARY_META, Dictionary
 from pipeline.core.learner import fit_dictionary
 from pipeline.core.spend import FitSpend
 from pipeline.data.harvest import hook_layer
-from pipeline.data.loader import training_data
+from pipeline.data.loader import fits_in_memory, training_data
 from pipeline.data.store import ActivationStore
 from pipeline.runs.config import check_config_or_exit, open_stage_tracker, register_configs, section
-from pipeline.runs.distributed import agree, join, leave, rank_device, ranks
+from pipeline.runs.distributed import agree, agree_all, join, leave, rank_device, ranks
 from pipeline.runs.layout import (
     DICTIONARY_DIRNAME,
     STORE_DIRNAME,
@@ -82,14 +82,6 @@ def run(cfg: DictConfig) -> Path:
         return out
     store = ActivationStore(finished_stage_dir(cfg, "harvest") / STORE_DIRNAME)
     learner = dataclasses.replace(learner, device=str(device), checkpoint_path=str(out / CHECKPOINT), resume=True)
-    data = training_data(
-        store,
-        learner.batch_size,
-        device,
-        learner.seed,
-        shuffle=learner.sample_order == "shuffled",
-        readers=ranks().local_world,
-    )
     metrics: dict[str, Any] = {
         "store": str(store.path),
         "hook": store.hook,
@@ -102,6 +94,19 @@ def run(cfg: DictConfig) -> Path:
         D = Dictionary.load(dict_dir, device)
         log.info("dictionary already fitted: %s", dict_dir)
     else:
+        # one choice for all ranks (in memory and streamed give different batches): in memory if every rank fits
+        fits = fits_in_memory(store, device, readers=ranks().local_world)
+        in_memory = agree_all(group, fits)
+        if fits and not in_memory:
+            log.info("streaming the store: another rank has too little free memory to hold it")
+        data = training_data(
+            store,
+            learner.batch_size,
+            device,
+            learner.seed,
+            shuffle=learner.sample_order == "shuffled",
+            in_memory=in_memory,
+        )
         t = time.perf_counter()
         D = fit_dictionary(data, learner, process_group=group, heldout=heldout)
         if not main:

@@ -228,16 +228,31 @@ def _gather(parts: list[torch.Tensor], part_of: np.ndarray, local: np.ndarray, d
 IN_MEMORY_SHARE = 0.25
 
 
-def training_data(
-    store: ShardedRows, batch_size: int, device: torch.device, seed: int, shuffle: bool = True, readers: int = 1
-):
-    """The store's training rows: one ``(n, d)`` tensor on ``device`` (in store order) when they take at most
-    :data:`IN_MEMORY_SHARE` of its free memory, else a loader of full ``(batch_size, d)`` batches, shuffled
-    every epoch or, with ``shuffle=False``, consecutive in store order. ``readers``: processes on this machine
-    loading it at once into host memory (data-parallel ranks), which share that memory."""
+def fits_in_memory(store: ShardedRows, device: torch.device, readers: int = 1) -> bool:
+    """Whether the store's training rows take at most :data:`IN_MEMORY_SHARE` of ``device``'s free memory
+    (on CPU, shared by ``readers`` processes of this machine loading it at once)."""
     need = store.n_rows() * store.d * 4
     share = IN_MEMORY_SHARE / (max(1, readers) if device.type == "cpu" else 1)
-    if need <= share * free_memory(device):
+    return need <= share * free_memory(device)
+
+
+def training_data(
+    store: ShardedRows,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    shuffle: bool = True,
+    readers: int = 1,
+    in_memory: bool | None = None,
+):
+    """The store's training rows: one ``(n, d)`` tensor on ``device`` (in store order) when ``in_memory``, else a
+    loader of full ``(batch_size, d)`` batches, shuffled every epoch or, with ``shuffle=False``, consecutive in
+    store order. The two give different batches, so data-parallel ranks must pass one agreed ``in_memory``.
+    ``in_memory=None``: decide here, by :func:`fits_in_memory` with ``readers`` (processes on this machine
+    loading it at once into host memory, which they share)."""
+    if in_memory is None:
+        in_memory = fits_in_memory(store, device, readers)
+    if in_memory:
         return store.load_all(device=device)
-    log.info("streaming the store (%.1f GB does not fit in memory comfortably)", need / 1e9)
+    log.info("streaming the store (%.1f GB)", store.n_rows() * store.d * 4 / 1e9)
     return ActivationLoader(store, batch_size, seed=seed, device=device, drop_last=True, shuffle=shuffle)

@@ -125,6 +125,18 @@ def agree(group, value: Any) -> Any:
     return box[0]
 
 
+def agree_all(group, value: bool) -> bool:
+    """True on every rank when ``value`` is true on every rank: one decision that no rank can veto alone
+    (e.g. whether every rank has the memory to hold the store), the same on all, so they run the same collectives."""
+    if group is None:
+        return value
+    import torch.distributed as dist
+
+    views: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(views, bool(value), group=group)
+    return all(views)
+
+
 def gpu_count() -> int:
     """GPUs visible here, at least 1 (the ``${gpu_count:}`` config resolver: jobs at once on a launcher)."""
     return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pipeline.data import loader
+from pipeline.data.loader import ActivationLoader, fits_in_memory, training_data
 from pipeline.data.store import (
     MANIFEST_NAME,
     ActivationStore,
@@ -20,6 +22,7 @@ from pipeline.data.store import (
     heldout_mask,
 )
 from pipeline.data.store_writer import import_array
+from pipeline.runs.distributed import agree_all
 
 N, D = 1000, 8
 
@@ -151,3 +154,19 @@ def test_cuda_loader_matches_cpu(store_path):
     gpu = list(store.loader(64, seed=5, device="cuda"))
     assert gpu[0].device.type == "cuda" and gpu[0].dtype == torch.float32
     assert torch.equal(torch.cat(gpu).cpu(), cpu)
+
+
+def test_training_data_follows_the_agreed_choice(store_path, monkeypatch):
+    """Data-parallel ranks pass one agreed ``in_memory``; only ``None`` lets free memory decide here."""
+    store = ActivationStore(store_path)
+    cpu = torch.device("cpu")
+    assert isinstance(training_data(store, 64, cpu, 0, in_memory=True), torch.Tensor)
+    assert isinstance(training_data(store, 64, cpu, 0, in_memory=False), ActivationLoader)  # plenty free, streams
+    monkeypatch.setattr(loader, "free_memory", lambda device: 0)
+    assert not fits_in_memory(store, cpu)
+    assert isinstance(training_data(store, 64, cpu, 0), ActivationLoader)
+    assert isinstance(training_data(store, 64, cpu, 0, in_memory=True), torch.Tensor)  # the agreed choice wins
+    need = store.n_rows() * D * 4
+    monkeypatch.setattr(loader, "free_memory", lambda device: 4 * need)  # exactly IN_MEMORY_SHARE of it
+    assert fits_in_memory(store, cpu) and not fits_in_memory(store, cpu, readers=2)
+    assert agree_all(None, True) and not agree_all(None, False)  # one process: its own view

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 import stages.orchestrator as orchestrator
 from pipeline.core.dictionary import Dictionary
+from pipeline.data import loader
 from pipeline.runs.layout import DONE_MARKER, STAGES, stage_dir
 from stages import fit
 from tests.conftest import REPO, compose_config
@@ -34,9 +36,9 @@ def _cfg(root: Path, *overrides: str):
 FIT = ("dictionary.duplicate_threshold=null", "dictionary.coder.kernel=torch")
 
 
-def _torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(root: Path, *args: str, module: str = "pipeline", **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", **extra_env)
     cmd = [
         sys.executable,
         "-m",
@@ -44,7 +46,7 @@ def _torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "pipeline",
+        module,
         "experiment=smoke",
         f"output_root={root}",
         "distributed.timeout_s=120",
@@ -95,6 +97,27 @@ def test_torchrun_harvest_and_fit_equal_the_one_process_stages(tmp_path):
     )
     # rank 0 printed the outputs once; rank 1 did not print them at all
     assert proc.stdout.count("Outputs:") == 1
+
+
+def test_ranks_that_see_different_free_memory_make_one_choice(tmp_path, monkeypatch):
+    """Rank 1 sees no free memory, rank 0 plenty: both stream the store (in memory and streamed give different
+    batches, so two choices would code different rows or hang a collective), and the dictionary is the one a
+    single process fits when it streams too."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    orchestrator.run_pipeline(_cfg(one, "stage=harvest"))
+    shutil.copytree(one, two)  # the same store for both
+    monkeypatch.setattr(loader, "free_memory", lambda device: 0)
+    single = Dictionary.load(fit.run(_cfg(one, *FIT)) / "dictionary")
+
+    proc = _torchrun(two, "stage=fit", *FIT, module="tests.stages.low_memory_rank", LOW_MEMORY_RANKS="1")
+    assert "another rank has too little free memory" in proc.stdout + proc.stderr  # rank 0 could have held it
+    parallel = Dictionary.load(stage_dir(_cfg(two, *FIT), "fit") / "dictionary")
+    assert parallel.metadata["ranks"] == 2
+    tol = single.metadata["learner"]["rank1_tol"]
+    assert float((1 - (parallel.atoms * single.atoms).sum(1)).max()) <= 4 * tol
+    assert float((parallel.atoms - single.atoms).abs().median()) <= 1e-6
+    for a, b in zip(parallel.history, single.history, strict=True):
+        assert a["rows"] == b["rows"] and a["fvu"] == pytest.approx(b["fvu"], rel=1e-4)
 
 
 def test_ranks_above_zero_harvest_and_fit_and_skip_the_rest(tmp_path, monkeypatch):
