@@ -65,6 +65,10 @@ def _preamble() -> list[str]:
         f"A figure marked *{NOT_FLAT}* comes from a curve still improving by more than the plateau threshold "
         "per doubling of samples when its run ended: it is a lower bound on what the architecture reaches, "
         "not its result.",
+        "",
+        "An SAE's FVU at the fit's time is read from its own curve at that point of a longer run, at full lr (its "
+        "lr decays at the end of its run): usually higher than a run given exactly that time ends at "
+        "(`compare.budget=equal_time`).",
     ]
 
 
