@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from run_folders import latest_finished  # noqa: E402
+
 from pipeline.baselines import BaselineSpec, train_baseline  # noqa: E402
 from pipeline.baselines.compare import CompareConfig, matched_budget  # noqa: E402
 from pipeline.core.dictionary import Dictionary  # noqa: E402
@@ -31,7 +33,6 @@ from pipeline.core.spend import FitSpend  # noqa: E402
 from pipeline.data.loader import training_data  # noqa: E402
 from pipeline.data.store import ActivationStore  # noqa: E402
 from pipeline.evals.sae_records import dictionary_curve  # noqa: E402
-from pipeline.runs.layout import DONE_MARKER  # noqa: E402
 from pipeline.utils.atomic import atomic_write_text  # noqa: E402
 from pipeline.utils.curves import first_reaching, value_at  # noqa: E402
 
@@ -51,14 +52,6 @@ RECORD_KEYS = (
     "dead_mask_steps",
     "heldout_curve",
 )
-
-
-def _only(run: Path, pattern: str) -> Path:
-    """The latest finished stage folder of ``run`` matching ``pattern``."""
-    found = [p for p in run.glob(pattern) if (p / DONE_MARKER).exists()]
-    if not found:
-        raise SystemExit(f"no finished {pattern} folder under {run}: run `python -m pipeline` first")
-    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def quality(rec: dict, target_fvu: float, fit_seconds: float) -> dict:
@@ -81,11 +74,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results_compare.json")
     args = ap.parse_args()
     run = Path(args.run)
-    store = ActivationStore(_only(run, "harvest-*") / "store")
-    fit = _only(run, "fit-*")
+    store = ActivationStore(latest_finished(run, "harvest-*") / "store")
+    fit = latest_finished(run, "fit-*")
     D = Dictionary.load(fit / "dictionary")
     fit_metrics = json.loads((fit / "metrics.json").read_text())["dictionary"]
-    baselines = json.loads((_only(run, "baselines-*") / "baselines.json").read_text())
+    baselines = json.loads((latest_finished(run, "baselines-*") / "baselines.json").read_text())
     spend = FitSpend.of_dictionary(D)
     target = float(fit_metrics["heldout_fvu"])
     heldout = store.heldout()

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.runs.layout import DONE_MARKER  # noqa: E402
+from run_folders import latest_finished  # noqa: E402
+
 from pipeline.utils.atomic import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,14 +48,6 @@ BASELINE_KEYS = (
 )
 
 
-def _latest(run: Path, pattern: str) -> Path:
-    """The latest finished stage folder of ``run`` matching ``pattern``."""
-    found = [p for p in run.glob(pattern) if (p / DONE_MARKER).exists()]
-    if not found:
-        raise SystemExit(f"no finished {pattern} folder under {run}")
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
 def stage_seconds(log: str) -> dict[str, float]:
     """``{stage: seconds}`` from the orchestrator's console log."""
     return {m.group(1): float(m.group(2)) for m in STAGE_LINE.finditer(log)}
@@ -62,9 +55,9 @@ def stage_seconds(log: str) -> dict[str, float]:
 
 def record(log: str, run: Path, wall: float | None, overrides: list[str]) -> dict:
     """The results of one finished default run (``run``: its experiment folder, e.g. ``outputs/default``)."""
-    fit = json.loads((_latest(run, "fit-*") / "metrics.json").read_text())
+    fit = json.loads((latest_finished(run, "fit-*") / "metrics.json").read_text())
     dictionary = fit["dictionary"]
-    baselines = json.loads((_latest(run, "baselines-*") / "baselines.json").read_text())
+    baselines = json.loads((latest_finished(run, "baselines-*") / "baselines.json").read_text())
     stages = stage_seconds(log)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return {
