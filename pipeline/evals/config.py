@@ -90,6 +90,28 @@ class CoreConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The persistent cache of SAEBench's SAE-independent work (LLM activations, probes), shared by every run
+    on one model and hook (``docs/eval-cache.md``; :mod:`pipeline.evals.artifact_cache`). It serves absorption's
+    first-letter probe and the activations and LLM probes of sparse probing, SCR and TPP; results equal an
+    uncached run's bit for bit."""
+
+    enabled: bool = True
+    """Use the cache: read a verified entry instead of recomputing, publish what a cold run computed. False:
+    every run computes its own, in its own ``artifacts/`` folder."""
+    root: str | None = None
+    """Folder of the cache. None: ``eval_cache/`` beside the activation store (inside the harvest stage folder,
+    so every dictionary, baseline and sweep point on that harvest shares it)."""
+    max_gb: float = 20.0
+    """Cap on the cache's total size (GiB); the least recently used entries are removed past it, and an entry
+    larger than the cap on its own is not kept."""
+
+    def __post_init__(self) -> None:
+        if self.max_gb <= 0:
+            raise ValueError(f"eval.cache.max_gb={self.max_gb} must be > 0 (eval.cache.enabled=false turns it off)")
+
+
+@dataclass
 class MetricConfig:
     """A metric whose settings are SAEBench's own config dataclass."""
 
@@ -199,6 +221,9 @@ class EvalConfig:
     latents) and ignores this."""
     labelled: LabelledConfig = field(default_factory=LabelledConfig)
     """The labelled passages for sparse probing / SCR / TPP."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The cache of SAE-independent work shared across runs (not part of the stage hash: it changes no
+    result)."""
     core: CoreConfig = field(default_factory=CoreConfig)
     """Core metrics."""
     absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)

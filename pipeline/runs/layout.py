@@ -88,12 +88,19 @@ def stage_config(cfg: DictConfig | dict, stage: str) -> dict[str, Any]:
                 out[node] = _drop_volatile(container[node])
     if isinstance(out.get("model"), dict):
         out["model"] = {k: v for k, v in out["model"].items() if k not in MODEL_FACTS}
+    for node, keys in UNHASHED.items():
+        if isinstance(out.get(node), dict):
+            out[node] = {k: v for k, v in out[node].items() if k not in keys}
     return redact_config(out)
 
 
 #: Keys of the ``model`` node that are facts checked before a run, not settings of what it computes: the shape
 #: ``conf/model/*.yaml`` records for the config check.
 MODEL_FACTS = ("d_model", "n_layers")
+
+#: Keys of a stage's node that say how it computes, not what: left out of the stage config and hash, so turning
+#: them on or off reuses the stage's folder. ``eval.cache``: results with and without the cache are equal.
+UNHASHED = {"eval": ("cache",)}
 
 
 def _drop_volatile(node: Any) -> Any:

@@ -3,7 +3,9 @@
 What is adapted (module attributes SAEBench looks up at call time, undone afterwards): the vocabulary is
 subsampled (every first letter kept in the train split, as SAEBench needs); its probe / experiment folders and
 its cwd-relative writes go into ``artifacts/absorption``; Python's global ``random`` (SAEBench's unseeded
-train/test split of the vocabulary) is seeded, so the split is the same in every process.
+train/test split of the vocabulary) is seeded, so the split is the same in every process; torch is seeded
+before the probe and each SAE's k-sparse probes are trained (:mod:`pipeline.evals.metrics.rng_pinning`). The
+probe folder comes from the shared cache when it holds it (:mod:`pipeline.evals.metrics.artifact_reuse`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.evals.metrics.artifact_reuse import absorption_key, reused_artifacts
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
+from pipeline.evals.metrics.rng_pinning import pinned_absorption_rng
 from pipeline.evals.saebench_patches import patched_attr, pushd, use_loaded_model
+
+PROBES_SUBDIR = "probes"
+"""SAEBench's probe folder inside ``artifacts/absorption`` (the metric's SAE-independent part: the first-letter
+probe, the prompts and the LLM's activations on them), served from the shared cache."""
 
 LOW_CONFIDENCE = (
     "absorption on a model below {limit:.0e} parameters ({n:.3g}) is low-confidence: SAEBench "
@@ -44,10 +52,15 @@ class AbsorptionRunner(MetricRunner):
         node = ctx.eval.absorption
         out = (ctx.results_dir / self.name).resolve()
         out.mkdir(parents=True, exist_ok=True)
+        import sae_bench.evals.absorption.common as ab_common
+        import sae_bench.evals.absorption.k_sparse_probing as ab_ksp
         import sae_bench.evals.absorption.main as ab_main
 
+        folder = ctx.artifacts(self.name)
         with (
-            absorption_setup(ctx.artifacts(self.name), node.vocab_size, node.min_words_per_letter, node.seed) as vocab,
+            reused_artifacts(ctx, self.name, folder.resolve() / PROBES_SUBDIR, lambda: absorption_key(ctx, config)),
+            absorption_setup(folder, node.vocab_size, node.min_words_per_letter, node.seed) as vocab,
+            pinned_absorption_rng(ab_common, ab_ksp, node.seed),
             use_loaded_model(ctx.model),
         ):
             ab_main.run_eval(config, ctx.selected, ctx.device, str(out), force_rerun=ctx.force_rerun)
@@ -110,7 +123,7 @@ def absorption_setup(run_dir: Path, vocab_size: int | None, min_per_letter: int,
         return sub
 
     k_sparse, fa = ab_main.run_k_sparse_probing_experiment, ab_main.run_feature_absortion_experiment
-    dirs = {"experiment_dir": run_dir / "k_sparse_probing", "probes_dir": run_dir / "probes"}
+    dirs = {"experiment_dir": run_dir / "k_sparse_probing", "probes_dir": run_dir / PROBES_SUBDIR}
 
     def k_sparse_here(*a: Any, **k: Any) -> Any:
         return k_sparse(*a, **{**k, **dirs})

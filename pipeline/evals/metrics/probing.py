@@ -2,7 +2,10 @@
 
 All three read two-attribute labelled data; with the placeholder ``austen_labelled`` in their ``config:``
 block they use the labelled passages the stage builds (:mod:`pipeline.evals.labelled_data`), checked up front
-to hold enough paragraphs per class for SAEBench's balanced draws.
+to hold enough paragraphs per class for SAEBench's balanced draws. Their SAE-independent part (the LLM's
+activations at the hook and its probes) comes from the shared cache when it holds them
+(:mod:`pipeline.evals.metrics.artifact_reuse`), with the random state of each SAE's part pinned
+(:mod:`pipeline.evals.metrics.rng_pinning`) so that cached and cold runs score alike.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.evals.labelled_data import check_labelled_sizes, swap_labelled
+from pipeline.evals.metrics.artifact_reuse import probing_key, reused_artifacts
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
+from pipeline.evals.metrics.rng_pinning import pinned_probing_rng
 from pipeline.evals.saebench_patches import use_loaded_model
 
 TPP_SIGNED_CODES = (
@@ -47,9 +52,15 @@ class SparseProbingRunner(MetricRunner):
 
     def run(self, ctx: EvalContext, config: Any) -> None:
         import sae_bench.evals.sparse_probing.main as sp
+        import sae_bench.sae_bench_utils.activation_collection as acts
 
         ctx.record_sizes(self.name, config_as_dict(config))
-        with use_loaded_model(ctx.model):
+        folder = ctx.artifacts(self.name)
+        with (
+            use_loaded_model(ctx.model),
+            reused_artifacts(ctx, self.name, folder, lambda: probing_key(ctx, self.name, config)),
+            pinned_probing_rng(sp, acts, "get_sae_meaned_activations", scr_tpp=False),
+        ):
             sp.run_eval(
                 config,
                 ctx.selected,
@@ -57,7 +68,7 @@ class SparseProbingRunner(MetricRunner):
                 str(ctx.results_dir / self.name),
                 force_rerun=ctx.force_rerun,
                 save_activations=True,
-                artifacts_path=str(ctx.artifacts(self.name)),
+                artifacts_path=str(folder),
             )
 
 
@@ -100,7 +111,12 @@ class ScrTppRunner(MetricRunner):
         import sae_bench.evals.scr_and_tpp.main as st
 
         ctx.record_sizes(self.name, config_as_dict(config))
-        with use_loaded_model(ctx.model):
+        folder = ctx.artifacts(self.name)
+        with (
+            use_loaded_model(ctx.model),
+            reused_artifacts(ctx, self.name, folder, lambda: probing_key(ctx, self.name, config)),
+            pinned_probing_rng(st, st, "get_all_node_effects_for_one_sae", scr_tpp=True),
+        ):
             # SAEBench's SCR/TPP run_eval appends the eval type (scr / tpp) to output_path itself
             st.run_eval(
                 config,
@@ -109,5 +125,5 @@ class ScrTppRunner(MetricRunner):
                 str(ctx.results_dir),
                 force_rerun=ctx.force_rerun,
                 save_activations=True,
-                artifacts_path=str(ctx.artifacts(self.name)),
+                artifacts_path=str(folder),
             )

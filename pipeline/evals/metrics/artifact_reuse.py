@@ -1,0 +1,213 @@
+"""A metric's SAE-independent SAEBench artifacts served from, and published to, the shared cache.
+
+SAEBench keeps what a metric computes without the SAE in its artifacts folder and reuses it when the file is
+there (sparse probing / SCR / TPP: ``<dataset>_activations.pt`` and ``_probes.pkl``; absorption: its probe
+folder), keyed only by model name, hook and dataset name. :func:`reused_artifacts` gives each run of a metric
+that folder clean, fills it with hard links to a verified cache entry of the full key (:func:`probing_key`,
+:func:`absorption_key`) when there is one, and otherwise publishes what SAEBench wrote there once the metric
+finished without raising. What it did goes into ``eval_info.json`` under ``eval_cache``
+(:data:`INFO_KEY`). Layout, key and guarantees: ``docs/eval-cache.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.evals.artifact_cache import ArtifactCache, key_hash, link_or_copy
+from pipeline.evals.metrics.base import EvalContext
+
+CACHE_DIRNAME = "eval_cache"
+"""Name of the default cache folder, beside the activation store."""
+INFO_KEY = "eval_cache"
+"""Key of ``eval_info.json`` that records the cache's use."""
+CODE_VERSION = {"absorption": 1, "sparse_probing": 1, "scr": 1, "tpp": 1}
+"""Version of this project's code around each metric's SAE-independent part (the RNG pinning of
+:mod:`pipeline.evals.metrics.rng_pinning`, the vocabulary subsample); bump one to invalidate its entries."""
+SAE_ONLY_FIELDS = {
+    "sparse_probing": ("sae_batch_size",),
+    "scr": ("sae_batch_size", "n_values"),
+    "tpp": ("sae_batch_size", "n_values"),
+}
+"""Fields of SAEBench's config that its SAE-independent part never reads (left out of the key; every other
+field is in it)."""
+ABSORPTION_PROBE_FIELDS = ("model_name", "llm_dtype", "prompt_template", "prompt_token_pos")
+"""Fields of SAEBench's absorption config its probe depends on (its training sizes are constants of its code)."""
+VERSIONED_PACKAGES = ("sae-bench", "torch", "transformer-lens", "transformers", "scikit-learn")
+"""Packages whose versions are part of every key."""
+LABELLED_DATA = "*.parquet"
+"""The files of the built labelled passages that hold the data (train / test)."""
+_EDGE = 256
+
+
+def cache_root(ctx: EvalContext) -> Path | None:
+    """``eval.cache.root``, else ``eval_cache/`` beside the activation store; None without a store (its hook is
+    part of every key)."""
+    store = getattr(ctx.store, "path", None)
+    if store is None:
+        return None
+    return Path(ctx.eval.cache.root) if ctx.eval.cache.root else Path(store).parent / CACHE_DIRNAME
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 over every parameter and buffer's name, dtype, shape and first and last 256 values: the same weights
+    give the same print, any reload, dtype or fine-tune of them a different one (read in milliseconds)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        for part in (flat[:_EDGE], flat[-_EDGE:]):
+            h.update(part.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the vocabulary (token -> id), the special tokens and the padding side."""
+    blob = json.dumps(
+        [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, tokenizer.padding_side], default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def folder_fingerprint(path: str | Path, content: bool, pattern: str = "*") -> str:
+    """sha256 over every file under ``path`` whose name matches ``pattern``: its relative name and size, plus its
+    bytes (``content``) or its modification time (large local datasets)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob(pattern) if p.is_file()) if root.is_dir() else [root]
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(root) if root.is_dir() else p.name}|{st.st_size}".encode())
+        h.update(p.read_bytes() if content else str(st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def dataset_identity(ctx: EvalContext, name: str) -> Any:
+    """What identifies SAEBench dataset ``name`` here: the built labelled passages by content, a local copy
+    (``eval.local_datasets``) by file names, sizes and times, a hub dataset by its name."""
+    if ctx.labelled is not None and name == ctx.labelled.name:
+        lab = ctx.labelled  # its data files by content (its spec.json names the run folder: left out)
+        fields = {"column1": lab.column1_mapping, "column2": lab.column2_mapping, "classes": lab.classes}
+        return {"labelled": folder_fingerprint(lab.path, True, LABELLED_DATA), **fields, **lab.summary()}
+    for base, path in sorted(ctx.eval.local_datasets.items()):
+        if name.startswith(base):
+            return {"local": base, "files": folder_fingerprint(path, content=False)}
+    return {"hub": name}
+
+
+def common_key(ctx: EvalContext, metric: str) -> dict[str, Any]:
+    """The key's fields every metric shares: model (name, weights, tokenizer, dtype), hook, device type, package
+    versions and this project's code version of the metric."""
+    return {
+        "metric": metric,
+        "model": ctx.model_name,
+        "model_path": ctx.model_config.path,
+        "weights": model_fingerprint(ctx.model),
+        "tokenizer": tokenizer_fingerprint(ctx.model.tokenizer),
+        "llm_dtype": ctx.llm_dtype,
+        "hook": ctx.store.hook,
+        "device_type": torch.device(ctx.device).type,
+        "versions": {p: metadata.version(p) for p in VERSIONED_PACKAGES},
+        "code_version": CODE_VERSION[metric],
+    }
+
+
+def probing_key(ctx: EvalContext, metric: str, config: Any) -> dict[str, Any]:
+    """Key of sparse probing's / SCR's / TPP's activations and LLM probes: :func:`common_key`, SAEBench's config
+    less :data:`SAE_ONLY_FIELDS`, and each dataset's identity."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in SAE_ONLY_FIELDS[metric]}
+    datasets = {name: dataset_identity(ctx, name) for name in config.dataset_names}
+    return {**common_key(ctx, metric), "config": fields, "datasets": datasets}
+
+
+def absorption_key(ctx: EvalContext, config: Any) -> dict[str, Any]:
+    """Key of absorption's first-letter probe: :func:`common_key`, :data:`ABSORPTION_PROBE_FIELDS` and the
+    vocabulary subsample (``eval.absorption.vocab_size``, ``min_words_per_letter``, ``seed``)."""
+    node = ctx.eval.absorption
+    return {
+        **common_key(ctx, "absorption"),
+        "config": {k: getattr(config, k) for k in ABSORPTION_PROBE_FIELDS},
+        "vocab": {"size": node.vocab_size, "min_words_per_letter": node.min_words_per_letter, "seed": node.seed},
+    }
+
+
+def _record(ctx: EvalContext, root: Path | None, metric: str, entry: dict[str, Any]) -> None:
+    """Add ``metric``'s entry to ``info["eval_cache"]`` and update its totals."""
+    info = ctx.info.setdefault(
+        INFO_KEY,
+        {
+            "enabled": ctx.eval.cache.enabled,
+            "root": str(root) if root else None,
+            "max_gb": ctx.eval.cache.max_gb,
+            "hits": 0,
+            "misses": 0,
+            "bytes_read": 0,
+            "bytes_written": 0,
+            "metrics": {},
+        },
+    )
+    info["metrics"][metric] = entry
+    if entry["status"] == "hit":
+        info["hits"] += 1
+        info["bytes_read"] += entry["bytes"]
+    elif entry["status"] == "miss":
+        info["misses"] += 1
+        info["bytes_written"] += entry["bytes"]
+    if "total_bytes" in entry:
+        info["total_bytes"] = entry["total_bytes"]
+
+
+@contextlib.contextmanager
+def reused_artifacts(
+    ctx: EvalContext, metric: str, part: Path, make_key: Callable[[], dict[str, Any]]
+) -> Iterator[None]:
+    """Run the body with ``part`` (the SAE-independent part of the metric's artifacts folder) served from the cache.
+
+    Enabled (``eval.cache.enabled`` and a root, :func:`cache_root`): ``part`` is emptied (nothing another key or a
+    killed run left is ever read), then filled with hard links to the verified entry of ``make_key()`` (a hit); on
+    a miss the body computes it and, if it returns without raising, ``part`` is published as that key's entry.
+    Disabled: the body runs as before, on whatever ``part`` holds (the key is not built)."""
+    root = cache_root(ctx)
+    if not ctx.eval.cache.enabled or root is None:
+        why = "eval.cache.enabled=false" if not ctx.eval.cache.enabled else "no cache root (no store)"
+        _record(ctx, root, metric, {"status": "off", "why": why, "bytes": 0})
+        yield
+        return
+    t0 = time.perf_counter()
+    key = make_key()
+    cache = ArtifactCache(root, int(ctx.eval.cache.max_gb * 2**30))
+    shutil.rmtree(part, ignore_errors=True)
+    entry, why = cache.lookup(metric, key)
+    record: dict[str, Any] = {"key": key_hash(key)[:16]}
+    if entry is not None:
+        try:
+            for rel in entry.files:
+                link_or_copy(entry.files_dir / rel, part / rel)
+            record.update(status="hit", bytes=entry.n_bytes, files=len(entry.files))
+        except OSError as exc:  # evicted between the check and the links: compute it
+            shutil.rmtree(part, ignore_errors=True)
+            entry, why = None, f"entry vanished while linking ({exc.__class__.__name__})"
+    if entry is None:
+        record.update(status="miss", why=why, bytes=0)
+    record["lookup_s"] = round(time.perf_counter() - t0, 3)
+    try:
+        yield
+    except BaseException:
+        record["published"] = False  # a failed run publishes nothing
+        _record(ctx, root, metric, record)
+        raise
+    if entry is None:
+        files = sorted(p.relative_to(part).as_posix() for p in part.rglob("*") if p.is_file()) if part.is_dir() else []
+        record["bytes"] = cache.publish(metric, key, part, files)
+        record.update(published=record["bytes"] > 0, files=len(files), total_bytes=cache.total_bytes())
+    _record(ctx, root, metric, record)

@@ -1,0 +1,77 @@
+"""The shared eval cache end to end on the tiny fixtures: a metric evaluated without the cache, then cold and warm
+with it, gives the same result JSON bit for bit (less the run's id and time); a changed key misses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAEBENCH_TINY_RUN_WARNINGS, tiny_eval_config
+
+pytestmark = [*SAEBENCH_TINY_RUN_WARNINGS, pytest.mark.slow]
+
+VOLATILE = ("eval_id", "datetime_epoch_millis")
+"""Fields of a SAEBench result file that name the run, not the result."""
+SAES = ("dbksvd_plain_K64_k4", "topk_K64_k4")
+
+
+def _evaluate(inputs, out: Path, metric: str, cache: dict, change=None) -> Path:
+    from stages import evaluate
+
+    cfg = tiny_eval_config(inputs, out, [metric])
+    cfg.eval["cache"] = cache
+    if change is not None:
+        change(cfg.eval)
+    return evaluate.run(
+        cfg,
+        run_dir=out / "evaluate",
+        fit_dir=inputs["fit"],
+        baselines_dir=inputs["baselines"],
+        store_dir=inputs["store"],
+        model=inputs["model"],
+    )
+
+
+def _results(folder: Path, metric: str) -> dict[str, dict]:
+    assert json.loads((folder / "failed.json").read_text()) == []
+    out = {}
+    for name in SAES:
+        res = json.loads((folder / "eval_results" / metric / f"{name}_custom_sae_eval_results.json").read_text())
+        out[name] = {k: v for k, v in res.items() if k not in VOLATILE}
+    return out
+
+
+def _cache_info(folder: Path, metric: str) -> dict:
+    return json.loads((folder / "eval_info.json").read_text())["eval_cache"]["metrics"][metric]
+
+
+CHANGES = {
+    "sparse_probing": lambda e: e.sparse_probing.config.__setitem__("probe_test_set_size", 18),
+    "scr": lambda e: e.scr.config.__setitem__("probe_epochs", 3),
+    "absorption": lambda e: e.absorption.__setitem__("vocab_size", 110),
+}
+"""A change of each metric's key (a config value its SAE-independent part reads)."""
+
+
+@pytest.mark.parametrize("metric", ["sparse_probing", "scr", "absorption"])
+def test_cached_results_equal_uncached_and_a_changed_key_misses(eval_inputs, tmp_path, metric):
+    root = tmp_path / "cache"
+    on = {"enabled": True, "root": str(root), "max_gb": 1.0}
+    plain = _results(_evaluate(eval_inputs, tmp_path / "plain", metric, {"enabled": False}), metric)
+
+    cold_dir = _evaluate(eval_inputs, tmp_path / "cold", metric, on)
+    assert _cache_info(cold_dir, metric)["status"] == "miss" and _cache_info(cold_dir, metric)["published"]
+    warm_dir = _evaluate(eval_inputs, tmp_path / "warm", metric, on)
+    warm = _cache_info(warm_dir, metric)
+    assert warm["status"] == "hit" and warm["bytes"] > 0
+    assert json.loads((warm_dir / "eval_info.json").read_text())["eval_cache"]["hits"] == 1
+
+    assert _results(cold_dir, metric) == plain  # bit-identical: same floats, not merely close
+    assert _results(warm_dir, metric) == plain
+
+    changed = _evaluate(eval_inputs, tmp_path / "changed", metric, on, CHANGES[metric])
+    assert _cache_info(changed, metric)["status"] == "miss"
+    assert _cache_info(changed, metric)["key"] != warm["key"]
+    assert len(list(root.glob(f"{metric}/*/manifest.json"))) == 2
