@@ -6,9 +6,17 @@ Each (architecture, lr) trains with sae-lens's trainer exactly as the baselines 
 held-out rows. The figures that decide are held-out FVU and L0 at the end (machine-independent: the run's length
 is in samples); wall seconds are recorded but depend on the machine and on what else runs.
 
-Results are written after every run, and runs already in ``--out`` are skipped, so an interrupted sweep resumes.
+Results are written after every run, and runs already in ``--out`` (same architecture, lr and cap) are skipped, so
+an interrupted sweep resumes. ``--cap-samples`` (default: the default run's, ``conf/experiment/default.yaml``)
+records each run's cap. An architecture's best lr (``best_lr``) is its lowest held-out FVU among its runs at the
+default run's cap whose held-out L0 is within :data:`L0_TOLERANCE` of k, or where none is, the run whose L0 came
+nearest k: FVU at another L0 is not comparable (a Standard SAE's L0 follows its lr as well as its L1 coefficient,
+and a JumpReLU's moves towards k at a pace the lr sets).
+
+``--merge A.json B.json`` adds the runs of sweeps made in parallel (separate ``--out`` files) to ``--out``.
 
 Usage: python benchmarks/bench_baseline_lr.py --store <store dir> [--archs topk,batchtopk] [--lrs 3e-4,1e-3,3e-3]
+       python benchmarks/bench_baseline_lr.py --merge A.json B.json
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,18 +42,54 @@ from pipeline.utils.atomic import atomic_write_text  # noqa: E402
 
 #: The default comparison's batch size on CPU (conf/experiment/default.yaml) and the default dictionary's K, k.
 BATCH_SIZE, WIDTH, K = 1024, 2048, 32
+#: The default run's sample cap, which the sweep runs at unless told otherwise.
+DEFAULT_CAP = int(
+    OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/experiment/default.yaml").compare.cap_samples
+)
+#: A run counts towards ``best_lr`` when its held-out L0 is within this share of k.
+L0_TOLERANCE = 0.25
+
+
+def best_lrs(runs: list[dict], cap: int) -> dict[str, float]:
+    """Each architecture's lr at ``cap``: the lowest held-out FVU among its runs whose L0 is within
+    :data:`L0_TOLERANCE` of k; where none is, the run whose L0 came nearest k (FVU at another L0 says little)."""
+    best: dict[str, float] = {}
+    for a in sorted({r["architecture"] for r in runs if r["cap_samples"] == cap}):
+        mine = [r for r in runs if r["architecture"] == a and r["cap_samples"] == cap]
+        near = [r for r in mine if abs(r["heldout_l0"] - K) <= L0_TOLERANCE * K]
+        pick = min(near, key=lambda r: r["heldout_fvu"]) if near else min(mine, key=lambda r: abs(r["heldout_l0"] - K))
+        best[a] = pick["lr"]
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--store", required=True)
+    ap.add_argument("--store", help="the default run's harvest store (required unless --merge)")
     ap.add_argument("--archs", default="topk,batchtopk")
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
-    ap.add_argument("--cap-samples", type=int, default=CompareConfig().cap_samples)
+    ap.add_argument("--cap-samples", type=int, default=DEFAULT_CAP)
+    ap.add_argument("--merge", nargs="*", default=[], help="results files of parallel sweeps to add to --out")
     ap.add_argument("--out", default="benchmarks/results_baseline_lr.json")
     args = ap.parse_args()
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    if args.merge:
+        for other in args.merge:
+            for run in json.loads(Path(other).read_text())["runs"]:
+                same = [
+                    r
+                    for r in res["runs"]
+                    if (r["architecture"], r["lr"], r["cap_samples"])
+                    == (run["architecture"], run["lr"], run["cap_samples"])
+                ]
+                if not same:
+                    res["runs"].append(run)
+        res["best_lr"] = best_lrs(res["runs"], DEFAULT_CAP)
+        atomic_write_text(out, json.dumps(res, indent=1))
+        print("best:", res["best_lr"])
+        return
+    if not args.store:
+        raise SystemExit("--store is required for a sweep: the default run's outputs/default/harvest-*/store")
     store = ActivationStore(args.store)
     compare = CompareConfig(cap_samples=args.cap_samples)
     budget = matched_budget(compare, FitSpend(seconds=1.0, samples=1, updates=1, device="cpu"))
@@ -56,12 +101,15 @@ def main() -> None:
         width=WIDTH,
         k=K,
         batch_size=BATCH_SIZE,
-        budget=budget.describe(),
     )
+    res.pop("budget", None)  # each run records its own cap
     heldout = store.heldout()
     for arch in args.archs.split(","):
         for lr in (float(x) for x in args.lrs.split(",")):
-            if any(r["architecture"] == arch and r["lr"] == lr for r in res["runs"]):
+            if any(
+                r["architecture"] == arch and r["lr"] == lr and r["cap_samples"] == compare.cap_samples
+                for r in res["runs"]
+            ):
                 continue
             spec = BaselineSpec(arch, lr=lr, batch_size=BATCH_SIZE)
             data = training_data(store, spec.batch_size, torch.device("cpu"), 0)
@@ -71,6 +119,8 @@ def main() -> None:
                 "architecture": arch,
                 "lr": lr,
                 "date": time.strftime("%Y-%m-%d"),
+                "cap_samples": compare.cap_samples,
+                "budget": budget.describe(),
                 "heldout_fvu": r.heldout_fvu,
                 "heldout_l0": r.heldout_l0,
                 "heldout_dead_fraction": r.heldout_dead_fraction,
@@ -91,12 +141,7 @@ def main() -> None:
                 f"{r.steps} steps {r.seconds:.0f} s, stop {r.stop_reason}",
                 flush=True,
             )
-    best = {}
-    for run in res["runs"]:
-        a = run["architecture"]
-        if a not in best or run["heldout_fvu"] < best[a]["heldout_fvu"]:
-            best[a] = run
-    res["best_lr"] = {a: run["lr"] for a, run in best.items()}
+    res["best_lr"] = best_lrs(res["runs"], DEFAULT_CAP)
     atomic_write_text(out, json.dumps(res, indent=1))
     print("best:", res["best_lr"])
 
