@@ -11,13 +11,16 @@ the duration of a run is enough:
 * RAVEL's HF model: its ``get_module`` finds the blocks of any decoder-only HF model (:func:`any_decoder_layers`),
   and its ``from_pretrained`` calls load a local ``save_pretrained`` folder (:func:`local_hf_model`);
 * result files: every metric's ``BaseEvalOutput.to_json_file`` writes through a temporary file and a rename
-  (:func:`atomic_result_writes`), so a kill mid-write leaves the old file or none, never a torn one.
+  (:func:`atomic_result_writes`), so a kill mid-write leaves the old file or none, never a torn one; so does
+  every ``torch.save`` to a path meanwhile: the LLM activations and probes SAEBench keeps in its artifacts folder
+  and loads whenever the file exists (sparse probing, SCR/TPP, absorption, autointerp's tokens).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,13 +73,44 @@ def atomic_to_json_file(self: Any, file_path: str, indent: int = 2) -> None:
     atomic_write_text(file_path, json.dumps(asdict(self), indent=indent, default=str))
 
 
+def atomic_torch_save(save: Callable[..., Any]) -> Callable[..., Any]:
+    """``save`` (``torch.save``) writing a path target through a temporary file, flushed, then renamed over it (a
+    file object as before). torch names the archive inside the file after the file, so the temporary file keeps
+    the target's name, in a temporary folder beside it (``.<name>.tmp-<pid>/<name>``, as
+    :mod:`pipeline.utils.atomic` names its temporary files): the bytes are those of a direct save."""
+
+    def atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(f, (str, os.PathLike)):
+            return save(obj, f, *args, **kwargs)
+        target = Path(f)
+        folder = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp = folder / target.name
+            save(obj, tmp, *args, **kwargs)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+    return atomic_save
+
+
 @contextlib.contextmanager
 def atomic_result_writes() -> Iterator[None]:
     """Make every SAEBench metric's result write (``BaseEvalOutput.to_json_file``, which all of SAEBench 0.6.0's
-    ``run_eval`` functions and core's ``save_single_eval_result`` call) atomic (:func:`atomic_to_json_file`)."""
+    ``run_eval`` functions and core's ``save_single_eval_result`` call) atomic (:func:`atomic_to_json_file`), and
+    every ``torch.save`` to a path (:func:`atomic_torch_save`): SAEBench loads a cached artifact whenever its file
+    exists, so one torn by a kill would fail the metric on every re-run."""
+    import torch
     from sae_bench.evals.base_eval_output import BaseEvalOutput
 
-    with patched_attr(BaseEvalOutput, "to_json_file", atomic_to_json_file):
+    with (
+        patched_attr(BaseEvalOutput, "to_json_file", atomic_to_json_file),
+        patched_attr(torch, "save", atomic_torch_save(torch.save)),
+    ):
         yield
 
 

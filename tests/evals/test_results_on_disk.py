@@ -1,6 +1,6 @@
-"""What the evaluate stage keeps on disk between runs: no result file torn by a kill (SAEBench's writes are made
-atomic), no unreadable one kept (dropped, logged, at the start), and no result of an SAE whose weights changed
-since (each result is recorded with the sha256 of its SAE's weights and re-run when they differ)."""
+"""What the evaluate stage keeps on disk between runs: no result file or cached artifact torn by a kill (SAEBench's
+writes are made atomic), no unreadable one kept (dropped, logged, at the start), and no result of an SAE whose
+weights changed since (each result is recorded with the sha256 of its SAE's weights and re-run when they differ)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,63 @@ def test_a_kill_mid_write_leaves_no_torn_result(tmp_path, monkeypatch):
     assert not new.exists()
     assert json.loads(old.read_text()) == {"eval_type_id": "core", "kept": True}
     assert sorted(p.name for p in old.parent.iterdir()) == [old.name]  # no temporary file left
+
+
+class _BoomPickle:
+    """An object whose pickling fails: torch.save has created its file (and written the arrays before it)."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt("killed mid-write")
+
+
+def test_a_kill_mid_torch_save_leaves_no_torn_artifact(tmp_path, monkeypatch):
+    """SAEBench keeps LLM activations and probes in its artifacts folder with torch.save and loads any such file
+    that exists: while the evaluate loop runs a metric, a torch.save to a path goes through a temporary file, so a
+    kill mid-write leaves the old file, or none, never a torn one that every re-run would fail to load. A finished
+    save holds the bytes of a direct one (torch names the archive inside after the file)."""
+    import torch
+
+    from pipeline.evals.metrics import registry
+
+    save = torch.save
+    artifacts = tmp_path / "artifacts" / "sparse_probing"
+    artifacts.mkdir(parents=True)
+    old = artifacts / "old_activations.pt"
+    torch.save({"train": torch.ones(2)}, old)
+    new = artifacts / "new_activations.pt"
+    done = artifacts / "done_activations.pt"
+    whole = {"train": torch.arange(8.0)}
+
+    class Saver(MetricRunner):
+        name = "core"
+
+        def requirements(self, ctx):
+            return None
+
+        def config(self, ctx):
+            return None
+
+        def run(self, ctx, config):
+            torch.save(whole, done)
+            for path in (new, old):
+                try:
+                    torch.save({"train": torch.zeros(4096), "late": _BoomPickle()}, str(path))
+                except KeyboardInterrupt:
+                    pass
+
+    monkeypatch.setitem(registry.REGISTRY, "core", Saver())
+    ctx = SimpleNamespace(
+        eval=SimpleNamespace(local_datasets={}), labelled=None, saes=[], results_dir=tmp_path / "eval_results"
+    )
+    registry.run_metric(ctx, "core", registry.MetricOutcome())
+    assert torch.save is save  # patched only while the metric ran
+    assert not new.exists()
+    assert torch.equal(torch.load(old, weights_only=True)["train"], torch.ones(2))
+    assert sorted(p.name for p in artifacts.iterdir()) == [done.name, old.name]  # no temporary file left
+    direct = tmp_path / "direct" / done.name
+    direct.parent.mkdir()
+    torch.save(whole, direct)
+    assert done.read_bytes() == direct.read_bytes()
 
 
 # ------------------------------------------------------------------------------------- the evaluate stage
