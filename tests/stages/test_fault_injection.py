@@ -20,6 +20,9 @@ differ in those bytes alone. The uninterrupted reference is made there first and
 
 One case takes 0.5 to 2 minutes on 2 cores (the re-run runs the killed stage and every stage after it);
 ``-k harvest`` (or any stage's name) runs one stage's kills.
+
+One module (~610 lines) because the kill table, the file checker that knows every output type and the byte
+comparison with its list of clocked files are read together: each case's expectations name the others' parts.
 """
 
 from __future__ import annotations
