@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,20 +40,11 @@ class _Output:
     late: Any
 
 
-def test_a_kill_mid_write_leaves_no_torn_result(tmp_path, monkeypatch):
-    """SAEBench's result writes (BaseEvalOutput.to_json_file, every metric's) go through a temporary file while
-    the evaluate loop runs a metric: a kill mid-write leaves the old file, or none, never a torn one."""
-    from sae_bench.evals.base_eval_output import BaseEvalOutput
-
+def _run_as_core(monkeypatch, results_dir: Path, work: Callable[[], None]) -> None:
+    """Run ``work`` as the metric ``core`` through the registry (with its patches on), on an empty context."""
     from pipeline.evals.metrics import registry
 
-    results = tmp_path / "eval_results"
-    old = results / "core" / "old_custom_sae_eval_results.json"
-    old.parent.mkdir(parents=True)
-    old.write_text('{"eval_type_id": "core", "kept": true}')
-    new = results / "core" / "new_custom_sae_eval_results.json"
-
-    class Writer(MetricRunner):
+    class Stub(MetricRunner):
         name = "core"
 
         def requirements(self, ctx):
@@ -62,15 +54,32 @@ def test_a_kill_mid_write_leaves_no_torn_result(tmp_path, monkeypatch):
             return None
 
         def run(self, ctx, config):
-            for path in (new, old):
-                try:
-                    BaseEvalOutput.to_json_file(_Output("core", ["x" * 100] * 200, _Boom()), str(path))
-                except KeyboardInterrupt:
-                    pass
+            work()
 
-    monkeypatch.setitem(registry.REGISTRY, "core", Writer())
-    ctx = SimpleNamespace(eval=SimpleNamespace(local_datasets={}), labelled=None, saes=[], results_dir=results)
+    monkeypatch.setitem(registry.REGISTRY, "core", Stub())
+    ctx = SimpleNamespace(eval=SimpleNamespace(local_datasets={}), labelled=None, saes=[], results_dir=results_dir)
     registry.run_metric(ctx, "core", registry.MetricOutcome())
+
+
+def test_a_kill_mid_write_leaves_no_torn_result(tmp_path, monkeypatch):
+    """SAEBench's result writes (BaseEvalOutput.to_json_file, every metric's) go through a temporary file while
+    the evaluate loop runs a metric: a kill mid-write leaves the old file, or none, never a torn one."""
+    from sae_bench.evals.base_eval_output import BaseEvalOutput
+
+    results = tmp_path / "eval_results"
+    old = results / "core" / "old_custom_sae_eval_results.json"
+    old.parent.mkdir(parents=True)
+    old.write_text('{"eval_type_id": "core", "kept": true}')
+    new = results / "core" / "new_custom_sae_eval_results.json"
+
+    def write() -> None:
+        for path in (new, old):
+            try:
+                BaseEvalOutput.to_json_file(_Output("core", ["x" * 100] * 200, _Boom()), str(path))
+            except KeyboardInterrupt:
+                pass
+
+    _run_as_core(monkeypatch, results, write)
     assert not new.exists()
     assert json.loads(old.read_text()) == {"eval_type_id": "core", "kept": True}
     assert sorted(p.name for p in old.parent.iterdir()) == [old.name]  # no temporary file left
@@ -90,8 +99,6 @@ def test_a_kill_mid_torch_save_leaves_no_torn_artifact(tmp_path, monkeypatch):
     save holds the bytes of a direct one (torch names the archive inside after the file)."""
     import torch
 
-    from pipeline.evals.metrics import registry
-
     save = torch.save
     artifacts = tmp_path / "artifacts" / "sparse_probing"
     artifacts.mkdir(parents=True)
@@ -101,28 +108,15 @@ def test_a_kill_mid_torch_save_leaves_no_torn_artifact(tmp_path, monkeypatch):
     done = artifacts / "done_activations.pt"
     whole = {"train": torch.arange(8.0)}
 
-    class Saver(MetricRunner):
-        name = "core"
+    def save_all() -> None:
+        torch.save(whole, done)
+        for path in (new, old):
+            try:
+                torch.save({"train": torch.zeros(4096), "late": _BoomPickle()}, str(path))
+            except KeyboardInterrupt:
+                pass
 
-        def requirements(self, ctx):
-            return None
-
-        def config(self, ctx):
-            return None
-
-        def run(self, ctx, config):
-            torch.save(whole, done)
-            for path in (new, old):
-                try:
-                    torch.save({"train": torch.zeros(4096), "late": _BoomPickle()}, str(path))
-                except KeyboardInterrupt:
-                    pass
-
-    monkeypatch.setitem(registry.REGISTRY, "core", Saver())
-    ctx = SimpleNamespace(
-        eval=SimpleNamespace(local_datasets={}), labelled=None, saes=[], results_dir=tmp_path / "eval_results"
-    )
-    registry.run_metric(ctx, "core", registry.MetricOutcome())
+    _run_as_core(monkeypatch, tmp_path / "eval_results", save_all)
     assert torch.save is save  # patched only while the metric ran
     assert not new.exists()
     assert torch.equal(torch.load(old, weights_only=True)["train"], torch.ones(2))
