@@ -339,3 +339,18 @@ def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> A
             },
         }
     )
+
+
+def run_tiny_evaluate(inputs: dict[str, Any], cfg: Any, out: Path) -> Path:
+    """The evaluate stage on the tiny inputs (``eval_inputs``) with ``cfg`` (:func:`tiny_eval_config`), into
+    ``out / "evaluate"``; returns its folder."""
+    from stages import evaluate
+
+    return evaluate.run(
+        cfg,
+        run_dir=out / "evaluate",
+        fit_dir=inputs["fit"],
+        baselines_dir=inputs["baselines"],
+        store_dir=inputs["store"],
+        model=inputs["model"],
+    )

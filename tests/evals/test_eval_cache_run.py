@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAEBENCH_TINY_RUN_WARNINGS, tiny_eval_config
+from tests.conftest import SAEBENCH_TINY_RUN_WARNINGS, run_tiny_evaluate, tiny_eval_config
 
 pytestmark = [*SAEBENCH_TINY_RUN_WARNINGS, pytest.mark.slow]
 
@@ -18,20 +18,11 @@ SAES = ("dbksvd_plain_K64_k4", "topk_K64_k4")
 
 
 def _evaluate(inputs, out: Path, metric: str, cache: dict, change=None) -> Path:
-    from stages import evaluate
-
     cfg = tiny_eval_config(inputs, out, [metric])
     cfg.eval["cache"] = cache
     if change is not None:
         change(cfg.eval)
-    return evaluate.run(
-        cfg,
-        run_dir=out / "evaluate",
-        fit_dir=inputs["fit"],
-        baselines_dir=inputs["baselines"],
-        store_dir=inputs["store"],
-        model=inputs["model"],
-    )
+    return run_tiny_evaluate(inputs, cfg, out)
 
 
 def _results(folder: Path, metric: str) -> dict[str, dict]:

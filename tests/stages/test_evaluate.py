@@ -8,25 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAEBENCH_TINY_RUN_WARNINGS, tiny_eval_config
+from tests.conftest import SAEBENCH_TINY_RUN_WARNINGS, run_tiny_evaluate, tiny_eval_config
 
 pytestmark = SAEBENCH_TINY_RUN_WARNINGS
 
 
 def _run(inputs, out, metrics, **kw):
-    from stages import evaluate
-
     cfg = tiny_eval_config(inputs, out, metrics)
     for k, v in kw.items():
         cfg.eval[k] = v
-    return evaluate.run(
-        cfg,
-        run_dir=out / "evaluate",
-        fit_dir=inputs["fit"],
-        baselines_dir=inputs["baselines"],
-        store_dir=inputs["store"],
-        model=inputs["model"],
-    ), cfg
+    return run_tiny_evaluate(inputs, cfg, out), cfg
 
 
 def _files_under(folder: Path) -> set[Path]:
