@@ -35,19 +35,87 @@ def _zero_hook_like_saebench() -> Any:
     return standard_zero_ablate_hook
 
 
-def test_saebench_zero_ablation_hook_name_is_the_one_matched():
-    """The qualified name matched is the one the installed SAEBench gives its zero-ablation hook."""
+def _splice_like_saebench(scale: float) -> Any:
+    """An SAE splice with the qualified name of SAEBench's (``get_recons_loss``'s replacement hook), wrapped in
+    ``functools.partial`` as SAEBench passes it."""
+    from functools import partial
+
+    def standard_replacement_hook(acts: torch.Tensor, hook: Any) -> torch.Tensor:
+        return acts * scale + 0.25
+
+    standard_replacement_hook.__qualname__ = "get_recons_loss.<locals>.standard_replacement_hook"
+    return partial(standard_replacement_hook)
+
+
+def test_saebench_hook_names_are_the_ones_matched():
+    """The qualified names matched are the ones the installed SAEBench gives its zero-ablation and splice hooks,
+    and the splice is passed as the only hook at the SAE's hook name."""
     import inspect
 
     import sae_bench.evals.core.main as core
 
-    from pipeline.evals.metrics.shared_forwards import SAE_INDEPENDENT_HOOKS
+    from pipeline.evals.metrics.shared_forwards import SAE_INDEPENDENT_HOOKS, SPLICE_HOOK
 
     src = inspect.getsource(core.get_recons_loss)
-    for qualname in SAE_INDEPENDENT_HOOKS:
+    for qualname in (*SAE_INDEPENDENT_HOOKS, SPLICE_HOOK):
         outer, _, name = qualname.partition(".<locals>.")
         assert outer == "get_recons_loss" and f"def {name}(" in src
     assert "torch.zeros_like(activations)" in src
+    assert "fwd_hooks=[(hook_name, partial(replacement_hook))]" in src
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre"])
+def test_splice_from_the_kept_residual_equals_the_full_forward(eval_inputs, hook):
+    """The splice run from the hook gives the full forward's logits and per-token loss bit for bit."""
+    from pipeline.evals.metrics.shared_forwards import SharedForwards
+
+    model = eval_inputs["model"]
+    tokens = _tokens(model, n=3, length=16)
+    splice = _splice_like_saebench(0.5)
+    want = model.run_with_hooks(tokens, return_type="both", loss_per_token=True, fwd_hooks=[(hook, splice)])
+    shared = SharedForwards(model, cap_mb=64, hook=hook)
+    shared(tokens, return_type="both", loss_per_token=True)  # the clean forward keeps the residual
+    got = shared.run_with_hooks(tokens, return_type="both", loss_per_token=True, fwd_hooks=[(hook, splice)])
+    assert shared.stats.started_at_hook == 1
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    # other tokens (no residual kept), another hook point, or a hook of another name: the full forward
+    shared.run_with_hooks(tokens.flip(0), return_type="logits", fwd_hooks=[(hook, splice)])
+    shared.run_with_hooks(tokens, return_type="logits", fwd_hooks=[("blocks.0.hook_resid_post", splice)])
+    shared.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, lambda a, hook: a * 0.5)])
+    assert shared.stats.started_at_hook == 1
+
+
+def test_saved_forwards_answer_a_new_process(eval_inputs, tmp_path):
+    """What one run kept, written and read back by another wrapper, answers its calls with the same tensors."""
+    from pipeline.evals.metrics.shared_forwards import FORWARD_SUFFIX, SharedForwards
+
+    model = eval_inputs["model"]
+    hook = "blocks.1.hook_resid_post"
+    tokens = _tokens(model)
+    first = SharedForwards(model, cap_mb=64, hook=hook)
+    clean = first(tokens, return_type="both", loss_per_token=True)
+    _, cache = first.run_with_cache(tokens, names_filter=[hook], stop_at_layer=2)
+    zero = _zero_hook_like_saebench()
+    ablated = first.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, zero)])
+    written = first.save(tmp_path)
+    assert len(written) == 4 and first.save(tmp_path) == []  # clean, residual, cache, ablated; kept once
+    assert all(p.name.endswith(FORWARD_SUFFIX) for p in written)
+
+    second = SharedForwards(model, cap_mb=64, hook=hook)
+    assert second.load(tmp_path) == 4
+    again = second(tokens, return_type="both", loss_per_token=True)
+    _, cache2 = second.run_with_cache(tokens, names_filter=[hook], stop_at_layer=2)
+    ablated2 = second.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook, zero)])
+    splice = _splice_like_saebench(2.0)
+    second.run_with_hooks(tokens, return_type="both", loss_per_token=True, fwd_hooks=[(hook, splice)])
+    assert second.stats.forwards_reused == 3 and second.stats.started_at_hook == 1
+    assert type(again) is type(clean) and type(cache2) is type(cache)
+    torch.testing.assert_close(again.logits, clean.logits, rtol=0, atol=0)
+    torch.testing.assert_close(again.loss, clean.loss, rtol=0, atol=0)
+    torch.testing.assert_close(cache2[hook], cache[hook], rtol=0, atol=0)
+    torch.testing.assert_close(ablated2, ablated, rtol=0, atol=0)
+    assert SharedForwards(model, cap_mb=0, hook=hook).load(tmp_path) == 0  # the cap holds on load too
 
 
 def test_hit_equals_the_forward_and_is_a_copy(eval_inputs):
@@ -153,3 +221,5 @@ def test_core_with_reused_forwards_equals_core_recomputed(eval_inputs, tmp_path)
     run = (2 * r + s + (r + s)) + n_saes * 2 * r
     assert stats["forwards_run"] == run and stats["forwards_reused"] == calls - run
     assert stats["not_stored"] == 0 and stats["stored_mb"] > 0
+    # every splice starts at the hook: the clean forward of each batch ran (and kept the residual) before it
+    assert stats["started_at_hook"] == n_saes * 2 * r and none["started_at_hook"] == 0

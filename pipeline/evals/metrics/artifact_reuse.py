@@ -31,7 +31,7 @@ CACHE_DIRNAME = "eval_cache"
 """Name of the default cache folder, beside the activation store."""
 INFO_KEY = "eval_cache"
 """Key of ``eval_info.json`` that records the cache's use."""
-CODE_VERSION = {"absorption": 1, "sparse_probing": 1, "scr": 1, "tpp": 1}
+CODE_VERSION = {"absorption": 1, "sparse_probing": 1, "scr": 1, "tpp": 1, "core": 1}
 """Version of this project's code around each metric's SAE-independent part (the RNG pinning of
 :mod:`pipeline.evals.metrics.rng_pinning`, the vocabulary subsample); bump one to invalidate its entries."""
 SAE_ONLY_FIELDS = {
@@ -139,6 +139,34 @@ def absorption_key(ctx: EvalContext, config: Any) -> dict[str, Any]:
         "config": {k: getattr(config, k) for k in ABSORPTION_PROBE_FIELDS},
         "vocab": {"size": node.vocab_size, "min_words_per_letter": node.min_words_per_letter, "seed": node.seed},
     }
+
+
+CORE_FORWARD_FIELDS = ("batch_size_prompts", "n_eval_reconstruction_batches", "n_eval_sparsity_variance_batches")
+"""Fields of SAEBench's core config that decide which forwards core makes (with the eval text and its shuffle)."""
+
+
+def core_key(ctx: EvalContext, config: Any, tokens: Any, shuffle_seed: int) -> dict[str, Any]:
+    """Key of core's SAE-independent forwards (:mod:`pipeline.evals.metrics.shared_forwards`): :func:`common_key`,
+    :data:`CORE_FORWARD_FIELDS`, the context size, the shuffle seed and the eval text: a hub dataset by name, local
+    contexts (a ``datasets.Dataset`` with a ``tokens`` column) by the sha256 of their token ids. Each stored
+    forward is also filed under its own tokens and arguments, so a key that covered too little would cost misses,
+    never a wrong answer."""
+    if isinstance(tokens, str):
+        text: Any = {"hub": tokens}
+    else:
+        ids = torch.as_tensor(tokens["tokens"], dtype=torch.int64).contiguous()
+        text = {"local_tokens": hashlib.sha256(ids.numpy().tobytes()).hexdigest(), "shape": list(ids.shape)}
+    fields = {k: getattr(config, k) for k in CORE_FORWARD_FIELDS}
+    return {
+        **common_key(ctx, "core"),
+        "config": {**fields, "context_size": config.context_size, "shuffle_seed": shuffle_seed},
+        "text": text,
+    }
+
+
+def cache_enabled(ctx: EvalContext) -> bool:
+    """Whether this evaluation uses the shared cache (``eval.cache.enabled`` and a root: :func:`cache_root`)."""
+    return bool(ctx.eval.cache.enabled) and cache_root(ctx) is not None
 
 
 def _record(ctx: EvalContext, root: Path | None, metric: str, entry: dict[str, Any]) -> None:

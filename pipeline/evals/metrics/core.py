@@ -7,7 +7,10 @@ harvest text *after* the harvested contexts (never seen by the fit), or ``eval.c
 ``eval.core.positions`` says which positions the numbers cover: ``all`` (SAEBench's core as published, written to
 ``core/``), ``fit`` (the positions the fit used, written to ``core_fit_positions/`` in the same layout and file
 names: :mod:`pipeline.evals.metrics.positions`) or ``both``. The LLM forwards that do not depend on the SAE are
-run once for all SAEs and both position sets (:mod:`pipeline.evals.metrics.shared_forwards`).
+run once for all SAEs and both position sets, and the SAE splice starts at the hook from the kept residual
+(:mod:`pipeline.evals.metrics.shared_forwards`). With the eval cache on, those forwards are kept in the shared
+cache (:data:`FORWARDS_SUBDIR` of core's artifacts, :func:`pipeline.evals.metrics.artifact_reuse.core_key`): a
+later run on the same model, hook and eval text runs only each SAE's splice, from the hook up.
 
 Signed codes (``eval.signed_export=signed``). SAEBench's core uses an SAE's codes for the reconstruction
 (``decode(encode(x))``), L0 (``!= 0``), L1 (``codes.sum()``) and the feature density (``codes > 0``): the last two
@@ -24,6 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.evals.metrics.artifact_reuse import cache_enabled, core_key, reused_artifacts
 from pipeline.evals.metrics.base import EvalContext, MetricRunner
 from pipeline.evals.metrics.positions import (
     ALL_COVERS,
@@ -44,6 +48,8 @@ from pipeline.evals.sae_records import SAERecord
 SPARE_CONTEXTS = 8
 #: Seed of the shuffle of the eval contexts (SAEBench's own).
 SHUFFLE_SEED = 42
+#: Core's artifacts subfolder of the kept SAE-independent forwards (the shared eval cache's entry).
+FORWARDS_SUBDIR = "forwards"
 #: Result folder of each core run (``eval.core.positions``).
 RESULT_DIRS = {"all": "core", "fit": FIT_RESULTS}
 #: The ``eval_info.json`` note of a core run on signed codes.
@@ -139,16 +145,23 @@ class CoreRunner(MetricRunner):
             },
         )
         passed: dict[str, Any] = {}
-        model = SharedForwards(ctx.model, c.reuse_forwards_mb)  # one clean / ablated forward for every SAE
-        for record in ctx.saes:
-            for which in runs:
-                path = record.result_path(ctx.results_dir, RESULT_DIRS[which])
-                if ctx.force_rerun or not path.exists():
-                    run_core(
-                        record, model, path, config, dataset, ctx.device, fit_rule=rule if which == "fit" else None
-                    )
-                if which == "fit":
-                    passed[record.selected[0]] = _read_positions(path)
+        folder = ctx.artifacts(self.name).resolve() / FORWARDS_SUBDIR
+        keep = cache_enabled(ctx) and c.reuse_forwards_mb > 0
+        with reused_artifacts(ctx, self.name, folder, lambda: core_key(ctx, config, dataset, SHUFFLE_SEED)):
+            # one clean / ablated forward for every SAE; each splice from the hook up
+            model = SharedForwards(ctx.model, c.reuse_forwards_mb, hook=ctx.store.hook)
+            if keep:
+                model.load(folder)
+            for record in ctx.saes:
+                for which in runs:
+                    path = record.result_path(ctx.results_dir, RESULT_DIRS[which])
+                    if ctx.force_rerun or not path.exists():
+                        rule_ = rule if which == "fit" else None
+                        run_core(record, model, path, config, dataset, ctx.device, fit_rule=rule_)
+                    if which == "fit":
+                        passed[record.selected[0]] = _read_positions(path)
+            if keep:
+                model.save(folder)
         ctx.info["sizes"][self.name]["shared_forwards"] = model.stats.as_dict()
         signed = [r.selected[0] for r in ctx.saes if getattr(r.sae, "signed_codes", False)]
         if signed:
