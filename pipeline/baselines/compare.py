@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.baselines.config import DEFAULT_PLATEAU_THRESHOLD, Budget
+from pipeline.baselines.config import DEFAULT_PLATEAU_L0_THRESHOLD, DEFAULT_PLATEAU_THRESHOLD, Budget
 from pipeline.core.spend import FitSpend
 
 #: Budget modes of the comparison.
@@ -59,6 +59,9 @@ class CompareConfig:
     plateau_threshold: float = DEFAULT_PLATEAU_THRESHOLD
     """``plateau``: the curve has flattened when held-out FVU improved by less than this share of itself over
     the last doubling of the samples."""
+    plateau_l0_threshold: float = DEFAULT_PLATEAU_L0_THRESHOLD
+    """``plateau``: ... and held-out L0 moved by less than this share of itself (either way) over that doubling (an
+    L0-penalised SAE trades FVU for sparsity while L0 still moves: :mod:`pipeline.baselines.control`)."""
     plateau_min_samples: int = 2**18
     """``plateau``: samples before the rule is first applied."""
     batch_size: int | None = None
@@ -94,6 +97,11 @@ class CompareConfig:
                 f"compare.plateau_threshold={self.plateau_threshold} must be a finite share >= 0 (e.g. 0.01: "
                 "less than 1% better per doubling of samples counts as flat)."
             )
+        if not (math.isfinite(self.plateau_l0_threshold) and self.plateau_l0_threshold >= 0):
+            raise ValueError(
+                f"compare.plateau_l0_threshold={self.plateau_l0_threshold} must be a finite share >= 0 (e.g. 0.05: "
+                "L0 moving by less than 5% per doubling of samples counts as settled)."
+            )
         if not math.isfinite(self.factor):
             raise ValueError(f"compare.factor={self.factor} must be a finite number > 0.")
 
@@ -112,6 +120,7 @@ def matched_budget(compare: CompareConfig, spend: FitSpend) -> Budget:
         samples=compare.cap_samples,
         seconds=compare.cap_seconds,
         threshold=compare.plateau_threshold,
+        l0_threshold=compare.plateau_l0_threshold,
         min_samples=compare.plateau_min_samples,
     )
 
@@ -126,6 +135,7 @@ TRAINING_FACTS = (
     "stop_reason",
     "flattened",
     "improvement_per_doubling",
+    "l0_change_per_doubling",
     "decay_start_step",
     "dead_window_steps",
     "dead_mask_steps",
@@ -149,6 +159,7 @@ def budget_summary(compare: CompareConfig, spend: FitSpend, record: dict[str, An
         "cap_samples": compare.cap_samples if compare.budget == "plateau" else None,
         "cap_seconds": compare.cap_seconds if compare.budget == "plateau" else None,
         "plateau_threshold": compare.plateau_threshold if compare.budget == "plateau" else None,
+        "plateau_l0_threshold": compare.plateau_l0_threshold if compare.budget == "plateau" else None,
         "dictionary_device": spend.device,
         "dictionary_ranks": spend.ranks,
         "lr": spec.get("lr"),

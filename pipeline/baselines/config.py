@@ -54,6 +54,10 @@ MAX_DEAD_WINDOW_SHARE = 0.25
 #: A ``plateau`` budget's default threshold: the curve has flattened when held-out FVU improved by less than 1%
 #: of itself over the last doubling of the samples.
 DEFAULT_PLATEAU_THRESHOLD = 0.01
+#: A ``plateau`` budget's default L0 threshold: a curve has not flattened while its held-out L0 still moves by 5%
+#: or more of itself per doubling of the samples (an L0-penalised SAE, JumpReLU or Standard, trades FVU for L0
+#: as it goes: its FVU can rise while L0 falls, which the FVU rule alone reads as flat).
+DEFAULT_PLATEAU_L0_THRESHOLD = 0.05
 
 
 @dataclass
@@ -207,6 +211,9 @@ class Budget:
     flat."""
     min_samples: int = 2**18
     """``plateau``: samples before the rule is first applied (early curves can pause before they fall)."""
+    l0_threshold: float = DEFAULT_PLATEAU_L0_THRESHOLD
+    """``plateau``: the largest relative change of held-out L0 (either way) per doubling of samples that counts as
+    settled; the curve has flattened only when FVU is flat and L0 settled."""
 
     def __post_init__(self) -> None:
         if self.mode not in BUDGET_FIELDS:
@@ -217,8 +224,11 @@ class Budget:
             raise ValueError(f"a {self.mode!r} budget needs {need} > 0, got {value!r}.")
         if self.seconds is not None and not self.seconds > 0:
             raise ValueError(f"budget seconds={self.seconds!r} must be > 0 (or None under 'plateau').")
-        if not self.threshold >= 0 or self.min_samples < 0:
-            raise ValueError(f"plateau threshold={self.threshold} and min_samples={self.min_samples} must be >= 0.")
+        if not self.threshold >= 0 or self.min_samples < 0 or not self.l0_threshold >= 0:
+            raise ValueError(
+                f"plateau threshold={self.threshold}, l0_threshold={self.l0_threshold} and "
+                f"min_samples={self.min_samples} must be >= 0."
+            )
 
     def describe(self) -> dict[str, Any]:
         """The mode and the fields it reads (what a log line shows)."""

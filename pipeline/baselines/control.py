@@ -11,8 +11,11 @@ over ``lr_warm_up_steps``, constant, linear decay to 0):
   is ``lr_decay_fraction`` away) and lasts ``fraction / (1 − fraction)`` of the steps so far, so that it is
   that fraction of the whole run, as under a step budget.
 
-Held-out FVU is measured after the steps :func:`~pipeline.utils.curves.on_log_grid` names, on the inference form
-of a copy of the SAE (what is saved), with the training clock paused.
+Held-out FVU and L0 are measured after the steps :func:`~pipeline.utils.curves.on_log_grid` names, on the inference
+form of a copy of the SAE (what is saved), with the training clock paused. A curve has flattened when FVU improved
+by less than the budget's ``threshold`` over the last doubling of samples *and* L0 moved by less than its
+``l0_threshold`` either way: an L0-penalised SAE (JumpReLU, Standard) trades FVU for sparsity as it trains, so its
+FVU can stall or rise while L0 is still falling, and the FVU rule alone would stop it there.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class RunControl:
     """Per-step control of one sae-lens training run (see the module docstring).
 
     ``clock()`` is the training clock (with a ``paused()`` context for evaluation); ``measure(trainer)`` returns
-    the held-out FVU of the SAE as it stands (None: no curve, and no ``plateau`` budget).
+    the held-out ``(fvu, l0)`` of the SAE as it stands (None: no curve, and no ``plateau`` budget).
     """
 
     def __init__(
@@ -43,7 +46,7 @@ class RunControl:
         spec: BaselineSpec,
         budget: Budget,
         clock: Any,
-        measure: Callable[[Any], float] | None,
+        measure: Callable[[Any], tuple[float, float]] | None,
     ) -> None:
         if budget.mode == "plateau" and measure is None:
             raise ValueError("a 'plateau' budget measures held-out FVU: pass heldout=(m, d_in) rows.")
@@ -51,8 +54,8 @@ class RunControl:
         self.decay = spec.decay_fraction()
         self.known_steps = budget.known_steps(spec.batch_size)
         self.curve: list[dict[str, float]] = []
-        """Held-out FVU at the log-grid steps: ``steps``, ``samples``, ``seconds`` (training clock), ``fvu``,
-        ``lr`` (the lr of that step)."""
+        """Held-out FVU and L0 at the log-grid steps: ``steps``, ``samples``, ``seconds`` (training clock),
+        ``fvu``, ``l0``, ``lr`` (the lr of that step)."""
         self.stop_reason: str | None = None
         self.decay_start_step: int | None = None
         """``plateau``: steps done when the decay began."""
@@ -116,10 +119,9 @@ class RunControl:
         steps, samples = trainer.n_training_steps + 1, trainer.n_training_samples  # fit() counts the step later
         if self.measure is not None and on_log_grid(steps):
             with self.clock.paused():
-                fvu = float(self.measure(trainer))
-            self.curve.append(
-                {"steps": steps, "samples": samples, "seconds": self.clock(), "fvu": fvu, "lr": self.last_lr}
-            )
+                fvu, l0 = self.measure(trainer)
+            point = {"steps": steps, "samples": samples, "seconds": self.clock(), "fvu": float(fvu), "l0": float(l0)}
+            self.curve.append({**point, "lr": self.last_lr})
         if self.budget.mode == "time":
             if self.clock() >= self.budget.seconds:
                 self.stop_reason = STOP_BUDGET
@@ -142,22 +144,30 @@ class RunControl:
         if b.seconds is not None and self.clock() >= (1 - self.decay) * b.seconds:
             return STOP_CAP_SECONDS
         last = self.curve[-1] if self.curve else None
-        if last is not None and last["steps"] == steps and samples >= b.min_samples:
-            gain = improvement_per_doubling(self.curve, "samples")
-            if gain is not None and gain < b.threshold:
-                return STOP_PLATEAU
+        if last is not None and last["steps"] == steps and samples >= b.min_samples and self._flat(self.curve)[0]:
+            return STOP_PLATEAU
         return None
+
+    def _flat(self, curve: list[dict[str, float]]) -> tuple[bool, float | None, float | None]:
+        """Whether ``curve`` has flattened at its last point (FVU gain below ``threshold`` and L0 change below
+        ``l0_threshold`` per doubling of samples), with the FVU gain and the L0 change (None: too short)."""
+        gain = improvement_per_doubling(curve, "samples")
+        l0_change = improvement_per_doubling(curve, "samples", "l0")
+        flat = gain is not None and gain < self.budget.threshold
+        settled = l0_change is not None and abs(l0_change) < self.budget.l0_threshold
+        return flat and settled, gain, (None if l0_change is None else -l0_change)
 
     # ------------------------------------------------------------------------------------------- summary
     def summary(self) -> dict[str, Any]:
         """``record.json``'s account of the run: why it stopped and whether its curve had flattened (the rule
         applied to the points at full lr, before any decay)."""
         full = [p for p in self.curve if p["lr"] >= self.spec.lr * (1 - 1e-6)]
-        gain = improvement_per_doubling(full, "samples")
+        flattened, gain, l0_change = self._flat(full)
         return {
             "stop_reason": self.stop_reason or STOP_BUDGET,
             "improvement_per_doubling": gain,
-            "flattened": gain is not None and gain < self.budget.threshold,
+            "l0_change_per_doubling": l0_change,
+            "flattened": flattened,
             "decay_start_step": self.decay_start_step,
             "dead_window_steps": self.dead_window_steps,
             "dead_mask_steps": self.dead_mask_steps,

@@ -98,8 +98,11 @@ class BaselineRecord:
     """``budget``, ``plateau``, ``cap_samples`` or ``cap_seconds`` (:mod:`~pipeline.baselines.control`)."""
     improvement_per_doubling: float | None = None
     """Relative held-out FVU gain over the last doubling of samples at full lr, before the decay."""
+    l0_change_per_doubling: float | None = None
+    """Relative held-out L0 change over the same doubling (negative: L0 fell)."""
     flattened: bool | None = None
-    """Whether that gain was below the budget's plateau threshold: the curve had flattened."""
+    """Whether that gain was below the budget's plateau threshold and the L0 change below its L0 threshold: the
+    curve had flattened."""
     decay_start_step: int | None = None
     """``plateau``: steps done when the lr decay began."""
     dead_window_steps: int | None = None
@@ -156,7 +159,7 @@ def train_baseline(
     held = heldout.to(device) if heldout is not None else None
     measure = None
     if held is not None:
-        measure = lambda tr: _fvu(_finished_copy(tr.sae, tr.activation_scaler.scaling_factor), held)  # noqa: E731
+        measure = lambda tr: _fvu_l0(_finished_copy(tr.sae, tr.activation_scaler.scaling_factor), held)  # noqa: E731
     control = RunControl(spec, budget, clock, measure)
     curve: list[dict[str, float]] = []
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -178,7 +181,7 @@ def train_baseline(
         fvu_init = None
         if held is not None:  # evaluation, not training: its time is taken off the clock
             with clock.paused():
-                fvu_init = _fvu(_finished_copy(sae, scale), held)
+                fvu_init = _fvu_l0(_finished_copy(sae, scale), held)[0]
         trainer.fit()
         if device.type == "cuda":  # queued kernels belong to the training time
             torch.cuda.synchronize(device)
@@ -211,6 +214,7 @@ def train_baseline(
         record.heldout_mean_max_abs_cos = stats["mean_max_abs_cos"]
         points = [p for p in control.curve if p["steps"] < record.steps]
         last = {"steps": record.steps, "samples": record.samples, "seconds": seconds, "fvu": stats["fvu"]}
+        last["l0"] = stats["l0"]
         record.heldout_curve = [*points, {**last, "lr": control.last_lr}]
     return TrainedBaseline(sae=final, training_sae=trainer.sae, record=record)
 
@@ -307,21 +311,25 @@ def _estimate_scale(trainer: SAETrainer) -> float | None:
     return trainer.activation_scaler.scaling_factor
 
 
-def _finished_copy(sae: TrainingSAE, scale: float | None) -> Callable[[Tensor], Tensor]:
-    """Reconstruction by the inference form of a copy of ``sae`` with ``fit()``'s normalisation fold applied."""
+def _finished_copy(sae: TrainingSAE, scale: float | None) -> Any:
+    """The inference form of a copy of ``sae`` with ``fit()``'s normalisation fold applied."""
     done = copy.deepcopy(sae)
     if scale is not None:
         done.fold_activation_norm_scaling_factor(scale)
-    final = inference_form(done)
-    return lambda x: final.decode(final.encode(x))
+    return inference_form(done)
 
 
 @torch.no_grad()
-def _fvu(reconstruct: Callable[[Tensor], Tensor], Y: Tensor, chunk: int = 4096) -> float:
-    """‖Y − reconstruct(Y)‖² / ‖Y − mean(Y)‖² for ``Y: (m, d)``, in chunks of ``chunk`` rows."""
+def _fvu_l0(sae: Any, Y: Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """``sae``'s FVU ‖Y − decode(encode(Y))‖² / ‖Y − mean(Y)‖² and mean L0 (non-zero codes per row) on
+    ``Y: (m, d)``, in chunks of ``chunk`` rows."""
     Y = Y.float()
-    err = sum(float((Y[s : s + chunk] - reconstruct(Y[s : s + chunk])).pow(2).sum()) for s in range(0, len(Y), chunk))
-    return err / max(float((Y - Y.mean(0)).pow(2).sum()), 1e-30)
+    err, active = 0.0, 0.0
+    for s in range(0, len(Y), chunk):
+        codes = sae.encode(Y[s : s + chunk])
+        err += float((Y[s : s + chunk] - sae.decode(codes)).pow(2).sum())
+        active += float((codes != 0).sum())
+    return err / max(float((Y - Y.mean(0)).pow(2).sum()), 1e-30), active / len(Y)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ Every method's held-out FVU is measured on the same held-out rows on a log grid 
 
 * its held-out FVU at the dictionary's fit time (read off its curve, linear in log time), and at its end;
 * whether its curve had flattened (held-out FVU gain per doubling of samples at full lr below the plateau
-  threshold) and what stopped it;
+  threshold, and held-out L0 settled) and what stopped it;
 * the training time and samples it needed to reach the dictionary's held-out FVU, or "not reached by" its end.
 
 A figure from a curve that had not flattened carries that label: it measures a run that was still improving.
@@ -63,7 +63,8 @@ def _preamble() -> list[str]:
         "samples seen. Values between measured points are read linearly in log time.",
         "",
         f"A figure marked *{NOT_FLAT}* comes from a curve still improving by more than the plateau threshold "
-        "per doubling of samples when its run ended: it is a lower bound on what the architecture reaches, "
+        "per doubling of samples, or whose L0 was still moving, when its run ended: it is a lower bound on what "
+        "the architecture reaches, "
         "not its result.",
         "",
         "An SAE's FVU at the fit's time is read from its own curve at that point of a longer run, at full lr (its "

@@ -111,8 +111,8 @@ MODE_MEANINGS = {
     "equal_samples": "as many training samples as the dictionary's fit saw{target}{factor}",
     "steps": "a fixed number of optimiser steps{target}",
     "plateau": "each baseline trained until its held-out curve flattened (FVU better by less than the "
-    "threshold per doubling of samples{target}), then its lr decayed over a further quarter of its run; or "
-    "to the cap",
+    "threshold per doubling of samples and L0 settled{target}), then its lr decayed over a further quarter of its "
+    "run; or to the cap",
     "fit": "the dictionary's own schedule (its fit)",
     "time": "a fixed wall-time budget{target}",
     "samples": "a fixed number of training samples{target}",

@@ -3,6 +3,7 @@ that reloads identically, keeps its L0, and every budget mode is honoured."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -130,6 +131,9 @@ class _FakeClock:
     def __call__(self) -> float:
         return self.now
 
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
 
 def test_time_budget_lr_follows_the_elapsed_share_of_the_seconds():
     """Constant at the spec's lr, then linear to 0 over the last 20% of the seconds; warm-up as sae-lens's
@@ -165,6 +169,45 @@ def test_plateau_budget_stops_at_the_plateau_then_decays_the_lr(rows):
     assert rec.final_lr == pytest.approx(1e-2 / (rec.steps - start))  # sae-lens's last decay step: lr / n
     with pytest.raises(ValueError, match="heldout"):
         train_baseline(rows[0], D, WIDTH, K, spec(), budget)
+
+
+class _FakeTrainer:
+    """What :meth:`RunControl.after_step` reads of sae-lens's trainer."""
+
+    def __init__(self, batch: int) -> None:
+        self.n_training_steps, self.n_training_samples, self.batch = 0, 0, batch
+
+    def step(self) -> None:
+        self.n_training_steps += 1
+        self.n_training_samples += self.batch
+
+
+@pytest.mark.parametrize(
+    ("l0_of", "flat"),
+    [
+        (lambda s: 32.0, True),  # L0 fixed (TopK): flat FVU is a plateau
+        (lambda s: 32.0 * (1 + 1e-3 * (s % 2)), True),  # L0 jitters well under 5% per doubling
+        (lambda s: 4000.0 / s**0.5, False),  # L0 still falling ~29% per doubling (JumpReLU early on)
+    ],
+)
+def test_plateau_rule_needs_fvu_flat_and_l0_settled(l0_of, flat):
+    """FVU flat from the start; the rule fires only where L0 has settled too (an L0-penalised SAE whose FVU
+    stalls or rises while L0 falls has not reached its plateau). On the old rule (FVU only) every case fired."""
+    from pipeline.baselines.control import STOP_PLATEAU, RunControl
+
+    budget = Budget("plateau", samples=2**20, threshold=0.01, min_samples=2**12, l0_threshold=0.05)
+    trainer = _FakeTrainer(BATCH)
+    control = RunControl(BaselineSpec(), budget, _FakeClock(), lambda tr: (0.2, l0_of(tr.n_training_steps + 1)))
+    while control.decay_start_step is None and trainer.n_training_samples < 2**19:
+        control.after_step(trainer)
+        trainer.step()
+    assert (control.stop_reason == STOP_PLATEAU) is flat
+    summary = control.summary()
+    assert summary["flattened"] is flat and summary["improvement_per_doubling"] == pytest.approx(0.0)
+    if not flat:
+        assert summary["l0_change_per_doubling"] < -0.05
+    with pytest.raises(ValueError, match="l0_threshold"):
+        Budget("plateau", samples=2**20, l0_threshold=-1.0)
 
 
 def test_plateau_budget_stops_at_its_cap_and_says_the_curve_had_not_flattened(rows):
