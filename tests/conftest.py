@@ -151,6 +151,17 @@ def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Pat
 
 
 @pytest.fixture(scope="session")
+def toy_paper_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str, Path]:
+    """Paper preset (``gemma2b_paper``, ``pythia160m_paper``) -> a random-weight toy of its model's architecture
+    (Gemma-2, GPT-NeoX) + the tiny tokenizer, saved as a local HF directory (:mod:`tests.toy_models`). The folder
+    names hold ``gemma`` / ``pythia``, as a downloaded copy's would."""
+    from tests.toy_models import PAPER_PRESETS, save_toy_model
+
+    names = {"gemma2b_paper": "toy_gemma2", "pythia160m_paper": "toy_pythia_neox"}
+    return {p: save_toy_model(p, tiny_tokenizer, tmp_path_factory.mktemp(names[p])) for p in PAPER_PRESETS}
+
+
+@pytest.fixture(scope="session")
 def text_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The same 40 generated documents as txt (one file per doc), jsonl and parquet."""
     import pyarrow as pa

@@ -5,7 +5,8 @@ Three kinds of source, chosen by :func:`load_model`:
 * an **offline real model** that installs from the package registries (``smollm2-135m``,
   ``gemma-3-270m``; registry and GGUF conversion in :mod:`pipeline.data.offline_models`);
 * a **local directory** of Hugging Face weights + tokenizer (``config.json`` inside), converted by
-  transformer-lens' generic loader (:func:`load_local_hf`);
+  transformer-lens by the architecture its ``config.json`` declares (:func:`load_local_hf`; Gemma-2's config
+  from the folder's own, as transformer-lens has it for hub names only: :mod:`pipeline.data.tl_configs`);
 * a **transformer-lens name** (``gemma-2-2b``, ``pythia-160m-deduped``, any official TL model), loaded with
   ``HookedTransformer.from_pretrained_no_processing`` from the Hugging Face hub or its local cache (hub checks
   and messages in :mod:`pipeline.data.hub`).
@@ -26,6 +27,7 @@ import torch
 from pipeline.data import hub
 from pipeline.data.hub import HubUnreachableError
 from pipeline.data.offline_models import GEMMA3_TL_NAME, OFFLINE_MODELS, OfflineModel, converted_dir
+from pipeline.data.tl_configs import local_tl_config
 from pipeline.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,9 @@ def load_local_hf(
     n_ctx: int | None = None,
     tokenizer: Any = None,
 ):
-    """Convert a local Hugging Face causal-LM directory to a ``HookedTransformer`` (no hub access)."""
+    """Convert a local Hugging Face causal-LM directory to a ``HookedTransformer`` (no hub access), by the
+    architecture its ``config.json`` declares (:func:`pipeline.data.tl_configs.local_tl_config`), so a
+    ``save_pretrained`` copy of a hub model (``gemma-2-2b``, ``pythia-160m-deduped``) loads as that model does."""
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,11 +104,8 @@ def load_local_hf(
         )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path, local_files_only=True)
-    kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-    if n_ctx is not None:
-        kwargs["n_ctx"] = n_ctx
     try:
-        cfg = loading.get_pretrained_model_config(str(path), **kwargs)
+        cfg = local_tl_config(path, hf.config, device=device, dtype=dtype, n_ctx=n_ctx)
     except (KeyError, NotImplementedError, ValueError) as exc:
         raise ValueError(
             f"transformer-lens cannot convert the architecture of {path} ({hf.config.architectures}): {exc}"

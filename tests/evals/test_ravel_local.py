@@ -304,6 +304,34 @@ def test_sizes_that_cannot_fill_a_batch_fail_before_loading_anything(tmp_path, t
     assert not (tmp_path / "artifacts" / "ravel").exists()  # nothing staged, no model loaded
 
 
+def test_a_model_that_answers_too_few_prompts_is_skipped_with_the_counts(tmp_path, tiny_hf_dir, monkeypatch):
+    """The prompts a model answers right decide whether SAEBench can pair them (a small or random-weight model:
+    none): every SAE is then skipped naming the counts and the fix, not failed (SAEBench's run stubbed here; the
+    real one on a random-weight model: tests/stages/test_paper_architectures.py)."""
+    import sae_bench.evals.ravel.main as ravel_main
+
+    def answers_nothing(*args, **kwargs):  # STUB: what check_pairs raises before SAEBench's first dataloader
+        check_pairs({}, "city", "Country", ["Continent"], _config())
+
+    monkeypatch.setattr(ravel_main, "run_eval", answers_nothing)
+    e = eval_node(
+        {
+            "model_dir": str(tiny_hf_dir),
+            "data_dir": str(write_cities(tmp_path / "d")),
+            "config": {"entity_attribute_selection": SELECTION, "num_pairs_per_attribute": 12},
+        }
+    )
+    saes = [SAERecord(name, {"name": name}, sae=_Sae(f"blocks.{LAYER}.hook_resid_post", LAYER)) for name in "ab"]
+    ctx = make_ctx(tmp_path, e, saes=saes, batch=4)
+    outcome = MetricOutcome()
+    run_metric(ctx, "ravel", outcome)
+    assert outcome.failed == [] and [s["sae"] for s in outcome.skipped] == ["a", "b"]
+    for s in outcome.skipped:
+        assert "cannot pair the prompts the model answered right" in s["reason"]
+        assert "answered {'Country': 0, 'Continent': 0} prompts right" in s["reason"]
+    assert "Country" in ctx.info["sizes"]["ravel"]["not_scored"]
+
+
 def _config(**kw: Any) -> Any:
     from sae_bench.evals.ravel.eval_config import RAVELEvalConfig
 

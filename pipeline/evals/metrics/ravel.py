@@ -13,7 +13,9 @@ SAEBench looks up at call time, undone afterwards):
   (:func:`pipeline.evals.saebench_patches.any_decoder_layers`); it hooks block ``hook_layer``'s output, the
   residual stream ``blocks.<hook_layer>.hook_resid_post``, so SAEs on other hooks are not run;
 * sizes: before SAEBench pairs the prompts of an attribute, a check that the pairs fill at least one train and
-  one validation batch (else a ``ValueError`` naming the keys, not SAEBench's crash on an empty dataloader);
+  one validation batch (else, not SAEBench's crash on an empty dataloader, a skip whose reason names the
+  counts and the keys: a model that answers too few prompts right, e.g. a small or random-weight one, cannot
+  be scored, :class:`UnpairablePrompts`);
   ``full_dataset_downsample`` above an entity type's prompt count keeps them all (SAEBench would crash);
 * global state SAEBench changes (gradients switched on, ``random`` / torch seeded) is restored.
 """
@@ -62,6 +64,8 @@ LOW_CONFIDENCE_DATA = (
 )
 SCORE_KEYS = ("disentanglement_score", "cause_score", "isolation_score")
 """SAEBench's RAVEL scores (``eval_result_metrics.ravel``)."""
+NOT_SCORED = "not_scored"
+"""The key of ``eval_info.json``'s RAVEL sizes holding why no SAE was scored (:class:`UnpairablePrompts`)."""
 
 
 def hook_mismatch(record: SAERecord) -> str | None:
@@ -90,10 +94,15 @@ def check_batch_sizes(num_pairs: int, split: float, batch: int) -> None:
         )
 
 
+class UnpairablePrompts(ValueError):
+    """The prompts the model answered right cannot fill SAEBench's RAVEL batches (:func:`check_pairs`): the
+    model does not meet RAVEL's requirement, so the metric is skipped with this reason (not a failure)."""
+
+
 def check_pairs(labels: dict[str, list[str]], entity: str, cause: str, iso: list[str], config: Any) -> None:
     """What SAEBench 0.6.0 will pair for ``cause`` (``run_eval_single_cause_attribute``), from ``labels``
-    (attribute -> label of each prompt the model answered right); ``ValueError`` naming the fix where it would
-    crash (one label only, no isolation prompt) or build an empty train or validation dataloader."""
+    (attribute -> label of each prompt the model answered right); :class:`UnpairablePrompts` naming the fix where
+    it would crash (one label only, no isolation prompt) or build an empty train or validation dataloader."""
     n, batch = config.num_pairs_per_attribute, config.llm_batch_size
     counts = {a: len(labels.get(a, [])) for a in [cause, *iso]}
     fix = (
@@ -103,7 +112,7 @@ def check_pairs(labels: dict[str, list[str]], entity: str, cause: str, iso: list
     where = f"RAVEL {entity}/{cause}: the model answered {counts} prompts right"
     for attr in [cause, *iso]:
         if counts[attr] and len(set(labels[attr])) < 2:
-            raise ValueError(
+            raise UnpairablePrompts(
                 f"{where}, all of {attr} with one label {sorted(set(labels[attr]))}; SAEBench "
                 f"needs two labels to pair them; {fix}"
             )
@@ -112,7 +121,7 @@ def check_pairs(labels: dict[str, list[str]], entity: str, cause: str, iso: list
     total = n_cause + n_iso
     train = int(total * config.train_test_split)
     if n_iso == 0 or min(train, total - train) < batch:
-        raise ValueError(
+        raise UnpairablePrompts(
             f"{where}: {n_cause} cause + {n_iso} isolation pairs, {train} train / {total - train} "
             f"validation, and a split with fewer pairs than eval.llm_batch_size={batch} (or no "
             f"isolation pair) leaves SAEBench without a batch; {fix}"
@@ -265,14 +274,18 @@ class RavelRunner(MetricRunner):
         ctx.record_sizes(self.name, sizes)
         out = ctx.results_dir / self.name
         with ravel_model_setup(ctx.model_name, model):
-            ravel.run_eval(
-                config,
-                [r.selected for r in records],
-                ctx.device,
-                str(out),
-                force_rerun=ctx.force_rerun,
-                artifacts_path=str(ctx.artifacts(self.name)),
-            )
+            try:
+                ravel.run_eval(
+                    config,
+                    [r.selected for r in records],
+                    ctx.device,
+                    str(out),
+                    force_rerun=ctx.force_rerun,
+                    artifacts_path=str(ctx.artifacts(self.name)),
+                )
+            except UnpairablePrompts as exc:  # the model's answers, the same for every SAE: none is scored
+                log.warning("RAVEL not scored: %s", exc)
+                sizes[NOT_SCORED] = str(exc)
         sizes["answered_prompts"] = filtered_prompt_counts(Path(config.artifact_dir))
         self.add_notes(ctx, config, sizes["answered_prompts"], records)
 
@@ -317,6 +330,9 @@ class RavelRunner(MetricRunner):
                 )
 
     def no_result_reason(self, ctx: EvalContext, config: Any) -> str:
+        not_scored = ctx.info["sizes"].get(self.name, {}).get(NOT_SCORED)
+        if not_scored:
+            return f"RAVEL cannot pair the prompts the model answered right, so no SAE is scored: {not_scored}"
         mismatched = [m for m in map(hook_mismatch, ctx.saes) if m]
         if mismatched:
             return (
