@@ -11,6 +11,9 @@ Outputs in the stage folder (layout: :mod:`pipeline.evals.results`): SAEBench's 
 :mod:`pipeline.evals.metrics`. An existing result file is kept unless ``eval.force_rerun``, it does not parse, or
 its SAE's weights changed since it was computed (:mod:`pipeline.evals.kept_results`); SAEBench's result writes are
 atomic. The stage is marked done only when no metric failed, so a re-run retries just the failed ones.
+
+The steps (a point's SAEs, the metrics over them, the point's outputs) are :mod:`pipeline.runs.evaluation`'s,
+which the joint evaluation of a sweep (``stage=evaluate_sweep``, :mod:`pipeline.runs.sweep_eval`) shares.
 """
 
 from __future__ import annotations
@@ -23,21 +26,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from pipeline.data.config import parse_harvest_config
-from pipeline.data.harvest import hook_layer
-from pipeline.data.hub import hub_reachable
-from pipeline.data.models import load_model
-from pipeline.data.store import ActivationStore
-from pipeline.evals import results as layout
-from pipeline.evals.config import EvalConfig, parse_eval_config, validate_eval_config
-from pipeline.evals.kept_results import ResultLedger, drop_unreadable, weights_sha256
-from pipeline.evals.labelled_data import build_labelled_text, labelled_documents
-from pipeline.evals.metrics import METRICS, EvalContext, check_metric_configs, needs_labelled, run_metrics
-from pipeline.evals.sae_records import describe_heldout, export_sae_lens, fit_records, hub_records
-from pipeline.runs.config import baseline_specs, check_config_or_exit, register_configs
-from pipeline.runs.layout import DICTIONARY_DIRNAME, finished_stage_dir, is_done, mark_done, prepare, stage_dir
-from pipeline.runs.layout import store_dir as run_store_dir
-from pipeline.utils.devices import resolve_device
+from pipeline.evals.config import EvalConfig
+from pipeline.runs.config import check_config_or_exit, register_configs
+from pipeline.runs.evaluation import check_eval, eval_setup, load_eval_model, point_saes, run_records, write_point
+from pipeline.runs.layout import finished_stage_dir, is_done, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +60,7 @@ def run(
 def check(cfg: DictConfig | dict) -> EvalConfig:
     """The ``eval`` node, typed and checked, SAEBench's config keys of each metric included (the orchestrator calls
     this before the first stage of a run that will evaluate)."""
-    e = parse_eval_config(cfg["eval"] if "eval" in cfg else None)
-    validate_eval_config(e)
-    check_metric_configs(e)
-    return e
+    return check_eval(cfg)
 
 
 def _run(
@@ -83,99 +72,15 @@ def _run(
     model: Any,
 ) -> Path:
     e = check(cfg)
-    model_cfg, source, harvest = parse_harvest_config(cfg)
-    device = str(resolve_device(e.device or model_cfg.device))
     fit = Path(fit_dir) if fit_dir else finished_stage_dir(cfg, "fit")
-    store = ActivationStore(Path(store_dir) if store_dir else run_store_dir(cfg))
-    context_length = int(store.manifest.get("context_length") or harvest.context_length)
-    folder = prepare(Path(run_dir) if run_dir else stage_dir(cfg, "evaluate"), cfg, "evaluate")
-    results = folder / layout.RESULTS_SUBDIR
-    drop_unreadable(results)  # a result torn by a kill would be kept, and break the report and the dashboards
-    hub_ok = hub_reachable()
-
-    names = list(baseline_specs(cfg))
-    if baselines_dir is None and names and any(s != "dictionary" for s in e.saes):
-        baselines_dir = finished_stage_dir(cfg, "baselines")
-    saes, skipped = fit_records(
-        e.saes,
-        fit / DICTIONARY_DIRNAME,
-        Path(baselines_dir) if baselines_dir else None,
-        names,
-        model_name=model_cfg.name,
-        hook=store.hook,
-        layer=hook_layer(store.hook),
-        device=device,
-        cache_mb=e.encode_cache_mb,
-        context_size=context_length,
-        prepend_bos=bool(store.manifest.get("prepend_bos", True)),
-        signed_export=e.signed_export,
-    )
-    describe_heldout(saes, store.heldout())
-    export_sae_lens(saes, folder / layout.SAE_LENS_SUBDIR)
-    ledger = ResultLedger(folder, results, weights_sha256(saes, fit / DICTIONARY_DIRNAME))
-    ledger.drop_stale(saes)  # results of a re-fitted dictionary / retrained baseline re-run
-    hub_saes, hub_skipped = hub_records(e.hub_baselines, hub_ok, results, METRICS)
-    saes, skipped = saes + hub_saes, skipped + hub_skipped
-
+    setup = eval_setup(cfg, e, store_dir)
+    folder = Path(run_dir) if run_dir else stage_dir(cfg, "evaluate")
+    point = point_saes(cfg, setup, folder, fit, Path(baselines_dir) if baselines_dir else None)
     if model is None and e.metrics:
-        model = load_model(
-            model_cfg.name, path=model_cfg.path, device=device, dtype=model_cfg.dtype, n_ctx=model_cfg.n_ctx
-        )
-    n_params = sum(p.numel() for p in model.parameters()) if model is not None else 0
-    llm_dtype = str(next(model.parameters()).dtype).replace("torch.", "") if model is not None else "float32"
-    info: dict[str, Any] = {
-        "model": {"name": model_cfg.name, "path": model_cfg.path, "hook": store.hook, "n_params": n_params},
-        "device": device,
-        "sizes": {},
-        "notes": [],
-    }
-    labelled = None
-    if needs_labelled(e.metrics):  # the labelled text (document x dialogue) in SAEBench's layout
-        labelled = build_labelled_text(
-            folder / layout.LABELLED_SUBDIR,
-            labelled_documents(e.labelled.jsonl),
-            min_words=e.labelled.min_words,
-            test_every=e.labelled.test_every,
-        )
-        info["labelled_data"] = labelled.summary()
-
-    ctx = EvalContext(
-        model=model,
-        model_config=model_cfg,
-        n_params=n_params,
-        saes=saes,
-        results_dir=results,
-        artifacts_dir=folder / layout.ARTIFACTS_SUBDIR,
-        device=device,
-        llm_dtype=llm_dtype,
-        llm_batch_size=e.llm_batch_size,
-        force_rerun=e.force_rerun,
-        store=store,
-        text_source=source,
-        labelled=labelled,
-        eval=e,
-        hub_reachable=hub_ok,
-        info=info,
-        results_ledger=ledger,
-    )
-    outcome = run_metrics(ctx, e.metrics)
-
-    info["timings_s"] = outcome.timings
-    info["total_eval_s"] = sum(outcome.timings.values())
-    layout.write_json(folder / layout.SAES_FILE, [r.description for r in saes])
-    layout.write_json(folder / layout.SKIPPED_FILE, skipped + outcome.skipped)
-    layout.write_json(folder / layout.FAILED_FILE, outcome.failed)
-    layout.write_json(folder / layout.INFO_FILE, info)
-    if outcome.failed:
-        log.error(
-            "evaluate: %d metric(s) failed (%s); see %s. Re-run to retry them (finished results are kept).",
-            len(outcome.failed),
-            ", ".join(f["metric"] for f in outcome.failed),
-            folder / layout.FAILED_FILE,
-        )
-    else:
-        mark_done(folder, metrics=e.metrics, saes=[r.selected[0] for r in saes], seconds=info["total_eval_s"])
-    return folder
+        model = load_eval_model(setup)
+    outcome, info = run_records(setup, point.records, point.folder, model, point.ledger)
+    write_point(point, e.metrics, outcome, info)
+    return point.folder
 
 
 register_configs()

@@ -5,11 +5,17 @@ report.
     python -m pipeline experiment=gemma2b_paper          # a paper setup (hub + GPU)
     python -m pipeline -m experiment=smoke dictionary.coder.k=4,8     # a sweep; the report gathers it
     python -m pipeline stage=fit dictionary.coder.k=40  # one stage, the rest reused
+    python -m pipeline -m experiment=smoke dictionary.coder.k=4,8 until=baselines   # a sweep, up to its baselines
+    python -m pipeline experiment=smoke stage=evaluate_sweep   # then every point's SAEs evaluated together
 
 With ``stage=all`` a stage whose folder holds its completion marker is skipped, and every stage after one that
 ran runs again (each resumes from what it wrote: harvest from its last complete shard, fit from its checkpoint,
 evaluate keeps finished result files). ``stage=<name>`` runs that stage's ``run(cfg)`` whatever its marker
 says (a finished harvest then re-checks its shards; a finished fit is reused); its inputs must exist.
+``until=<stage>`` ends a ``stage=all`` run after that stage. ``stage=evaluate_sweep`` evaluates every point of the
+experiment that has finished its baselines together, into each point's evaluate folder
+(:mod:`pipeline.runs.sweep_eval`, through ``stages/evaluate_sweep.py``); a later run of a point then finds its
+evaluate stage done.
 
 Under ``torchrun`` (:mod:`pipeline.runs.distributed`) every rank runs this loop: the harvest and the fit on all
 ranks (whether the fit runs is rank 0's decision, broadcast), the stages after them on rank 0 alone; only rank 0
@@ -34,11 +40,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.report.index_page import INDEX_FILE
 from pipeline.report.markdown import REPORT_FILE
-from pipeline.runs.config import check_config, register_configs
+from pipeline.runs.config import EVALUATE_SWEEP, check_config, register_configs
 from pipeline.runs.distributed import ALL_RANK_STAGES, agree, ranks
 from pipeline.runs.layout import DONE_MARKER, STAGES, is_done, stage_dir, stage_lock
 from pipeline.utils.redact import redact_config
-from stages import baselines, dashboards, evaluate, fit, harvest, report
+from stages import baselines, dashboards, evaluate, evaluate_sweep, fit, harvest, report
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +74,28 @@ def stage_runner(stage: str) -> Callable[[DictConfig], Path]:
     return RUNNERS[stage]
 
 
+def selected_stages(cfg: DictConfig) -> tuple[str, ...]:
+    """The stages ``cfg`` runs: ``stage=<name>`` that one; ``stage=all`` every stage, up to ``until`` when set."""
+    if cfg.stage != "all":
+        return (cfg.stage,)
+    until = cfg.get("until")
+    return STAGES[: STAGES.index(until) + 1] if until else STAGES
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
-    """Check the config, then run the selected stages; returns each stage's folder."""
+    """Check the config, then run the selected stages; returns each stage's folder (``stage=evaluate_sweep``:
+    each point's evaluate folder, as ``evaluate <n>``)."""
     check_config(cfg)
     alone = cfg.stage != "all"
-    if cfg.stage in ("all", "evaluate"):
+    if cfg.stage in ("all", "evaluate", EVALUATE_SWEEP):
         evaluate.check(cfg)  # SAEBench's config keys of each metric, before the first stage's work
+    me = ranks()
+    if cfg.stage == EVALUATE_SWEEP:
+        folders = evaluate_sweep.run(cfg) if me.is_main else []
+        return {f"evaluate {i}": folder for i, folder in enumerate(folders, 1)}
     out: dict[str, Path] = {}
     rerun_later = False
-    me = ranks()
-    for stage in (cfg.stage,) if alone else STAGES:
+    for stage in selected_stages(cfg):
         folder = stage_dir(cfg, stage)
         if me.distributed and stage not in ALL_RANK_STAGES and not me.is_main:
             log.info("%-8s runs on rank 0 (this is rank %d)", stage, me.rank)

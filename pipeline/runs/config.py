@@ -50,6 +50,10 @@ from pipeline.utils.devices import resolve_device
 from pipeline.utils.tracking import TrackingConfig
 from pipeline.utils.typed_config import typed_node
 
+#: ``stage=`` of the joint evaluation of a sweep's points (:mod:`pipeline.runs.sweep_eval`), besides ``all`` and the
+#: stages.
+EVALUATE_SWEEP = "evaluate_sweep"
+
 #: Name of the top-level schema in Hydra's ConfigStore (first entry of ``conf/config.yaml``'s defaults).
 SCHEMA_NAME = "pipeline_schema"
 
@@ -92,7 +96,11 @@ class PipelineConfig:
     output_root: str = MISSING
     """Root folder of every run."""
     stage: str = MISSING
-    """``all`` or one of the stages (the others are reused)."""
+    """``all``, one of the stages (the others are reused), or ``evaluate_sweep`` (:data:`EVALUATE_SWEEP`: every
+    point of the experiment evaluated together, :mod:`pipeline.runs.sweep_eval`)."""
+    until: str | None = None
+    """With ``stage=all``: the last stage to run (e.g. ``until=baselines``: a sweep's points up to their
+    baselines, then ``stage=evaluate_sweep`` evaluates them together); None: every stage."""
 
 
 def register_configs() -> None:
@@ -184,8 +192,13 @@ def _check(cfg: DictConfig | dict) -> None:
             f"{sorted(f.name for f in fields(PipelineConfig))}."
         )
     stage = cfg["stage"]
-    if stage not in ("all", *STAGES):
-        raise ValueError(f"stage={stage!r} is not one of all, {', '.join(STAGES)}.")
+    if stage not in ("all", *STAGES, EVALUATE_SWEEP):
+        raise ValueError(f"stage={stage!r} is not one of all, {', '.join(STAGES)}, {EVALUATE_SWEEP}.")
+    until = cfg.get("until")
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until={until!r} is not one of {', '.join(STAGES)} (the last stage a stage=all run runs).")
+    if until is not None and stage != "all":
+        raise ValueError(f"until={until} stops a stage=all run after that stage; stage={stage} runs one: drop until.")
     model, _, harvest = parse_harvest_config(cfg)
     learner: LearnerConfig = section(cfg, "dictionary")
     baselines = baseline_specs(cfg)

@@ -4,8 +4,9 @@ What is adapted (module attributes SAEBench looks up at call time, undone afterw
 subsampled (every first letter kept in the train split, as SAEBench needs); its probe / experiment folders and
 its cwd-relative writes go into ``artifacts/absorption``; Python's global ``random`` (SAEBench's unseeded
 train/test split of the vocabulary) is seeded, so the split is the same in every process; torch is seeded
-before the probe and each SAE's k-sparse probes are trained (:mod:`pipeline.evals.metrics.rng_pinning`). The
-probe folder comes from the shared cache when it holds it (:mod:`pipeline.evals.metrics.artifact_reuse`).
+before the probe and each SAE's k-sparse probes are trained, and ``random`` and torch before each SAE's two
+experiments (:mod:`pipeline.evals.metrics.rng_pinning`), so its result does not depend on its place in the run.
+The probe folder comes from the shared cache when it holds it (:mod:`pipeline.evals.metrics.artifact_reuse`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class AbsorptionRunner(MetricRunner):
         with (
             reused_artifacts(ctx, self.name, folder.resolve() / PROBES_SUBDIR, lambda: absorption_key(ctx, config)),
             absorption_setup(folder, node.vocab_size, node.min_words_per_letter, node.seed) as vocab,
-            pinned_absorption_rng(ab_common, ab_ksp, node.seed),
+            pinned_absorption_rng(ab_common, ab_ksp, ab_main, node.seed),
             use_loaded_model(ctx.model),
         ):
             ab_main.run_eval(config, ctx.selected, ctx.device, str(out), force_rerun=ctx.force_rerun)

@@ -12,7 +12,9 @@ from a cold run's. Here, per dataset (module attributes SAEBench looks up at cal
 
 Every SAE, cold or cached, first in the run or not, then starts its scoring from the same state. Absorption:
 torch is seeded with ``eval.absorption.seed`` before its probe is trained and before each SAE's k-sparse
-probes (SAEBench seeds neither; the probe and the SAE scores followed whatever the process had drawn).
+probes (SAEBench seeds neither; the probe and the SAE scores followed whatever the process had drawn), and
+``random`` and torch before each SAE's k-sparse probing and feature absorption experiments (their prompts
+followed the SAEs run before it, and whether the probe was trained in the run or came from the cache).
 """
 
 from __future__ import annotations
@@ -120,12 +122,18 @@ def pinned_probing_rng(main: Any, split_owner: Any, split_name: str, scr_tpp: bo
 
 
 @contextlib.contextmanager
-def pinned_absorption_rng(common: Any, k_sparse: Any, seed: int) -> Iterator[None]:
+def pinned_absorption_rng(common: Any, k_sparse: Any, main: Any, seed: int) -> Iterator[None]:
     """Seed torch with ``seed`` before SAEBench's absorption probe is trained (``common.train_and_save_probes``)
-    and before each SAE's k-sparse probes (``k_sparse.train_k_sparse_probes``)."""
+    and before each SAE's k-sparse probes (``k_sparse.train_k_sparse_probes``); seed ``random`` and torch with
+    ``seed`` before each SAE's k-sparse probing and feature absorption experiments (``main``'s
+    ``run_k_sparse_probing_experiment`` / ``run_feature_absortion_experiment``: their prompts draw from
+    ``random``), so an SAE's result depends neither on the SAEs run before it, nor on whether their results were
+    kept, nor on whether the probe was trained in this run or came from the cache."""
 
-    def seeded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def seeded(fn: Callable[..., Any], also_random: bool = False) -> Callable[..., Any]:
         def run(*a: Any, **k: Any) -> Any:
+            if also_random:
+                random.seed(seed)
             torch.manual_seed(seed)
             return fn(*a, **k)
 
@@ -134,5 +142,7 @@ def pinned_absorption_rng(common: Any, k_sparse: Any, seed: int) -> Iterator[Non
     with (
         patched_attr(common, "train_and_save_probes", seeded(common.train_and_save_probes)),
         patched_attr(k_sparse, "train_k_sparse_probes", seeded(k_sparse.train_k_sparse_probes)),
+        patched_attr(main, "run_k_sparse_probing_experiment", seeded(main.run_k_sparse_probing_experiment, True)),
+        patched_attr(main, "run_feature_absortion_experiment", seeded(main.run_feature_absortion_experiment, True)),
     ):
         yield
