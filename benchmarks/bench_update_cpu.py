@@ -188,7 +188,7 @@ def _prange_launchers():
     )
 
     @numba.njit(parallel=True)
-    def mp_pieces(C, G, masks, n2, th, k, max_iter, nonnegative, reference_rules, out_idx, out_val, bounds):
+    def mp_pieces(C, G, masks, n2, th, k, max_iter, nonnegative, reference_rules, out_idx, out_val, Y, D, band, bounds):
         for i in numba.prange(bounds.shape[0] - 1):
             mp_rows(
                 C,
@@ -202,6 +202,9 @@ def _prange_launchers():
                 reference_rules,
                 out_idx,
                 out_val,
+                Y,
+                D,
+                band,
                 bounds[i],
                 bounds[i + 1],
             )

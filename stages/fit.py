@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from pipeline.core.dictionary import DICTIONARY_META, Dictionary
 from pipeline.core.learner import fit_dictionary
+from pipeline.core.learner_config import LearnerConfig
 from pipeline.core.spend import FitSpend
 from pipeline.data.harvest import hook_layer
 from pipeline.data.loader import fits_in_memory, training_data
@@ -99,13 +100,8 @@ def run(cfg: DictConfig) -> Path:
         in_memory = agree_all(group, fits)
         if fits and not in_memory:
             log.info("streaming the store: another rank has too little free memory to hold it")
-        data = training_data(
-            store,
-            learner.batch_size,
-            device,
-            learner.seed,
-            shuffle=learner.sample_order == "shuffled",
-            in_memory=in_memory,
+        data = training_data(  # in memory the learner orders the rows (BatchSource), streamed the loader does
+            store, learner.batch_size, device, learner.seed, in_memory=in_memory, **streamed_order(learner)
         )
         t = time.perf_counter()
         D = fit_dictionary(data, learner, process_group=group, heldout=heldout)
@@ -141,6 +137,14 @@ def run(cfg: DictConfig) -> Path:
     mark_done(out, dictionary=str(dict_dir), heldout_fvu=metrics["dictionary"]["heldout_fvu"])
     log.info("fit done: %s (held-out FVU %.4f)", out, metrics["dictionary"]["heldout_fvu"])
     return out
+
+
+def streamed_order(learner: LearnerConfig) -> dict[str, bool]:
+    """How the loader orders a streamed store for ``learner`` (:func:`~pipeline.data.loader.training_data`'s
+    ``shuffle`` and ``reshuffle``): reshuffled every epoch ("shuffled"), in store order ("contiguous"), or shuffled
+    once, the same order every epoch ("contiguous" with ``shuffle_once``, the reference preset)."""
+    shuffled = learner.sample_order == "shuffled"
+    return {"shuffle": shuffled or learner.shuffle_once, "reshuffle": shuffled}
 
 
 def heldout_metrics(sae: Any, Y: torch.Tensor, **extra: Any) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The learner's sample batches: from a tensor (a seeded permutation per epoch, or the reference's fixed
-contiguous batches) or from any re-iterable of ``(b, d)`` batches, e.g. an activation-store loader.
+contiguous batches, in row order or cut from one seeded permutation, ``shuffle_once``) or from any re-iterable of
+``(b, d)`` batches, e.g. an activation-store loader.
 
 Data parallel, every rank builds the same batches and keeps its contiguous share of each
 (:meth:`~pipeline.core.collective.Collective.shard`); a loader whose ``epoch_batches(epoch, shard=...)`` takes
@@ -19,13 +20,18 @@ from pipeline.core.learner_config import LearnerConfig
 from pipeline.core.validation import check_samples
 from pipeline.utils.devices import resolve_device
 
+#: Offset of the ``shuffle_once`` permutation's seed from the per-epoch ones (``seed * 1_000_003 + epoch``).
+_ONCE_STREAM = -1
+
 
 class BatchSource:
     """Sample batches from a tensor (a seeded per-epoch permutation, or fixed consecutive batches with
-    ``sample_order="contiguous"``) or from a re-iterable of batches (in the order it yields them)."""
+    ``sample_order="contiguous"``, over one seeded permutation of the rows with ``shuffle_once``) or from a
+    re-iterable of batches (in the order it yields them)."""
 
     def __init__(self, data: Tensor | Iterable[Tensor], cfg: LearnerConfig, comm: Collective = LOCAL):
         self.cfg, self.comm = cfg, comm
+        self._once: Tensor | None = None
         self.tensor = data if isinstance(data, Tensor) else None
         self.iterable = None if isinstance(data, Tensor) else data
         if self.tensor is not None:
@@ -49,7 +55,10 @@ class BatchSource:
 
     def first_batch(self) -> Tensor:
         if self.tensor is not None:
-            return self.tensor[: max(self.cfg.batch_size, self.cfg.n_atoms)].to(self._dev(), torch.float32)
+            rows = max(self.cfg.batch_size, self.cfg.n_atoms)
+            order = self.fixed_order()
+            first = self.tensor[:rows] if order is None else self.tensor[order[:rows].to(self.tensor.device)]
+            return first.to(self._dev(), torch.float32)
         first = next(iter(self.iterable), None)
         if first is None:
             raise ValueError("data yielded no batches; check the activation store or iterable.")
@@ -65,6 +74,17 @@ class BatchSource:
 
     def _dev(self) -> torch.device:
         return getattr(self, "device", None) or torch.device("cpu")
+
+    def fixed_order(self) -> Tensor | None:
+        """``(n,)`` the tensor's rows in the order the contiguous batches are cut from with ``shuffle_once`` (one
+        permutation seeded by ``seed`` alone: every epoch, every rank and a resumed fit read the same), else None
+        (row order)."""
+        if self.tensor is None or self.cfg.sample_order != "contiguous" or not self.cfg.shuffle_once:
+            return None
+        if self._once is None:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + _ONCE_STREAM)
+            self._once = torch.randperm(self.tensor.shape[0], generator=g)
+        return self._once
 
     def mean(self, first: Tensor) -> Tensor:
         """(d,) the centre: the whole tensor's mean, or that of the ``first`` batch of an iterable."""
@@ -82,8 +102,13 @@ class BatchSource:
                     yield self.tensor[mine(n)].to(self.device, torch.float32)
                 return
             if self.cfg.sample_order == "contiguous":  # the reference's fixed batches, a partial last one skipped
+                order = self.fixed_order()
                 for b in range(skip, n // bs):
-                    yield self.tensor[b * bs : (b + 1) * bs][mine(bs)].to(self.device, torch.float32)
+                    if order is None:
+                        yield self.tensor[b * bs : (b + 1) * bs][mine(bs)].to(self.device, torch.float32)
+                    else:
+                        idx = order[b * bs : (b + 1) * bs][mine(bs)].to(self.tensor.device)
+                        yield self.tensor[idx].to(self.device, torch.float32)
                 return
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e)
             perm = torch.randperm(n, generator=g)

@@ -56,9 +56,15 @@ _RESUME_KEYS = (
     "reference_rules",
     "matryoshka_loop",
     "sample_order",
+    "shuffle_once",
 )
 #: Values of settings added after checkpoints were first written (an older checkpoint ran with these).
-_RESUME_DEFAULTS = {"reference_rules": False, "matryoshka_loop": "cascade", "sample_order": "shuffled"}
+_RESUME_DEFAULTS = {
+    "reference_rules": False,
+    "matryoshka_loop": "cascade",
+    "sample_order": "shuffled",
+    "shuffle_once": False,
+}
 
 
 def _resume_identity(config: dict[str, Any]) -> dict[str, Any]:

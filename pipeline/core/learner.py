@@ -208,7 +208,7 @@ def fit_dictionary(
         "heldout_eval_seconds": eval_seconds,
     }
     if groups is not None:
-        meta["group_atom_batch_sizes"] = [group_atom_batch(atom_batch, g, n_atoms) for g in groups]
+        meta["group_atom_batch_sizes"] = [group_atom_batch(atom_batch, g, n_atoms, cfg.matryoshka_loop) for g in groups]
     return Dictionary(D, _eval_coder(cfg), centre, groups, history, meta)
 
 
@@ -260,6 +260,8 @@ def _iteration(
 
     if groups is not None and cfg.matryoshka_loop == "reference":
         codes = encode(Yb, D, cfg.coder.k, G=G, **coder)  # KSVD.jl codes with every atom before its loop
+        # its groups' coder is the full one with only max_nnz changed (ksvd_loop.jl), so the step cap stays 4 k
+        recoder = coder | dict(max_iter=cfg.coder.max_iter or 4 * cfg.coder.k)
         err_before = _total(comm, (Yb - codes.decode(D)).pow(2).sum())
         l0 += codes.l0()
         clock.lap("code")
@@ -268,13 +270,14 @@ def _iteration(
             Dg = D[g.start : g.end]  # a view: updated and re-seeded in place
             part = _group_share(codes, g)
             Rg = R - part.decode(Dg)
-            refit(Rg, Dg, part, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start : g.end])
+            refit(Rg, Dg, part, group_atom_batch(atom_batch, g, D.shape[0], "reference"), usage[g.start : g.end])
             dead_g = usage[g.start : g.end] == 0
             if cfg.reseed is not None and bool(dead_g.any()):
                 _reseed(Dg, dead_g, Rg, cfg.reseed, gen, comm)
                 reseeded[g.start : g.end] = dead_g
             clock.lap("update")
-            recoded = encode(R, Dg, min(g.budget, Dg.shape[0], Dg.shape[1]), G=gram(Dg, cfg.coder.precision), **coder)
+            budget = min(g.budget, Dg.shape[0], Dg.shape[1])
+            recoded = encode(R, Dg, budget, G=gram(Dg, cfg.coder.precision), **recoder)
             R = R - recoded.decode(Dg)
             clock.lap("code")
     elif groups is None:
@@ -295,7 +298,7 @@ def _iteration(
             R = R - codes.decode(Dg)
             l0 += codes.l0()
             clock.lap("code")
-            refit(R, Dg, codes, group_atom_batch(atom_batch, g, D.shape[0]), usage[g.start : g.end])
+            refit(R, Dg, codes, group_atom_batch(atom_batch, g, D.shape[0], "cascade"), usage[g.start : g.end])
             clock.lap("update")
     err_after = _total(comm, R.pow(2).sum())
     clock.lap("update")
@@ -367,11 +370,18 @@ def _group_share(codes: Codes, group: Group) -> Codes:
     )
 
 
-def group_atom_batch(atom_batch: int, group: Group, n_atoms: int) -> int:
-    """The atom-batch size for one Matryoshka group: the dictionary's, scaled by the group's share of the atoms
-    (a 16-atom batch on K = 2048 is a 2-atom batch on a 256-atom group), so every group is refitted with the
-    same degree of parallelism (Jacobi batches that are a large fraction of a group converge worse)."""
-    return max(1, round(atom_batch * (group.end - group.start) / n_atoms))
+def group_atom_batch(atom_batch: int, group: Group, n_atoms: int, loop: str = "cascade") -> int:
+    """The atom-batch size for one Matryoshka group under ``loop`` (:attr:`LearnerConfig.matryoshka_loop`).
+
+    "cascade" (ours): the dictionary's, scaled by the group's share of the atoms (a 16-atom batch on K = 2048
+    is a 2-atom batch on a 256-atom group), so every group is refitted with the same degree of parallelism
+    (Jacobi batches that are a large fraction of a group converge worse). "reference": the dictionary's in every
+    group, at most the group's size, as KSVD.jl cuts every ``ksvd_update`` call into batches of its thread count
+    (``ksvd_update_threaded_utils.jl``), whatever the group's size."""
+    size = group.end - group.start
+    if loop == "reference":
+        return max(1, min(atom_batch, size))
+    return max(1, round(atom_batch * size / n_atoms))
 
 
 class _Clock:

@@ -11,10 +11,11 @@ from pipeline.core.validation import check_sparsity
 
 #: The reference's algorithm and the paper's schedule (arXiv 2505.18441; KSVD.jl and its ksvd_gemma.jl):
 #: KSVD.jl's signed matching pursuit with its stopping rules (codes up to k + 1 wide), exact rank-1 refits, its
-#: Matryoshka loop order, fixed contiguous 65,536-sample batches (a partial last one skipped), one update per
-#: batch, 3 epochs, no convergence stop, uniform init, random re-seeding of dead atoms, no near-duplicate
-#: replacement, no centring, and the least-squares refit its SAEBench wrapper encodes with. The same settings
-#: as a Hydra preset: ``dictionary=reference`` (conf/dictionary/reference.yaml).
+#: Matryoshka loop order, fixed contiguous 65,536-sample batches (a partial last one skipped) cut from one seeded
+#: shuffle of the rows (its activations were written shuffled), one update per batch, 3 epochs, no convergence
+#: stop, uniform init, random re-seeding of dead atoms, no near-duplicate replacement, no centring, and the
+#: least-squares refit its SAEBench wrapper encodes with. The same settings as a Hydra preset:
+#: ``dictionary=reference`` (conf/dictionary/reference.yaml).
 PAPER_SCHEDULE: dict[str, Any] = dict(
     nonnegative=False,
     reference_rules=True,
@@ -26,6 +27,7 @@ PAPER_SCHEDULE: dict[str, Any] = dict(
     approximate=False,
     matryoshka_loop="reference",
     sample_order="contiguous",
+    shuffle_once=True,
     batch_size=65_536,
     epochs=3,
     max_iters=None,
@@ -75,6 +77,13 @@ class LearnerConfig:
     sample_order: str = "shuffled"
     """"shuffled": a new random order every epoch (a last partial batch of at least half a batch is used);
     "contiguous": the reference's fixed consecutive batches in store order, a partial last batch skipped."""
+    shuffle_once: bool = False
+    """With ``sample_order="contiguous"``: cut the fixed batches from one seeded permutation of the rows (``seed``;
+    the same every epoch, so the same rows are skipped) instead of store order. The paper's activations were
+    written to their file from a shuffling activation buffer and read back in contiguous batches; a store here is
+    context-major, so without it a batch is whole consecutive contexts. The ``reference`` preset sets it. A
+    store streamed (too large for memory) is shuffled within groups of shards, the loader's buffer, the same
+    order every epoch. No effect with ``"shuffled"``."""
     max_iters: int | None = 200
     """Iteration cap (None: no cap)."""
     epochs: int | None = None

@@ -1,11 +1,12 @@
 """Shuffled, prefetched batches from an :class:`~pipeline.data.store.ActivationStore`.
 
 Each epoch visits every row of the split exactly once. Shuffling is two-level and seeded by
-``(seed, epoch)``: the shard order is permuted, shards are read ``shuffle_shards`` at a time into a buffer
-(plus the rows left over from the previous buffer), and batches are drawn from a random permutation of that
-buffer. Worker threads read (and checksum) the next shards while a background thread gathers batches and
-moves them to the target device, keeping ``prefetch`` batches ready while the consumer computes. With a CUDA
-target, shards travel to the GPU once in the store dtype and batches are gathered and cast there.
+``(seed, epoch)`` (``(seed, 0)`` in every epoch with ``reshuffle=False``): the shard order is permuted, shards
+are read ``shuffle_shards`` at a time into a buffer (plus the rows left over from the previous buffer), and
+batches are drawn from a random permutation of that buffer. Worker threads read (and checksum) the next shards
+while a background thread gathers batches and moves them to the target device, keeping ``prefetch`` batches
+ready while the consumer computes. With a CUDA target, shards travel to the GPU once in the store dtype and
+batches are gathered and cast there.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class ActivationLoader:
         shuffle_shards: shards mixed together per buffer (more = better mixing, more memory).
         drop_last: drop the final incomplete batch of each epoch.
         read_workers: threads reading + checksumming the next group's shards (up to two groups ahead).
+        reshuffle: a new order every epoch; False: every epoch repeats epoch 0's (a store shuffled once, as the
+            reference's file was written: ``LearnerConfig.shuffle_once``).
     """
 
     def __init__(
@@ -81,13 +84,14 @@ class ActivationLoader:
         shuffle_shards: int = 4,
         drop_last: bool = False,
         read_workers: int = 2,
+        reshuffle: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if shuffle_shards < 1:
             raise ValueError(f"shuffle_shards={shuffle_shards} must be >= 1")
         self.store, self.batch_size, self.split = store, batch_size, split
-        self.shuffle, self.seed, self.dtype = shuffle, seed, dtype
+        self.shuffle, self.reshuffle, self.seed, self.dtype = shuffle, reshuffle, seed, dtype
         self.device = torch.device(device or "cpu")
         self.prefetch, self.shuffle_shards, self.drop_last = prefetch, shuffle_shards, drop_last
         self.read_workers = max(1, read_workers)
@@ -155,7 +159,7 @@ class ActivationLoader:
 
     def _produce(self, epoch: int, shard: Callable[[int], slice] | None = None) -> Iterator[torch.Tensor]:
         shards = self.store.shards(self.split)
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng([self.seed, epoch if self.reshuffle else 0])
         order = rng.permutation(len(shards)) if self.shuffle else np.arange(len(shards))
         # gather on the GPU when the target is one (the shards travel once, in the store dtype)
         work = self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -244,15 +248,19 @@ def training_data(
     shuffle: bool = True,
     readers: int = 1,
     in_memory: bool | None = None,
+    reshuffle: bool = True,
 ):
     """The store's training rows: one ``(n, d)`` tensor on ``device`` (in store order) when ``in_memory``, else a
-    loader of full ``(batch_size, d)`` batches, shuffled every epoch or, with ``shuffle=False``, consecutive in
-    store order. The two give different batches, so data-parallel ranks must pass one agreed ``in_memory``.
-    ``in_memory=None``: decide here, by :func:`fits_in_memory` with ``readers`` (processes on this machine
-    loading it at once into host memory, which they share)."""
+    loader of full ``(batch_size, d)`` batches, shuffled every epoch (``reshuffle=False``: in epoch 0's order every
+    epoch) or, with ``shuffle=False``, consecutive in store order. The two give different batches, so
+    data-parallel ranks must pass one agreed ``in_memory``. ``in_memory=None``: decide here, by
+    :func:`fits_in_memory` with ``readers`` (processes on this machine loading it at once into host memory, which
+    they share)."""
     if in_memory is None:
         in_memory = fits_in_memory(store, device, readers)
     if in_memory:
         return store.load_all(device=device)
     log.info("streaming the store (%.1f GB)", store.n_rows() * store.d * 4 / 1e9)
-    return ActivationLoader(store, batch_size, seed=seed, device=device, drop_last=True, shuffle=shuffle)
+    return ActivationLoader(
+        store, batch_size, seed=seed, device=device, drop_last=True, shuffle=shuffle, reshuffle=reshuffle
+    )

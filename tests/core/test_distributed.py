@@ -27,7 +27,7 @@ K, k = 64, 4
 COMMON = dict(max_iters=6, tol=None, batch_size=1000, seed=3)
 #: plain (non-negative; a duplicate threshold that replaces 5-13 atoms per iteration with the worst residuals
 #: of all ranks), signed, Matryoshka cascade, and the reference mode (signed KSVD.jl pursuit, its Matryoshka loop,
-#: contiguous batches, random re-seeding, eigensolved refits)
+#: contiguous batches from one shuffle of the rows, random re-seeding, eigensolved refits)
 MODES = {
     "plain": dict(duplicate_threshold=0.6),
     "signed": dict(nonnegative=False),
@@ -38,6 +38,7 @@ MODES = {
         reference_rules=True,
         matryoshka_loop="reference",
         sample_order="contiguous",
+        shuffle_once=True,
         init="uniform",
         reseed="random",
         duplicate_threshold=None,

@@ -34,7 +34,17 @@ _PIECES_PER_THREAD = 4
 
 
 def mp_codes(
-    C: Tensor, G: Tensor, norm2: Tensor, rtol: float, k: int, max_iter: int, nonnegative: bool, reference_rules: bool
+    C: Tensor,
+    G: Tensor,
+    norm2: Tensor,
+    rtol: float,
+    k: int,
+    max_iter: int,
+    nonnegative: bool,
+    reference_rules: bool,
+    Y: Tensor,
+    D: Tensor,
+    band: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Matching pursuit from the initial correlations, on CPU.
 
@@ -43,6 +53,8 @@ def mp_codes(
         G: (K, K) Gram matrix ``D Dᵀ`` with unit diagonal, same dtype.
         norm2: (m,) ``‖y‖²`` of each sample.
         rtol, k, max_iter, nonnegative, reference_rules: as :func:`pipeline.core.coders.encode`.
+        Y: (m, d) the samples and ``D: (K, d)`` the atoms, same dtype: with ``reference_rules`` the rtol test of a
+            row whose running energy is at most ``band: (m,)`` reads its residual recomputed from them.
 
     Returns:
         ``indices: (m, k + 1)`` int64 and ``values: (m, k + 1)`` in C's dtype; slot k is used only when
@@ -61,9 +73,11 @@ def mp_codes(
     Gn = G.to(C.dtype).contiguous().numpy()
     n2 = norm2.to(C.dtype).contiguous().numpy()
     th = ((rtol * rtol) * norm2).to(C.dtype).contiguous().numpy()
+    Yn, Dn = Y.detach().to(C.dtype).contiguous().numpy(), D.detach().to(C.dtype).contiguous().numpy()
+    bn = band.detach().to(C.dtype).contiguous().numpy()
     out_idx = np.zeros((m, k + 1), dtype=np.int64)
     out_val = np.zeros((m, k + 1), dtype=Cn.dtype)
-    args = (Cn, Gn, masks, n2, th, k, max_iter, nonnegative, reference_rules, out_idx, out_val)
+    args = (Cn, Gn, masks, n2, th, k, max_iter, nonnegative, reference_rules, out_idx, out_val, Yn, Dn, bn)
     threads = runtime.threads() if m >= 64 else 1
     pieces = min(m, threads * _PIECES_PER_THREAD)
     bounds = np.linspace(0, m, pieces + 1).astype(np.int64)

@@ -12,6 +12,7 @@ do not, and this is what makes the loop run at the speed of memory.
 from __future__ import annotations
 
 import numba
+import numpy as np
 
 #: Entries per block of the argmax search: a vectorised any-equal over the block, then a scan inside it.
 BLOCK = 256
@@ -95,13 +96,34 @@ def _under(e, th, strict):
 
 
 @numba.njit(nogil=True, cache=True)
-def mp_rows(C, G, masks, norm2, thresh, k, max_iter, nonnegative, reference_rules, out_idx, out_val, lo, hi):
+def _residual_energy(y, D, idx, val, count, r):
+    """``‖y − Σ_s val[s] D[idx[s]]‖²`` over the first ``count`` slots, accumulated in fp64 in ``r: (d,)``."""
+    for t in range(y.shape[0]):
+        r[t] = y[t]
+    for s in range(count):
+        a = np.float64(val[s])
+        row = D[idx[s]]
+        for t in range(y.shape[0]):
+            r[t] -= a * row[t]
+    e = 0.0
+    for t in range(y.shape[0]):
+        e += r[t] * r[t]
+    return e
+
+
+@numba.njit(nogil=True, cache=True)
+def mp_rows(
+    C, G, masks, norm2, thresh, k, max_iter, nonnegative, reference_rules, out_idx, out_val, Y, D, band, lo, hi
+):
     """Matching pursuit on rows ``lo:hi`` of ``C: (m, K)`` (consumed), writing ``out_idx, out_val: (m, k+1)``.
 
     ``masks`` holds two integers of C's width, all bits but the sign and all bits (its dtype types the bit view);
     ``norm2, thresh: (m,)`` are ``‖y‖²`` and ``rtol² ‖y‖²``. The rules are :func:`pipeline.core.coders._mp_loop`'s.
+    With ``reference_rules``, a row whose running energy is at most ``band[i]`` has its residual energy recomputed
+    from ``Y: (m, d)``, ``D: (K, d)`` and its support (:func:`pipeline.core.coders._residual_energy`) for the test.
     """
     mask, every = masks[0], masks[1]
+    r = np.empty(Y.shape[1], dtype=np.float64)
     for i in range(lo, hi):
         c = C[i]
         bits = c.view(masks.dtype)
@@ -131,7 +153,10 @@ def mp_rows(C, G, masks, norm2, thresh, k, max_iter, nonnegative, reference_rule
                 count += 1
             else:
                 val[pos] += a
-            under = _under(e, th, reference_rules)
+            if reference_rules and e <= band[i]:  # near the threshold: KSVD.jl's ‖r‖, not the running energy
+                under = _under(_residual_energy(Y[i], D, idx, val, count, r), th, True)
+            else:
+                under = _under(e, th, reference_rules)
             if count > k:
                 if reference_rules and (under or step == max_iter - 1):
                     break  # KSVD.jl tests the residual first: k + 1 atoms stay
