@@ -94,7 +94,8 @@ class CacheConfig:
     """The persistent cache of SAEBench's SAE-independent work (LLM activations, probes), shared by every run
     on one model and hook (``docs/eval-cache.md``; :mod:`pipeline.evals.artifact_cache`). It serves core's
     SAE-independent forwards and the residual its splices start from, absorption's first-letter probe and the
-    activations and LLM probes of sparse probing, SCR and TPP; results equal an uncached run's bit for bit."""
+    activations and LLM probes of sparse probing, SCR and TPP, and RAVEL's filtered prompts; results equal an
+    uncached run's bit for bit."""
 
     enabled: bool = True
     """Use the cache: read a verified entry instead of recomputing, publish what a cold run computed. False:

@@ -166,6 +166,13 @@ def data_fingerprint(data_dir: str | os.PathLike, selection: dict[str, list[str]
     return h.hexdigest()[:12]
 
 
+def staged_dir(
+    data_dir: str | os.PathLike, selection: dict[str, list[str]], artifact_root: Path, extra: dict[str, Any]
+) -> Path:
+    """The folder :func:`stage_ravel_data` stages into (``artifact_root/local-<fingerprint>``), without copying."""
+    return Path(artifact_root) / f"{STAGED_PREFIX}{data_fingerprint(data_dir, selection, extra)}"
+
+
 def stage_ravel_data(
     data_dir: str | os.PathLike, selection: dict[str, list[str]], artifact_root: Path, extra: dict[str, Any]
 ) -> Path:
@@ -173,7 +180,7 @@ def stage_ravel_data(
     ``artifact_root/local-<fingerprint>`` (SAEBench's ``artifact_dir``: it finds every file, so it does not
     download). Each file is written beside its target and renamed, so an interrupted copy is never read."""
     src = base_dir(data_dir)
-    staged = Path(artifact_root) / f"{STAGED_PREFIX}{data_fingerprint(data_dir, selection, extra)}"
+    staged = staged_dir(data_dir, selection, artifact_root, extra)
     dst = staged / BASE_SUBDIR
     dst.mkdir(parents=True, exist_ok=True)
     for entity in selection:

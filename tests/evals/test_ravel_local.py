@@ -512,3 +512,54 @@ def test_saebench_ravel_runs_offline_on_smollm2(tmp_path, smollm2_dir):
     assert len(staged) == 4
     assert snapshot(data) == before and sorted(p.name for p in smollm2_dir.iterdir()) == model_files
     assert torch.is_grad_enabled() == grad
+
+
+@pytest.mark.slow
+def test_ravel_cached_answers_give_the_uncached_scores(tmp_path, smollm2_dir):
+    """The filtered datasets (the prompts the model answered right) come from the shared eval cache on a second
+    run; with the random state pinned after they are in hand, the result JSON equals an uncached run's, first
+    SAE included (less the run's id and time), and a changed key (more generated tokens) misses."""
+    data = write_cities(tmp_path / "user_ravel")
+    texts = [TEMPLATES["Country"][0] % c for c in CITIES]
+    sae, n_params = residual_dictionary_sae(smollm2_dir, texts)
+    root = tmp_path / "cache"
+
+    def run(name: str, cache: dict[str, Any], tokens: int = 2) -> dict[str, Any]:
+        e = eval_node(
+            {
+                "data_dir": str(data),
+                "config": {
+                    "entity_attribute_selection": SELECTION,
+                    "top_n_entities": 12,
+                    "num_pairs_per_attribute": 12,
+                    "num_epochs": 1,
+                    "n_generated_tokens": tokens,
+                    "full_dataset_downsample": 1000,
+                },
+            }
+        )
+        e.cache.enabled, e.cache.root = cache.get("enabled", True), cache.get("root")
+        ctx = make_ctx(
+            tmp_path / name, e, model_name=SMOLLM2, saes=[SAERecord("dict", {"name": "dict"}, sae=sae)], batch=4
+        )
+        ctx.n_params = n_params
+        outcome = MetricOutcome()
+        run_metric(ctx, "ravel", outcome)
+        assert outcome.failed == [] and outcome.skipped == []
+        result = json.loads(ctx.saes[0].result_path(ctx.results_dir, "ravel").read_text())
+        volatile = ("eval_id", "datetime_epoch_millis")
+        result["eval_config"].pop("artifact_dir")  # the run's own folder
+        return {
+            "result": {k: v for k, v in result.items() if k not in volatile},
+            "cache": ctx.info.get("eval_cache", {}).get("metrics", {}).get("ravel"),
+        }
+
+    plain = run("plain", {"enabled": False})
+    cold = run("cold", {"root": str(root)})
+    warm = run("warm", {"root": str(root)})
+    assert plain["cache"]["status"] == "off"
+    assert cold["cache"]["status"] == "miss" and cold["cache"]["published"]
+    assert warm["cache"]["status"] == "hit" and warm["cache"]["files"] >= 2  # filtered + unfiltered instances
+    assert cold["result"] == plain["result"] and warm["result"] == plain["result"]
+    changed = run("changed", {"root": str(root)}, tokens=3)
+    assert changed["cache"]["status"] == "miss" and changed["cache"]["key"] != warm["cache"]["key"]

@@ -31,7 +31,7 @@ CACHE_DIRNAME = "eval_cache"
 """Name of the default cache folder, beside the activation store."""
 INFO_KEY = "eval_cache"
 """Key of ``eval_info.json`` that records the cache's use."""
-CODE_VERSION = {"absorption": 1, "sparse_probing": 1, "scr": 1, "tpp": 1, "core": 1}
+CODE_VERSION = {"absorption": 1, "sparse_probing": 1, "scr": 1, "tpp": 1, "core": 1, "ravel": 1}
 """Version of this project's code around each metric's SAE-independent part (the RNG pinning of
 :mod:`pipeline.evals.metrics.rng_pinning`, the vocabulary subsample); bump one to invalidate its entries."""
 SAE_ONLY_FIELDS = {
@@ -51,12 +51,12 @@ _EDGE = 256
 
 
 def cache_root(ctx: EvalContext) -> Path | None:
-    """``eval.cache.root``, else ``eval_cache/`` beside the activation store; None without a store (its hook is
-    part of every key)."""
+    """``eval.cache.root``, else ``eval_cache/`` beside the activation store; None with neither (no root set and
+    no store)."""
+    if ctx.eval.cache.root:
+        return Path(ctx.eval.cache.root)
     store = getattr(ctx.store, "path", None)
-    if store is None:
-        return None
-    return Path(ctx.eval.cache.root) if ctx.eval.cache.root else Path(store).parent / CACHE_DIRNAME
+    return Path(store).parent / CACHE_DIRNAME if store is not None else None
 
 
 def model_fingerprint(model: Any) -> str:
@@ -105,17 +105,22 @@ def dataset_identity(ctx: EvalContext, name: str) -> Any:
     return {"hub": name}
 
 
-def common_key(ctx: EvalContext, metric: str) -> dict[str, Any]:
+def common_key(ctx: EvalContext, metric: str, lens_model: bool = True) -> dict[str, Any]:
     """The key's fields every metric shares: model (name, weights, tokenizer, dtype), hook, device type, package
-    versions and this project's code version of the metric."""
+    versions and this project's code version of the metric. ``lens_model=False``: without the TransformerLens
+    model's weights and tokenizer (a metric that runs another copy of the model keys that copy itself)."""
+    lens = (
+        {"weights": model_fingerprint(ctx.model), "tokenizer": tokenizer_fingerprint(ctx.model.tokenizer)}
+        if lens_model
+        else {}
+    )
     return {
         "metric": metric,
         "model": ctx.model_name,
         "model_path": ctx.model_config.path,
-        "weights": model_fingerprint(ctx.model),
-        "tokenizer": tokenizer_fingerprint(ctx.model.tokenizer),
+        **lens,
         "llm_dtype": ctx.llm_dtype,
-        "hook": ctx.store.hook,
+        "hook": getattr(ctx.store, "hook", None),
         "device_type": torch.device(ctx.device).type,
         "versions": {p: metadata.version(p) for p in VERSIONED_PACKAGES},
         "code_version": CODE_VERSION[metric],
@@ -162,6 +167,26 @@ def core_key(ctx: EvalContext, config: Any, tokens: Any, shuffle_seed: int) -> d
         "config": {**fields, "context_size": config.context_size, "shuffle_seed": shuffle_seed},
         "text": text,
     }
+
+
+RAVEL_SAE_ONLY_FIELDS = ("learning_rate", "num_epochs", "train_mdas", "num_pairs_per_attribute", "train_test_split")
+"""Fields of SAEBench's RAVEL config that only its per-SAE MDBM reads (left out of the key; the model's answers
+and the filtered dataset depend on every other field)."""
+
+
+def ravel_key(ctx: EvalContext, config: Any, hf_model: str, data: Any) -> dict[str, Any]:
+    """Key of RAVEL's filtered datasets (the prompts the HF model answered right, SAEBench's
+    ``*_filtered_dataset.json`` and ``*_unfiltered_full_instance.json``): :func:`common_key`, SAEBench's config
+    less :data:`RAVEL_SAE_ONLY_FIELDS` and ``artifact_dir``, the HF model RAVEL generates with (``hf_model``: a
+    hub name, or a local folder by its files' names, sizes and times) and the prompt data's identity (``data``)."""
+    fields = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in (*RAVEL_SAE_ONLY_FIELDS, "artifact_dir", "force_dataset_recompute")
+    }
+    local = Path(hf_model)
+    model = {"local": folder_fingerprint(local, content=False)} if local.is_dir() else {"hub": hf_model}
+    return {**common_key(ctx, "ravel", lens_model=False), "config": fields, "hf_model": model, "data": data}
 
 
 def cache_enabled(ctx: EvalContext) -> bool:

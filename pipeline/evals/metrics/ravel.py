@@ -33,13 +33,16 @@ from typing import Any
 
 import torch
 
+from pipeline.evals.metrics.artifact_reuse import ravel_key, reused_artifacts
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
+from pipeline.evals.metrics.rng_pinning import pinned_ravel_rng
 from pipeline.evals.ravel_data import (
     HUB_DATASET,
     check_ravel_data,
     clear_cached_instances,
     filtered_prompt_counts,
     stage_ravel_data,
+    staged_dir,
 )
 from pipeline.evals.ravel_model import RavelModel, resolve_ravel_model, saebench_llm_names
 from pipeline.evals.sae_records import SAERecord
@@ -260,11 +263,11 @@ class RavelRunner(MetricRunner):
                 "n_generated_tokens": config.n_generated_tokens,
                 "full_dataset_downsample": config.full_dataset_downsample,
             }
-            config.artifact_dir = str(
-                stage_ravel_data(node.data_dir, config.entity_attribute_selection, ctx.artifacts(self.name), extra)
-            )
-        if config.force_dataset_recompute:
-            clear_cached_instances(Path(config.artifact_dir))
+            selection = config.entity_attribute_selection
+            config.artifact_dir = str(staged_dir(node.data_dir, selection, ctx.artifacts(self.name), extra))
+            data: Any = {"local": Path(config.artifact_dir).name}  # the fingerprint of the prompt files and extra
+        else:
+            data = {"hub": HUB_DATASET}
         records = [r for r in ctx.saes if hook_mismatch(r) is None]
         sizes = {
             **config_as_dict(config),
@@ -273,7 +276,17 @@ class RavelRunner(MetricRunner):
         }
         ctx.record_sizes(self.name, sizes)
         out = ctx.results_dir / self.name
-        with ravel_model_setup(ctx.model_name, model):
+        hf_model = str(model.local_dir) if model.local_dir is not None else model.saebench_name
+        make_key = lambda: ravel_key(ctx, config, hf_model, data)  # noqa: E731
+        with (
+            reused_artifacts(ctx, self.name, Path(config.artifact_dir).resolve(), make_key),
+            ravel_model_setup(ctx.model_name, model),
+            pinned_ravel_rng(ravel, config.random_seed),
+        ):
+            if node.data_dir is not None:  # after the cache's links: only files it lacks are copied
+                stage_ravel_data(node.data_dir, config.entity_attribute_selection, ctx.artifacts(self.name), extra)
+            if config.force_dataset_recompute:
+                clear_cached_instances(Path(config.artifact_dir))
             try:
                 ravel.run_eval(
                     config,

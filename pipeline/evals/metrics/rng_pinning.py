@@ -146,3 +146,23 @@ def pinned_absorption_rng(common: Any, k_sparse: Any, main: Any, seed: int) -> I
         patched_attr(main, "run_feature_absortion_experiment", seeded(main.run_feature_absortion_experiment, True)),
     ):
         yield
+
+
+@contextlib.contextmanager
+def pinned_ravel_rng(main: Any, seed: int) -> Iterator[None]:
+    """Seed ``random`` and torch with ``seed`` each time SAEBench's RAVEL has its filtered dataset in hand
+    (``main.RAVELFilteredDataset.load``, once per SAE and entity type), so the MDBM of every SAE starts from the
+    same state whether the dataset was just filtered (drawing from ``random``: the first SAE of a cold run) or
+    read back (every later SAE, and every SAE of a cached run)."""
+    loaded_class = main.RAVELFilteredDataset
+
+    class SeededAfterLoad(loaded_class):  # type: ignore[misc,valid-type]
+        @classmethod
+        def load(cls, load_path: str) -> Any:
+            dataset = loaded_class.load(load_path)
+            random.seed(seed)
+            torch.manual_seed(seed)
+            return dataset
+
+    with patched_attr(main, "RAVELFilteredDataset", SeededAfterLoad):
+        yield
