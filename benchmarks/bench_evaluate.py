@@ -26,6 +26,7 @@ metric (``eval_info.json``), the cache's hits and misses. Derived, with the issu
 Run it alone: seconds depend on the machine and on what else runs.
 
 Usage: python benchmarks/bench_evaluate.py --second-fit outputs/default/fit-<hash> [--run outputs/default]
+       [--first-fit outputs/default/fit-<hash>]
        [--work outputs/bench_evaluate] [--scenarios uncached_1,cold_1,warm_1,warm_3] [--name NAME]
 """
 
@@ -172,7 +173,7 @@ def main() -> None:
     p.add_argument("--name", default="default store")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--scenario", help=argparse.SUPPRESS)  # internal: run one scenario in this process
-    p.add_argument("--first-fit", help=argparse.SUPPRESS)
+    p.add_argument("--first-fit", help="the default run's fit folder (default: the default config's)")
     args = p.parse_args()
     if args.scenario:
         one_scenario(args)
@@ -180,7 +181,11 @@ def main() -> None:
     run, work = Path(args.run).resolve(), Path(args.work).resolve()
     from pipeline.runs.layout import is_done, stage_dir
 
-    first = stage_dir(compose(run, ["dictionary"], {"enabled": True, "root": "null"}), "fit")
+    first = (
+        Path(args.first_fit)
+        if args.first_fit
+        else stage_dir(compose(run, ["dictionary"], {"enabled": True, "root": "null"}), "fit")
+    )
     if not is_done(first):
         raise SystemExit(f"the default run's fit {first} is not finished: run `python -m pipeline` first")
     if Path(args.second_fit).resolve() == first.resolve():
