@@ -133,6 +133,15 @@ class AbsorptionConfig(MetricConfig):
     """Models with fewer parameters get a low-confidence note in the report."""
     seed: int = 0
     """Seed of the vocabulary subsample and of SAEBench's train/test split of it."""
+    reuse_activations_mb: float = 512.0
+    """Memory (MiB) for the activations at the hook of absorption's prompts, run once for every SAE and kept in
+    the eval cache (:mod:`pipeline.evals.metrics.prompt_activations`); 0: SAEBench runs the LLM for every SAE."""
+
+    def __post_init__(self) -> None:
+        if self.reuse_activations_mb < 0:
+            raise ValueError(
+                f"eval.absorption.reuse_activations_mb={self.reuse_activations_mb} must be >= 0 (0: keep none)"
+            )
 
 
 @dataclass

@@ -52,7 +52,10 @@ CHANGES = {
 """A change of each metric's key (a config value its SAE-independent part reads)."""
 
 
-PLAIN = {"core": lambda e: e.core.__setitem__("reuse_forwards_mb", 0)}
+PLAIN = {
+    "core": lambda e: e.core.__setitem__("reuse_forwards_mb", 0),
+    "absorption": lambda e: e.absorption.__setitem__("reuse_activations_mb", 0),
+}
 """The uncached run of a metric whose forwards are also shared within a run: SAEBench's own path, every forward
 in full (core: nothing kept, no splice from the hook)."""
 
@@ -77,6 +80,11 @@ def test_cached_results_equal_uncached_and_a_changed_key_misses(eval_inputs, tmp
         info = json.loads((warm_dir / "eval_info.json").read_text())["sizes"]["core"]["shared_forwards"]
         splices = 2 * len(SAES)  # one reconstruction batch, two position sets
         assert info["loaded"] > 0 and info["forwards_run"] == info["started_at_hook"] == splices
+    if metric == "absorption":  # cold: each prompt list ran once for both SAEs; warm: none ran
+        cold_acts = json.loads((cold_dir / "eval_info.json").read_text())["sizes"]["absorption"]["prompt_activations"]
+        warm_acts = json.loads((warm_dir / "eval_info.json").read_text())["sizes"]["absorption"]["prompt_activations"]
+        assert cold_acts["runs"] > 0 and cold_acts["reused"] > 0
+        assert warm_acts["runs"] == 0 and warm_acts["loaded"] > 0 and warm_acts["reused"] > 0
 
     changed = _evaluate(eval_inputs, tmp_path / "changed", metric, on, CHANGES[metric])
     assert _cache_info(changed, metric)["status"] == "miss"

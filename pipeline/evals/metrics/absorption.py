@@ -6,7 +6,9 @@ its cwd-relative writes go into ``artifacts/absorption``; Python's global ``rand
 train/test split of the vocabulary) is seeded, so the split is the same in every process; torch is seeded
 before the probe and each SAE's k-sparse probes are trained, and ``random`` and torch before each SAE's two
 experiments (:mod:`pipeline.evals.metrics.rng_pinning`), so its result does not depend on its place in the run.
-The probe folder comes from the shared cache when it holds it (:mod:`pipeline.evals.metrics.artifact_reuse`).
+The probe folder comes from the shared cache when it holds it (:mod:`pipeline.evals.metrics.artifact_reuse`), with
+the activations at the hook of absorption's prompts, which the LLM computes once for every SAE
+(:mod:`pipeline.evals.metrics.prompt_activations`, kept in :data:`PROMPT_ACTS_SUBDIR` of the probe folder).
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.evals.metrics.artifact_reuse import absorption_key, reused_artifacts
+from pipeline.evals.metrics.artifact_reuse import absorption_key, cache_enabled, reused_artifacts
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
+from pipeline.evals.metrics.prompt_activations import PromptActivations
 from pipeline.evals.metrics.rng_pinning import pinned_absorption_rng
 from pipeline.evals.saebench_patches import patched_attr, pushd, use_loaded_model
 
 PROBES_SUBDIR = "probes"
 """SAEBench's probe folder inside ``artifacts/absorption`` (the metric's SAE-independent part: the first-letter
 probe, the prompts and the LLM's activations on them), served from the shared cache."""
+PROMPT_ACTS_SUBDIR = "prompt_activations"
+"""Inside the probe folder: the activations at the hook of the prompts the LLM ran
+(:meth:`~pipeline.evals.metrics.prompt_activations.PromptActivations.save`)."""
 
 LOW_CONFIDENCE = (
     "absorption on a model below {limit:.0e} parameters ({n:.3g}) is low-confidence: SAEBench "
@@ -58,14 +64,22 @@ class AbsorptionRunner(MetricRunner):
         import sae_bench.evals.absorption.main as ab_main
 
         folder = ctx.artifacts(self.name)
+        probes = folder.resolve() / PROBES_SUBDIR
+        acts = PromptActivations(ctx.model, node.reuse_activations_mb)  # the LLM on each prompt list once
+        keep = cache_enabled(ctx) and node.reuse_activations_mb > 0
         with (
-            reused_artifacts(ctx, self.name, folder.resolve() / PROBES_SUBDIR, lambda: absorption_key(ctx, config)),
+            reused_artifacts(ctx, self.name, probes, lambda: absorption_key(ctx, config)),
             absorption_setup(folder, node.vocab_size, node.min_words_per_letter, node.seed) as vocab,
             pinned_absorption_rng(ab_common, ab_ksp, ab_main, node.seed),
-            use_loaded_model(ctx.model),
+            use_loaded_model(acts),
         ):
+            if keep:  # kept beside the probe, in the same cache entry
+                acts.load(probes / PROMPT_ACTS_SUBDIR)
             ab_main.run_eval(config, ctx.selected, ctx.device, str(out), force_rerun=ctx.force_rerun)
-        ctx.record_sizes(self.name, {**config_as_dict(config), **vocab, "vocab_size": node.vocab_size})
+            if keep:
+                acts.save(probes / PROMPT_ACTS_SUBDIR)
+        sizes = {**config_as_dict(config), **vocab, "vocab_size": node.vocab_size}
+        ctx.record_sizes(self.name, {**sizes, "prompt_activations": acts.stats.as_dict()})
         if ctx.n_params < node.low_confidence_below_params:
             note = LOW_CONFIDENCE.format(
                 limit=node.low_confidence_below_params, n=ctx.n_params, v=vocab.get("subsampled_vocab", node.vocab_size)
