@@ -452,6 +452,18 @@ def residual_dictionary_sae(model_dir: Path, texts: list[str], n_atoms: int = 64
     return DictionarySAE(d, SMOLLM2, LAYER, f"blocks.{LAYER}.hook_resid_post"), sum(p.numel() for p in hf.parameters())
 
 
+def smollm2_ravel_config(n_generated_tokens: int = 2) -> dict[str, Any]:
+    """SAEBench's RAVEL config of the SmolLM2 runs: the cities, small sizes, one MDBM epoch."""
+    return {
+        "entity_attribute_selection": SELECTION,
+        "top_n_entities": 12,
+        "num_pairs_per_attribute": 12,
+        "num_epochs": 1,
+        "n_generated_tokens": n_generated_tokens,
+        "full_dataset_downsample": 1000,
+    }
+
+
 @pytest.mark.slow
 def test_saebench_ravel_runs_offline_on_smollm2(tmp_path, smollm2_dir):
     """SAEBench's own ``run_eval`` via :class:`RavelRunner` and the metric loop, hub unreachable: the model
@@ -461,19 +473,7 @@ def test_saebench_ravel_runs_offline_on_smollm2(tmp_path, smollm2_dir):
     texts = [TEMPLATES["Country"][0] % c for c in CITIES]
     sae, n_params = residual_dictionary_sae(smollm2_dir, texts)
     other = SAERecord("mlp_sae", {}, sae=_Sae(f"blocks.{LAYER}.hook_mlp_out", LAYER))
-    e = eval_node(
-        {
-            "data_dir": str(data),
-            "config": {
-                "entity_attribute_selection": SELECTION,
-                "top_n_entities": 12,
-                "num_pairs_per_attribute": 12,
-                "num_epochs": 1,
-                "n_generated_tokens": 2,
-                "full_dataset_downsample": 1000,
-            },
-        }
-    )
+    e = eval_node({"data_dir": str(data), "config": smollm2_ravel_config()})
     ctx = make_ctx(
         tmp_path,
         e,
@@ -525,19 +525,7 @@ def test_ravel_cached_answers_give_the_uncached_scores(tmp_path, smollm2_dir):
     root = tmp_path / "cache"
 
     def run(name: str, cache: dict[str, Any], tokens: int = 2) -> dict[str, Any]:
-        e = eval_node(
-            {
-                "data_dir": str(data),
-                "config": {
-                    "entity_attribute_selection": SELECTION,
-                    "top_n_entities": 12,
-                    "num_pairs_per_attribute": 12,
-                    "num_epochs": 1,
-                    "n_generated_tokens": tokens,
-                    "full_dataset_downsample": 1000,
-                },
-            }
-        )
+        e = eval_node({"data_dir": str(data), "config": smollm2_ravel_config(tokens)})
         e.cache.enabled, e.cache.root = cache.get("enabled", True), cache.get("root")
         ctx = make_ctx(
             tmp_path / name, e, model_name=SMOLLM2, saes=[SAERecord("dict", {"name": "dict"}, sae=sae)], batch=4

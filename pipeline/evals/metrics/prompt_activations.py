@@ -24,22 +24,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.evals.metrics.shared_forwards import RoundedStats, resid_hook_start
 from pipeline.utils.atomic import atomic_write
 
 #: Suffix of the files :meth:`PromptActivations.save` writes.
 ACTS_SUFFIX = ".prompt_acts.pt"
-_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 @dataclass
-class PromptStats:
+class PromptStats(RoundedStats):
     """What :class:`PromptActivations` did over one evaluation."""
 
     runs: int = 0
@@ -54,9 +53,6 @@ class PromptStats:
     """Stored results read from disk."""
     stored_mb: float = 0.0
     """Memory held by the stored activations (MiB)."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 class PromptActivations:
@@ -85,9 +81,7 @@ class PromptActivations:
         if acts is not None:
             self.stats.reused += 1
             return None, ActivationCache({hook: acts.clone()}, self._model)
-        match = _RESID_HOOK.match(hook)
-        assert match is not None
-        stop = int(match.group(1)) + (match.group(2) == "post")
+        stop = resid_hook_start(hook)
         _, cache = self._model.run_with_cache(prompts, names_filter=[hook], stop_at_layer=stop)
         self.stats.runs += 1
         if not self._store(key, cache[hook]):
@@ -144,7 +138,7 @@ def _one_resid_hook(prompts: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
         return None
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         return None
-    return names[0] if isinstance(names[0], str) and _RESID_HOOK.match(names[0]) else None
+    return names[0] if isinstance(names[0], str) and resid_hook_start(names[0]) is not None else None
 
 
 __all__ = ["ACTS_SUFFIX", "PromptActivations", "PromptStats", "prompt_key"]

@@ -58,8 +58,23 @@ FORWARD_SUFFIX = ".forward.pt"
 _RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
+def resid_hook_start(hook: str | None) -> int | None:
+    """The block a forward from a residual-stream ``hook`` starts at (``blocks.<L>.hook_resid_pre``: L;
+    ``hook_resid_post``: L + 1), which is also the ``stop_at_layer`` of a run that ends there; None for any other
+    hook."""
+    match = _RESID_HOOK.match(hook or "")
+    return int(match.group(1)) + (match.group(2) == "post") if match else None
+
+
+class RoundedStats:
+    """Counters of a dataclass, written with floats rounded to 0.1 (``eval_info.json``)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
 @dataclass
-class ReuseStats:
+class ReuseStats(RoundedStats):
     """What :class:`SharedForwards` did over one evaluation."""
 
     forwards_run: int = 0
@@ -75,9 +90,6 @@ class ReuseStats:
     loaded: int = 0
     """Stored results read from disk (:meth:`SharedForwards.load`)."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
-
 
 class SharedForwards:
     """``model`` with its SAE-independent forwards memoised (module docstring); every other attribute is the
@@ -88,9 +100,8 @@ class SharedForwards:
         self._model, self._cap = model, float(cap_mb) * 2**20
         self._memo: dict[tuple[Any, ...], Any] = {}
         self._bytes = 0
-        match = _RESID_HOOK.match(hook or "")
-        self._hook = hook if match else None
-        self._start = (int(match.group(1)) + (match.group(2) == "post")) if match else None
+        self._start = resid_hook_start(hook)
+        self._hook = hook if self._start is not None else None
         self.stats = ReuseStats()
 
     def __getattr__(self, name: str) -> Any:
