@@ -306,6 +306,9 @@ def tiny_eval_config(inputs: dict[str, Any], out: Path, metrics: list[str]) -> A
                 "force_rerun": False,
                 "local_datasets": {},
                 "encode_cache_mb": 256,
+                # each run's own shared cache: the session's store is shared by many tests, and entries another
+                # test left would make this run's forward counts depend on the test order
+                "cache": {"enabled": True, "root": str(out / "eval_cache"), "max_gb": 20.0},
                 "labelled": {"jsonl": str(inputs["labelled"]), "min_words": 5, "test_every": 3},
                 "core": {
                     "dataset": None,

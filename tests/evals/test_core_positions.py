@@ -283,6 +283,7 @@ def _ctx(eval_inputs: dict[str, Any], tmp_path: Path, positions: str) -> Any:
         n_eval_sparsity_variance_batches=N_BATCHES,
         positions=positions,
     )
+    node["cache"] = {"enabled": True, "root": str(tmp_path / "eval_cache")}  # this test's own: no entries of others
     e = parse_eval_config(node)
     model = eval_inputs["model"]
     sae = RuinsLargeNorms(model.cfg.d_model, threshold=None)
