@@ -78,9 +78,10 @@ class CoreConfig:
     norm outliers, pass through unreconstructed and out of every mean; ``eval_results/core_fit_positions/``) or
     ``both`` (about twice core's cost)."""
     reuse_forwards_mb: float = 2048.0
-    """Memory (MiB, on the eval device) for the LLM forwards that do not depend on the SAE (clean and
-    zero-ablated logits, hook activations), computed once and reused by every SAE and position set
-    (:mod:`pipeline.evals.metrics.shared_forwards`); results that would overflow it are recomputed. 0: none kept."""
+    """Memory (MiB, on the eval device) for the LLM forwards that do not depend on the SAE (clean logits, hook
+    activations, the zero-ablated CE and KL), computed once and reused by every SAE and position set
+    (:mod:`pipeline.evals.metrics.shared_forwards`, :mod:`pipeline.evals.metrics.recons_loss`); results that
+    would overflow it are recomputed. 0: none kept (and SAEBench's own ``get_recons_loss`` runs)."""
 
     def __post_init__(self) -> None:
         if self.positions not in ("all", "fit", "both"):

@@ -31,7 +31,7 @@ CACHE_DIRNAME = "eval_cache"
 """Name of the default cache folder, beside the activation store."""
 INFO_KEY = "eval_cache"
 """Key of ``eval_info.json`` that records the cache's use."""
-CODE_VERSION = {"absorption": 2, "sparse_probing": 1, "scr": 1, "tpp": 1, "core": 1, "ravel": 1}
+CODE_VERSION = {"absorption": 2, "sparse_probing": 1, "scr": 1, "tpp": 1, "core": 2, "ravel": 1}
 """Version of this project's code around each metric's SAE-independent part (the RNG pinning of
 :mod:`pipeline.evals.metrics.rng_pinning`, the vocabulary subsample); bump one to invalidate its entries."""
 SAE_ONLY_FIELDS = {

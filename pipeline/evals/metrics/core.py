@@ -8,7 +8,8 @@ harvest text *after* the harvested contexts (never seen by the fit), or ``eval.c
 ``core/``), ``fit`` (the positions the fit used, written to ``core_fit_positions/`` in the same layout and file
 names: :mod:`pipeline.evals.metrics.positions`) or ``both``. The LLM forwards that do not depend on the SAE are
 run once for all SAEs and both position sets, and the SAE splice starts at the hook from the kept residual
-(:mod:`pipeline.evals.metrics.shared_forwards`). With the eval cache on, those forwards are kept in the shared
+(:mod:`pipeline.evals.metrics.shared_forwards`); so are the zero-ablated CE and KL of each batch
+(:mod:`pipeline.evals.metrics.recons_loss`). With the eval cache on, those forwards are kept in the shared
 cache (:data:`FORWARDS_SUBDIR` of core's artifacts, :func:`pipeline.evals.metrics.artifact_reuse.core_key`): a
 later run on the same model, hook and eval text runs only each SAE's splice, from the hook up.
 
@@ -39,6 +40,7 @@ from pipeline.evals.metrics.positions import (
     position_runs,
     with_positions,
 )
+from pipeline.evals.metrics.recons_loss import zero_ablation_shared
 from pipeline.evals.metrics.shared_forwards import SharedForwards
 from pipeline.evals.metrics.text import harvested_contexts, text_after
 from pipeline.evals.results import write_json
@@ -235,9 +237,10 @@ def run_core(
         store, model, ignore = marked, TrueTokensModel(model, marked), {LEFT_OUT}
         config = dataclasses.replace(config, exclude_special_tokens_from_reconstruction=True)
     read = MagnitudeCodes(sae) if getattr(sae, "signed_codes", False) else sae
-    metrics, feature_metrics = core.run_evals(
-        sae=read, activation_store=store, model=model, eval_config=config, ignore_tokens=ignore
-    )
+    with zero_ablation_shared():  # the SAE-independent half of each batch's CE/KL once (recons_loss)
+        metrics, feature_metrics = core.run_evals(
+            sae=read, activation_store=store, model=model, eval_config=config, ignore_tokens=ignore
+        )
     metrics["misc_metrics"] = core.calculate_misc_metrics(feature_metrics)
     result = core.replace_nans_with_negative_one(
         {

@@ -176,7 +176,8 @@ class MarkedTokens:
 
 class TrueTokensModel:
     """The model SAEBench's core gets with :class:`MarkedTokens`: its three forwards (``__call__``,
-    ``run_with_hooks``, ``run_with_cache``) run on the true tokens; everything else is the wrapped model's."""
+    ``run_with_hooks``, ``run_with_cache``) and ``memo`` run on the true tokens; everything else is the wrapped
+    model's."""
 
     def __init__(self, model: Any, marked: MarkedTokens):
         self._model, self._marked = model, marked
@@ -192,6 +193,10 @@ class TrueTokensModel:
 
     def run_with_cache(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
         return self._model.run_with_cache(self._marked.true_tokens(tokens), *args, **kwargs)
+
+    def memo(self, name: str, tokens: Any, compute: Any) -> Any:
+        """The wrapped model's ``memo`` (``SharedForwards.memo``) on the true tokens."""
+        return self._model.memo(name, self._marked.true_tokens(tokens), compute)
 
 
 def phase_tallies(marked: MarkedTokens, config: Any) -> dict[str, dict[str, int]]:

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from pipeline.evals.metrics.recons_loss import SPLICE_HOOK as RECONS_SPLICE_HOOK
 from pipeline.utils.atomic import atomic_write
 
 #: Qualified names of the SAEBench hooks whose forward does not depend on the SAE (``get_recons_loss``'s
@@ -53,6 +54,9 @@ SAE_INDEPENDENT_HOOKS = frozenset({"get_recons_loss.<locals>.standard_zero_ablat
 #: Qualified name of SAEBench core's SAE splice at a residual-stream hook (``get_recons_loss``'s replacement of
 #: the hook's activations by the SAE's reconstruction): answered from the kept residual (module docstring).
 SPLICE_HOOK = "get_recons_loss.<locals>.standard_replacement_hook"
+#: Every splice answered from the kept residual: SAEBench's, and the same replacement made by
+#: :func:`pipeline.evals.metrics.recons_loss.recons_loss`.
+SPLICE_HOOKS = frozenset({SPLICE_HOOK, RECONS_SPLICE_HOOK})
 #: Suffix of the files :meth:`SharedForwards.save` writes.
 FORWARD_SUFFIX = ".forward.pt"
 _RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -138,6 +142,18 @@ class SharedForwards:
         rest = {k: v for k, v in kwargs.items() if k != "fwd_hooks"}
         return self._answer(("hooks", named, rest), tokens, run)
 
+    @property
+    def keeps(self) -> bool:
+        """Whether anything can be kept (a cap above 0)."""
+        return self._cap > 0
+
+    def memo(self, name: str, tokens: Any, compute: Any) -> Any:
+        """``compute(model, tokens)`` (``model``: the wrapped model), computed once per ``name`` and ``tokens`` and
+        kept like a forward (within the cap, saved and loaded with them; a hit returns a copy). For SAE-independent
+        values derived from a forward: :mod:`pipeline.evals.metrics.recons_loss`'s zero-ablated CE and KL. Counted
+        as one forward run when computed, one reused when read back."""
+        return self._answer(("memo", name), tokens, lambda: compute(self._model, tokens))
+
     def _answer(self, call: tuple[Any, ...], tokens: Any, run: Any) -> Any:
         key = _key(call, tokens)
         if key is not None and key in self._memo:
@@ -174,7 +190,7 @@ class SharedForwards:
         if self._hook is None or args or rest or len(hooks) != 1 or not isinstance(tokens, torch.Tensor):
             return None
         name, fn = hooks[0]
-        if name != self._hook or getattr(getattr(fn, "func", fn), "__qualname__", None) != SPLICE_HOOK:
+        if name != self._hook or getattr(getattr(fn, "func", fn), "__qualname__", None) not in SPLICE_HOOKS:
             return None
         resid = self._memo.get(self._resid_key(tokens, kwargs))  # type: ignore[arg-type]
         if resid is None:
