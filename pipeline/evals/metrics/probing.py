@@ -5,7 +5,8 @@ block they use the labelled passages the stage builds (:mod:`pipeline.evals.labe
 to hold enough paragraphs per class for SAEBench's balanced draws. Their SAE-independent part (the LLM's
 activations at the hook and its probes) comes from the shared cache when it holds them
 (:mod:`pipeline.evals.metrics.artifact_reuse`), with the random state of each SAE's part pinned
-(:mod:`pipeline.evals.metrics.rng_pinning`) so that cached and cold runs score alike.
+(:mod:`pipeline.evals.metrics.rng_pinning`) so that cached and cold runs score alike. SCR/TPP's latent ablations
+encode each batch once per SAE (:mod:`pipeline.evals.metrics.ablation_codes`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.evals.labelled_data import check_labelled_sizes, swap_labelled
+from pipeline.evals.metrics.ablation_codes import shared_codes_ablations
 from pipeline.evals.metrics.artifact_reuse import probing_key, reused_artifacts
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
 from pipeline.evals.metrics.rng_pinning import pinned_probing_rng
@@ -116,6 +118,7 @@ class ScrTppRunner(MetricRunner):
             use_loaded_model(ctx.model),
             reused_artifacts(ctx, self.name, folder, lambda: probing_key(ctx, self.name, config)),
             pinned_probing_rng(st, st, "get_all_node_effects_for_one_sae", scr_tpp=True),
+            shared_codes_ablations(),  # each batch's codes and error once per SAE, not once per ablation
         ):
             # SAEBench's SCR/TPP run_eval appends the eval type (scr / tpp) to output_path itself
             st.run_eval(
