@@ -9,9 +9,10 @@ is in samples); wall seconds are recorded but depend on the machine and on what 
 Results are written after every run, and runs already in ``--out`` (same architecture, lr and cap) are skipped, so
 an interrupted sweep resumes. ``--cap-samples`` (default: the default run's, ``conf/experiment/default.yaml``)
 records each run's cap. An architecture's best lr (``best_lr``) is its lowest held-out FVU among its runs at the
-default run's cap whose held-out L0 is within :data:`L0_TOLERANCE` of k, or where none is, the run whose L0 came
-nearest k: FVU at another L0 is not comparable (a Standard SAE's L0 follows its lr as well as its L1 coefficient,
-and a JumpReLU's moves towards k at a pace the lr sets).
+default run's cap (or, swept only at other caps, at its largest: ``best_lr_cap``) whose held-out L0 is within
+:data:`L0_TOLERANCE` of k, or where none is, the run whose L0 came nearest k: FVU at another L0 is not comparable (a
+Standard SAE's L0 follows its lr as well as its L1 coefficient, and a JumpReLU's moves towards k at a pace the lr
+sets).
 
 ``--merge A.json B.json`` adds the runs of sweeps made in parallel (separate ``--out`` files) to ``--out``.
 
@@ -51,15 +52,25 @@ L0_TOLERANCE = 0.25
 
 
 def best_lrs(runs: list[dict], cap: int) -> dict[str, float]:
-    """Each architecture's lr at ``cap``: the lowest held-out FVU among its runs whose L0 is within
-    :data:`L0_TOLERANCE` of k; where none is, the run whose L0 came nearest k (FVU at another L0 says little)."""
+    """Each architecture's lr at ``cap`` (or, for an architecture swept only at other caps, at the largest of
+    them: :func:`sweep_caps`): the lowest held-out FVU among its runs whose L0 is within :data:`L0_TOLERANCE` of
+    k; where none is, the run whose L0 came nearest k (FVU at another L0 says little)."""
     best: dict[str, float] = {}
-    for a in sorted({r["architecture"] for r in runs if r["cap_samples"] == cap}):
-        mine = [r for r in runs if r["architecture"] == a and r["cap_samples"] == cap]
+    for a, at in sweep_caps(runs, cap).items():
+        mine = [r for r in runs if r["architecture"] == a and r["cap_samples"] == at]
         near = [r for r in mine if abs(r["heldout_l0"] - K) <= L0_TOLERANCE * K]
         pick = min(near, key=lambda r: r["heldout_fvu"]) if near else min(mine, key=lambda r: abs(r["heldout_l0"] - K))
         best[a] = pick["lr"]
     return best
+
+
+def sweep_caps(runs: list[dict], cap: int) -> dict[str, int]:
+    """The cap each architecture's ``best_lr`` is read at: ``cap`` where it was swept there, else its largest."""
+    caps: dict[str, int] = {}
+    for a in sorted({r["architecture"] for r in runs}):
+        mine = {r["cap_samples"] for r in runs if r["architecture"] == a}
+        caps[a] = cap if cap in mine else max(mine)
+    return caps
 
 
 def main() -> None:
@@ -85,8 +96,9 @@ def main() -> None:
                 if not same:
                     res["runs"].append(run)
         res["best_lr"] = best_lrs(res["runs"], DEFAULT_CAP)
+        res["best_lr_cap"] = sweep_caps(res["runs"], DEFAULT_CAP)
         atomic_write_text(out, json.dumps(res, indent=1))
-        print("best:", res["best_lr"])
+        print("best:", res["best_lr"], "at caps", res["best_lr_cap"])
         return
     if not args.store:
         raise SystemExit("--store is required for a sweep: the default run's outputs/default/harvest-*/store")
@@ -142,8 +154,9 @@ def main() -> None:
                 flush=True,
             )
     res["best_lr"] = best_lrs(res["runs"], DEFAULT_CAP)
+    res["best_lr_cap"] = sweep_caps(res["runs"], DEFAULT_CAP)
     atomic_write_text(out, json.dumps(res, indent=1))
-    print("best:", res["best_lr"])
+    print("best:", res["best_lr"], "at caps", res["best_lr_cap"])
 
 
 if __name__ == "__main__":
