@@ -9,10 +9,10 @@ is in samples); wall seconds are recorded but depend on the machine and on what 
 Results are written after every run, and runs already in ``--out`` (same architecture, lr and cap) are skipped, so
 an interrupted sweep resumes. ``--cap-samples`` (default: the default run's, ``conf/experiment/default.yaml``)
 records each run's cap. An architecture's best lr (``best_lr``) is its lowest held-out FVU among its runs at the
-default run's cap (or, swept only at other caps, at its largest: ``best_lr_cap``) whose held-out L0 is within
-:data:`L0_TOLERANCE` of k, or where none is, the run whose L0 came nearest k: FVU at another L0 is not comparable (a
-Standard SAE's L0 follows its lr as well as its L1 coefficient, and a JumpReLU's moves towards k at a pace the lr
-sets).
+default run's cap (or, swept only at other caps, at the nearest above it, else its largest: ``best_lr_cap``) whose
+held-out L0 is within :data:`L0_TOLERANCE` of k, or where none is, the run whose L0 came nearest k: FVU at another
+L0 is not comparable (a Standard SAE's L0 follows its lr as well as its L1 coefficient, and a JumpReLU's moves
+towards k at a pace the lr sets).
 
 ``--merge A.json B.json`` adds the runs of sweeps made in parallel (separate ``--out`` files) to ``--out``.
 
@@ -65,11 +65,13 @@ def best_lrs(runs: list[dict], cap: int) -> dict[str, float]:
 
 
 def sweep_caps(runs: list[dict], cap: int) -> dict[str, int]:
-    """The cap each architecture's ``best_lr`` is read at: ``cap`` where it was swept there, else its largest."""
+    """The cap each architecture's ``best_lr`` is read at: ``cap`` where it was swept there, else the smallest
+    swept cap above it, else its largest."""
     caps: dict[str, int] = {}
     for a in sorted({r["architecture"] for r in runs}):
         mine = {r["cap_samples"] for r in runs if r["architecture"] == a}
-        caps[a] = cap if cap in mine else max(mine)
+        above = [c for c in mine if c >= cap]
+        caps[a] = min(above) if above else max(mine)
     return caps
 
 
