@@ -9,6 +9,8 @@ experiments (:mod:`pipeline.evals.metrics.rng_pinning`), so its result does not 
 The probe folder comes from the shared cache when it holds it (:mod:`pipeline.evals.metrics.artifact_reuse`), with
 the activations at the hook of absorption's prompts, which the LLM computes once for every SAE
 (:mod:`pipeline.evals.metrics.prompt_activations`, kept in :data:`PROMPT_ACTS_SUBDIR` of the probe folder).
+SAEBench's per-SAE scoring (``build_metrics_df``) reads its four sklearn scores from exact stand-ins
+(:mod:`pipeline.evals.metrics.binary_scores`: the same values, without sklearn's validation on each of ~2,200 calls).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from pipeline.evals.metrics.artifact_reuse import absorption_key, cache_enabled, reused_artifacts
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
+from pipeline.evals.metrics.binary_scores import BinaryScores
 from pipeline.evals.metrics.prompt_activations import PromptActivations
 from pipeline.evals.metrics.rng_pinning import pinned_absorption_rng
 from pipeline.evals.saebench_patches import patched_attr, pushd, use_loaded_model
@@ -67,11 +70,13 @@ class AbsorptionRunner(MetricRunner):
         probes = folder.resolve() / PROBES_SUBDIR
         acts = PromptActivations(ctx.model, node.reuse_activations_mb)  # the LLM on each prompt list once
         keep = cache_enabled(ctx) and node.reuse_activations_mb > 0
+        scores = BinaryScores(ab_ksp.metrics)
         with (
             reused_artifacts(ctx, self.name, probes, lambda: absorption_key(ctx, config)),
             absorption_setup(folder, node.vocab_size, node.min_words_per_letter, node.seed) as vocab,
             pinned_absorption_rng(ab_common, ab_ksp, ab_main, node.seed),
             use_loaded_model(acts),
+            patched_attr(ab_ksp, "metrics", scores),
         ):
             if keep:  # kept beside the probe, in the same cache entry
                 acts.load(probes / PROMPT_ACTS_SUBDIR)
@@ -79,7 +84,8 @@ class AbsorptionRunner(MetricRunner):
             if keep:
                 acts.save(probes / PROMPT_ACTS_SUBDIR)
         sizes = {**config_as_dict(config), **vocab, "vocab_size": node.vocab_size}
-        ctx.record_sizes(self.name, {**sizes, "prompt_activations": acts.stats.as_dict()})
+        scored = {"scores_without_sklearn": scores.fast_calls}
+        ctx.record_sizes(self.name, {**sizes, "prompt_activations": acts.stats.as_dict(), **scored})
         if ctx.n_params < node.low_confidence_below_params:
             note = LOW_CONFIDENCE.format(
                 limit=node.low_confidence_below_params, n=ctx.n_params, v=vocab.get("subsampled_vocab", node.vocab_size)
