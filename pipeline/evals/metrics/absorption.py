@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.evals.metrics.artifact_reuse import absorption_key, cache_enabled, reused_artifacts
 from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dict
 from pipeline.evals.metrics.binary_scores import BinaryScores
 from pipeline.evals.metrics.prompt_activations import PromptActivations
 from pipeline.evals.metrics.rng_pinning import pinned_absorption_rng
+from pipeline.evals.results import CUSTOM_SAE_ID
 from pipeline.evals.saebench_patches import patched_attr, pushd, use_loaded_model
+
+if TYPE_CHECKING:
+    from pipeline.evals.sae_records import SAERecord
 
 PROBES_SUBDIR = "probes"
 """SAEBench's probe folder inside ``artifacts/absorption`` (the metric's SAE-independent part: the first-letter
@@ -71,6 +76,7 @@ class AbsorptionRunner(MetricRunner):
         acts = PromptActivations(ctx.model, node.reuse_activations_mb)  # the LLM on each prompt list once
         keep = cache_enabled(ctx) and node.reuse_activations_mb > 0
         scores = BinaryScores(ab_ksp.metrics)
+        drop_stale_tables(folder.resolve(), ctx.saes, ctx.results_dir, self.name, ctx.force_rerun)
         with (
             reused_artifacts(ctx, self.name, probes, lambda: absorption_key(ctx, config)),
             absorption_setup(folder, node.vocab_size, node.min_words_per_letter, node.seed) as vocab,
@@ -97,6 +103,35 @@ class AbsorptionRunner(MetricRunner):
             f"SAEBench's absorption gate: fewer than min_feats_for_eval={config.min_feats_for_eval} letters "
             f"reached ground-truth probe F1 > min_GT_probe_f1={config.min_GT_probe_f1} (no result written)"
         )
+
+
+#: SAEBench's folders of per-SAE tables inside the metric's artifacts folder (``<folder>/<release>_<sae_id>/``).
+PER_SAE_TABLES = ("k_sparse_probing", "feature_absorption")
+
+
+def drop_stale_tables(
+    folder: Path, records: list[SAERecord], results_dir: Path, metric: str, force_rerun: bool
+) -> list[Path]:
+    """Delete the per-SAE tables (:data:`PER_SAE_TABLES`) of every SAE whose result SAEBench is about to compute
+    (it has none yet in ``results_dir``, or ``force_rerun``); returns the folders deleted.
+
+    SAEBench keeps each SAE's k-sparse-probing and absorption tables under the SAE's name and, without its
+    ``force_rerun``, reads them back instead of recomputing them. An SAE with no result may still have tables from
+    earlier weights under its name (a re-fitted dictionary whose stale result was dropped, a retrained baseline in a
+    sweep's shared folder, a run killed between the tables and the result), which would then score the old weights.
+    """
+    dropped = []
+    for record in records:
+        if record.result_path(results_dir, metric).is_file() and not force_rerun:
+            continue  # SAEBench skips this SAE
+        release, sae = record.selected
+        name = f"{release}_{sae if isinstance(sae, str) else CUSTOM_SAE_ID}"  # SAEBench's sae_name
+        for sub in PER_SAE_TABLES:
+            path = folder / sub / name
+            if path.is_dir():
+                shutil.rmtree(path)
+                dropped.append(path)
+    return dropped
 
 
 def subsample_alpha_vocab(vocab: list[str], size: int | None, min_per_letter: int, seed: int = 0) -> list[str]:
