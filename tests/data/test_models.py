@@ -25,6 +25,34 @@ def test_local_hf_dir_matches_hf_forward(tiny_hf_dir):
     torch.testing.assert_close(logits, out.logits, atol=1e-4, rtol=1e-4)
 
 
+def test_one_call_load_equals_tls_key_by_key_load(tiny_hf_dir):
+    """``load_unprocessed`` gives the parameters and buffers TL's own ``load_and_process_state_dict`` (every
+    processing flag off) gives, bit for bit."""
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+
+    from pipeline.data.models import load_unprocessed
+
+    model = load_model("tiny-local", path=tiny_hf_dir)
+    torch.manual_seed(1)
+    reference = HookedTransformer(model.cfg, tokenizer=model.tokenizer, move_to_device=False)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf_dir).eval()
+    state = loading.get_pretrained_state_dict(str(tiny_hf_dir), model.cfg, hf_model=hf, dtype=torch.float32)
+    reference.load_and_process_state_dict(
+        dict(state), fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    torch.manual_seed(2)  # other initial values: every tensor must come from the state dict
+    ours = HookedTransformer(model.cfg, tokenizer=model.tokenizer, move_to_device=False)
+    load_unprocessed(ours, dict(state))
+    want, got = reference.state_dict(), ours.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())  # load_model takes this path
+
+
 def test_missing_model_dir_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model("mine", path=tmp_path / "nowhere")
