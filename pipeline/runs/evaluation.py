@@ -125,19 +125,21 @@ def point_saes(
     baselines_dir: Path | None = None,
 ) -> PointSAEs:
     """Prepare the evaluate folder ``folder`` of ``cfg``'s point (its ``config.yaml``; torn result files dropped)
-    and build its SAEs: the dictionary of ``fit_dir`` and the baselines of ``baselines_dir`` (default: the run
-    layout's, when ``eval.saes`` asks for any), each described on the held-out rows, the dictionary exported in
-    the sae-lens format; results of weights that changed since are dropped; the hub suites added."""
+    and build the SAEs its ``eval.saes`` names (``setup``'s when ``cfg`` has no ``eval``): the dictionary of
+    ``fit_dir`` and the baselines of ``baselines_dir`` (default: the run layout's, when it asks for any), each
+    described on the held-out rows, the dictionary exported in the sae-lens format; results of weights that
+    changed since are dropped; the hub suites added."""
     e = setup.eval
+    wanted = parse_eval_config(cfg["eval"]).saes if "eval" in cfg else e.saes  # the point's own eval.saes
     folder = prepare(folder, cfg, "evaluate")
     results = folder / layout.RESULTS_SUBDIR
     drop_unreadable(results)  # a result torn by a kill would be kept, and break the report and the dashboards
     names = list(baseline_specs(cfg))
-    if baselines_dir is None and names and any(s != "dictionary" for s in e.saes):
+    if baselines_dir is None and names and any(s != "dictionary" for s in wanted):
         baselines_dir = finished_stage_dir(cfg, "baselines")
     dictionary_dir = fit_dir / DICTIONARY_DIRNAME
     saes, skipped = fit_records(
-        e.saes,
+        wanted,
         dictionary_dir,
         baselines_dir,
         names,

@@ -43,6 +43,7 @@ from pipeline.evals.config import EvalConfig
 from pipeline.evals.metrics import MetricOutcome
 from pipeline.evals.sae_records import SAERecord
 from pipeline.runs.evaluation import (
+    EvalSetup,
     check_eval,
     eval_setup,
     load_eval_model,
@@ -186,26 +187,32 @@ def _evaluate_group(
                 log.info("evaluate done already: %s", p.evaluate_dir)
         if not pending:
             return
-        setup = eval_setup(pending[0].cfg, e)
-        points = [point_saes(p.cfg, setup, p.evaluate_dir, p.fit_dir, p.baselines_dir) for p in pending]
-        combined = combine(points)
-        results = work / layout.RESULTS_SUBDIR
-        shutil.rmtree(results, ignore_errors=True)  # the staging folder: only what is linked in below is kept
-        kept = {} if e.force_rerun else stage_kept(results, combined)
-        layout.write_json(work / POINTS_FILE, _name_map(combined))
-        log.info("evaluating %d SAEs of %d points together in %s", len(combined), len(points), work)
-        if model is None and e.metrics:
-            model = load_eval_model(setup)
-        outcome, info = run_records(setup, [c.record for c in combined], work, model, CopyBack(combined, kept))
-        together = {"folder": str(work), "points": [str(p.folder) for p in points], "saes": len(combined)}
-        for point in points:
-            names, foreign = point_names(combined, point)
-            own = MetricOutcome(
-                skipped=[rename_values(s, names) for s in outcome.skipped if s.get("sae") not in foreign],
-                failed=list(outcome.failed),
-                timings=dict(outcome.timings),
-            )
-            write_point(point, e.metrics, own, {**rename_values(info, names, foreign), TOGETHER_KEY: together})
+        evaluate_together(e, eval_setup(pending[0].cfg, e), pending, work, model)
+
+
+def evaluate_together(e: EvalConfig, setup: EvalSetup, pending: list[SweepPoint], work: Path, model: Any) -> None:
+    """The SAEs of the points ``pending`` (one store: ``setup``'s) in one run of each metric in the work folder
+    ``work``, each point's outputs written into its ``evaluate_dir`` (module docstring). ``model``: the model
+    already loaded, or None. The caller holds the folders' locks."""
+    points = [point_saes(p.cfg, setup, p.evaluate_dir, p.fit_dir, p.baselines_dir) for p in pending]
+    combined = combine(points)
+    results = work / layout.RESULTS_SUBDIR
+    shutil.rmtree(results, ignore_errors=True)  # the staging folder: only what is linked in below is kept
+    kept = {} if e.force_rerun else stage_kept(results, combined)
+    layout.write_json(work / POINTS_FILE, _name_map(combined))
+    log.info("evaluating %d SAEs of %d points together in %s", len(combined), len(points), work)
+    if model is None and e.metrics:
+        model = load_eval_model(setup)
+    outcome, info = run_records(setup, [c.record for c in combined], work, model, CopyBack(combined, kept))
+    together = {"folder": str(work), "points": [str(p.folder) for p in points], "saes": len(combined)}
+    for point in points:
+        names, foreign = point_names(combined, point)
+        own = MetricOutcome(
+            skipped=[rename_values(s, names) for s in outcome.skipped if s.get("sae") not in foreign],
+            failed=list(outcome.failed),
+            timings=dict(outcome.timings),
+        )
+        write_point(point, e.metrics, own, {**rename_values(info, names, foreign), TOGETHER_KEY: together})
 
 
 def _name_map(combined: list[CombinedSAE]) -> list[dict[str, Any]]:
@@ -216,4 +223,4 @@ def _name_map(combined: list[CombinedSAE]) -> list[dict[str, Any]]:
     ]
 
 
-__all__ = ["CopyBack", "deliver", "evaluate_sweep", "stage_kept", "work_dir"]
+__all__ = ["CopyBack", "deliver", "evaluate_sweep", "evaluate_together", "stage_kept", "work_dir"]
