@@ -1,38 +1,48 @@
-"""Benchmark: what the evaluate stage costs on the default store, the first time and again (the eval cache).
+"""Benchmark: what the evaluate stage costs on the default store: 1 to 8 SAEs in one evaluation, the first time
+and again (the eval cache), a second point of the default, and a 4-point sweep evaluated together.
 
-The default experiment's evaluate stage (``eval=offline_small``: core on both position sets, absorption, sparse
-probing, SCR; SmolLM2-135M layer 15 on Austen) is run on the finished default run's store, each scenario in a
-fresh process, one after another, with one fresh cache root (``eval.cache.root``) for the whole benchmark:
+It runs on the default experiment's 4-point sweep of ``dictionary.coder.k`` (8, 16, 24, 32; 32 is the default),
+each point up to its baselines (TopK and BatchTopK at the point's k), on one store (SmolLM2-135M layer 15 on
+Austen); the evaluation is the default's (``eval=offline_small``: core on both position sets, absorption, sparse
+probing, SCR). Prepare it once (about 15 minutes; the default run's folders are reused where they exist)::
 
-* ``uncached_1``: the default dictionary alone, ``eval.cache.enabled=false`` (every run paid this before the
-  cache; core still shares its forwards within the run and splices from the hook);
-* ``cold_1``: the default dictionary alone, cache on and empty (a first run: it computes and publishes);
-* ``warm_1_first``: the default dictionary alone again, cache warm (its result files must equal ``cold_1``'s and
-  ``uncached_1``'s: checked, and recorded under ``equal_results``);
-* ``warm_1``: a second dictionary (``--second-fit``, e.g. the default at ``dictionary.coder.k=16``) alone, cache
-  warm: a second run on the same hook;
-* ``warm_3``: that dictionary and the default run's two baselines (its latest finished baselines folder), cache
-  warm.
+    python -m pipeline -m dictionary.coder.k=8,16,24,32 until=baselines output_root=outputs/bench_sweep
 
-Reported per scenario: the stage's wall seconds (``evaluate.run``, model load included), SAEBench's seconds per
-metric (``eval_info.json``), the cache's hits and misses. Derived, with the issue's targets:
+Each scenario runs in a fresh process, one after another, and evaluates its SAEs in one pass with the code the
+evaluate stage and ``stage=evaluate_sweep`` share (:func:`pipeline.runs.sweep_eval.evaluate_together`). The SAEs,
+by point (``d`` the point's dictionary, ``b`` its two baselines):
 
-* one more SAE = ``(warm_3 - warm_1) / 2``, as a fraction of ``cold_1`` (target <= 15%); the per-SAE work does
-  not depend on the cache, so the warm runs measure it without the fixed part;
-* a second run on the same hook = ``warm_1 / cold_1`` (target <= 35%);
-* the default's second point (``python -m pipeline dictionary.coder.k=16`` after the default run evaluates a new
-  dictionary and two new baselines) = ``warm_3 / (cold_1 + 2 x one more SAE)`` (target <= 1/3).
+* ``N`` SAEs in one evaluation: 1 = d32; 2 = d32, d16; 4 = d32, d16, d8, d24; 8 = those and b32, b16;
+  ``uncached_N`` with ``eval.cache.enabled=false`` (the old path: every run computes the SAE-independent work,
+  which core still shares within the run), ``warm_N`` on a warm cache (a later run on the hook);
+* ``cold_1``: d32 on an empty cache (a first run: it computes and publishes the cache's entries), then
+  ``warm_1_first`` the same again (both result sets must equal ``uncached_1``'s: ``equal_results``);
+* ``point_cold``: the default's point (d32 and b32) on an empty cache of its own: the default run's evaluate;
+  ``point_k16_warm`` then the k = 16 point (d16 and b16) on that cache: ``python -m pipeline
+  dictionary.coder.k=16`` after the default run;
+* ``sweep_4``: ``stage=evaluate_sweep`` over the 4 points (12 SAEs) on an empty cache of its own, each point's
+  evaluate folder and the joint run's work folder removed first; its k = 16 point's results must equal
+  ``point_k16_warm``'s (a cold evaluation against a warm one: ``equal_results``).
+
+Reported per scenario: the wall seconds (model load included), SAEBench's seconds per metric
+(``eval_info.json``), the cache's hits and misses. Derived, with the issue's targets:
+
+* one more SAE: the least-squares slope of the ``warm_N`` seconds over N, as a fraction of ``cold_1`` (<= 15%);
+  the same for ``uncached_N`` over ``uncached_1``;
+* a second run on the same hook with a new dictionary: ``warm_1 / cold_1`` (<= 35%);
+* the default's second point: ``point_k16_warm / point_cold`` (<= 1/3);
+* a 4-point sweep evaluated together: ``sweep_4 / point_cold`` (<= 1.6).
 
 Run it alone: seconds depend on the machine and on what else runs.
 
-Usage: python benchmarks/bench_evaluate.py --second-fit outputs/default/fit-<hash> [--run outputs/default]
-       [--first-fit outputs/default/fit-<hash>]
-       [--work outputs/bench_evaluate] [--scenarios uncached_1,cold_1,warm_1,warm_3] [--name NAME]
+Usage: python benchmarks/bench_evaluate.py [--run outputs/bench_sweep/default] [--work outputs/bench_evaluate]
+       [--scenarios uncached_1,cold_1,...] [--name NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -46,71 +56,132 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from run_folders import latest_finished  # noqa: E402
 
 from pipeline.utils.atomic import atomic_write_text  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results_evaluate.json"
-#: Scenario -> (which dictionary, SAEs evaluated, cache on).
-SCENARIOS: dict[str, tuple[str, list[str], bool]] = {
-    "cold_1": ("first", ["dictionary"], True),
-    "warm_1_first": ("first", ["dictionary"], True),
-    "warm_1": ("second", ["dictionary"], True),
-    "warm_3": ("second", ["dictionary", "baselines"], True),
-    "uncached_1": ("first", ["dictionary"], False),
+#: The sweep's points, by ``dictionary.coder.k``: the default's, the second point's, and two more.
+DEFAULT_K, SECOND_K, OTHER_KS = 32, 16, (8, 24)
+D, DB = ["dictionary"], ["dictionary", "baselines"]
+#: The SAEs of N in one evaluation (module docstring), as (point's k, its ``eval.saes``).
+N_SAES: dict[int, list[tuple[int, list[str]]]] = {
+    1: [(DEFAULT_K, D)],
+    2: [(DEFAULT_K, D), (SECOND_K, D)],
+    4: [(DEFAULT_K, D), (SECOND_K, D), *((k, D) for k in OTHER_KS)],
+    8: [(DEFAULT_K, DB), (SECOND_K, DB), *((k, D) for k in OTHER_KS)],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    points: list[tuple[int, list[str]]] | None
+    """(point's k, its ``eval.saes``) of each point evaluated together; None: every point (``evaluate_sweep``)."""
+    cache: str | None
+    """Which cache root (``<work>/cache_<name>``, emptied when the benchmark starts); None: the cache off."""
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "uncached_1": Scenario(N_SAES[1], None),
+    "cold_1": Scenario(N_SAES[1], "main"),
+    "warm_1_first": Scenario(N_SAES[1], "main"),
+    "warm_1": Scenario([(SECOND_K, D)], "main"),
+    "warm_2": Scenario(N_SAES[2], "main"),
+    "warm_4": Scenario(N_SAES[4], "main"),
+    "warm_8": Scenario(N_SAES[8], "main"),
+    "point_cold": Scenario([(DEFAULT_K, DB)], "point"),
+    "point_k16_warm": Scenario([(SECOND_K, DB)], "point"),
+    "sweep_4": Scenario(None, "sweep"),
+    "uncached_8": Scenario(N_SAES[8], None),
+    "uncached_2": Scenario(N_SAES[2], None),
+    "uncached_4": Scenario(N_SAES[4], None),
+}
+#: Scenarios whose result files must be equal (the same SAEs): (scenario, its point's k) each.
+EQUAL = {
+    "one_sae": [("uncached_1", DEFAULT_K), ("cold_1", DEFAULT_K), ("warm_1_first", DEFAULT_K)],
+    "second_point_warm_vs_cold": [("sweep_4", SECOND_K), ("point_k16_warm", SECOND_K)],
 }
 #: Fields of a SAEBench result file that name the run, not the result.
 VOLATILE = ("eval_id", "datetime_epoch_millis")
 #: The issue's targets.
-TARGETS = {"one_more_sae": 0.15, "second_run": 0.35, "second_point": 1 / 3}
+TARGETS = {"one_more_sae": 0.15, "second_run": 0.35, "second_point": 1 / 3, "sweep_4": 1.6}
 
 
-def compose(run: Path, saes: list[str], cache: dict[str, Any]) -> Any:
-    """The default experiment's config, its outputs under ``run``'s parent, with ``eval.saes`` and ``eval.cache``."""
+def compose(run: Path, overrides: list[str] = ()) -> Any:  # type: ignore[assignment]
+    """The default experiment's config, its outputs under ``run``'s parent, with ``overrides``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from pipeline.runs.config import register_configs
 
     register_configs()
-    overrides = [
-        "experiment=default",
-        f"output_root={run.parent}",
-        f"eval.saes=[{','.join(saes)}]",
-        f"eval.cache.enabled={str(cache['enabled']).lower()}",
-        f"eval.cache.root={cache['root']}",
-    ]
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose("config", overrides=["experiment=default", f"output_root={run.parent}", *overrides])
+
+
+def cache_overrides(work: Path, cache: str | None) -> list[str]:
+    if cache is None:
+        return ["eval.cache.enabled=false"]
+    return ["eval.cache.enabled=true", f"eval.cache.root={work / f'cache_{cache}'}"]
+
+
+def sweep_points(cfg: Any) -> dict[int, Any]:
+    """The experiment's finished points (:func:`~pipeline.runs.sweep_points.discover_points`) by k."""
+    from pipeline.runs.sweep_points import discover_points
+
+    points, _ = discover_points(cfg)
+    return {int(p.cfg.dictionary.coder.k): p for p in points}
+
+
+def scenario_dirs(args: argparse.Namespace, name: str) -> dict[int, Path]:
+    """Each point's evaluate folder in scenario ``name`` (by k)."""
+    run, work = Path(args.run), Path(args.work)
+    sc = SCENARIOS[name]
+    if sc.points is None:  # the sweep writes where each point's own evaluate stage would
+        from pipeline.runs.layout import stage_dir
+
+        return {k: stage_dir(p.cfg, "evaluate") for k, p in sweep_points(compose(run, args.override)).items()}
+    return {k: work / name / f"k{k}" for k, _ in sc.points}
 
 
 def one_scenario(args: argparse.Namespace) -> None:
     """Run one scenario in this process and print its record as JSON (the last line)."""
-    from pipeline.runs.layout import stage_dir
-    from stages import evaluate
+    from omegaconf import OmegaConf
 
-    which, saes, cached = SCENARIOS[args.scenario]
-    fit = Path(args.first_fit if which == "first" else args.second_fit)
-    cfg = compose(Path(args.run), saes, {"enabled": cached, "root": str(Path(args.work) / "cache")})
-    folder = Path(args.work) / args.scenario
+    from pipeline.runs.evaluation import check_eval, eval_setup
+    from pipeline.runs.sweep_eval import evaluate_sweep, evaluate_together
+
+    run, work = Path(args.run), Path(args.work)
+    sc = SCENARIOS[args.scenario]
+    cfg = compose(run, [*cache_overrides(work, sc.cache), *args.override])
+    points = sweep_points(cfg)
+    folder = work / args.scenario
     shutil.rmtree(folder, ignore_errors=True)
-    t0 = time.perf_counter()
-    evaluate.run(
-        cfg,
-        run_dir=folder,
-        fit_dir=fit,
-        baselines_dir=latest_finished(Path(args.run), "baselines-*"),
-        store_dir=stage_dir(cfg, "harvest") / "store",
-    )
-    wall = time.perf_counter() - t0
-    info = json.loads((folder / "eval_info.json").read_text())
+    dirs = scenario_dirs(args, args.scenario)
+    if sc.points is None:  # cold: the points' evaluate folders and the joint run's work folder go first
+        from pipeline.runs.layout import experiment_dir
+        from pipeline.runs.sweep_eval import WORK_PREFIX
+
+        for d in [*dirs.values(), *experiment_dir(cfg).glob(f"{WORK_PREFIX}*")]:
+            shutil.rmtree(d, ignore_errors=True)
+        t0 = time.perf_counter()
+        evaluate_sweep(cfg)
+        wall = time.perf_counter() - t0
+    else:
+        chosen = []
+        for k, saes in sc.points:
+            own = OmegaConf.merge(points[k].cfg, {"eval": {"saes": saes}})
+            chosen.append(dataclasses.replace(points[k], cfg=own, evaluate_dir=dirs[k]))
+        e = check_eval(cfg)
+        t0 = time.perf_counter()
+        evaluate_together(e, eval_setup(chosen[0].cfg, e), chosen, folder / "together", None)
+        wall = time.perf_counter() - t0
+    first = dirs[sc.points[0][0] if sc.points else DEFAULT_K]
+    info = json.loads((first / "eval_info.json").read_text())
     cache = info.get("eval_cache") or {}
     record = {
-        "fit": fit.name,
-        "saes": [s["name"] for s in json.loads((folder / "saes.json").read_text())],
-        "cache": cached,
+        "points": {str(k): saes for k, saes in (sc.points or [(k, DB) for k in sorted(points)])},
+        "saes": sum(len(json.loads((d / "saes.json").read_text())) for d in dirs.values()),
+        "cache": sc.cache,
         "wall_seconds": round(wall, 1),
         "metric_seconds": {k: round(v, 1) for k, v in info["timings_s"].items() if v >= 0.05},
         "eval_seconds": round(info["total_eval_s"], 1),
@@ -118,13 +189,13 @@ def one_scenario(args: argparse.Namespace) -> None:
         "cache_misses": cache.get("misses"),
         "cache_bytes_written": cache.get("bytes_written"),
         "core_forwards": info["sizes"].get("core", {}).get("shared_forwards"),
-        "failed": json.loads((folder / "failed.json").read_text()),
+        "failed": sorted({f["metric"] for d in dirs.values() for f in json.loads((d / "failed.json").read_text())}),
     }
     print(json.dumps(record))
 
 
 def result_files(folder: Path) -> dict[str, Any]:
-    """Every SAEBench result file of a scenario folder, less :data:`VOLATILE` (relative path -> content)."""
+    """Every SAEBench result file of an evaluate folder, less :data:`VOLATILE` (relative path -> content)."""
     out = {}
     for f in sorted((folder / "eval_results").rglob("*.json")):
         res = json.loads(f.read_text())
@@ -132,31 +203,51 @@ def result_files(folder: Path) -> dict[str, Any]:
     return out
 
 
-def equal_results(work: Path, names: list[str]) -> dict[str, Any]:
-    """Whether the scenarios ``names`` (the same SAE) wrote the same result files; the differing files if not."""
-    found = [n for n in names if (work / n).is_dir()]
-    if len(found) < 2:
-        return {}
-    ref = result_files(work / found[0])
-    out: dict[str, Any] = {"compared": found, "files": len(ref)}
-    for n in found[1:]:
-        other = result_files(work / n)
-        diff = sorted(k for k in ref.keys() | other.keys() if ref.get(k) != other.get(k))
-        out[n] = "equal" if not diff else {"differing_files": diff}
+def equal_results(args: argparse.Namespace, done: set[str]) -> dict[str, Any]:
+    """For each group of :data:`EQUAL` whose scenarios ran: whether they wrote the same result files."""
+    out: dict[str, Any] = {}
+    for group, members in EQUAL.items():
+        found = [(n, k) for n, k in members if n in done]
+        if len(found) < 2:
+            continue
+        folders = [scenario_dirs(args, n)[k] for n, k in found]
+        ref = result_files(folders[0])
+        entry: dict[str, Any] = {"compared": [n for n, _ in found], "files": len(ref)}
+        for (n, _), f in zip(found[1:], folders[1:]):
+            other = result_files(f)
+            diff = sorted(x for x in ref.keys() | other.keys() if ref.get(x) != other.get(x))
+            entry[n] = "equal" if not diff and ref else {"differing_files": diff}
+        out[group] = entry
     return out
 
 
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of seconds over the number of SAEs."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
 def derived(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's three ratios from the scenarios (module docstring), with their targets."""
+    """The issue's ratios from the scenarios (module docstring), with their targets."""
     out: dict[str, Any] = {}
     w = {k: v["wall_seconds"] for k, v in runs.items()}
-    if {"cold_1", "warm_1", "warm_3"} <= w.keys():
-        extra = (w["warm_3"] - w["warm_1"]) / 2
-        out["one_more_sae_seconds"] = round(extra, 1)
-        out["one_more_sae"] = round(extra / w["cold_1"], 3)
-        out["second_point"] = round(w["warm_3"] / (w["cold_1"] + 2 * extra), 3)
+    for path, first in (("warm", "cold_1"), ("uncached", "uncached_1")):
+        pts = [(n, w[f"{path}_{n}"]) for n in N_SAES if f"{path}_{n}" in w]
+        if len(pts) >= 2 and first in w:
+            slope = _slope(pts)
+            key = "one_more_sae" if path == "warm" else "one_more_sae_uncached"
+            out[f"{key}_seconds"] = round(slope, 1)
+            out[key] = round(slope / w[first], 3)
     if {"cold_1", "warm_1"} <= w.keys():
         out["second_run"] = round(w["warm_1"] / w["cold_1"], 3)
+    if {"point_cold", "point_k16_warm"} <= w.keys():
+        out["second_point"] = round(w["point_k16_warm"] / w["point_cold"], 3)
+    if {"point_cold", "sweep_4"} <= w.keys():
+        out["sweep_4"] = round(w["sweep_4"] / w["point_cold"], 3)
+    for n in N_SAES:
+        if {f"uncached_{n}", f"warm_{n}"} <= w.keys():
+            out[f"warm_over_uncached_{n}"] = round(w[f"warm_{n}"] / w[f"uncached_{n}"], 3)
     if {"uncached_1", "cold_1"} <= w.keys():
         out["cold_over_uncached"] = round(w["cold_1"] / w["uncached_1"], 3)
     out["targets"] = {k: round(v, 3) for k, v in TARGETS.items()}
@@ -166,39 +257,38 @@ def derived(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="outputs/default", help="the finished default run's experiment folder")
-    p.add_argument("--second-fit", required=True, help="a second finished fit folder on the same store")
-    p.add_argument("--work", default="outputs/bench_evaluate", help="where the scenarios and the cache go")
+    p.add_argument("--run", default="outputs/bench_sweep/default", help="the prepared sweep's experiment folder")
+    p.add_argument("--work", default="outputs/bench_evaluate", help="where the scenarios and the caches go")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--name", default="default store")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--override", action="append", default=[], help="a config override for every scenario (a check)")
     p.add_argument("--scenario", help=argparse.SUPPRESS)  # internal: run one scenario in this process
-    p.add_argument("--first-fit", help="the default run's fit folder (default: the default config's)")
     args = p.parse_args()
     if args.scenario:
         one_scenario(args)
         return
     run, work = Path(args.run).resolve(), Path(args.work).resolve()
-    from pipeline.runs.layout import is_done, stage_dir
-
-    first = (
-        Path(args.first_fit)
-        if args.first_fit
-        else stage_dir(compose(run, ["dictionary"], {"enabled": True, "root": "null"}), "fit")
-    )
-    if not is_done(first):
-        raise SystemExit(f"the default run's fit {first} is not finished: run `python -m pipeline` first")
-    if Path(args.second_fit).resolve() == first.resolve():
-        raise SystemExit(f"--second-fit {args.second_fit} is the default run's own fit: give another dictionary")
-    shutil.rmtree(work / "cache", ignore_errors=True)  # cold means cold
+    args.run, args.work = str(run), str(work)
+    names = args.scenarios.split(",")
+    for name in names:
+        if name not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
+    found = sweep_points(compose(run))
+    missing = sorted({DEFAULT_K, SECOND_K, *OTHER_KS} - found.keys())
+    if missing:
+        raise SystemExit(
+            f"{run} lacks the points k={missing} (finished fit and baselines): run `python -m pipeline -m "
+            f"experiment=default dictionary.coder.k=8,16,24,32 until=baselines output_root={run.parent}` first"
+        )
+    for cache in {SCENARIOS[n].cache for n in names} - {None}:
+        shutil.rmtree(work / f"cache_{cache}", ignore_errors=True)  # cold means cold
     runs: dict[str, dict[str, Any]] = {}
     out = Path(args.out)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    for name in args.scenarios.split(","):
-        if name not in SCENARIOS:
-            raise SystemExit(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
+    for name in names:
         cmd = [sys.executable, __file__, "--scenario", name, "--run", str(run), "--work", str(work)]
-        cmd += ["--first-fit", str(first), "--second-fit", str(Path(args.second_fit).resolve())]
+        cmd += [f"--override={o}" for o in args.override]
         print(f"[bench_evaluate] {name} ...", flush=True)
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ.copy())
         if done.returncode != 0:
@@ -210,9 +300,10 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "date": datetime.date.today().isoformat(),
             "commit": commit.stdout.strip(),
+            "overrides": args.override,
             "runs": runs,
             "derived": derived(runs),
-            "equal_results": equal_results(work, ["uncached_1", "cold_1", "warm_1_first"]),
+            "equal_results": equal_results(args, set(runs)),
         }
         stored = json.loads(out.read_text()) if out.exists() else {}
         stored[args.name] = result
