@@ -21,8 +21,14 @@ by point (``d`` the point's dictionary, ``b`` its two baselines):
   ``point_k16_warm`` then the k = 16 point (d16 and b16) on that cache: ``python -m pipeline
   dictionary.coder.k=16`` after the default run;
 * ``sweep_4``: ``stage=evaluate_sweep`` over the 4 points (12 SAEs) on an empty cache of its own, each point's
-  evaluate folder and the joint run's work folder removed first; its k = 16 point's results must equal
-  ``point_k16_warm``'s (a cold evaluation against a warm one: ``equal_results``).
+  evaluate folder and the joint run's work folder removed first (the points' folders are then copied into the
+  scenario's, as a later sweep rewrites them); its k = 16 point's results must equal
+  ``point_k16_warm``'s (a cold evaluation against a warm one: ``equal_results``); ``sweep_4_warm`` the same on
+  ``point_cold``'s cache (a sweep evaluated after an earlier run on the hook), whose results must equal the cold
+  sweep's, point by point.
+
+Each scenario marked cold (``cold_1``, ``point_cold``, ``sweep_4``) empties its cache root first; ``--add`` runs
+some scenarios again into the stored record, keeping the others (each run records its commit).
 
 Reported per scenario: the wall seconds (model load included), SAEBench's seconds per metric
 (``eval_info.json``), the cache's hits and misses. Derived, with the issue's targets:
@@ -31,7 +37,8 @@ Reported per scenario: the wall seconds (model load included), SAEBench's second
   the same for ``uncached_N`` over ``uncached_1``;
 * a second run on the same hook with a new dictionary: ``warm_1 / cold_1`` (<= 35%);
 * the default's second point: ``point_k16_warm / point_cold`` (<= 1/3);
-* a 4-point sweep evaluated together: ``sweep_4 / point_cold`` (<= 1.6).
+* a 4-point sweep evaluated together: ``sweep_4 / point_cold`` (<= 1.6); after an earlier run on the hook
+  (``sweep_4_warm / point_cold``: no target).
 
 Run it alone: seconds depend on the machine and on what else runs.
 
@@ -77,20 +84,23 @@ class Scenario:
     points: list[tuple[int, list[str]]] | None
     """(point's k, its ``eval.saes``) of each point evaluated together; None: every point (``evaluate_sweep``)."""
     cache: str | None
-    """Which cache root (``<work>/cache_<name>``, emptied when the benchmark starts); None: the cache off."""
+    """Which cache root (``<work>/cache_<name>``); None: the cache off."""
+    cold: bool = False
+    """Whether the cache root is emptied right before the scenario runs (a first run on the hook)."""
 
 
 SCENARIOS: dict[str, Scenario] = {
     "uncached_1": Scenario(N_SAES[1], None),
-    "cold_1": Scenario(N_SAES[1], "main"),
+    "cold_1": Scenario(N_SAES[1], "main", cold=True),
     "warm_1_first": Scenario(N_SAES[1], "main"),
     "warm_1": Scenario([(SECOND_K, D)], "main"),
     "warm_2": Scenario(N_SAES[2], "main"),
     "warm_4": Scenario(N_SAES[4], "main"),
     "warm_8": Scenario(N_SAES[8], "main"),
-    "point_cold": Scenario([(DEFAULT_K, DB)], "point"),
+    "point_cold": Scenario([(DEFAULT_K, DB)], "point", cold=True),
     "point_k16_warm": Scenario([(SECOND_K, DB)], "point"),
-    "sweep_4": Scenario(None, "sweep"),
+    "sweep_4": Scenario(None, "sweep", cold=True),
+    "sweep_4_warm": Scenario(None, "point"),
     "uncached_8": Scenario(N_SAES[8], None),
     "uncached_2": Scenario(N_SAES[2], None),
     "uncached_4": Scenario(N_SAES[4], None),
@@ -99,6 +109,7 @@ SCENARIOS: dict[str, Scenario] = {
 EQUAL = {
     "one_sae": [("uncached_1", DEFAULT_K), ("cold_1", DEFAULT_K), ("warm_1_first", DEFAULT_K)],
     "second_point_warm_vs_cold": [("sweep_4", SECOND_K), ("point_k16_warm", SECOND_K)],
+    **{f"sweep_k{k}_cold_vs_warm": [("sweep_4", k), ("sweep_4_warm", k)] for k in (DEFAULT_K, SECOND_K, *OTHER_KS)},
 }
 #: Fields of a SAEBench result file that name the run, not the result.
 VOLATILE = ("eval_id", "datetime_epoch_millis")
@@ -133,14 +144,25 @@ def sweep_points(cfg: Any) -> dict[int, Any]:
 
 
 def scenario_dirs(args: argparse.Namespace, name: str) -> dict[int, Path]:
-    """Each point's evaluate folder in scenario ``name`` (by k)."""
-    run, work = Path(args.run), Path(args.work)
+    """Each point's evaluate folder in scenario ``name`` (by k); a sweep's are copies of the points' own."""
     sc = SCENARIOS[name]
-    if sc.points is None:  # the sweep writes where each point's own evaluate stage would
-        from pipeline.runs.layout import stage_dir
+    ks = [k for k, _ in sc.points] if sc.points is not None else [DEFAULT_K, SECOND_K, *OTHER_KS]
+    return {k: Path(args.work) / name / f"k{k}" for k in ks}
 
-        return {k: stage_dir(p.cfg, "evaluate") for k, p in sweep_points(compose(run, args.override)).items()}
-    return {k: work / name / f"k{k}" for k, _ in sc.points}
+
+def point_evaluate_dirs(cfg: Any) -> dict[int, Path]:
+    """Where each point's own evaluate stage writes (and ``evaluate_sweep`` with it), by k."""
+    from pipeline.runs.layout import stage_dir
+
+    return {k: stage_dir(p.cfg, "evaluate") for k, p in sweep_points(cfg).items()}
+
+
+def snapshot(src: Path, dst: Path) -> None:
+    """Copy an evaluate folder's record files and results (not its artifacts) from ``src`` to ``dst``."""
+    dst.mkdir(parents=True)
+    shutil.copytree(src / "eval_results", dst / "eval_results")
+    for f in ("saes.json", "failed.json", "skipped.json", "eval_info.json"):
+        shutil.copy2(src / f, dst / f)
 
 
 def one_scenario(args: argparse.Namespace) -> None:
@@ -157,15 +179,18 @@ def one_scenario(args: argparse.Namespace) -> None:
     folder = work / args.scenario
     shutil.rmtree(folder, ignore_errors=True)
     dirs = scenario_dirs(args, args.scenario)
-    if sc.points is None:  # cold: the points' evaluate folders and the joint run's work folder go first
+    if sc.points is None:  # the points' evaluate folders and the joint run's work folder go first
         from pipeline.runs.layout import experiment_dir
         from pipeline.runs.sweep_eval import WORK_PREFIX
 
-        for d in [*dirs.values(), *experiment_dir(cfg).glob(f"{WORK_PREFIX}*")]:
+        own = point_evaluate_dirs(cfg)
+        for d in [*own.values(), *experiment_dir(cfg).glob(f"{WORK_PREFIX}*")]:
             shutil.rmtree(d, ignore_errors=True)
         t0 = time.perf_counter()
         evaluate_sweep(cfg)
         wall = time.perf_counter() - t0
+        for k, d in dirs.items():  # kept beside the other scenarios: a later sweep rewrites the points' folders
+            snapshot(own[k], d)
     else:
         chosen = []
         for k, saes in sc.points:
@@ -239,12 +264,21 @@ def derived(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             key = "one_more_sae" if path == "warm" else "one_more_sae_uncached"
             out[f"{key}_seconds"] = round(slope, 1)
             out[key] = round(slope / w[first], 3)
+    warm = [runs[f"warm_{n}"] for n in N_SAES if f"warm_{n}" in runs]
+    if len(warm) >= 2:  # where one more SAE's time goes
+        metrics = sorted(set.intersection(*(set(r["metric_seconds"]) for r in warm)))
+        out["one_more_sae_metric_seconds"] = {
+            m: round(_slope([(n, runs[f"warm_{n}"]["metric_seconds"][m]) for n in N_SAES if f"warm_{n}" in runs]), 1)
+            for m in metrics
+        }
     if {"cold_1", "warm_1"} <= w.keys():
         out["second_run"] = round(w["warm_1"] / w["cold_1"], 3)
     if {"point_cold", "point_k16_warm"} <= w.keys():
         out["second_point"] = round(w["point_k16_warm"] / w["point_cold"], 3)
     if {"point_cold", "sweep_4"} <= w.keys():
         out["sweep_4"] = round(w["sweep_4"] / w["point_cold"], 3)
+    if {"point_cold", "sweep_4_warm"} <= w.keys():
+        out["sweep_4_after_a_run"] = round(w["sweep_4_warm"] / w["point_cold"], 3)
     for n in N_SAES:
         if {f"uncached_{n}", f"warm_{n}"} <= w.keys():
             out[f"warm_over_uncached_{n}"] = round(w[f"warm_{n}"] / w[f"uncached_{n}"], 3)
@@ -262,6 +296,7 @@ def main() -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--name", default="default store")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--add", action="store_true", help="keep the stored record's other scenarios (run some again)")
     p.add_argument("--override", action="append", default=[], help="a config override for every scenario (a check)")
     p.add_argument("--scenario", help=argparse.SUPPRESS)  # internal: run one scenario in this process
     args = p.parse_args()
@@ -281,12 +316,13 @@ def main() -> None:
             f"{run} lacks the points k={missing} (finished fit and baselines): run `python -m pipeline -m "
             f"experiment=default dictionary.coder.k=8,16,24,32 until=baselines output_root={run.parent}` first"
         )
-    for cache in {SCENARIOS[n].cache for n in names} - {None}:
-        shutil.rmtree(work / f"cache_{cache}", ignore_errors=True)  # cold means cold
-    runs: dict[str, dict[str, Any]] = {}
     out = Path(args.out)
+    stored = json.loads(out.read_text()) if out.exists() else {}
+    runs: dict[str, dict[str, Any]] = dict(stored.get(args.name, {}).get("runs", {})) if args.add else {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     for name in names:
+        if SCENARIOS[name].cold:  # cold means cold
+            shutil.rmtree(work / f"cache_{SCENARIOS[name].cache}", ignore_errors=True)
         cmd = [sys.executable, __file__, "--scenario", name, "--run", str(run), "--work", str(work)]
         cmd += [f"--override={o}" for o in args.override]
         print(f"[bench_evaluate] {name} ...", flush=True)
@@ -294,7 +330,7 @@ def main() -> None:
         if done.returncode != 0:
             sys.stderr.write(done.stderr[-4000:])
             raise SystemExit(f"scenario {name} failed (rc {done.returncode})")
-        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs[name] = {**json.loads(done.stdout.strip().splitlines()[-1]), "commit": commit.stdout.strip()}
         print(f"[bench_evaluate] {name}: {runs[name]['wall_seconds']} s {runs[name]['metric_seconds']}", flush=True)
         result = {  # written after every scenario: a stopped benchmark keeps what it measured
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
