@@ -112,7 +112,8 @@ EQUAL = {
     **{f"sweep_k{k}_cold_vs_warm": [("sweep_4", k), ("sweep_4_warm", k)] for k in (DEFAULT_K, SECOND_K, *OTHER_KS)},
 }
 #: Fields of a SAEBench result file that name the run, not the result.
-VOLATILE = ("eval_id", "datetime_epoch_millis")
+VOLATILE = ("eval_id", "datetime_epoch_millis", "sae_bench_commit_hash")
+"""(``sae_bench_commit_hash`` is the git commit of the folder SAEBench runs in: this repository's HEAD.)"""
 #: The issue's targets.
 TARGETS = {"one_more_sae": 0.15, "second_run": 0.35, "second_point": 1 / 3, "sweep_4": 1.6}
 
@@ -305,7 +306,7 @@ def main() -> None:
         return
     run, work = Path(args.run).resolve(), Path(args.work).resolve()
     args.run, args.work = str(run), str(work)
-    names = args.scenarios.split(",")
+    names = [n for n in args.scenarios.split(",") if n]  # none, with --add: the derived figures again
     for name in names:
         if name not in SCENARIOS:
             raise SystemExit(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
@@ -318,21 +319,13 @@ def main() -> None:
         )
     out = Path(args.out)
     stored = json.loads(out.read_text()) if out.exists() else {}
-    runs: dict[str, dict[str, Any]] = dict(stored.get(args.name, {}).get("runs", {})) if args.add else {}
+    before = stored.get(args.name, {}) if args.add else {}
+    kept = before.get("runs", {})  # runs kept from an earlier invocation keep its commit
+    runs: dict[str, dict[str, Any]] = {k: {"commit": before.get("commit"), **v} for k, v in kept.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    for name in names:
-        if SCENARIOS[name].cold:  # cold means cold
-            shutil.rmtree(work / f"cache_{SCENARIOS[name].cache}", ignore_errors=True)
-        cmd = [sys.executable, __file__, "--scenario", name, "--run", str(run), "--work", str(work)]
-        cmd += [f"--override={o}" for o in args.override]
-        print(f"[bench_evaluate] {name} ...", flush=True)
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ.copy())
-        if done.returncode != 0:
-            sys.stderr.write(done.stderr[-4000:])
-            raise SystemExit(f"scenario {name} failed (rc {done.returncode})")
-        runs[name] = {**json.loads(done.stdout.strip().splitlines()[-1]), "commit": commit.stdout.strip()}
-        print(f"[bench_evaluate] {name}: {runs[name]['wall_seconds']} s {runs[name]['metric_seconds']}", flush=True)
-        result = {  # written after every scenario: a stopped benchmark keeps what it measured
+
+    def save() -> dict[str, Any]:
+        result = {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "date": datetime.date.today().isoformat(),
             "commit": commit.stdout.strip(),
@@ -344,6 +337,22 @@ def main() -> None:
         stored = json.loads(out.read_text()) if out.exists() else {}
         stored[args.name] = result
         atomic_write_text(out, json.dumps(stored, indent=1) + "\n")
+        return result
+
+    for name in names:
+        if SCENARIOS[name].cold:  # cold means cold
+            shutil.rmtree(work / f"cache_{SCENARIOS[name].cache}", ignore_errors=True)
+        cmd = [sys.executable, __file__, "--scenario", name, "--run", str(run), "--work", str(work)]
+        cmd += [f"--override={o}" for o in args.override]
+        print(f"[bench_evaluate] {name} ...", flush=True)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ.copy())
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr[-4000:])
+            raise SystemExit(f"scenario {name} failed (rc {done.returncode})")
+        runs[name] = {"commit": commit.stdout.strip(), **json.loads(done.stdout.strip().splitlines()[-1])}
+        print(f"[bench_evaluate] {name}: {runs[name]['wall_seconds']} s {runs[name]['metric_seconds']}", flush=True)
+        save()  # after every scenario: a stopped benchmark keeps what it measured
+    result = save()
     print(json.dumps({k: result[k] for k in ("derived", "equal_results")}, indent=1))
 
 
