@@ -43,13 +43,18 @@ CUSTOM_SAE_ID = "custom_sae"
 """SAEBench's id of an SAE passed in as an object (a sae-lens ``(release, sae_id)`` pair keeps its own id)."""
 
 
+def saebench_sae_id(sae: Any) -> str:
+    """SAEBench's id of the SAE ``sae`` it is given: the id string of a sae-lens ``(release, sae_id)`` pair, else
+    :data:`CUSTOM_SAE_ID` (an SAE object)."""
+    return sae if isinstance(sae, str) else CUSTOM_SAE_ID
+
+
 def result_path(results_dir: Path, metric: str, sae_name: str, sae: Any = None) -> Path:
     """Where SAEBench writes the result of ``(sae_name, sae)`` for ``metric`` under ``results_dir``: SAE objects
     get the id ``custom_sae``; for a sae-lens ``(release, sae_id)`` pair, ``sae`` is the id string."""
     from sae_bench.sae_bench_utils.general_utils import get_results_filepath
 
-    sae_id = sae if isinstance(sae, str) else CUSTOM_SAE_ID
-    return Path(get_results_filepath(str(Path(results_dir) / metric), sae_name, sae_id))
+    return Path(get_results_filepath(str(Path(results_dir) / metric), sae_name, saebench_sae_id(sae)))
 
 
 def format_exception(exc: BaseException) -> str:

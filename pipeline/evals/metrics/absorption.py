@@ -27,7 +27,7 @@ from pipeline.evals.metrics.base import EvalContext, MetricRunner, config_as_dic
 from pipeline.evals.metrics.binary_scores import BinaryScores
 from pipeline.evals.metrics.prompt_activations import PromptActivations
 from pipeline.evals.metrics.rng_pinning import pinned_absorption_rng
-from pipeline.evals.results import CUSTOM_SAE_ID
+from pipeline.evals.results import saebench_sae_id
 from pipeline.evals.saebench_patches import patched_attr, pushd, use_loaded_model
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def drop_stale_tables(
         if record.result_path(results_dir, metric).is_file() and not force_rerun:
             continue  # SAEBench skips this SAE
         release, sae = record.selected
-        name = f"{release}_{sae if isinstance(sae, str) else CUSTOM_SAE_ID}"  # SAEBench's sae_name
+        name = f"{release}_{saebench_sae_id(sae)}"  # SAEBench's sae_name
         for sub in PER_SAE_TABLES:
             path = folder / sub / name
             if path.is_dir():
