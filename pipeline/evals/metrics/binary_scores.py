@@ -82,12 +82,9 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
         fps, tps = fps[keep], tps[keep]
     tps = np.concatenate([np.asarray([0.0]), tps])
     fps = np.concatenate([np.asarray([0.0]), fps])
-    fpr, tpr = fps / fps[-1], tps / tps[-1]
-    if fpr.shape[0] < 2:
-        raise ValueError("at least 2 points are needed for an area")  # sklearn's auc raises here too
-    dx = np.diff(fpr)
-    direction = -1 if np.any(dx < 0) and np.all(dx <= 0) else 1
-    return float(direction * trapezoid(tpr, fpr))
+    # both classes are present, so there are at least two points and fps[-1], tps[-1] > 0; fpr never decreases,
+    # so sklearn's auc integrates in direction +1
+    return float(trapezoid(tps / tps[-1], fps / fps[-1]))
 
 
 class BinaryScores:
