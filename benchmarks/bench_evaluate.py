@@ -58,6 +58,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ VOLATILE = ("eval_id", "datetime_epoch_millis", "sae_bench_commit_hash")
 TARGETS = {"one_more_sae": 0.15, "second_run": 0.35, "second_point": 1 / 3, "sweep_4": 1.6}
 
 
-def compose(run: Path, overrides: list[str] = ()) -> Any:  # type: ignore[assignment]
+def compose(run: Path, overrides: Sequence[str] = ()) -> Any:
     """The default experiment's config, its outputs under ``run``'s parent, with ``overrides``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -151,13 +152,6 @@ def scenario_dirs(args: argparse.Namespace, name: str) -> dict[int, Path]:
     return {k: Path(args.work) / name / f"k{k}" for k in ks}
 
 
-def point_evaluate_dirs(cfg: Any) -> dict[int, Path]:
-    """Where each point's own evaluate stage writes (and ``evaluate_sweep`` with it), by k."""
-    from pipeline.runs.layout import stage_dir
-
-    return {k: stage_dir(p.cfg, "evaluate") for k, p in sweep_points(cfg).items()}
-
-
 def snapshot(src: Path, dst: Path) -> None:
     """Copy an evaluate folder's record files and results (not its artifacts) from ``src`` to ``dst``."""
     dst.mkdir(parents=True)
@@ -184,7 +178,7 @@ def one_scenario(args: argparse.Namespace) -> None:
         from pipeline.runs.layout import experiment_dir
         from pipeline.runs.sweep_eval import WORK_PREFIX
 
-        own = point_evaluate_dirs(cfg)
+        own = {k: p.evaluate_dir for k, p in points.items()}  # where each point's own evaluate stage writes
         for d in [*own.values(), *experiment_dir(cfg).glob(f"{WORK_PREFIX}*")]:
             shutil.rmtree(d, ignore_errors=True)
         t0 = time.perf_counter()
@@ -195,8 +189,8 @@ def one_scenario(args: argparse.Namespace) -> None:
     else:
         chosen = []
         for k, saes in sc.points:
-            own = OmegaConf.merge(points[k].cfg, {"eval": {"saes": saes}})
-            chosen.append(dataclasses.replace(points[k], cfg=own, evaluate_dir=dirs[k]))
+            point_cfg = OmegaConf.merge(points[k].cfg, {"eval": {"saes": saes}})
+            chosen.append(dataclasses.replace(points[k], cfg=point_cfg, evaluate_dir=dirs[k]))
         e = check_eval(cfg)
         t0 = time.perf_counter()
         evaluate_together(e, eval_setup(chosen[0].cfg, e), chosen, folder / "together", None)
@@ -265,12 +259,11 @@ def derived(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             key = "one_more_sae" if path == "warm" else "one_more_sae_uncached"
             out[f"{key}_seconds"] = round(slope, 1)
             out[key] = round(slope / w[first], 3)
-    warm = [runs[f"warm_{n}"] for n in N_SAES if f"warm_{n}" in runs]
+    warm = {n: runs[f"warm_{n}"]["metric_seconds"] for n in N_SAES if f"warm_{n}" in runs}
     if len(warm) >= 2:  # where one more SAE's time goes
-        metrics = sorted(set.intersection(*(set(r["metric_seconds"]) for r in warm)))
+        metrics = sorted(set.intersection(*(set(m) for m in warm.values())))
         out["one_more_sae_metric_seconds"] = {
-            m: round(_slope([(n, runs[f"warm_{n}"]["metric_seconds"][m]) for n in N_SAES if f"warm_{n}" in runs]), 1)
-            for m in metrics
+            m: round(_slope([(n, s[m]) for n, s in warm.items()]), 1) for m in metrics
         }
     if {"cold_1", "warm_1"} <= w.keys():
         out["second_run"] = round(w["warm_1"] / w["cold_1"], 3)
