@@ -79,6 +79,23 @@ def weights_file(record: SAERecord, dictionary_dir: Path | None) -> Path | None:
     return None
 
 
+def baseline_content(record: SAERecord) -> tuple[str, str] | None:
+    """sha256 of a baseline's weights file and of its sae-lens config (``cfg.json``), the two files its SAE is
+    loaded from: two baseline folders with equal digests hold the same SAE, and score the same. A sweep over a
+    dictionary setting the baselines do not depend on (``dictionary.max_iters`` under the default budget) trains
+    the same baselines again at each point, byte for byte on one machine. None for a record that is not a
+    baseline or lacks either file."""
+    from pipeline.saes.sae_lens_io import CFG_FILE
+
+    weights = weights_file(record, None)
+    if record.description.get("kind") != "baseline" or weights is None:
+        return None
+    config = weights.parent / CFG_FILE
+    if not (weights.is_file() and config.is_file()):
+        return None
+    return record.description.get("weights_sha256") or file_sha256(weights), file_sha256(config)
+
+
 def weights_sha256(records: Iterable[SAERecord], dictionary_dir: Path | None) -> dict[str, str]:
     """SAE name -> sha256 of its weights file (:func:`weights_file`), for every record that has one; also written
     into the record's description (``weights_sha256``, in ``saes.json``)."""
@@ -160,4 +177,12 @@ class ResultLedger:
         atomic_write_text(self.path, json.dumps(dict(sorted(self.entries.items())), indent=2))
 
 
-__all__ = ["LEFTOVER_GLOBS", "ResultLedger", "drop_unreadable", "file_sha256", "weights_file", "weights_sha256"]
+__all__ = [
+    "LEFTOVER_GLOBS",
+    "ResultLedger",
+    "baseline_content",
+    "drop_unreadable",
+    "file_sha256",
+    "weights_file",
+    "weights_sha256",
+]

@@ -28,7 +28,13 @@ from pipeline.data.store import ActivationStore
 from pipeline.data.text import TextSource
 from pipeline.evals import results as layout
 from pipeline.evals.config import EvalConfig, parse_eval_config, validate_eval_config
-from pipeline.evals.kept_results import ResultLedger, drop_unreadable, weights_file, weights_sha256
+from pipeline.evals.kept_results import (
+    ResultLedger,
+    baseline_content,
+    drop_unreadable,
+    weights_file,
+    weights_sha256,
+)
 from pipeline.evals.labelled_data import build_labelled_text, labelled_documents
 from pipeline.evals.metrics import (
     METRICS,
@@ -110,9 +116,14 @@ class PointSAEs:
         return self.folder / layout.RESULTS_SUBDIR
 
     def identity(self, record: SAERecord) -> tuple[str, ...]:
-        """What makes two records the same SAE: the file holding its weights, or its hub ``(release, sae_id)``."""
+        """What makes two records the same SAE: a baseline's content (its weights and config files' digests,
+        :func:`~pipeline.evals.kept_results.baseline_content`), the file holding any other SAE's weights, or a hub
+        SAE's ``(release, sae_id)``."""
         if record.hub is not None:
             return ("hub", *record.hub)
+        content = baseline_content(record)
+        if content is not None:
+            return ("baseline", *content)
         path = weights_file(record, self.dictionary_dir)
         return ("weights", str(path.resolve())) if path is not None else ("point", str(self.folder), record.name)
 

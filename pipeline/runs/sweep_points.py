@@ -5,9 +5,10 @@ every node up to the baselines (model, data, harvest, dictionary, baseline, comp
 with those nodes (:func:`point_config`) is the point's config: its stage folders, evaluate included (with the
 command's ``eval`` node), are the ones its own ``python -m pipeline`` run uses.
 
-Points evaluated together (:func:`combine`) hold each distinct SAE once (the same weights file, or the same hub
-SAE, in two points is evaluated once) under a name unique in the combined run (two points' baselines may both be
-``topk_K64_k4``); :class:`CombinedSAE` maps it back to each point's own record.
+Points evaluated together (:func:`combine`) hold each distinct SAE once (the same weights file, baselines with
+the same weights and config bytes, or the same hub SAE, in two points is evaluated once) under a name unique in
+the combined run (two points' distinct baselines may both be ``topk_K64_k4``); :class:`CombinedSAE` maps it back
+to each point's own record.
 """
 
 from __future__ import annotations

@@ -237,3 +237,25 @@ def test_unreadable_results_are_dropped_at_the_start(stage, caplog):
     assert published.exists()
     assert str(torn) in caplog.text and "does not parse" in caplog.text
     assert stage.run() == [DICT_NAME]
+
+
+def test_a_baselines_content_is_its_weights_and_config(tmp_path):
+    """Two baseline folders with the same weights and ``cfg.json`` bytes are one SAE; another config, or a record
+    that is not a baseline or lacks a file, is not matched by content."""
+    from pipeline.evals.kept_results import baseline_content
+    from pipeline.evals.sae_records import SAERecord
+
+    def baseline(name: str, cfg: str) -> SAERecord:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "sae_weights.safetensors").write_bytes(b"weights")
+        (folder / "cfg.json").write_text(cfg)
+        return SAERecord(name, {"name": name, "kind": "baseline", "folder": str(folder)})
+
+    a, b, c = baseline("a", '{"k": 4}'), baseline("b", '{"k": 4}'), baseline("c", '{"k": 8}')
+    cfg_sha = hashlib.sha256(b'{"k": 4}').hexdigest()
+    assert baseline_content(a) == baseline_content(b) == (hashlib.sha256(b"weights").hexdigest(), cfg_sha)
+    assert baseline_content(c) != baseline_content(a)
+    (tmp_path / "b" / "cfg.json").unlink()
+    assert baseline_content(b) is None
+    assert baseline_content(SAERecord("d", {"name": "d", "kind": "dictionary"})) is None

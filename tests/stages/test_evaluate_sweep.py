@@ -47,9 +47,24 @@ def _dictionary(inputs: dict[str, Any], k: int) -> Any:
     return Dictionary(atoms / atoms.norm(dim=1, keepdim=True), CoderSettings(k=k), history=d.history)
 
 
-def _lay_out(inputs: dict[str, Any], cfg: Any, *, baselines: bool = True) -> None:
+def _topk(inputs: dict[str, Any], folder: Path, k: int) -> None:
+    """The fixtures' TopK in ``folder``; for k != 4 with its decoder bias moved, as a point whose baselines were
+    trained again (at its own k) holds other weights."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.saes.sae_lens_io import WEIGHTS_FILE
+
+    shutil.copytree(inputs["baselines"] / "topk", folder)
+    if k != 4:
+        weights = load_file(folder / WEIGHTS_FILE)
+        weights["b_dec"] = weights["b_dec"] + 0.01 * k
+        save_file(weights, folder / WEIGHTS_FILE)
+
+
+def _lay_out(inputs: dict[str, Any], cfg: Any, *, baselines: bool = True, topk_of: int | None = None) -> None:
     """The finished harvest, fit and (unless not ``baselines``) baselines folders of ``cfg``'s point, as the
-    orchestrator leaves them (``until=baselines``): the fixtures' store and TopK, the point's dictionary."""
+    orchestrator leaves them (``until=baselines``): the fixtures' store, the point's dictionary and its TopK
+    (:func:`_topk` at the point's k, or at ``topk_of``: the same bytes as that point's)."""
     harvest = stage_dir(cfg, "harvest")
     if not is_done(harvest):
         prepare(harvest, cfg, "harvest")
@@ -60,7 +75,7 @@ def _lay_out(inputs: dict[str, Any], cfg: Any, *, baselines: bool = True) -> Non
     mark_done(fit)
     if baselines:
         folder = prepare(stage_dir(cfg, "baselines"), cfg, "baselines")
-        shutil.copytree(inputs["baselines"] / "topk", folder / "topk")
+        _topk(inputs, folder / "topk", cfg.dictionary.coder.k if topk_of is None else topk_of)
         mark_done(folder)
 
 
@@ -219,6 +234,38 @@ def test_a_sweep_is_evaluated_in_one_run_into_each_points_folder(eval_inputs, tm
     assert [p for p in files if p.stat().st_mtime_ns != before[p]] == [_result(folder8, "core", TOPK)]
     assert json.loads(_result(folder8, "core", TOPK).read_text())["sae_lens_release_id"] == TOPK
     assert is_done(folder8)
+
+
+def test_a_baseline_two_points_trained_alike_is_evaluated_once_for_both(eval_inputs, tmp_path, monkeypatch):
+    """Two points whose TopK folders hold the same bytes (a sweep over a dictionary setting the baselines do not
+    depend on trains them again, alike): one SAE in the joint run, its result delivered to both points under
+    their own names. Lost from one point, it is computed again for that point alone (a point already done is
+    not part of a re-run)."""
+    from pipeline.evals.metrics import registry
+    from pipeline.runs.sweep_eval import POINTS_FILE, evaluate_sweep
+
+    fake = _FakeCore()
+    monkeypatch.setitem(registry.REGISTRY, "core", fake)
+    p4, p8 = (_point_cfg(eval_inputs, tmp_path, k, ["core"]) for k in (4, 8))
+    for cfg in (p4, p8):
+        _lay_out(eval_inputs, cfg, topk_of=4)
+    assert stage_dir(p4, "baselines") != stage_dir(p8, "baselines")  # two folders, one SAE
+    folders = evaluate_sweep(p4, model=eval_inputs["model"])
+    assert len(fake.runs) == 1 and sorted(fake.runs[0]) == sorted([DICT4, TOPK, DICT8])
+    work = Path(json.loads((folders[0] / "eval_info.json").read_text())["evaluated_together"]["folder"])
+    shared = [c for c in json.loads((work / POINTS_FILE).read_text()) if c["name"] == TOPK]
+    assert [len(c["points"]) for c in shared] == [2]
+    for cfg, dictionary in ((p4, DICT4), (p8, DICT8)):
+        folder = stage_dir(cfg, "evaluate")
+        assert is_done(folder) and json.loads(_result(folder, "core", TOPK).read_text())["value"] == 64.0
+        assert sorted(e["sae"] for e in json.loads((folder / "result_weights.json").read_text()).values()) == sorted(
+            [dictionary, TOPK]
+        )
+    folder8 = stage_dir(p8, "evaluate")
+    _result(folder8, "core", TOPK).unlink()
+    (folder8 / DONE_MARKER).unlink()
+    evaluate_sweep(p4, model=eval_inputs["model"])
+    assert fake.runs[1] == [TOPK] and _result(folder8, "core", TOPK).is_file() and is_done(folder8)
 
 
 def test_no_finished_point_names_the_command_to_run(eval_inputs, tmp_path):
