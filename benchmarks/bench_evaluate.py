@@ -25,10 +25,18 @@ by point (``d`` the point's dictionary, ``b`` its two baselines):
   scenario's, as a later sweep rewrites them); its k = 16 point's results must equal
   ``point_k16_warm``'s (a cold evaluation against a warm one: ``equal_results``); ``sweep_4_warm`` the same on
   ``point_cold``'s cache (a sweep evaluated after an earlier run on the hook), whose results must equal the cold
-  sweep's, point by point.
+  sweep's, point by point;
+* ``sweep_iters_4``: ``stage=evaluate_sweep`` on an empty cache over a dictionary-only sweep (``--iters-run``:
+  ``dictionary.max_iters`` = 12, 18, 24, 30, 24 being the default's point), whose points train the same baselines
+  again, byte for byte: 4 dictionaries and 2 distinct baselines (``distinct_saes``); its max_iters = 24 point's
+  results must equal ``point_cold``'s. Prepare it (about 12 minutes; copy the default's harvest, fit and baselines
+  folders into ``outputs/bench_iters/default/`` first to reuse them)::
 
-Each scenario marked cold (``cold_1``, ``point_cold``, ``sweep_4``) empties its cache root first; ``--add`` runs
-some scenarios again into the stored record, keeping the others (each run records its commit).
+      python -m pipeline -m dictionary.max_iters=12,18,24,30 until=baselines output_root=outputs/bench_iters
+
+Each scenario marked cold (``cold_1``, ``point_cold``, ``sweep_4``, ``sweep_iters_4``) empties its cache root
+first; ``--add`` runs some scenarios again into the stored record, keeping the others (each run records its
+commit).
 
 Reported per scenario: the wall seconds (model load included), SAEBench's seconds per metric
 (``eval_info.json``), the cache's hits and misses. Derived, with the issue's targets:
@@ -38,12 +46,12 @@ Reported per scenario: the wall seconds (model load included), SAEBench's second
 * a second run on the same hook with a new dictionary: ``warm_1 / cold_1`` (<= 35%);
 * the default's second point: ``point_k16_warm / point_cold`` (<= 1/3);
 * a 4-point sweep evaluated together: ``sweep_4 / point_cold`` (<= 1.6); after an earlier run on the hook
-  (``sweep_4_warm / point_cold``: no target).
+  (``sweep_4_warm / point_cold``: no target); a dictionary-only sweep (``sweep_iters_4 / point_cold``).
 
 Run it alone: seconds depend on the machine and on what else runs.
 
 Usage: python benchmarks/bench_evaluate.py [--run outputs/bench_sweep/default] [--work outputs/bench_evaluate]
-       [--scenarios uncached_1,cold_1,...] [--name NAME]
+       [--iters-run outputs/bench_iters/default] [--scenarios uncached_1,cold_1,...] [--name NAME] [--add]
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +80,11 @@ OUT = ROOT / "benchmarks" / "results_evaluate.json"
 #: The sweep's points, by ``dictionary.coder.k``: the default's, the second point's, and two more.
 DEFAULT_K, SECOND_K, OTHER_KS = 32, 16, (8, 24)
 D, DB = ["dictionary"], ["dictionary", "baselines"]
+#: The dictionary-only sweep (``--iters-run``): ``dictionary.max_iters`` (24 is the default's), whose points train
+#: the same baselines again (the baselines do not depend on it), so the joint run scores them once.
+DEFAULT_ITERS, ITERS = 24, (12, 18, 24, 30)
+#: The config key each prepared sweep varies.
+SWEEP_KEYS = {"k": "dictionary.coder.k", "iters": "dictionary.max_iters"}
 #: The SAEs of N in one evaluation (module docstring), as (point's k, its ``eval.saes``).
 N_SAES: dict[int, list[tuple[int, list[str]]]] = {
     1: [(DEFAULT_K, D)],
@@ -88,6 +102,8 @@ class Scenario:
     """Which cache root (``<work>/cache_<name>``); None: the cache off."""
     cold: bool = False
     """Whether the cache root is emptied right before the scenario runs (a first run on the hook)."""
+    sweep: str = "k"
+    """Which prepared sweep it runs on: ``k`` (``--run``) or ``iters`` (``--iters-run``)."""
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -105,12 +121,14 @@ SCENARIOS: dict[str, Scenario] = {
     "uncached_8": Scenario(N_SAES[8], None),
     "uncached_2": Scenario(N_SAES[2], None),
     "uncached_4": Scenario(N_SAES[4], None),
+    "sweep_iters_4": Scenario(None, "iters", cold=True, sweep="iters"),
 }
 #: Scenarios whose result files must be equal (the same SAEs): (scenario, its point's k) each.
 EQUAL = {
     "one_sae": [("uncached_1", DEFAULT_K), ("cold_1", DEFAULT_K), ("warm_1_first", DEFAULT_K)],
     "second_point_warm_vs_cold": [("sweep_4", SECOND_K), ("point_k16_warm", SECOND_K)],
     **{f"sweep_k{k}_cold_vs_warm": [("sweep_4", k), ("sweep_4_warm", k)] for k in (DEFAULT_K, SECOND_K, *OTHER_KS)},
+    "iters_sweep_default_point_vs_point_cold": [("point_cold", DEFAULT_K), ("sweep_iters_4", DEFAULT_ITERS)],
 }
 #: Fields of a SAEBench result file that name the run, not the result.
 VOLATILE = ("eval_id", "datetime_epoch_millis", "sae_bench_commit_hash")
@@ -137,17 +155,23 @@ def cache_overrides(work: Path, cache: str | None) -> list[str]:
     return ["eval.cache.enabled=true", f"eval.cache.root={work / f'cache_{cache}'}"]
 
 
-def sweep_points(cfg: Any) -> dict[int, Any]:
-    """The experiment's finished points (:func:`~pipeline.runs.sweep_points.discover_points`) by k."""
+def sweep_points(cfg: Any, sweep: str = "k") -> dict[int, Any]:
+    """The experiment's finished points (:func:`~pipeline.runs.sweep_points.discover_points`) by the value of the
+    key ``sweep`` varies (:data:`SWEEP_KEYS`)."""
+    from omegaconf import OmegaConf
+
     from pipeline.runs.sweep_points import discover_points
 
     points, _ = discover_points(cfg)
-    return {int(p.cfg.dictionary.coder.k): p for p in points}
+    return {int(OmegaConf.select(p.cfg, SWEEP_KEYS[sweep])): p for p in points}
 
 
 def scenario_dirs(args: argparse.Namespace, name: str) -> dict[int, Path]:
-    """Each point's evaluate folder in scenario ``name`` (by k); a sweep's are copies of the points' own."""
+    """Each point's evaluate folder in scenario ``name`` (by k, or by max_iters on the dictionary-only sweep); a
+    sweep's are copies of the points' own."""
     sc = SCENARIOS[name]
+    if sc.sweep == "iters":
+        return {i: Path(args.work) / name / f"i{i}" for i in ITERS}
     ks = [k for k, _ in sc.points] if sc.points is not None else [DEFAULT_K, SECOND_K, *OTHER_KS]
     return {k: Path(args.work) / name / f"k{k}" for k in ks}
 
@@ -167,10 +191,10 @@ def one_scenario(args: argparse.Namespace) -> None:
     from pipeline.runs.evaluation import check_eval, eval_setup
     from pipeline.runs.sweep_eval import evaluate_sweep, evaluate_together
 
-    run, work = Path(args.run), Path(args.work)
     sc = SCENARIOS[args.scenario]
+    run, work = Path(args.iters_run if sc.sweep == "iters" else args.run), Path(args.work)
     cfg = compose(run, [*cache_overrides(work, sc.cache), *args.override])
-    points = sweep_points(cfg)
+    points = sweep_points(cfg, sc.sweep)
     folder = work / args.scenario
     shutil.rmtree(folder, ignore_errors=True)
     dirs = scenario_dirs(args, args.scenario)
@@ -195,12 +219,13 @@ def one_scenario(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         evaluate_together(e, eval_setup(chosen[0].cfg, e), chosen, folder / "together", None)
         wall = time.perf_counter() - t0
-    first = dirs[sc.points[0][0] if sc.points else DEFAULT_K]
+    first = dirs[sc.points[0][0] if sc.points else DEFAULT_ITERS if sc.sweep == "iters" else DEFAULT_K]
     info = json.loads((first / "eval_info.json").read_text())
     cache = info.get("eval_cache") or {}
     record = {
         "points": {str(k): saes for k, saes in (sc.points or [(k, DB) for k in sorted(points)])},
         "saes": sum(len(json.loads((d / "saes.json").read_text())) for d in dirs.values()),
+        "distinct_saes": (info.get("evaluated_together") or {}).get("saes"),
         "cache": sc.cache,
         "wall_seconds": round(wall, 1),
         "metric_seconds": {k: round(v, 1) for k, v in info["timings_s"].items() if v >= 0.05},
@@ -212,6 +237,19 @@ def one_scenario(args: argparse.Namespace) -> None:
         "failed": sorted({f["metric"] for d in dirs.values() for f in json.loads((d / "failed.json").read_text())}),
     }
     print(json.dumps(record))
+
+
+def machine() -> str:
+    """The architecture, the cores and, where ``/proc/cpuinfo`` tells, the CPU's name and whether it has AVX-512
+    (float kernels, and so the last bits of results, differ with the vector units)."""
+    text = f"{platform.machine()}, {os.cpu_count()} cores"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return text
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    text += f", {name.group(1).strip()}" if name else ""
+    return text + (", AVX-512" if re.search(r"\bavx512f\b", info) else "")
 
 
 def result_files(folder: Path) -> dict[str, Any]:
@@ -271,6 +309,8 @@ def derived(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["second_point"] = round(w["point_k16_warm"] / w["point_cold"], 3)
     if {"point_cold", "sweep_4"} <= w.keys():
         out["sweep_4"] = round(w["sweep_4"] / w["point_cold"], 3)
+    if {"point_cold", "sweep_iters_4"} <= w.keys():
+        out["sweep_4_dictionary_only"] = round(w["sweep_iters_4"] / w["point_cold"], 3)
     if {"point_cold", "sweep_4_warm"} <= w.keys():
         out["sweep_4_after_a_run"] = round(w["sweep_4_warm"] / w["point_cold"], 3)
     for n in N_SAES:
@@ -286,6 +326,7 @@ def derived(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="outputs/bench_sweep/default", help="the prepared sweep's experiment folder")
+    p.add_argument("--iters-run", default="outputs/bench_iters/default", help="the dictionary-only sweep's folder")
     p.add_argument("--work", default="outputs/bench_evaluate", help="where the scenarios and the caches go")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--name", default="default store")
@@ -297,8 +338,8 @@ def main() -> None:
     if args.scenario:
         one_scenario(args)
         return
-    run, work = Path(args.run).resolve(), Path(args.work).resolve()
-    args.run, args.work = str(run), str(work)
+    run, work, iters_run = Path(args.run).resolve(), Path(args.work).resolve(), Path(args.iters_run).resolve()
+    args.run, args.work, args.iters_run = str(run), str(work), str(iters_run)
     names = [n for n in args.scenarios.split(",") if n]  # none, with --add: the derived figures again
     for name in names:
         if name not in SCENARIOS:
@@ -310,6 +351,14 @@ def main() -> None:
             f"{run} lacks the points k={missing} (finished fit and baselines): run `python -m pipeline -m "
             f"experiment=default dictionary.coder.k=8,16,24,32 until=baselines output_root={run.parent}` first"
         )
+    if any(SCENARIOS[n].sweep == "iters" for n in names):
+        lacking = sorted(set(ITERS) - sweep_points(compose(iters_run), "iters").keys())
+        if lacking:
+            raise SystemExit(
+                f"{iters_run} lacks the points max_iters={lacking}: run `python -m pipeline -m experiment=default "
+                f"dictionary.max_iters={','.join(map(str, ITERS))} until=baselines output_root={iters_run.parent}` "
+                "first (copy the default's harvest, fit and baselines folders in to reuse them)"
+            )
     out = Path(args.out)
     stored = json.loads(out.read_text()) if out.exists() else {}
     before = stored.get(args.name, {}) if args.add else {}
@@ -319,7 +368,7 @@ def main() -> None:
 
     def save() -> dict[str, Any]:
         result = {
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine(),
             "date": datetime.date.today().isoformat(),
             "commit": commit.stdout.strip(),
             "overrides": args.override,
@@ -336,6 +385,7 @@ def main() -> None:
         if SCENARIOS[name].cold:  # cold means cold
             shutil.rmtree(work / f"cache_{SCENARIOS[name].cache}", ignore_errors=True)
         cmd = [sys.executable, __file__, "--scenario", name, "--run", str(run), "--work", str(work)]
+        cmd += ["--iters-run", str(iters_run)]
         cmd += [f"--override={o}" for o in args.override]
         print(f"[bench_evaluate] {name} ...", flush=True)
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ.copy())
