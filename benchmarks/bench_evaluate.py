@@ -344,8 +344,13 @@ def main() -> None:
     for name in names:
         if name not in SCENARIOS:
             raise SystemExit(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
-    found = sweep_points(compose(run))
-    missing = sorted({DEFAULT_K, SECOND_K, *OTHER_KS} - found.keys())
+    needed: set[int] = set()
+    for n in names:
+        sc = SCENARIOS[n]
+        if sc.sweep == "k":
+            needed |= {k for k, _ in sc.points} if sc.points is not None else {DEFAULT_K, SECOND_K, *OTHER_KS}
+    found = sweep_points(compose(run)) if needed else {}
+    missing = sorted(needed - found.keys())
     if missing:
         raise SystemExit(
             f"{run} lacks the points k={missing} (finished fit and baselines): run `python -m pipeline -m "
