@@ -90,10 +90,13 @@ def test_samples_budget_rounds_down_to_whole_batches(rows):
 def test_time_budget_stops_cleanly_and_fit_still_finishes(rows, monkeypatch):
     """A time budget ends fit() through its own loop, at the first step whose check finds the budget spent (and
     no other), so its end-of-training work runs: the normalisation factor is folded into the weights (cfg back
-    to "none") and the final L0 metadata is set. No wall-clock bound: the machine's speed decides how many steps
-    fit in the budget, not whether the stop is right."""
+    to "none") and the final L0 metadata is set. The training clock is :class:`_TickingClock`: on the wall clock
+    a loaded machine could take one slow step from before the lr's decay window to past the budget, and the last
+    lr would not have decayed; this way the steps, and where the decay starts, depend on the code alone."""
     from pipeline.baselines import control as control_module
+    from pipeline.baselines import train as train_module
 
+    monkeypatch.setattr(train_module, "_Clock", _TickingClock)
     decisions: list[bool] = []
     original = control_module.RunControl.after_step
 
@@ -133,6 +136,18 @@ class _FakeClock:
 
     def paused(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
+
+
+class _TickingClock(_FakeClock):
+    """A training clock :data:`TICK` seconds later each time it is read (``paused`` changes nothing)."""
+
+    def __call__(self) -> float:
+        self.now += TICK
+        return self.now
+
+
+#: Seconds :class:`_TickingClock` moves per read: a 2-second budget is some tens of steps.
+TICK = 0.02
 
 
 def test_time_budget_lr_follows_the_elapsed_share_of_the_seconds():
