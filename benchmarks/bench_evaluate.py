@@ -123,7 +123,8 @@ SCENARIOS: dict[str, Scenario] = {
     "uncached_4": Scenario(N_SAES[4], None),
     "sweep_iters_4": Scenario(None, "iters", cold=True, sweep="iters"),
 }
-#: Scenarios whose result files must be equal (the same SAEs): (scenario, its point's k) each.
+#: Scenarios whose result files must be equal (the same SAEs): (scenario, its point's k, or max_iters on the
+#: dictionary-only sweep) each.
 EQUAL = {
     "one_sae": [("uncached_1", DEFAULT_K), ("cold_1", DEFAULT_K), ("warm_1_first", DEFAULT_K)],
     "second_point_warm_vs_cold": [("sweep_4", SECOND_K), ("point_k16_warm", SECOND_K)],
