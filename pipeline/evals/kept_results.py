@@ -87,8 +87,8 @@ def baseline_content(record: SAERecord) -> tuple[str, str] | None:
     baseline or lacks either file."""
     from pipeline.saes.sae_lens_io import CFG_FILE
 
-    weights = weights_file(record, None)
-    if record.description.get("kind") != "baseline" or weights is None:
+    weights = weights_file(record, None)  # a baseline's; None for any other record (no dictionary folder given)
+    if weights is None:
         return None
     config = weights.parent / CFG_FILE
     if not (weights.is_file() and config.is_file()):
