@@ -82,9 +82,27 @@ DEFAULT_K, SECOND_K, OTHER_KS = 32, 16, (8, 24)
 D, DB = ["dictionary"], ["dictionary", "baselines"]
 #: The dictionary-only sweep (``--iters-run``): ``dictionary.max_iters`` (24 is the default's), whose points train
 #: the same baselines again (the baselines do not depend on it), so the joint run scores them once.
-DEFAULT_ITERS, ITERS = 24, (12, 18, 24, 30)
-#: The config key each prepared sweep varies.
-SWEEP_KEYS = {"k": "dictionary.coder.k", "iters": "dictionary.max_iters"}
+DEFAULT_ITERS, OTHER_ITERS = 24, (12, 18, 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One prepared sweep of the default experiment."""
+
+    key: str
+    """The config key its points vary."""
+    values: tuple[int, ...]
+    """Its points' values of ``key``, the default's first."""
+    prefix: str
+    """Prefix of a scenario's folder per point (``k32``, ``i24``)."""
+    run_arg: str
+    """The command-line argument naming its experiment folder."""
+
+
+SWEEPS = {
+    "k": Sweep("dictionary.coder.k", (DEFAULT_K, SECOND_K, *OTHER_KS), "k", "run"),
+    "iters": Sweep("dictionary.max_iters", (DEFAULT_ITERS, *OTHER_ITERS), "i", "iters_run"),
+}
 #: The SAEs of N in one evaluation (module docstring), as (point's k, its ``eval.saes``).
 N_SAES: dict[int, list[tuple[int, list[str]]]] = {
     1: [(DEFAULT_K, D)],
@@ -103,7 +121,11 @@ class Scenario:
     cold: bool = False
     """Whether the cache root is emptied right before the scenario runs (a first run on the hook)."""
     sweep: str = "k"
-    """Which prepared sweep it runs on: ``k`` (``--run``) or ``iters`` (``--iters-run``)."""
+    """Which prepared sweep it runs on (:data:`SWEEPS`): ``k`` (``--run``) or ``iters`` (``--iters-run``)."""
+
+    def keys(self) -> list[int]:
+        """The values of its sweep's key of the points it evaluates, its first point's first."""
+        return [k for k, _ in self.points] if self.points is not None else list(SWEEPS[self.sweep].values)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -128,7 +150,7 @@ SCENARIOS: dict[str, Scenario] = {
 EQUAL = {
     "one_sae": [("uncached_1", DEFAULT_K), ("cold_1", DEFAULT_K), ("warm_1_first", DEFAULT_K)],
     "second_point_warm_vs_cold": [("sweep_4", SECOND_K), ("point_k16_warm", SECOND_K)],
-    **{f"sweep_k{k}_cold_vs_warm": [("sweep_4", k), ("sweep_4_warm", k)] for k in (DEFAULT_K, SECOND_K, *OTHER_KS)},
+    **{f"sweep_k{k}_cold_vs_warm": [("sweep_4", k), ("sweep_4_warm", k)] for k in SWEEPS["k"].values},
     "iters_sweep_default_point_vs_point_cold": [("point_cold", DEFAULT_K), ("sweep_iters_4", DEFAULT_ITERS)],
 }
 #: Fields of a SAEBench result file that name the run, not the result.
@@ -158,23 +180,20 @@ def cache_overrides(work: Path, cache: str | None) -> list[str]:
 
 def sweep_points(cfg: Any, sweep: str = "k") -> dict[int, Any]:
     """The experiment's finished points (:func:`~pipeline.runs.sweep_points.discover_points`) by the value of the
-    key ``sweep`` varies (:data:`SWEEP_KEYS`)."""
+    key ``sweep`` varies (:data:`SWEEPS`)."""
     from omegaconf import OmegaConf
 
     from pipeline.runs.sweep_points import discover_points
 
     points, _ = discover_points(cfg)
-    return {int(OmegaConf.select(p.cfg, SWEEP_KEYS[sweep])): p for p in points}
+    return {int(OmegaConf.select(p.cfg, SWEEPS[sweep].key)): p for p in points}
 
 
 def scenario_dirs(args: argparse.Namespace, name: str) -> dict[int, Path]:
     """Each point's evaluate folder in scenario ``name`` (by k, or by max_iters on the dictionary-only sweep); a
     sweep's are copies of the points' own."""
     sc = SCENARIOS[name]
-    if sc.sweep == "iters":
-        return {i: Path(args.work) / name / f"i{i}" for i in ITERS}
-    ks = [k for k, _ in sc.points] if sc.points is not None else [DEFAULT_K, SECOND_K, *OTHER_KS]
-    return {k: Path(args.work) / name / f"k{k}" for k in ks}
+    return {k: Path(args.work) / name / f"{SWEEPS[sc.sweep].prefix}{k}" for k in sc.keys()}
 
 
 def snapshot(src: Path, dst: Path) -> None:
@@ -193,7 +212,7 @@ def one_scenario(args: argparse.Namespace) -> None:
     from pipeline.runs.sweep_eval import evaluate_sweep, evaluate_together
 
     sc = SCENARIOS[args.scenario]
-    run, work = Path(args.iters_run if sc.sweep == "iters" else args.run), Path(args.work)
+    run, work = Path(getattr(args, SWEEPS[sc.sweep].run_arg)), Path(args.work)
     cfg = compose(run, [*cache_overrides(work, sc.cache), *args.override])
     points = sweep_points(cfg, sc.sweep)
     folder = work / args.scenario
@@ -220,7 +239,7 @@ def one_scenario(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         evaluate_together(e, eval_setup(chosen[0].cfg, e), chosen, folder / "together", None)
         wall = time.perf_counter() - t0
-    first = dirs[sc.points[0][0] if sc.points else DEFAULT_ITERS if sc.sweep == "iters" else DEFAULT_K]
+    first = dirs[sc.keys()[0]]
     info = json.loads((first / "eval_info.json").read_text())
     cache = info.get("eval_cache") or {}
     record = {
@@ -345,25 +364,16 @@ def main() -> None:
     for name in names:
         if name not in SCENARIOS:
             raise SystemExit(f"unknown scenario {name!r}: one of {', '.join(SCENARIOS)}")
-    needed: set[int] = set()
-    for n in names:
-        sc = SCENARIOS[n]
-        if sc.sweep == "k":
-            needed |= {k for k, _ in sc.points} if sc.points is not None else {DEFAULT_K, SECOND_K, *OTHER_KS}
-    found = sweep_points(compose(run)) if needed else {}
-    missing = sorted(needed - found.keys())
-    if missing:
-        raise SystemExit(
-            f"{run} lacks the points k={missing} (finished fit and baselines): run `python -m pipeline -m "
-            f"experiment=default dictionary.coder.k=8,16,24,32 until=baselines output_root={run.parent}` first"
-        )
-    if any(SCENARIOS[n].sweep == "iters" for n in names):
-        lacking = sorted(set(ITERS) - sweep_points(compose(iters_run), "iters").keys())
-        if lacking:
+    for which, sweep in SWEEPS.items():  # each prepared sweep the scenarios use has the points they evaluate
+        needed = {k for n in names if SCENARIOS[n].sweep == which for k in SCENARIOS[n].keys()}
+        folder = Path(getattr(args, sweep.run_arg))
+        missing = sorted(needed - sweep_points(compose(folder), which).keys()) if needed else []
+        if missing:
             raise SystemExit(
-                f"{iters_run} lacks the points max_iters={lacking}: run `python -m pipeline -m experiment=default "
-                f"dictionary.max_iters={','.join(map(str, ITERS))} until=baselines output_root={iters_run.parent}` "
-                "first (copy the default's harvest, fit and baselines folders in to reuse them)"
+                f"{folder} lacks the points {sweep.key}={missing} (finished fit and baselines): run `python -m "
+                f"pipeline -m experiment=default {sweep.key}={','.join(map(str, sorted(sweep.values)))} "
+                f"until=baselines output_root={folder.parent}` first (the default's harvest, fit and baselines "
+                "folders copied in are reused)"
             )
     out = Path(args.out)
     stored = json.loads(out.read_text()) if out.exists() else {}
