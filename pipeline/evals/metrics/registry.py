@@ -22,6 +22,7 @@ from pipeline.evals.metrics.unlearning import UnlearningRunner
 from pipeline.evals.results import format_exception
 from pipeline.evals.sae_records import SAERecord
 from pipeline.evals.saebench_patches import atomic_result_writes, local_datasets
+from pipeline.utils.heap import frozen_heap
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,10 @@ def run_metric(ctx: EvalContext, name: str, outcome: MetricOutcome) -> None:
 
 
 def run_metrics(ctx: EvalContext, names: list[str]) -> MetricOutcome:
-    """Run ``names`` in order (:func:`run_metric`)."""
+    """Run ``names`` in order (:func:`run_metric`), with the heap alive beforehand (the model, the datasets, the
+    imports) left out of the per-SAE garbage collections SAEBench makes (:func:`~pipeline.utils.heap.frozen_heap`)."""
     outcome = MetricOutcome()
-    for name in names:
-        run_metric(ctx, name, outcome)
+    with frozen_heap():
+        for name in names:
+            run_metric(ctx, name, outcome)
     return outcome
