@@ -21,7 +21,7 @@ from pipeline.evals.artifact_cache import (
     key_hash,
 )
 from pipeline.evals.config import CacheConfig, EvalConfig, parse_eval_config
-from pipeline.evals.metrics.artifact_reuse import INFO_KEY, reused_artifacts
+from pipeline.evals.metrics.artifact_reuse import FINISHED_FILE, INFO_KEY, reused_artifacts
 from pipeline.evals.metrics.rng_pinning import (
     _Split,
     probing_activations_name,
@@ -164,7 +164,7 @@ def test_reused_artifacts_miss_publish_hit_and_record(tmp_path):
     assert other.info[INFO_KEY]["metrics"]["sparse_probing"]["why"] == "absent"
 
 
-def test_reused_artifacts_publishes_nothing_from_a_failed_run_and_nothing_when_off(tmp_path):
+def test_reused_artifacts_publishes_nothing_from_a_failed_run_and_off_reuses_only_a_finished_run(tmp_path):
     ctx = _ctx(tmp_path)
     with pytest.raises(RuntimeError):
         _run_metric(ctx, tmp_path / "run1", lambda: KEY, fail=True)
@@ -178,8 +178,17 @@ def test_reused_artifacts_publishes_nothing_from_a_failed_run_and_nothing_when_o
     def no_key():
         raise AssertionError("the key is not built when the cache is off")
 
-    assert _run_metric(off, part, no_key) == ["kept.pt"]  # off: the folder is used as it is
-    assert off.info[INFO_KEY]["metrics"]["sparse_probing"]["status"] == "off"
+    assert _run_metric(off, part, no_key) == []  # off, and no finished run left the folder: emptied first
+    record = off.info[INFO_KEY]["metrics"]["sparse_probing"]
+    assert record["status"] == "off" and record["emptied"] == "no finished run of the metric left it"
+    assert json.loads((part / FINISHED_FILE).read_text()) == {"metric": "sparse_probing"}
+    again = _ctx(tmp_path, enabled=False)
+    assert _run_metric(again, part, no_key) == [FINISHED_FILE, "d_activations.pt"]  # a finished run's: reused
+    assert "emptied" not in again.info[INFO_KEY]["metrics"]["sparse_probing"]
+    with pytest.raises(RuntimeError):  # a failed run leaves no mark: the next one starts from an empty folder
+        _run_metric(_ctx(tmp_path, enabled=False), tmp_path / "run3", no_key, fail=True)
+    assert not (tmp_path / "run3" / FINISHED_FILE).exists()
+    assert _run_metric(_ctx(tmp_path, enabled=False), tmp_path / "run3", no_key) == []
 
 
 def test_cache_config_is_checked_and_left_out_of_the_stage_hash(tmp_path):

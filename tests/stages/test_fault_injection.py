@@ -496,16 +496,20 @@ def stage_files(experiment: Path) -> dict[str, Path]:
 CACHE_ONLY = ("evaluate-*/artifacts/core/forwards/*", "evaluate-*/artifacts/absorption/probes/prompt_activations/*")
 """Files the evaluate stage writes only to publish them in the shared eval cache (core's kept forwards,
 absorption's prompt activations): a run with ``eval.cache.enabled=false`` has none."""
+CACHE_OFF_ONLY = ("evaluate-*/artifacts/*/.finished.json",)
+"""Files only a run with the eval cache off writes: the mark of a metric's artifacts folder that a finished run
+left (``pipeline/evals/metrics/artifact_reuse.py``, ``FINISHED_FILE``)."""
 
 
 def differences(run: Path, reference: Path, ran_again: set[str], cache_off: bool = False) -> list[str]:
     """How ``run``'s stage files differ from ``reference``'s (experiment folders), wall-clock records of the
     stages in ``ran_again`` aside (:data:`CLOCKED`); SAEBench's results are compared without run stamps.
     ``cache_off``: ``run`` ran with the eval cache off (the reference with it on), so :data:`CACHE_ONLY` files
-    are not expected."""
+    are not expected and :data:`CACHE_OFF_ONLY` files not compared."""
     mine, theirs = stage_files(run), stage_files(reference)
     if cache_off:
         theirs = {rel: p for rel, p in theirs.items() if not any(fnmatch.fnmatch(rel, c) for c in CACHE_ONLY)}
+        mine = {rel: p for rel, p in mine.items() if not any(fnmatch.fnmatch(rel, c) for c in CACHE_OFF_ONLY)}
     out = [f"{rel}: missing" for rel in sorted(set(theirs) - set(mine))]
     out += [f"{rel}: not in the uninterrupted run" for rel in sorted(set(mine) - set(theirs))]
     for rel in sorted(set(mine) & set(theirs)):

@@ -26,6 +26,7 @@ import torch
 
 from pipeline.evals.artifact_cache import ArtifactCache, key_hash, link_or_copy
 from pipeline.evals.metrics.base import EvalContext
+from pipeline.utils.atomic import atomic_write_text
 
 CACHE_DIRNAME = "eval_cache"
 """Name of the default cache folder, beside the activation store."""
@@ -48,6 +49,9 @@ VERSIONED_PACKAGES = ("sae-bench", "torch", "transformer-lens", "transformers", 
 LABELLED_DATA = "*.parquet"
 """The files of the built labelled passages that hold the data (train / test)."""
 _EDGE = 256
+FINISHED_FILE = ".finished.json"
+"""Written into a metric's SAE-independent artifacts folder when a run of the metric over it returned, with the
+cache off (:func:`reused_artifacts`): a later run reuses the folder only then."""
 
 
 def cache_root(ctx: EvalContext) -> Path | None:
@@ -229,19 +233,28 @@ def reused_artifacts(
     Enabled (``eval.cache.enabled`` and a root, :func:`cache_root`): ``part`` is emptied (nothing another key or a
     killed run left is ever read), then filled with hard links to the verified entry of ``make_key()`` (a hit); on
     a miss the body computes it and, if it returns without raising, ``part`` is published as that key's entry.
-    Disabled: the body runs as before, on whatever ``part`` holds (the key is not built)."""
+    Disabled: the body runs on what ``part`` holds when a run of the metric finished there (its
+    :data:`FINISHED_FILE`), and on an emptied ``part`` otherwise; the key is not built. SAEBench checks one file of
+    a set before loading the others (SCR/TPP: the activations, then the probes' pickle; absorption: the probe, then
+    ``data.npz``), so what a killed run left there would fail the metric on every re-run."""
     root = cache_root(ctx)
     if not ctx.eval.cache.enabled or root is None:
         why = "eval.cache.enabled=false" if not ctx.eval.cache.enabled else "no cache root (no store)"
-        _record(ctx, root, metric, {"status": "off", "why": why, "bytes": 0})
+        record: dict[str, Any] = {"status": "off", "why": why, "bytes": 0}
+        if part.exists() and not (part / FINISHED_FILE).is_file():
+            shutil.rmtree(part, ignore_errors=True)
+            record["emptied"] = "no finished run of the metric left it"
+        _record(ctx, root, metric, record)
         yield
+        if part.is_dir():
+            atomic_write_text(part / FINISHED_FILE, json.dumps({"metric": metric}) + "\n")
         return
     t0 = time.perf_counter()
     key = make_key()
     cache = ArtifactCache(root, int(ctx.eval.cache.max_gb * 2**30))
     shutil.rmtree(part, ignore_errors=True)
     entry, why = cache.lookup(metric, key)
-    record: dict[str, Any] = {"key": key_hash(key)[:16]}
+    record = {"key": key_hash(key)[:16]}
     if entry is not None:
         try:
             for rel in entry.files:
