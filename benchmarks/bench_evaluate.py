@@ -46,7 +46,11 @@ Reported per scenario: the wall seconds (model load included), SAEBench's second
 * a second run on the same hook with a new dictionary: ``warm_1 / cold_1`` (<= 35%);
 * the default's second point: ``point_k16_warm / point_cold`` (<= 1/3);
 * a 4-point sweep evaluated together: ``sweep_4 / point_cold`` (<= 1.6); after an earlier run on the hook
-  (``sweep_4_warm / point_cold``: no target); a dictionary-only sweep (``sweep_iters_4 / point_cold``).
+  (``sweep_4_warm / point_cold``: no target); a dictionary-only sweep (``sweep_iters_4 / point_cold``);
+* the sweep's arithmetic: the default's point less its SAEs at one more SAE's cost (``point_fixed_seconds``, F:
+  the SAE-independent part the sweep pays once), the sweep's ratio that F and that cost predict
+  (``sweep_4_predicted``), and the most one more SAE may cost for the sweep to meet its target
+  (``sweep_4_target_per_sae_seconds``).
 
 Run it alone: seconds depend on the machine and on what else runs.
 
@@ -329,6 +333,15 @@ def derived(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["second_point"] = round(w["point_k16_warm"] / w["point_cold"], 3)
     if {"point_cold", "sweep_4"} <= w.keys():
         out["sweep_4"] = round(w["sweep_4"] / w["point_cold"], 3)
+    if {"point_cold", "sweep_4"} <= w.keys() and "one_more_sae_seconds" in out:
+        # the sweep pays the point's SAE-independent part F once, then each of its SAEs at s (the slope):
+        # (F + n4 s) / (F + n1 s) <= T holds for s <= (T - 1) F / (n4 - n1 T)
+        s, t = out["one_more_sae_seconds"], TARGETS["sweep_4"]
+        n1, n4 = runs["point_cold"]["saes"], runs["sweep_4"]["saes"]
+        fixed = w["point_cold"] - n1 * s
+        out["point_fixed_seconds"] = round(fixed, 1)
+        out["sweep_4_predicted"] = round((fixed + n4 * s) / (fixed + n1 * s), 3)
+        out["sweep_4_target_per_sae_seconds"] = round((t - 1) * fixed / (n4 - n1 * t), 1)
     if {"point_cold", "sweep_iters_4"} <= w.keys():
         out["sweep_4_dictionary_only"] = round(w["sweep_iters_4"] / w["point_cold"], 3)
     if {"point_cold", "sweep_4_warm"} <= w.keys():
