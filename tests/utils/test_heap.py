@@ -60,7 +60,7 @@ def test_the_freeze_is_given_back_on_an_exception_and_by_the_outer_block_only():
     assert keep
 
 
-def test_run_metrics_runs_every_metric_inside_one_freeze(tmp_path, monkeypatch):
+def test_run_metrics_runs_every_metric_inside_one_freeze(monkeypatch):
     from pipeline.evals.metrics import registry
 
     seen: list[int] = []
